@@ -1,0 +1,231 @@
+"""The typed, validated configuration tree.
+
+Every component takes only its own slice: the transformer takes a `WanConfig`, the decoder a
+`VaeConfig`, the KV cache derives its shape from `WanConfig` + `StreamConfig`, and so on. All
+sizes (tokens per frame, KV capacity, RoPE splits) are derived here from these fields, never
+hard-coded elsewhere. Presets (`launch/presets.py`) are named functions returning a `Preset`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a runnable model or stream."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WanConfig:
+    """Wan2.1 DiT dimensions (the parameter layout every Wan-based causal checkpoint shares)."""
+
+    dim: int
+    """Hidden size (1536 for 1.3B, 5120 for 14B)."""
+    ffn_dim: int
+    """Feed-forward inner size."""
+    num_heads: int
+    """Attention heads; head_dim = dim / num_heads (128 in the released models)."""
+    num_layers: int
+    """Transformer blocks."""
+    in_channels: int = 16
+    """Latent channels in (the VAE's z_dim)."""
+    out_channels: int = 16
+    """Latent channels out (the flow prediction)."""
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    """(t, h, w) patch; t must be 1 so that modulation can be per latent frame."""
+    text_dim: int = 4096
+    """Width of the text encoder's hidden states (umT5-XXL: 4096)."""
+    freq_dim: int = 256
+    """Width of the sinusoidal timestep embedding."""
+    eps: float = 1e-6
+    """Epsilon of every LayerNorm / RMSNorm."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    cross_attn_norm: bool = True
+    """Affine LayerNorm before cross-attention (all released T2V models)."""
+
+    def __post_init__(self) -> None:
+        _require(min(self.dim, self.ffn_dim, self.num_heads, self.num_layers) > 0, "model sizes must be positive")
+        _require(self.dim % self.num_heads == 0, f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        _require(self.head_dim % 2 == 0 and self.head_dim >= 6, f"head_dim {self.head_dim} must be even and >= 6")
+        _require(self.patch_size[0] == 1, "temporal patch size must be 1 (per-frame modulation)")
+        _require(self.freq_dim % 2 == 0, "freq_dim must be even")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_pairs(self) -> tuple[int, int, int]:
+        """Rotary pairs given to the (time, height, width) axes: head_dim/2 split as Wan does."""
+        half = self.head_dim // 2
+        spatial = half // 3
+        return half - 2 * spatial, spatial, spatial
+
+
+@dataclass(frozen=True, kw_only=True)
+class VaeConfig:
+    """Wan2.1 VAE (diffusers `AutoencoderKLWan`) architecture."""
+
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    latents_mean: tuple[float, ...] | None = None
+    """Per-channel latent statistics; None means 'use the loaded VAE's own config'."""
+    latents_std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _require(len(self.temporal_downsample) == len(self.dim_mult) - 1, "temporal_downsample needs len(dim_mult)-1 entries")
+        for stats in (self.latents_mean, self.latents_std):
+            _require(stats is None or len(stats) == self.z_dim, "latents_mean/std need z_dim entries")
+
+    @property
+    def spatial_stride(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def temporal_stride(self) -> int:
+        return 2 ** sum(self.temporal_downsample)
+
+    def pixel_frames(self, latent_frames: int) -> int:
+        """Frames decoded from `latent_frames` causal latents: the first gives 1, the others `stride` each."""
+        return 0 if latent_frames == 0 else 1 + self.temporal_stride * (latent_frames - 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TinyTextEncoder:
+    """A randomly initialised umT5 (byte-level tokenizer) for tests and tiny presets."""
+
+    d_model: int = 32
+    d_ff: int = 64
+    d_kv: int = 8
+    num_layers: int = 2
+    num_heads: int = 4
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextConfig:
+    """Text conditioning: umT5 through transformers."""
+
+    text_len: int = 512
+    """Tokens per prompt; embeddings are zero-padded to this length (as Wan does)."""
+    tiny: TinyTextEncoder | None = None
+    """If set, the preset builds a random tiny encoder instead of loading one from disk."""
+
+    def __post_init__(self) -> None:
+        _require(self.text_len > 0, "text_len must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamConfig:
+    """Geometry of the stream and of its attention window."""
+
+    height: int = 480
+    width: int = 832
+    frames_per_block: int = 3
+    """Latent frames denoised together (Self-Forcing: 3)."""
+    window_frames: int = 21
+    """Latent frames one block may attend to, counting itself and the sink (Self-Forcing: 21)."""
+    sink_frames: int = 0
+    """The first frames of the stream that are never evicted (LongLive: 3)."""
+    fps: int = 16
+    """Playback rate of the decoded video."""
+
+    def __post_init__(self) -> None:
+        _require(self.frames_per_block > 0, "frames_per_block must be positive")
+        _require(self.sink_frames >= 0, "sink_frames must be >= 0")
+        _require(
+            self.window_frames >= self.frames_per_block + self.sink_frames,
+            f"window_frames ({self.window_frames}) must hold a block ({self.frames_per_block}) "
+            f"plus the sink ({self.sink_frames})",
+        )
+        _require(self.fps > 0, "fps must be positive")
+
+    @property
+    def context_frames(self) -> int:
+        """Committed frames visible to a block besides itself (sink + recent)."""
+        return self.window_frames - self.frames_per_block
+
+    @property
+    def ring_frames(self) -> int:
+        """Recent committed frames kept after the sink (a ring buffer in the KV cache)."""
+        return self.context_frames - self.sink_frames
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """Few-step Self-Forcing sampling on the flow-matching schedule."""
+
+    timesteps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
+    """Denoising steps in Wan's 0-1000 units, before warping."""
+    shift: float = 5.0
+    """Flow shift: sigma' = shift*sigma / (1 + (shift-1)*sigma)."""
+    warp: bool = True
+    """Pass the timesteps through the shifted schedule (Self-Forcing's warp_denoising_step)."""
+    commit_sigma: float = 0.0
+    """Noise level of the pass that writes a finished block's K/V (Self-Forcing: context_noise 0)."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.timesteps) > 0, "at least one denoising step is needed")
+        _require(all(0 < t <= 1000 for t in self.timesteps), "timesteps must lie in (0, 1000]")
+        _require(list(self.timesteps) == sorted(self.timesteps, reverse=True), "timesteps must decrease")
+        _require(self.shift > 0, "shift must be positive")
+        _require(0.0 <= self.commit_sigma < 1.0, "commit_sigma must lie in [0, 1)")
+
+    def sigmas(self) -> list[float]:
+        """Noise levels in [0, 1] for each step (1 = pure noise)."""
+        sigmas = [t / 1000.0 for t in self.timesteps]
+        if self.warp:
+            sigmas = [self.shift * s / (1.0 + (self.shift - 1.0) * s) for s in sigmas]
+        return sigmas
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preset:
+    """Everything that defines a runnable model, minus weights and runtime device choices."""
+
+    name: str
+    description: str
+    model: WanConfig
+    vae: VaeConfig = field(default_factory=VaeConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    random_init: bool = False
+    """True for presets whose weights are seeded random (tests); real presets need checkpoints."""
+
+    def __post_init__(self) -> None:
+        _require(self.model.in_channels == self.vae.z_dim, "model in_channels must equal the VAE's z_dim")
+        stride = self.vae.spatial_stride * self.model.patch_size[1]
+        _require(
+            self.stream.height % stride == 0 and self.stream.width % (self.vae.spatial_stride * self.model.patch_size[2]) == 0,
+            f"{self.stream.height}x{self.stream.width} is not divisible by VAE stride x patch ({stride})",
+        )
+        if self.text.tiny is not None:
+            _require(self.text.tiny.d_model == self.model.text_dim, "tiny text encoder width must equal text_dim")
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        s = self.vae.spatial_stride
+        return self.stream.height // s, self.stream.width // s
+
+    @property
+    def tokens_per_frame(self) -> int:
+        h, w = self.latent_hw
+        return (h // self.model.patch_size[1]) * (w // self.model.patch_size[2])
+
+    def latent_shape(self, frames: int, batch: int = 1) -> tuple[int, int, int, int, int]:
+        h, w = self.latent_hw
+        return batch, self.model.in_channels, frames, h, w
+
+    def pixel_frames(self, blocks: int) -> int:
+        return self.vae.pixel_frames(blocks * self.stream.frames_per_block)
+

@@ -1,0 +1,98 @@
+"""Streaming VAE decode: each committed block becomes pixel frames as soon as it is committed.
+
+diffusers' `AutoencoderKLWan.decode` runs the decoder one latent frame at a time through causal
+convolutions that keep the last frames of every layer in a feature cache, but it clears that
+cache at the end of each call. Here the cache (`_feat_map`) lives in the decoder object across
+calls, so decoding a stream block by block gives exactly the frames of one decode of the whole
+latent video: the first latent frame gives 1 frame, every later one `temporal_stride` (4).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+from engine.config import VaeConfig
+from engine.models.checkpoints import CheckpointError, read_safetensors, read_torch
+
+
+def build_vae(cfg: VaeConfig) -> AutoencoderKLWan:
+    return AutoencoderKLWan(
+        base_dim=cfg.base_dim,
+        z_dim=cfg.z_dim,
+        dim_mult=list(cfg.dim_mult),
+        num_res_blocks=cfg.num_res_blocks,
+        temperal_downsample=list(cfg.temporal_downsample),
+    )
+
+
+def random_vae(cfg: VaeConfig, seed: int) -> AutoencoderKLWan:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_vae(cfg).eval()
+
+
+def load_vae(cfg: VaeConfig, path: str | Path) -> AutoencoderKLWan:
+    """A diffusers `vae/` folder (or pipeline root), or Wan's own `Wan2.1_VAE.pth` / .safetensors."""
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae").is_dir() else path
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"{folder}: not a diffusers AutoencoderKLWan folder (no config.json)")
+        return AutoencoderKLWan.from_pretrained(str(folder)).eval()
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such VAE file or folder")
+    raw = read_safetensors(path) if path.name.endswith(".safetensors") else read_torch(path)
+    state = convert_wan_vae_to_diffusers(raw) if any(k.startswith("decoder.upsamples") for k in raw) else raw
+    vae = build_vae(cfg)
+    result = vae.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path}: VAE weights do not fit (missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]})"
+        )
+    return vae.eval()
+
+
+class StreamingDecoder:
+    """Latent blocks `[B, C, F, h, w]` (normalised) -> pixels `[B, 3, F', H, W]` in [-1, 1]."""
+
+    def __init__(self, vae: AutoencoderKLWan, cfg: VaeConfig):
+        self.vae = vae
+        mean = cfg.latents_mean or vae.config.latents_mean
+        std = cfg.latents_std or vae.config.latents_std
+        if len(mean) != vae.config.z_dim or len(std) != vae.config.z_dim:
+            raise ValueError(f"latent statistics need {vae.config.z_dim} channels, got {len(mean)}/{len(std)}")
+        param = next(vae.parameters())
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=param.device).view(1, -1, 1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=param.device).view(1, -1, 1, 1, 1)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new video: forget the causal-convolution cache."""
+        self._feat_map: list = [None] * self.vae._cached_conv_counts["decoder"]
+        self._frames_seen = 0
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        param = next(self.vae.parameters())
+        z = (latents.float() * self.std + self.mean).to(param.dtype)  # undo the latent normalisation
+        x = self.vae.post_quant_conv(z)
+        frames = []
+        for i in range(x.shape[2]):
+            frames.append(
+                self.vae.decoder(
+                    x[:, :, i : i + 1], feat_cache=self._feat_map, feat_idx=[0], first_chunk=self._frames_seen == 0
+                )
+            )
+            self._frames_seen += 1
+        return torch.cat(frames, dim=2).float().clamp(-1.0, 1.0)
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """`[B, 3, F, H, W]` in [-1, 1] -> `[F, H, W, 3]` uint8 of the first batch element."""
+    pixels = ((video[0].float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return pixels.permute(1, 2, 3, 0).cpu().numpy()

@@ -1,0 +1,211 @@
+"""Key/value context for self-attention: a preallocated cache of committed (clean) frames.
+
+Layout of one layer's buffer, in frames of `T = tokens_per_frame` tokens each:
+
+    [ sink (S) | ring of recent frames (R) | scratch for the call's in-flight frames (Q) ]
+
+* Keys are stored already rotated (RoPE) at their absolute frame position, so committed keys are
+  rotated once, when they are written. Queries are rotated at their absolute position too; RoPE
+  depends only on the distance between the two, and positions are computed on the fly
+  (`engine.models.rope`), so a stream runs past any table length.
+* Once the ring wraps, the oldest recent frame is frame `first = committed - R`. The sink frames
+  are then moved, by one extra time rotation from their stored copy, to sit right before it
+  (positions first-S .. first-1), the way LongLive's infinite-length variant re-bases its sink.
+  Before the ring wraps every frame sits at its true position, so a stream shorter than the
+  window is exactly the block-causal model the checkpoints were trained as.
+* A call's own K/V go to the scratch slots right after the visible committed frames, so that the
+  keys attended to are one contiguous slice (no concatenation of the whole window per layer).
+  Committing a call copies those frames into their ring slots after the forward: during the
+  forward they must not overwrite the frames they evict, which the call still attends to.
+
+All bookkeeping is host integers known from the schedule; nothing here reads device memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.models.rope import Rope, apply_rope
+
+ATTENTION_MODES = ("causal", "bidirectional")
+
+
+def in_flight_mask(
+    context_tokens: int, frames: int, block_frames: int, tokens_per_frame: int, device: torch.device
+) -> torch.Tensor:
+    """Boolean `[frames*T, context_tokens + frames*T]` mask: all context visible, blocks causal."""
+    blocks = torch.arange(frames, device=device) // block_frames
+    token_blocks = blocks.repeat_interleave(tokens_per_frame)  # [N]
+    own = token_blocks[:, None] >= token_blocks[None, :]  # [N, N]: query block >= key block
+    context = torch.ones(own.shape[0], context_tokens, dtype=torch.bool, device=device)
+    return torch.cat([context, own], dim=1)
+
+
+class AttentionView:
+    """What one forward call attends to: its in-flight frames plus (maybe) committed context.
+
+    The model calls `context(layer, q, k, v)` once per layer with un-rotated q/k `[B, N, H, Dh]`
+    and gets back rotated queries, the keys/values to attend to and an optional boolean mask.
+    The caller of the model calls `finish()` after the forward (commits, if the view writes).
+    """
+
+    def __init__(self, rope: Rope, first_frame: int, frames: int, block_frames: int, mode: str):
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
+        if frames % block_frames:
+            raise ValueError(f"{frames} frames do not split into blocks of {block_frames}")
+        self.rope = rope
+        self.first_frame = first_frame
+        self.frames = frames
+        self.block_frames = block_frames
+        self.mode = mode
+        self.cos, self.sin = rope.tables(first_frame, frames)  # [N, Dh/2]
+        self._mask: torch.Tensor | None = None
+
+    def _mask_for(self, context_tokens: int) -> torch.Tensor | None:
+        if self.mode == "bidirectional" or self.frames == self.block_frames:
+            return None
+        if self._mask is None:
+            self._mask = in_flight_mask(
+                context_tokens, self.frames, self.block_frames, self.rope.tokens_per_frame, self.cos.device
+            )
+        return self._mask
+
+    def context(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Called once after the forward; a view that commits writes its frames here."""
+
+
+class LocalView(AttentionView):
+    """No committed context: the call's frames attend among themselves (block-causal or not)."""
+
+    def context(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        return apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin), v, self._mask_for(0)
+
+
+class KVCache:
+    """Committed K/V of one stream, for every layer, in preallocated fixed-shape buffers."""
+
+    def __init__(
+        self,
+        *,
+        rope: Rope,
+        layers: int,
+        batch: int,
+        heads: int,
+        head_dim: int,
+        sink_frames: int,
+        ring_frames: int,
+        scratch_frames: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        if min(sink_frames, ring_frames) < 0 or scratch_frames <= 0:
+            raise ValueError("sink/ring frames must be >= 0 and scratch frames > 0")
+        self.rope = rope
+        self.T = rope.tokens_per_frame
+        self.S, self.R, self.Q = sink_frames, ring_frames, scratch_frames
+        slots = (self.S + self.R + self.Q) * self.T
+        shape = (layers, batch, slots, heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.sink_k = torch.zeros((layers, batch, self.S * self.T, heads, head_dim), dtype=dtype, device=device)
+        self.committed = 0
+        self._sink_base = 0
+
+    # -- bookkeeping (host integers) -------------------------------------------------------
+
+    @property
+    def visible_frames(self) -> int:
+        """Committed frames a new call attends to (sink + the most recent ring frames)."""
+        in_sink = min(self.committed, self.S)
+        return in_sink + min(max(self.committed - self.S, 0), self.R)
+
+    def first_recent_frame(self) -> int:
+        """Absolute index of the oldest committed frame still in the ring."""
+        return max(self.S, self.committed - self.R)
+
+    def visible_frame_ids(self) -> list[int]:
+        """Absolute indices of the visible committed frames, oldest first."""
+        sink = list(range(min(self.committed, self.S)))
+        return sink + list(range(self.first_recent_frame(), self.committed))
+
+    def slot_of(self, frame: int) -> int | None:
+        """Buffer slot (in frames) where committed frame `frame` lives; None if it is not kept."""
+        if frame < self.S:
+            return frame
+        if self.R == 0:
+            return None
+        return self.S + (frame - self.S) % self.R
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.sink_k))
+
+    def reset(self) -> None:
+        """Forget every committed frame (a new stream). Buffers are reused, not reallocated."""
+        self.committed = 0
+        self._sink_base = 0
+
+    def view(self, *, first_frame: int, frames: int, block_frames: int, mode: str, commit: bool) -> "CachedView":
+        if first_frame != self.committed:
+            raise ValueError(f"the call starts at frame {first_frame} but {self.committed} frames are committed")
+        if frames > self.Q:
+            raise ValueError(f"{frames} in-flight frames exceed the cache's scratch of {self.Q}")
+        return CachedView(self, first_frame, frames, block_frames, mode, commit)
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def _copy_frame(self, src: int, dst: int) -> None:
+        T = self.T
+        self.k[:, :, dst * T : (dst + 1) * T] = self.k[:, :, src * T : (src + 1) * T]
+        self.v[:, :, dst * T : (dst + 1) * T] = self.v[:, :, src * T : (src + 1) * T]
+
+    def _commit(self, scratch_slot: int, first_frame: int, frames: int) -> None:
+        T = self.T
+        for j in range(frames):
+            frame, src = first_frame + j, scratch_slot + j
+            if frame < self.S:  # keep a copy rotated at its true position, to re-base later
+                self.sink_k[:, :, frame * T : (frame + 1) * T] = self.k[:, :, src * T : (src + 1) * T]
+            dst = self.slot_of(frame)
+            if dst is not None and dst != src:
+                self._copy_frame(src, dst)
+        self.committed += frames
+        self._rebase_sink()
+
+    def _rebase_sink(self) -> None:
+        """Rotate the sink so that it sits right before the oldest visible ring frame."""
+        base = self.first_recent_frame() - self.S
+        if self.S == 0 or base == self._sink_base:
+            return
+        cos, sin = self.rope.time_shift(base)
+        sink_tokens = self.S * self.T
+        for layer in range(self.k.shape[0]):
+            self.k[layer, :, :sink_tokens] = apply_rope(self.sink_k[layer], cos, sin)
+        self._sink_base = base
+
+
+class CachedView(AttentionView):
+    """A call whose frames attend to the cache's visible frames and to each other."""
+
+    def __init__(self, cache: KVCache, first_frame: int, frames: int, block_frames: int, mode: str, commit: bool):
+        super().__init__(cache.rope, first_frame, frames, block_frames, mode)
+        self.cache = cache
+        self.commit = commit
+        self.scratch_slot = cache.visible_frames  # the call's frames follow the visible ones
+        self._end = (self.scratch_slot + frames) * cache.T
+
+    def context(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        cache = self.cache
+        start = self.scratch_slot * cache.T
+        cache.k[layer, :, start : self._end] = apply_rope(k, self.cos, self.sin)
+        cache.v[layer, :, start : self._end] = v
+        keys = cache.k[layer, :, : self._end]  # [B, visible*T + N, H, Dh]
+        values = cache.v[layer, :, : self._end]
+        return apply_rope(q, self.cos, self.sin), keys, values, self._mask_for(start)
+
+    def finish(self) -> None:
+        if self.commit:
+            self.cache._commit(self.scratch_slot, self.first_frame, self.frames)

@@ -1,0 +1,283 @@
+"""Read Wan transformer weights in every released layout and load them into `WanModel`.
+
+Layouts (detected from the path and the keys, not from file names alone):
+* diffusers folder: `config.json` + `diffusion_pytorch_model.safetensors`, or shards with a
+  `*.safetensors.index.json`; a pipeline root with a `transformer/` folder also works;
+* Wan-native: one `.safetensors` / `.pth` file or shards with an index (Wan-AI repos, Krea's file
+  with a `model.` prefix);
+* Self-Forcing-style `.pt` dicts (Self-Forcing, CausVid, LongLive, Rolling Forcing): the weights
+  under `generator_ema` or `generator`, keys prefixed `model.`, EMA keys with
+  `_fsdp_wrapped_module.` segments.
+
+Every key ends up in Wan-native names (our model's names). Anything that does not fit exactly
+(missing, unexpected, wrong shape, unreadable file) raises `CheckpointError` naming the file and
+the keys.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# Wrapper prefixes seen in released files: ComfyUI/Wan repacks, torch.compile, DDP, the
+# Self-Forcing wrapper ("model."), peft ("base_model.model."), diffusers LoRA ("transformer.").
+STRIPPED_PREFIXES = (
+    "model.diffusion_model.",
+    "diffusion_model.",
+    "base_model.model.",
+    "transformer.",
+    "_orig_mod.",
+    "module.",
+    "model.",
+)
+MAX_LISTED_KEYS = 8
+
+# diffusers -> Wan-native, outside the transformer blocks
+TOP_LEVEL_RENAMES = (
+    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
+    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
+    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
+    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
+    ("condition_embedder.time_proj.", "time_projection.1."),
+    ("scale_shift_table", "head.modulation"),
+    ("proj_out.", "head.head."),
+)
+
+# diffusers -> Wan-native, inside `blocks.N.`
+BLOCK_RENAMES = (
+    ("attn1.to_q.", "self_attn.q."),
+    ("attn1.to_k.", "self_attn.k."),
+    ("attn1.to_v.", "self_attn.v."),
+    ("attn1.to_out.0.", "self_attn.o."),
+    ("attn1.norm_q.", "self_attn.norm_q."),
+    ("attn1.norm_k.", "self_attn.norm_k."),
+    ("attn2.to_q.", "cross_attn.q."),
+    ("attn2.to_k.", "cross_attn.k."),
+    ("attn2.to_v.", "cross_attn.v."),
+    ("attn2.to_out.0.", "cross_attn.o."),
+    ("attn2.norm_q.", "cross_attn.norm_q."),
+    ("attn2.norm_k.", "cross_attn.norm_k."),
+    # The affine LayerNorm before cross-attention is diffusers' norm2 but Wan's norm3; the two
+    # parameter-free norms (Wan norm2 = diffusers norm3) have no keys.
+    ("norm2.", "norm3."),
+    ("ffn.net.0.proj.", "ffn.0."),
+    ("ffn.net.2.", "ffn.2."),
+    ("scale_shift_table", "modulation"),
+)
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.*)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+@dataclass
+class Checkpoint:
+    """Weights in Wan-native names, with where they came from."""
+
+    source: Path
+    layout: str  # "diffusers", "wan" or "self-forcing:<key>"
+    files: list[Path]
+    state: dict[str, torch.Tensor]
+
+    def describe(self) -> str:
+        return f"{self.source} ({self.layout}, {len(self.files)} file(s), {len(self.state)} tensors)"
+
+
+# -- key maps ----------------------------------------------------------------------------------
+
+
+def _rename(key: str, table: tuple[tuple[str, str], ...]) -> str:
+    for old, new in table:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def diffusers_to_wan(key: str) -> str:
+    """`blocks.0.attn1.to_q.weight` -> `blocks.0.self_attn.q.weight`; unknown keys pass through."""
+    match = _BLOCK_KEY.match(key)
+    if match:
+        return f"blocks.{match.group(1)}.{_rename(match.group(2), BLOCK_RENAMES)}"
+    return _rename(key, TOP_LEVEL_RENAMES)
+
+
+def wan_to_diffusers(key: str) -> str:
+    """The inverse of `diffusers_to_wan`."""
+    inverse_top = tuple((new, old) for old, new in TOP_LEVEL_RENAMES)
+    inverse_block = tuple((new, old) for old, new in BLOCK_RENAMES)
+    match = _BLOCK_KEY.match(key)
+    if match:
+        return f"blocks.{match.group(1)}.{_rename(match.group(2), inverse_block)}"
+    return _rename(key, inverse_top)
+
+
+def is_diffusers_layout(keys) -> bool:
+    return any(k.startswith("condition_embedder.") or ".attn1." in k for k in keys)
+
+
+def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes and FSDP segments, drop RoPE tables, map diffusers names."""
+    out = {}
+    for key, value in state.items():
+        key = key.replace("_fsdp_wrapped_module.", "")
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in STRIPPED_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix) :], True
+        if key == "freqs" or key.endswith(".freqs"):
+            continue  # Wan keeps its RoPE table in the state dict; ours is computed
+        out[key] = value
+    if is_diffusers_layout(out):
+        out = {diffusers_to_wan(k): v for k, v in out.items()}
+    return out
+
+
+# -- reading files -----------------------------------------------------------------------------
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for truncation/corruption
+        raise CheckpointError(f"{path}: cannot read safetensors file ({err})") from err
+
+
+def read_torch(path: Path) -> dict:
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            data = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) files
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot read torch checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
+    return data
+
+
+def _read_index(index: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index}: not a valid shard index ({err})") from err
+    shards = sorted({index.parent / name for name in weight_map.values()})
+    missing = [str(s) for s in shards if not s.is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: shard files missing: {missing}")
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(read_safetensors(shard))
+    absent = sorted(set(weight_map) - set(state))
+    if absent:
+        raise CheckpointError(f"{index}: keys listed in the index are absent from the shards: {absent[:MAX_LISTED_KEYS]}")
+    return state, shards
+
+
+def _select_generator(data: dict, path: Path, ema: bool | None) -> tuple[dict, str]:
+    """Self-Forcing-style dicts keep weights under generator / generator_ema (and a critic)."""
+    if "generator" not in data and "generator_ema" not in data:
+        return data, "wan"
+    if ema is None:
+        ema = "generator_ema" in data
+    key = "generator_ema" if ema else "generator"
+    if key not in data:
+        raise CheckpointError(f"{path}: no '{key}' entry (has: {sorted(data)[:MAX_LISTED_KEYS]})")
+    return data[key], f"self-forcing:{key}"
+
+
+def _weights_in_folder(folder: Path) -> Path:
+    if (folder / "transformer").is_dir():
+        folder = folder / "transformer"  # a diffusers pipeline root
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    singles = sorted(folder.glob("*.safetensors"))
+    if len(indexes) == 1:
+        return indexes[0]
+    if not indexes and len(singles) == 1:
+        return singles[0]
+    found = [p.name for p in indexes + singles]
+    raise CheckpointError(
+        f"{folder}: expected one *.safetensors file or one *.safetensors.index.json, found {found or 'none'}"
+    )
+
+
+def read_checkpoint(path: str | Path, *, ema: bool | None = None) -> Checkpoint:
+    """Read a transformer checkpoint in any supported layout; keys come back in Wan-native names.
+
+    `ema`: for Self-Forcing-style dicts, pick `generator_ema` (True) or `generator` (False);
+    None prefers the EMA weights when present, as the streaming demos of those projects do.
+    """
+    source = Path(path)
+    if not source.exists():
+        raise CheckpointError(f"{source}: no such file or folder")
+    target = _weights_in_folder(source) if source.is_dir() else source
+    name = target.name
+    if name.endswith(".safetensors.index.json"):
+        raw, files = _read_index(target)
+        layout = "wan"
+    elif name.endswith(".safetensors"):
+        raw, files, layout = read_safetensors(target), [target], "wan"
+    elif name.endswith(TORCH_SUFFIXES):
+        raw, layout = _select_generator(read_torch(target), target, ema)
+        files = [target]
+    else:
+        raise CheckpointError(
+            f"{target}: unknown checkpoint format (expected a folder, .safetensors, "
+            f".safetensors.index.json or one of {TORCH_SUFFIXES})"
+        )
+    non_tensors = [k for k, v in raw.items() if not isinstance(v, torch.Tensor)]
+    if non_tensors:
+        raise CheckpointError(f"{target}: entries that are not tensors: {non_tensors[:MAX_LISTED_KEYS]}")
+    state = normalize_keys(raw)
+    if layout == "wan" and is_diffusers_layout(raw):
+        layout = "diffusers"
+    return Checkpoint(source=source, layout=layout, files=files, state=state)
+
+
+# -- loading into the model ---------------------------------------------------------------------
+
+
+def _listed(keys: list[str]) -> str:
+    more = f" (+{len(keys) - MAX_LISTED_KEYS} more)" if len(keys) > MAX_LISTED_KEYS else ""
+    return ", ".join(keys[:MAX_LISTED_KEYS]) + more
+
+
+def check_fit(model: torch.nn.Module, ckpt: Checkpoint) -> None:
+    """Raise CheckpointError unless the checkpoint has exactly the model's keys and shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(ckpt.state))
+    unexpected = sorted(set(ckpt.state) - set(expected))
+    mismatched = sorted(
+        f"{k} {tuple(ckpt.state[k].shape)} vs model {expected[k]}"
+        for k in set(expected) & set(ckpt.state)
+        if tuple(ckpt.state[k].shape) != expected[k]
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listed(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches: {_listed(mismatched)}")
+    if problems:
+        files = ", ".join(str(f) for f in ckpt.files)
+        raise CheckpointError(f"{ckpt.source} [{ckpt.layout}; {files}] does not fit the model: " + "; ".join(problems))
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, *, ema: bool | None = None) -> Checkpoint:
+    """Read `path`, check it fits `model` exactly, and assign its tensors (works on a meta model)."""
+    ckpt = read_checkpoint(path, ema=ema)
+    check_fit(model, ckpt)
+    model.load_state_dict(ckpt.state, strict=True, assign=True)
+    return ckpt

@@ -1,0 +1,57 @@
+"""Merge LoRA adapters into Wan weights: W <- W + (alpha / rank) * B @ A.
+
+LongLive ships its model as a base `.pt` plus a rank-256 LoRA (`lora.pt`, peft state dict,
+possibly under `generator_lora`, alpha = rank). peft, diffusers and ComfyUI key styles all
+normalise to `<wan module>.lora_A.weight` / `.lora_B.weight` here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from engine.models.checkpoints import CheckpointError, normalize_keys, read_safetensors, read_torch
+
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
+
+
+def read_lora(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module name -> (A `[rank, in]`, B `[out, rank]`) from a LoRA file."""
+    path = Path(path)
+    raw = read_safetensors(path) if path.name.endswith(".safetensors") else read_torch(path)
+    raw = raw.get("generator_lora", raw)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in normalize_keys({k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}).items():
+        match = _LORA_KEY.match(key)
+        if match:
+            pairs.setdefault(match["module"], {})[match["part"]] = tensor
+    incomplete = sorted(m for m, p in pairs.items() if len(p) != 2)
+    if incomplete or not pairs:
+        raise CheckpointError(f"{path}: no complete lora_A/lora_B pairs (incomplete: {incomplete[:8]})")
+    return {module: (p["A"], p["B"]) for module, p in pairs.items()}
+
+
+@torch.no_grad()
+def merge_lora(model: torch.nn.Module, path: str | Path, *, alpha: float | None = None) -> int:
+    """Add the adapter in `path` into `model`'s linear weights; returns the number merged.
+
+    `alpha` defaults to the rank (scale 1), which is how LongLive's adapter was trained.
+    """
+    params = dict(model.named_parameters())
+    adapters = read_lora(path)
+    unknown = sorted(m for m in adapters if f"{m}.weight" not in params)
+    if unknown:
+        raise CheckpointError(f"{path}: adapters for modules the model does not have: {unknown[:8]}")
+    for module, (down, up) in adapters.items():
+        weight = params[f"{module}.weight"]
+        rank = down.shape[0]
+        if up.shape[1] != rank or (up.shape[0], down.shape[1]) != tuple(weight.shape):
+            raise CheckpointError(
+                f"{path}: {module}: lora shapes A{tuple(down.shape)} B{tuple(up.shape)} do not fit {tuple(weight.shape)}"
+            )
+        scale = (alpha if alpha is not None else rank) / rank
+        delta = up.float() @ down.float()  # [out, in]
+        weight.copy_((weight.float() + scale * delta.to(weight.device)).to(weight.dtype))
+    return len(adapters)

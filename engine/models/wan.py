@@ -1,0 +1,222 @@
+"""The Wan2.1 DiT, written for block-causal streaming. Pure math: no cache policy, no parallelism.
+
+Parameter names are Wan's own (`blocks.0.self_attn.q.weight`, `blocks.0.norm3.weight`, ...), so
+Self-Forcing / CausVid / LongLive checkpoints load by stripping prefixes; diffusers names are
+mapped in `checkpoints.py`.
+
+Streaming differences from the reference network:
+* timesteps are per latent frame: `sigma [B, F]` -> modulation `[B, F, 6, dim]`;
+* self-attention asks an `AttentionView` (engine/kv.py) for rotated queries and for the keys and
+  values to attend to: committed frames from the KV cache plus this call's in-flight frames;
+* cross-attention keys/values are computed once per prompt (`embed_text` -> `TextKV`).
+
+The residual stream is float32 (as in Wan's reference code); linear layers run in the weights'
+dtype; norms, modulation and the time embedding run in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import WanConfig
+from engine.kv import AttentionView
+
+# Parameters kept in float32 when the model is cast to bf16 (small, numerically sensitive).
+FLOAT32_PARAMS = ("time_embedding", "time_projection", "modulation", "norm")
+
+
+@dataclass
+class TextKV:
+    """Cross-attention keys and values of one prompt batch, per layer: `[B, L_text, H, Dh]`."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding `[..., dim]` (cos first), computed in float64 as Wan does."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.to(torch.float64)[..., None] * freqs
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype; returns float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the full width (all heads at once), computed in float32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return layer(x.to(layer.weight.dtype))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps)
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps)
+
+    def forward(self, x: torch.Tensor, layer: int, kv: AttentionView) -> torch.Tensor:
+        # x: [B, N, dim] -> q, k, v: [B, N, H, Dh]
+        q = self.norm_q(_linear(self.q, x)).unflatten(-1, (self.heads, -1))
+        k = self.norm_k(_linear(self.k, x)).unflatten(-1, (self.heads, -1))
+        v = _linear(self.v, x).unflatten(-1, (self.heads, -1))
+        q, keys, values, mask = kv.context(layer, q, k, v)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask
+        )  # [B, H, N, Dh]
+        return _linear(self.o, out.transpose(1, 2).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps)
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps)
+
+    def project_text(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # context: [B, L, dim] -> k, v: [B, L, H, Dh]
+        k = self.norm_k(_linear(self.k, context)).unflatten(-1, (self.heads, -1))
+        v = _linear(self.v, context).unflatten(-1, (self.heads, -1))
+        return k, v
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        q = self.norm_q(_linear(self.q, x)).unflatten(-1, (self.heads, -1))
+        if keys.shape[0] != q.shape[0]:  # one prompt shared by the whole batch
+            keys, values = keys.expand(q.shape[0], -1, -1, -1), values.expand(q.shape[0], -1, -1, -1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
+        return _linear(self.o, out.transpose(1, 2).flatten(2))
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frames: int) -> torch.Tensor:
+    # x: [B, F*T, dim] float32; shift/scale: [B, F, dim] -> per-frame affine, [B, F*T, dim]
+    x = x.unflatten(1, (frames, -1))
+    return (x * (1 + scale[:, :, None]) + shift[:, :, None]).flatten(1, 2)
+
+
+def _gate(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, frames: int) -> torch.Tensor:
+    # residual update x + y * gate with a per-frame gate [B, F, dim]
+    y = y.float().unflatten(1, (frames, -1)) * gate[:, :, None]
+    return x + y.flatten(1, 2)
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(cfg)
+        self.norm2 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def forward(
+        self, x: torch.Tensor, e: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor, layer: int, kv: AttentionView
+    ) -> torch.Tensor:
+        # x: [B, F*T, dim] float32; e: [B, F, 6, dim] float32 (projected time embedding)
+        frames = e.shape[1]
+        shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (self.modulation.float()[:, None] + e).unbind(2)
+        # 1. Self-attention over committed context + in-flight frames
+        y = self.self_attn(_modulate(self.norm1(x), shift, scale, frames), layer, kv)
+        x = _gate(x, y, gate, frames)
+        # 2. Cross-attention to the prompt (ungated)
+        x = x + self.cross_attn(self.norm3(x.float()), text_k, text_v).float()
+        # 3. Feed-forward
+        y = _linear(self.ffn[0], _modulate(self.norm2(x), ffn_shift, ffn_scale, frames))
+        y = self.ffn[2](self.ffn[1](y))
+        return _gate(x, y, ffn_gate, frames)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        # x: [B, F*T, dim]; e: [B, F, dim] (time embedding before projection)
+        shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(2)
+        return _linear(self.head, _modulate(self.norm(x), shift, scale, e.shape[1]))
+
+
+class WanModel(nn.Module):
+    """flow = model(latents [B, C, F, H, W], sigma [B, F], text, kv) with flow = noise - x0."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+
+    def cast(self, dtype: torch.dtype) -> "WanModel":
+        """Cast weights to `dtype`, keeping norms, modulation and the time embedding in float32."""
+        for name, param in self.named_parameters():
+            keep = any(part in name for part in FLOAT32_PARAMS)
+            param.data = param.data.to(torch.float32 if keep else dtype)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    def embed_text(self, context: torch.Tensor) -> TextKV:
+        """Cross-attention K/V for text states `[B, L, text_dim]`; compute once per prompt."""
+        ctx = _linear(self.text_embedding[0], context)
+        ctx = self.text_embedding[2](self.text_embedding[1](ctx))  # [B, L, dim]
+        pairs = [block.cross_attn.project_text(ctx) for block in self.blocks]
+        return TextKV(keys=[k for k, _ in pairs], values=[v for _, v in pairs])
+
+    def time_modulation(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sigma `[B, F]` -> (e `[B, F, dim]`, e6 `[B, F, 6, dim]`), float32. Wan's t = 1000 * sigma."""
+        e = self.time_embedding(timestep_embedding(1000.0 * sigma, self.cfg.freq_dim))
+        return e, self.time_projection(e).unflatten(-1, (6, self.cfg.dim))
+
+    def forward(self, latents: torch.Tensor, sigma: torch.Tensor, text: TextKV, kv: AttentionView) -> torch.Tensor:
+        B, _, frames, height, width = latents.shape
+        if sigma.shape != (B, frames):
+            raise ValueError(f"sigma must be [B, F] = {(B, frames)}, got {tuple(sigma.shape)}")
+        _, ph, pw = self.cfg.patch_size
+        x = self.patch_embedding(latents.to(self.dtype)).flatten(2).transpose(1, 2).float()  # [B, F*h*w, dim]
+        e, e6 = self.time_modulation(sigma)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, e6, text.keys[layer], text.values[layer], layer, kv)
+        out = self.head(x, e)  # [B, F*h*w, C*ph*pw]
+        out = out.reshape(B, frames, height // ph, width // pw, ph, pw, -1)
+        return out.permute(0, 6, 1, 2, 4, 3, 5).reshape(B, -1, frames, height, width).float()

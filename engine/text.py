@@ -1,0 +1,113 @@
+"""Prompt -> text states for cross-attention: umT5 through transformers, with a prompt cache.
+
+Wan conditions on umT5-XXL hidden states of the prompt, zero beyond the prompt's own tokens and
+padded to `text_len` (512) tokens; cross-attention then attends to all of them. Real encoders load
+from a local transformers folder (Wan2.1 diffusers layout: `text_encoder/` + `tokenizer/`); tests
+and tiny presets build a seeded random umT5 with a byte-level tokenizer, which needs no files.
+"""
+
+from __future__ import annotations
+
+import html
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
+from engine.config import TinyTextEncoder
+
+CACHED_PROMPTS = 64
+
+
+def clean_prompt(prompt: str) -> str:
+    """Unescape HTML entities and collapse whitespace, as Wan's pipelines do before tokenising."""
+    return " ".join(html.unescape(html.unescape(prompt)).split())
+
+
+def _find_folders(encoder_dir: Path, tokenizer_dir: Path | None) -> tuple[Path, Path]:
+    if (encoder_dir / "text_encoder").is_dir():  # a pipeline root
+        return encoder_dir / "text_encoder", tokenizer_dir or encoder_dir / "tokenizer"
+    if tokenizer_dir is None:
+        sibling = encoder_dir.parent / "tokenizer"
+        tokenizer_dir = sibling if sibling.is_dir() else encoder_dir
+    return encoder_dir, tokenizer_dir
+
+
+class TextEncoder:
+    """Encodes prompts to `[B, text_len, d_model]`, caching the most recent prompts."""
+
+    def __init__(self, tokenizer, encoder: UMT5EncoderModel, text_len: int, device: torch.device | str):
+        self.tokenizer = tokenizer
+        self.encoder = encoder.to(device).eval()
+        self.text_len = text_len
+        self.device = torch.device(device)
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @property
+    def width(self) -> int:
+        return self.encoder.config.d_model
+
+    @classmethod
+    def from_folder(
+        cls,
+        encoder_dir: str | Path,
+        *,
+        text_len: int,
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float32,
+        tokenizer_dir: str | Path | None = None,
+    ) -> "TextEncoder":
+        enc, tok = _find_folders(Path(encoder_dir), Path(tokenizer_dir) if tokenizer_dir else None)
+        if not (enc / "config.json").is_file():
+            raise FileNotFoundError(f"{enc}: not a transformers umT5 folder (no config.json)")
+        tokenizer = AutoTokenizer.from_pretrained(str(tok))
+        encoder = UMT5EncoderModel.from_pretrained(str(enc), dtype=dtype)
+        return cls(tokenizer, encoder, text_len, device)
+
+    @classmethod
+    def random(cls, spec: TinyTextEncoder, *, text_len: int, device: torch.device | str) -> "TextEncoder":
+        """A seeded random umT5 with a byte-level tokenizer (no files needed)."""
+        tokenizer = ByT5Tokenizer()
+        config = UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=spec.d_model,
+            d_kv=spec.d_kv,
+            d_ff=spec.d_ff,
+            num_layers=spec.num_layers,
+            num_heads=spec.num_heads,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            encoder = UMT5EncoderModel(config)
+        return cls(tokenizer, encoder, text_len, device)
+
+    @torch.no_grad()
+    def _encode_uncached(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(
+            [clean_prompt(p) for p in prompts],
+            padding="max_length",
+            max_length=self.text_len,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        ).to(self.device)
+        states = self.encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        # Wan zeroes the states past each prompt's real length, then pads to text_len.
+        return (states * tokens.attention_mask[..., None].to(states.dtype)).float()
+
+    def encode(self, prompts: str | list[str]) -> torch.Tensor:
+        """`[B, text_len, d_model]` float32 states for one prompt or a batch."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing:
+            for prompt, states in zip(missing, self._encode_uncached(missing)):
+                self._cache[prompt] = states
+        for prompt in prompts:
+            self._cache.move_to_end(prompt)
+        while len(self._cache) > CACHED_PROMPTS:
+            self._cache.popitem(last=False)
+        return torch.stack([self._cache[p] for p in prompts])

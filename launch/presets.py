@@ -1,0 +1,139 @@
+"""Named presets: functions returning frozen, validated `Preset`s.
+
+    python -m launch.presets            # list them
+    python -m launch.presets --counts   # parameter counts and KV memory, built on the meta device
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+
+from engine.config import (
+    Preset,
+    SamplingConfig,
+    StreamConfig,
+    TextConfig,
+    TinyTextEncoder,
+    VaeConfig,
+    WanConfig,
+)
+
+WAN_1_3B = WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
+WAN_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+
+
+def tiny_wan() -> Preset:
+    """A 2-layer Wan with seeded random weights, 64x64 video: for tests and smoke runs."""
+    return Preset(
+        name="tiny-wan",
+        description="2-layer random Wan, 64x64, 3-frame blocks, window 9 incl. 3 sink frames",
+        model=WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_channels=4, out_channels=4, text_dim=32, freq_dim=32),
+        vae=VaeConfig(
+            base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1, latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4
+        ),
+        text=TextConfig(text_len=16, tiny=TinyTextEncoder(d_model=32)),
+        stream=StreamConfig(height=64, width=64, frames_per_block=3, window_frames=9, sink_frames=3),
+        random_init=True,
+    )
+
+
+def self_forcing_1_3b() -> Preset:
+    """Self-Forcing (chunk-wise) on Wan2.1-T2V-1.3B: 4 warped steps, 21-frame window."""
+    return Preset(
+        name="self-forcing-1.3b",
+        description="Self-Forcing DMD on Wan2.1-T2V-1.3B, 480x832, 3-frame blocks, window 21",
+        model=WAN_1_3B,
+        stream=StreamConfig(window_frames=21),
+    )
+
+
+def longlive_1_3b() -> Preset:
+    """LongLive: short window of 12 frames, the first 3 kept as a sink."""
+    return Preset(
+        name="longlive-1.3b",
+        description="LongLive on Wan2.1-T2V-1.3B, window 12 incl. 3 sink frames",
+        model=WAN_1_3B,
+        stream=StreamConfig(window_frames=12, sink_frames=3),
+    )
+
+
+def causvid_1_3b() -> Preset:
+    """CausVid: 3 steps [1000, 757, 522] at shift 8, not warped."""
+    return Preset(
+        name="causvid-1.3b",
+        description="CausVid DMD on Wan2.1-T2V-1.3B, 3 steps, shift 8",
+        model=WAN_1_3B,
+        sampling=SamplingConfig(timesteps=(1000.0, 757.0, 522.0), shift=8.0, warp=False),
+    )
+
+
+def wan_14b_causal() -> Preset:
+    """A Self-Forcing-style causal Wan2.1-T2V-14B (Krea Realtime's architecture)."""
+    return Preset(
+        name="wan-14b-causal",
+        description="causal Wan2.1-T2V-14B, 480x832, 3-frame blocks, window 21",
+        model=WAN_14B,
+        stream=StreamConfig(window_frames=21),
+    )
+
+
+PRESETS: dict[str, Callable[[], Preset]] = {
+    "tiny-wan": tiny_wan,
+    "self-forcing-1.3b": self_forcing_1_3b,
+    "longlive-1.3b": longlive_1_3b,
+    "causvid-1.3b": causvid_1_3b,
+    "wan-14b-causal": wan_14b_causal,
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose from: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def parameter_count(preset: Preset) -> int:
+    """Transformer parameters, counted on the meta device (no memory)."""
+    from engine.models.wan import WanModel
+
+    with torch.device("meta"):
+        model = WanModel(preset.model)
+    return sum(p.numel() for p in model.parameters())
+
+
+def kv_cache_bytes(preset: Preset, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Self-attention KV cache of one stream, measured on a meta-device allocation."""
+    from engine.pipeline import build_kv_cache
+
+    return build_kv_cache(preset, dtype, "meta").nbytes
+
+
+def _print_counts(names: list[str]) -> None:
+    print(f"{'preset':<20} {'params':>14} {'tokens/frame':>13} {'KV (bf16)':>10}")
+    for name in names:
+        preset = get_preset(name)
+        params = parameter_count(preset)
+        kv = kv_cache_bytes(preset) / 2**30
+        print(f"{name:<20} {params:>14,} {preset.tokens_per_frame:>13} {kv:>8.2f} G")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m launch.presets", description="List presets and their sizes.")
+    parser.add_argument("--counts", action="store_true", help="print parameter counts (meta device) and KV memory")
+    parser.add_argument("names", nargs="*", help="presets to show (default: all)")
+    args = parser.parse_args(argv)
+    names = args.names or list(PRESETS)
+    for name in names:
+        get_preset(name)  # fail early on a typo
+    if args.counts:
+        _print_counts(names)
+    else:
+        for name in names:
+            print(f"{name:<20} {get_preset(name).description}")
+
+
+if __name__ == "__main__":
+    main()
