@@ -9,6 +9,7 @@ latent video: the first latent frame gives 1 frame, every later one `temporal_st
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -38,23 +39,40 @@ def random_vae(cfg: VaeConfig, seed: int) -> AutoencoderKLWan:
 
 def load_vae(cfg: VaeConfig, path: str | Path) -> AutoencoderKLWan:
     """A diffusers `vae/` folder (or pipeline root), or Wan's own `Wan2.1_VAE.pth` / .safetensors."""
-    path = Path(path)
+    path = _vae_in_folder(Path(path)) if Path(path).is_dir() else Path(path)
     if path.is_dir():
-        folder = path / "vae" if (path / "vae").is_dir() else path
-        if not (folder / "config.json").is_file():
-            raise CheckpointError(f"{folder}: not a diffusers AutoencoderKLWan folder (no config.json)")
-        return AutoencoderKLWan.from_pretrained(str(folder)).eval()
+        return AutoencoderKLWan.from_pretrained(str(path)).eval()
     if not path.is_file():
         raise CheckpointError(f"{path}: no such VAE file or folder")
     raw = read_safetensors(path) if path.name.endswith(".safetensors") else read_torch(path)
     state = convert_wan_vae_to_diffusers(raw) if any(k.startswith("decoder.upsamples") for k in raw) else raw
     vae = build_vae(cfg)
-    result = vae.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    expected = vae.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
         raise CheckpointError(
-            f"{path}: VAE weights do not fit (missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]})"
+            f"{path}: VAE weights do not fit (missing {missing[:8]}, unexpected {unexpected[:8]}, "
+            f"wrong shapes {mismatched[:8]})"
         )
+    vae.load_state_dict(state, strict=True)
     return vae.eval()
+
+
+def _vae_in_folder(folder: Path) -> Path:
+    """A diffusers vae/ folder, a pipeline root holding one, or a Wan repo holding Wan2.1_VAE.pth."""
+    if (folder / "vae").is_dir():
+        folder = folder / "vae"
+    config = folder / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("_class_name") == "AutoencoderKLWan":
+        return folder
+    native = sorted(folder.glob("*VAE*.pth")) + sorted(folder.glob("*vae*.safetensors"))
+    if len(native) == 1:
+        return native[0]
+    raise CheckpointError(
+        f"{folder}: no VAE found (expected a diffusers AutoencoderKLWan folder, a vae/ subfolder or one Wan2.1_VAE.pth)"
+    )
 
 
 class StreamingDecoder:

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         stats = run(args)
-    except (SetupError, CheckpointError, FileNotFoundError) as err:
+    except (SetupError, CheckpointError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(

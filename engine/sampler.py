@@ -10,7 +10,7 @@ So a block costs len(steps) + 1 forwards. Noise is addressed by (block, step) (e
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +73,7 @@ def denoise_block(
 
 def self_forcing(
     denoiser: Denoiser,
-    text: TextKV | Iterator[TextKV],
+    text: TextKV | Callable[[int], TextKV],
     sampling: SamplingConfig,
     noise: NoiseSource,
     block_shape: tuple[int, ...],
@@ -81,8 +81,8 @@ def self_forcing(
 ) -> Iterator[Block]:
     """Yield finished blocks in order; `num_blocks=None` streams forever.
 
-    `text` is fixed, or an iterator giving the prompt's K/V for each block (prompt switches take
-    effect at the next block). The last block of a finite run skips its commit pass, whose only
+    `text` is fixed, or a function of the block index giving the prompt's K/V (a prompt switch
+    takes effect at the next block). The last block of a finite run skips its commit pass, whose only
     effect would be K/V that nothing reads.
     """
     sigmas = sampling.sigmas()
@@ -90,7 +90,7 @@ def self_forcing(
     device = denoiser.cache.k.device
     block = 0
     while num_blocks is None or block < num_blocks:
-        prompt = text if isinstance(text, TextKV) else next(text)
+        prompt = text(block) if callable(text) else text
         x0 = denoise_block(denoiser, prompt, noise, sigmas, block, block_shape)
         if num_blocks is None or block + 1 < num_blocks:
             commit_levels = _levels(sampling.commit_sigma, B, F, device)

@@ -9,6 +9,7 @@ and tiny presets build a seeded random umT5 with a byte-level tokenizer, which n
 from __future__ import annotations
 
 import html
+import json
 from collections import OrderedDict
 from pathlib import Path
 
@@ -32,6 +33,19 @@ def _find_folders(encoder_dir: Path, tokenizer_dir: Path | None) -> tuple[Path, 
         sibling = encoder_dir.parent / "tokenizer"
         tokenizer_dir = sibling if sibling.is_dir() else encoder_dir
     return encoder_dir, tokenizer_dir
+
+
+def _check_umt5_folder(folder: Path) -> None:
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{folder}: not a transformers umT5 folder (no config.json)")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type not in ("umt5", "t5"):
+        raise FileNotFoundError(
+            f"{folder}: config.json describes model_type={model_type!r}, not a umT5 encoder. Wan's own "
+            "models_t5_umt5-xxl-enc-bf16.pth is not supported: use the text_encoder/ and tokenizer/ "
+            "folders of Wan2.1-T2V-1.3B-Diffusers (--text-encoder DIR)"
+        )
 
 
 class TextEncoder:
@@ -59,8 +73,7 @@ class TextEncoder:
         tokenizer_dir: str | Path | None = None,
     ) -> "TextEncoder":
         enc, tok = _find_folders(Path(encoder_dir), Path(tokenizer_dir) if tokenizer_dir else None)
-        if not (enc / "config.json").is_file():
-            raise FileNotFoundError(f"{enc}: not a transformers umT5 folder (no config.json)")
+        _check_umt5_folder(enc)
         tokenizer = AutoTokenizer.from_pretrained(str(tok))
         encoder = UMT5EncoderModel.from_pretrained(str(enc), dtype=dtype)
         return cls(tokenizer, encoder, text_len, device)

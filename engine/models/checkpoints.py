@@ -272,7 +272,23 @@ def check_fit(model: torch.nn.Module, ckpt: Checkpoint) -> None:
         problems.append(f"shape mismatches: {_listed(mismatched)}")
     if problems:
         files = ", ".join(str(f) for f in ckpt.files)
-        raise CheckpointError(f"{ckpt.source} [{ckpt.layout}; {files}] does not fit the model: " + "; ".join(problems))
+        hint = _size_hint(ckpt.state, model.state_dict())
+        raise CheckpointError(f"{ckpt.source} [{ckpt.layout}; {files}] does not fit the model: " + "; ".join(problems) + hint)
+
+
+def _size_hint(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
+    """'the checkpoint looks like dim 5120, 40 layers; the preset has dim 1536, 30 layers'."""
+
+    def size(weights) -> tuple[int, int] | None:
+        if "patch_embedding.weight" not in weights:
+            return None
+        layers = {int(m.group(1)) for k in weights if (m := _BLOCK_KEY.match(k))}
+        return weights["patch_embedding.weight"].shape[0], len(layers)
+
+    found, wanted = size(state), size(expected)
+    if found is None or wanted is None or found == wanted:
+        return ""
+    return f". The checkpoint looks like dim {found[0]}, {found[1]} layers; the preset has dim {wanted[0]}, {wanted[1]} layers"
 
 
 def load_weights(model: torch.nn.Module, path: str | Path, *, ema: bool | None = None) -> Checkpoint:

@@ -57,8 +57,9 @@ class Rope:
         sin_t = angle_t.sin().float()[:, None, :].expand(frames, self.tokens_per_frame, -1)
         cos_s = self.spatial_cos[None].expand(frames, -1, -1)
         sin_s = self.spatial_sin[None].expand(frames, -1, -1)
-        cos = torch.cat([cos_t, cos_s], dim=-1).reshape(frames * self.tokens_per_frame, -1)
-        sin = torch.cat([sin_t, sin_s], dim=-1).reshape(frames * self.tokens_per_frame, -1)
+        pairs = self.time_freqs.shape[0] + self.spatial_cos.shape[-1]
+        cos = torch.cat([cos_t, cos_s], dim=-1).reshape(frames * self.tokens_per_frame, pairs)
+        sin = torch.cat([sin_t, sin_s], dim=-1).reshape(frames * self.tokens_per_frame, pairs)
         return cos, sin
 
     def time_shift(self, frames: int) -> tuple[torch.Tensor, torch.Tensor]:

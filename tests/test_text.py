@@ -1,0 +1,58 @@
+"""Text encoding: Wan's zero padding, the prompt cache, loading from a transformers folder.
+
+    pytest tests/test_text.py
+"""
+
+import pytest
+import torch
+
+from engine.config import TinyTextEncoder
+from engine.text import TextEncoder, clean_prompt
+
+SPEC = TinyTextEncoder(d_model=32)
+
+
+def test_states_are_zero_past_the_prompt():
+    encoder = TextEncoder.random(SPEC, text_len=24, device="cpu")
+    states = encoder.encode(["a red circle", "a blue square moving up and to the left"])
+    assert states.shape == (2, 24, 32)
+    length = len("a red circle".encode()) + 1  # byte tokens + EOS
+    assert states[0, :length].abs().sum(-1).min() > 0
+    assert torch.all(states[0, length:] == 0)
+    assert states[1].abs().sum(-1).gt(0).sum() > length
+
+
+def test_cache_returns_same_states_without_recomputing(monkeypatch):
+    encoder = TextEncoder.random(SPEC, text_len=16, device="cpu")
+    first = encoder.encode("a green triangle")
+    calls = []
+    original = encoder._encode_uncached
+    monkeypatch.setattr(encoder, "_encode_uncached", lambda prompts: calls.append(prompts) or original(prompts))
+    assert torch.equal(encoder.encode("a green triangle"), first)
+    assert calls == []
+    encoder.encode(["a green triangle", "something new"])
+    assert calls == [["something new"]]
+
+
+def test_prompt_cleaning():
+    assert clean_prompt("  a &amp; b \n\t c ") == "a & b c"
+
+
+def test_loads_from_a_pipeline_folder(tmp_path):
+    original = TextEncoder.random(SPEC, text_len=16, device="cpu")
+    original.encoder.save_pretrained(str(tmp_path / "text_encoder"))
+    original.tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    for folder in (tmp_path, tmp_path / "text_encoder"):  # pipeline root, or the encoder folder
+        loaded = TextEncoder.from_folder(folder, text_len=16, device="cpu")
+        assert torch.equal(loaded.encode("a red circle"), original.encode("a red circle"))
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a transformers umT5 folder"):
+        TextEncoder.from_folder(tmp_path, text_len=16, device="cpu")
+
+
+def test_wan_native_repo_is_refused_with_advice(tmp_path):
+    (tmp_path / "config.json").write_text('{"_class_name": "WanModel", "model_type": "t2v"}')
+    with pytest.raises(FileNotFoundError, match="Wan2.1-T2V-1.3B-Diffusers"):
+        TextEncoder.from_folder(tmp_path, text_len=16, device="cpu")
