@@ -75,7 +75,9 @@ def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return layer(x.to(layer.weight.dtype))
 
 
-class SelfAttention(nn.Module):
+class Attention(nn.Module):
+    """q, k, v, o projections with RMSNorm over the full width on queries and keys."""
+
     def __init__(self, cfg: WanConfig):
         super().__init__()
         self.heads = cfg.num_heads
@@ -83,26 +85,24 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(cfg.dim, cfg.eps)
         self.norm_k = RMSNorm(cfg.dim, cfg.eps)
 
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask=None) -> torch.Tensor:
+        # q: [B, N, H, Dh]; keys/values: [B, M, H, Dh]; mask: bool [N, M] or None -> [B, N, dim]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask
+        )
+        return _linear(self.o, out.transpose(1, 2).flatten(2))
+
+
+class SelfAttention(Attention):
     def forward(self, x: torch.Tensor, layer: int, kv: AttentionView) -> torch.Tensor:
         # x: [B, N, dim] -> q, k, v: [B, N, H, Dh]
         q = self.norm_q(_linear(self.q, x)).unflatten(-1, (self.heads, -1))
         k = self.norm_k(_linear(self.k, x)).unflatten(-1, (self.heads, -1))
         v = _linear(self.v, x).unflatten(-1, (self.heads, -1))
-        q, keys, values, mask = kv.context(layer, q, k, v)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask
-        )  # [B, H, N, Dh]
-        return _linear(self.o, out.transpose(1, 2).flatten(2))
+        return self.attend(*kv.context(layer, q, k, v))
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, cfg: WanConfig):
-        super().__init__()
-        self.heads = cfg.num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
-        self.norm_q = RMSNorm(cfg.dim, cfg.eps)
-        self.norm_k = RMSNorm(cfg.dim, cfg.eps)
-
+class CrossAttention(Attention):
     def project_text(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # context: [B, L, dim] -> k, v: [B, L, H, Dh]
         k = self.norm_k(_linear(self.k, context)).unflatten(-1, (self.heads, -1))
@@ -113,8 +113,7 @@ class CrossAttention(nn.Module):
         q = self.norm_q(_linear(self.q, x)).unflatten(-1, (self.heads, -1))
         if keys.shape[0] != q.shape[0]:  # one prompt shared by the whole batch
             keys, values = keys.expand(q.shape[0], -1, -1, -1), values.expand(q.shape[0], -1, -1, -1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
-        return _linear(self.o, out.transpose(1, 2).flatten(2))
+        return self.attend(q, keys, values)
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frames: int) -> torch.Tensor:
