@@ -48,6 +48,8 @@ class WanConfig:
     """RoPE base."""
     cross_attn_norm: bool = True
     """Affine LayerNorm before cross-attention (all released T2V models)."""
+    fps_embedding: bool = False
+    """SkyReels-V2 DF 1.3B: a learned 16-fps / other-fps embedding added to the modulation."""
 
     def __post_init__(self) -> None:
         _require(min(self.dim, self.ffn_dim, self.num_heads, self.num_layers) > 0, "model sizes must be positive")
@@ -160,32 +162,83 @@ class StreamConfig:
         return self.context_frames - self.sink_frames
 
 
+SOLVERS = ("self-forcing", "euler", "unipc", "unipc-skyreels")
+SCHEDULES = ("sequential", "pyramid", "skyreels")
+ATTENTION = ("causal", "bidirectional")
+COMPUTE = ("selective", "window")
+
+
 @dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
-    """Few-step Self-Forcing sampling on the flow-matching schedule."""
+    """Noise levels, solver and guidance (flow matching; sigma 1 = noise, 0 = clean)."""
 
-    timesteps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
-    """Denoising steps in Wan's 0-1000 units, before warping."""
+    timesteps: tuple[float, ...] | None = (1000.0, 750.0, 500.0, 250.0)
+    """Explicit steps in Wan's 0-1000 units (Self-Forcing style). Exclusive with num_steps."""
+    num_steps: int | None = None
+    """Evenly spaced flow sigmas, shifted, as diffusers' flow UniPC does (SkyReels-V2)."""
     shift: float = 5.0
     """Flow shift: sigma' = shift*sigma / (1 + (shift-1)*sigma)."""
     warp: bool = True
-    """Pass the timesteps through the shifted schedule (Self-Forcing's warp_denoising_step)."""
+    """With explicit timesteps: pass them through the shifted schedule (Self-Forcing's warp)."""
+    solver: str = "self-forcing"
+    """self-forcing (x0, then re-noise), euler (flow ODE), unipc (multistep, per block) or
+    unipc-skyreels (UniPC as SkyReels-V2's pipelines actually step it; see engine/solvers.py)."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance; > 1 runs cond and uncond batched in one forward."""
+    negative_prompt: str = ""
     commit_sigma: float = 0.0
     """Noise level of the pass that writes a finished block's K/V (Self-Forcing: context_noise 0)."""
 
     def __post_init__(self) -> None:
-        _require(len(self.timesteps) > 0, "at least one denoising step is needed")
-        _require(all(0 < t <= 1000 for t in self.timesteps), "timesteps must lie in (0, 1000]")
-        _require(list(self.timesteps) == sorted(self.timesteps, reverse=True), "timesteps must decrease")
+        _require((self.timesteps is None) != (self.num_steps is None), "set exactly one of timesteps and num_steps")
+        if self.timesteps is not None:
+            _require(len(self.timesteps) > 0, "at least one denoising step is needed")
+            _require(all(0 < t <= 1000 for t in self.timesteps), "timesteps must lie in (0, 1000]")
+            _require(list(self.timesteps) == sorted(self.timesteps, reverse=True), "timesteps must decrease")
+        else:
+            _require(self.num_steps > 0, "num_steps must be positive")
         _require(self.shift > 0, "shift must be positive")
+        _require(self.solver in SOLVERS, f"solver must be one of {SOLVERS}")
+        _require(self.guidance_scale >= 1.0, "guidance_scale must be >= 1 (1 disables guidance)")
         _require(0.0 <= self.commit_sigma < 1.0, "commit_sigma must lie in [0, 1)")
 
-    def sigmas(self) -> list[float]:
-        """Noise levels in [0, 1] for each step (1 = pure noise)."""
-        sigmas = [t / 1000.0 for t in self.timesteps]
-        if self.warp:
-            sigmas = [self.shift * s / (1.0 + (self.shift - 1.0) * s) for s in sigmas]
-        return sigmas
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps) if self.timesteps is not None else self.num_steps
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanConfig:
+    """Which blocks denoise together, and how the blocks of one forward see each other."""
+
+    schedule: str = "sequential"
+    """sequential (one block at a time), pyramid (block b starts offset ticks after b-1) or
+    skyreels (SkyReels-V2's timestep matrix over finite segments, with overlap for long videos)."""
+    offset: int | None = None
+    """pyramid/skyreels: ticks between the starts of consecutive blocks (SkyReels' ar_step; 0 = synchronous)."""
+    attention: str = "causal"
+    """Among the blocks of one forward: causal (block b sees blocks <= b) or bidirectional."""
+    compute: str = "selective"
+    """selective: run only blocks with work, committed context from the KV cache. window: rerun the
+    whole window every tick (finished blocks at t=0, unstarted at full noise), as the reference does."""
+    segment_frames: int | None = None
+    """skyreels: latent frames per segment (base_num_frames); None = the whole video in one segment."""
+    overlap_frames: int = 0
+    """skyreels: latent frames of the previous segment kept as the next one's clean prefix."""
+    addnoise_condition: float = 0.0
+    """skyreels: noise (in 0-1000 units) put back on the clean prefix, as SkyReels-V2 does."""
+
+    def __post_init__(self) -> None:
+        _require(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}")
+        _require(self.attention in ATTENTION, f"attention must be one of {ATTENTION}")
+        _require(self.compute in COMPUTE, f"compute must be one of {COMPUTE}")
+        _require(self.offset is None or self.offset >= 0, "offset must be >= 0")
+        _require(self.schedule == "sequential" or self.offset is not None, f"the {self.schedule} schedule needs an offset")
+        _require(self.overlap_frames >= 0 and self.addnoise_condition >= 0, "overlap and addnoise must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,6 +252,7 @@ class Preset:
     text: TextConfig = field(default_factory=TextConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     random_init: bool = False
     """True for presets whose weights are seeded random (tests); real presets need checkpoints."""
 

@@ -3,6 +3,7 @@
     python -m engine.generate --preset tiny-wan --prompt "a red circle" --blocks 3 --seed 0 --out x.mp4
     python -m engine.generate --preset self-forcing-1.3b --checkpoint self_forcing_dmd.pt \\
         --base Wan2.1-T2V-1.3B-Diffusers --prompt "..." --blocks 7 --out video.mp4
+    python -m engine.generate --preset skyreels-v2-df-tiny --schedule pyramid --offset 1 --blocks 6
 """
 
 from __future__ import annotations
@@ -17,52 +18,25 @@ import torch
 from tqdm import tqdm
 
 from engine.models.checkpoints import CheckpointError
-from engine.pipeline import Pipeline, SetupError, WeightPaths, resolve_device, resolve_dtype
+from engine.build import SetupError, resolve_device, resolve_dtype
+from engine.config import ConfigError
+from engine.pipeline import Pipeline
 from engine.video import Mp4Writer
-from launch.presets import PRESETS, get_preset
+from launch.cli import add_plan_arguments, add_preset_arguments, add_weight_arguments, preset_from_args, weights_from_args
 
 DEFAULT_PRESET = "tiny-wan"
 
 
-def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("weights")
-    group.add_argument("--checkpoint", type=Path, help="transformer weights: diffusers folder, Wan .safetensors/.pth, Self-Forcing .pt")
-    group.add_argument("--base", type=Path, help="Wan2.1 diffusers folder with text_encoder/, tokenizer/, vae/")
-    group.add_argument("--text-encoder", type=Path, help="umT5 transformers folder (overrides --base)")
-    group.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: beside the text encoder)")
-    group.add_argument("--vae", type=Path, help="VAE: diffusers folder or Wan2.1_VAE.pth (overrides --base)")
-    group.add_argument("--lora", type=Path, help="LoRA adapter merged into the transformer (LongLive's lora.pt)")
-    group.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
-    group.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
-                       help="Self-Forcing .pt: use generator_ema (default when present) or generator")
-    group.add_argument("--random-weights", action="store_true", help="seeded random weights for every part")
-
-
-def weight_paths(args: argparse.Namespace) -> WeightPaths:
-    return WeightPaths(
-        checkpoint=args.checkpoint,
-        base=args.base,
-        text_encoder=args.text_encoder,
-        tokenizer=args.tokenizer,
-        vae=args.vae,
-        lora=args.lora,
-        lora_alpha=args.lora_alpha,
-        ema=args.ema,
-        random=args.random_weights,
-    )
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=f"model preset (default {DEFAULT_PRESET})")
+    add_preset_arguments(parser, DEFAULT_PRESET)
     parser.add_argument("--prompt", default="a red circle moving left", help="text prompt")
     parser.add_argument("--blocks", type=int, default=4, help="blocks to generate (each is frames_per_block latent frames)")
     parser.add_argument("--seed", type=int, default=0, help="fixes the whole video")
     parser.add_argument("--out", type=Path, default=Path("out.mp4"), help="output MP4 path")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what gets loaded")
     add_weight_arguments(parser)
+    add_plan_arguments(parser)
     args = parser.parse_args(argv)
     if args.blocks < 1:
         parser.error("--blocks must be >= 1")
@@ -70,10 +44,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-    preset = get_preset(args.preset)
+    preset = preset_from_args(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipeline = Pipeline.build(preset, weight_paths(args), device, dtype)
+    pipeline = Pipeline.build(preset, weights_from_args(args), device, dtype)
     stream = preset.stream
     start = time.perf_counter()
     first_frame_s = None
@@ -94,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         stats = run(args)
-    except (SetupError, CheckpointError, OSError) as err:
+    except (SetupError, CheckpointError, ConfigError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(

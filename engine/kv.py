@@ -149,12 +149,18 @@ class KVCache:
         self.committed = 0
         self._sink_base = 0
 
-    def view(self, *, first_frame: int, frames: int, block_frames: int, mode: str, commit: bool) -> "CachedView":
+    def view(
+        self, *, first_frame: int, frames: int, block_frames: int, mode: str, commit_frames: int = 0
+    ) -> "CachedView":
+        """A call over frames [first_frame, first_frame + frames) whose first `commit_frames` frames
+        (finished blocks) are written to the cache when the call finishes."""
         if first_frame != self.committed:
             raise ValueError(f"the call starts at frame {first_frame} but {self.committed} frames are committed")
         if frames > self.Q:
             raise ValueError(f"{frames} in-flight frames exceed the cache's scratch of {self.Q}")
-        return CachedView(self, first_frame, frames, block_frames, mode, commit)
+        if not 0 <= commit_frames <= frames:
+            raise ValueError(f"cannot commit {commit_frames} of {frames} frames")
+        return CachedView(self, first_frame, frames, block_frames, mode, commit_frames)
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -190,10 +196,10 @@ class KVCache:
 class CachedView(AttentionView):
     """A call whose frames attend to the cache's visible frames and to each other."""
 
-    def __init__(self, cache: KVCache, first_frame: int, frames: int, block_frames: int, mode: str, commit: bool):
+    def __init__(self, cache: KVCache, first_frame: int, frames: int, block_frames: int, mode: str, commit_frames: int):
         super().__init__(cache.rope, first_frame, frames, block_frames, mode)
         self.cache = cache
-        self.commit = commit
+        self.commit_frames = commit_frames
         self.scratch_slot = cache.visible_frames  # the call's frames follow the visible ones
         self._end = (self.scratch_slot + frames) * cache.T
 
@@ -207,5 +213,5 @@ class CachedView(AttentionView):
         return apply_rope(q, self.cos, self.sin), keys, values, self._mask_for(start)
 
     def finish(self) -> None:
-        if self.commit:
-            self.cache._commit(self.scratch_slot, self.first_frame, self.frames)
+        if self.commit_frames:
+            self.cache._commit(self.scratch_slot, self.first_frame, self.commit_frames)

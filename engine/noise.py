@@ -26,10 +26,17 @@ class NoiseSource:
     def __init__(self, seed: int):
         self.seed = seed
 
+    def fork(self, stream: int) -> "NoiseSource":
+        """An independent source for a sub-stream (e.g. each segment of a long video)."""
+        return NoiseSource(_splitmix64(_splitmix64(self.seed & _MASK64) ^ (stream + 0x5EED)) & ((1 << 63) - 1))
+
     def generator_seed(self, block: int, step: int) -> int:
         mixed = _splitmix64(_splitmix64(_splitmix64(self.seed & _MASK64) ^ block) ^ step)
         return mixed & ((1 << 63) - 1)
 
     def noise(self, shape: tuple[int, ...], block: int, step: int, device: torch.device | str = "cpu") -> torch.Tensor:
         generator = torch.Generator(device="cpu").manual_seed(self.generator_seed(block, step))
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, non_blocking=True)
+        sample = torch.randn(shape, generator=generator, dtype=torch.float32)
+        if torch.device(device).type == "cuda":
+            sample = sample.pin_memory()  # a pinned copy does not wait for the GPU's queue
+        return sample.to(device, non_blocking=True)

@@ -1,168 +1,44 @@
-"""Build a runnable pipeline from a preset and weight paths, and run videos on it.
+"""A loaded model and everything needed to run its plans: the one-device generation path.
 
-`Pipeline.build(preset, weights, device, dtype)` loads (or seeds) the transformer, the text
-encoder and the VAE once. `pipeline.generation(seed)` makes the per-video state: a KV cache, the
-streaming decoder and the noise source. Nothing here knows about CLIs or sockets.
+`Pipeline.build(preset, weights, device, dtype)` loads (or seeds) the transformer, text encoder
+and VAE once. `latents(prompt, blocks, seed)` runs the preset's plan through the executor and
+yields clean blocks in order; `generate(...)` also decodes each block to frames as it arrives.
+Nothing here knows about CLIs or sockets.
 """
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
-from engine.config import Preset, TinyTextEncoder
-from engine.decode import StreamingDecoder, load_vae, random_vae, to_uint8
-from engine.kv import KVCache
-from engine.models.checkpoints import load_weights
-from engine.models.lora import merge_lora
+from engine.build import WeightPaths, build_decoder, build_kv_cache, build_model, build_text_encoder, latent_grid
+from engine.config import Preset
+from engine.decode import StreamingDecoder, to_uint8
+from engine.executor import Block, Executor
 from engine.models.rope import Rope
 from engine.models.wan import TextKV, WanModel
 from engine.noise import NoiseSource
-from engine.sampler import Block, Denoiser, self_forcing
+from engine.schedule import Schedule, build_schedule
+from engine.skyreels import Segment, plan_segments, run_segments
+from engine.solvers import make_solver
 from engine.text import TextEncoder
-
-log = logging.getLogger(__name__)
+from engine.timeline import Tick, pyramid, sequential
 
 CACHED_TEXT_KV = 8
-SMALL_MODEL_PARAMS = 50_000_000  # random weights below this size are drawn on the CPU
 
 
-class SetupError(RuntimeError):
-    """Weights or options that do not make a runnable pipeline (said before anything loads)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class WeightPaths:
-    """Where the weights come from. Presets with `random_init` need none of them."""
-
-    checkpoint: Path | None = None
-    """Transformer weights: any layout `engine.models.checkpoints` reads."""
-    base: Path | None = None
-    """A Wan2.1 diffusers folder providing text_encoder/, tokenizer/, vae/ (and transformer/)."""
-    text_encoder: Path | None = None
-    tokenizer: Path | None = None
-    vae: Path | None = None
-    lora: Path | None = None
-    lora_alpha: float | None = None
-    ema: bool | None = None
-    random: bool = False
-    """Seeded random weights for every part (timing runs, smoke tests)."""
-    seed: int = 0
-
-    def resolved(self, part: str) -> Path | None:
-        explicit = {"transformer": self.checkpoint, "text_encoder": self.text_encoder, "vae": self.vae}[part]
-        return explicit or self.base
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise SetupError(f"unknown dtype {name!r} (choose from auto, {', '.join(dtypes)})")
-    return dtypes[name]
-
-
-@torch.no_grad()
-def init_random_(model: torch.nn.Module, seed: int) -> None:
-    """Seeded weights shaped like PyTorch's defaults: U(+-1/sqrt(fan_in)), norms 1, modulation N/sqrt(dim)."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for name, param in model.named_parameters():
-        if "norm" in name:
-            param.fill_(1.0 if name.endswith("weight") else 0.0)
-        elif "modulation" in name:
-            param.normal_(0.0, param.shape[-1] ** -0.5, generator=generator)
-        else:
-            fan_in = param[0].numel() if param.dim() > 1 else param.numel()
-            bound = fan_in**-0.5
-            param.uniform_(-bound, bound, generator=generator)
-
-
-def build_model(preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> WanModel:
-    with torch.device("meta"):
-        model = WanModel(preset.model)
-    checkpoint = weights.resolved("transformer")
-    if checkpoint is not None and not weights.random:
-        ckpt = load_weights(model, checkpoint, ema=weights.ema)
-        log.info("transformer: %s", ckpt.describe())
-    elif preset.random_init or weights.random:
-        small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS
-        model.to_empty(device="cpu" if small else device)
-        init_random_(model, weights.seed)
-    else:
-        raise SetupError(f"preset {preset.name} needs transformer weights: pass --checkpoint PATH (or --base DIR)")
-    if weights.lora is not None:
-        merged = merge_lora(model, weights.lora, alpha=weights.lora_alpha)
-        log.info("merged %d LoRA adapters from %s", merged, weights.lora)
-    return model.to(device).cast(dtype).eval()
-
-
-def build_text_encoder(preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> TextEncoder:
-    folder = weights.resolved("text_encoder")
-    if folder is not None and not weights.random:
-        encoder = TextEncoder.from_folder(
-            folder, text_len=preset.text.text_len, device=device, dtype=dtype, tokenizer_dir=weights.tokenizer
-        )
-    elif preset.text.tiny is not None or weights.random:
-        spec = preset.text.tiny or TinyTextEncoder(d_model=preset.model.text_dim, num_layers=1, seed=weights.seed)
-        encoder = TextEncoder.random(spec, text_len=preset.text.text_len, device=device)
-    else:
-        raise SetupError(
-            f"preset {preset.name} needs a umT5 text encoder: pass --text-encoder DIR "
-            "(a transformers folder, e.g. Wan2.1-T2V-1.3B-Diffusers/text_encoder) or --base DIR"
-        )
-    if encoder.width != preset.model.text_dim:
-        raise SetupError(f"text encoder width {encoder.width} != model text_dim {preset.model.text_dim}")
-    return encoder
-
-
-def build_decoder(preset: Preset, weights: WeightPaths, device: torch.device) -> StreamingDecoder:
-    path = weights.resolved("vae")
-    if path is not None and not weights.random:
-        vae = load_vae(preset.vae, path)
-    elif preset.random_init or weights.random:
-        vae = random_vae(preset.vae, weights.seed)
-    else:
-        raise SetupError(f"preset {preset.name} needs VAE weights: pass --vae PATH (folder or Wan2.1_VAE.pth) or --base DIR")
-    return StreamingDecoder(vae.to(device), preset.vae)
-
-
-def latent_grid(preset: Preset) -> tuple[int, int]:
-    """Tokens along (height, width) of one latent frame after patching."""
-    h, w = preset.latent_hw
-    return h // preset.model.patch_size[1], w // preset.model.patch_size[2]
-
-
-def build_kv_cache(
-    preset: Preset, dtype: torch.dtype, device: torch.device | str, *, batch: int = 1, scratch_frames: int | None = None
-) -> KVCache:
-    """The KV cache of one stream of `preset` (on the meta device to measure it without memory)."""
-    cfg, stream = preset.model, preset.stream
-    return KVCache(
-        rope=Rope(cfg, latent_grid(preset), device),
-        layers=cfg.num_layers,
-        batch=batch,
-        heads=cfg.num_heads,
-        head_dim=cfg.head_dim,
-        sink_frames=stream.sink_frames,
-        ring_frames=stream.ring_frames,
-        scratch_frames=scratch_frames or stream.frames_per_block,
-        dtype=dtype,
-        device=device,
-    )
+def blocks_per_tick(schedule: Schedule, offset: int | None, num_blocks: int | None, prefix_blocks: int = 0) -> int:
+    """Most blocks one forward can hold under a plan: sizes the KV cache's scratch."""
+    if offset is None:  # sequential
+        return 1
+    if offset == 0:
+        if num_blocks is None:
+            raise ValueError("a synchronous plan (offset 0) needs a finite number of blocks")
+        return num_blocks
+    return max(schedule.steps // offset + 1, prefix_blocks + 1)
 
 
 class Pipeline:
@@ -174,6 +50,8 @@ class Pipeline:
         self.text = text
         self.decoder = decoder
         self.device = device
+        self.schedule = build_schedule(preset.sampling)
+        self.rope = Rope(preset.model, latent_grid(preset), device)
         self._text_kv: OrderedDict[str, TextKV] = OrderedDict()
 
     @classmethod
@@ -181,6 +59,8 @@ class Pipeline:
         model = build_model(preset, weights, device, dtype)
         text = build_text_encoder(preset, weights, device, dtype)
         return cls(preset, model, text, build_decoder(preset, weights, device), device)
+
+    # -- conditioning ----------------------------------------------------------------------------
 
     def text_kv(self, prompt: str) -> TextKV:
         """Cross-attention K/V of a prompt, computed once and kept for recent prompts."""
@@ -192,14 +72,89 @@ class Pipeline:
             self._text_kv.popitem(last=False)
         return self._text_kv[prompt]
 
-    def new_cache(self, batch: int = 1, scratch_frames: int | None = None) -> KVCache:
-        return build_kv_cache(self.preset, self.model.dtype, self.device, batch=batch, scratch_frames=scratch_frames)
+    def conditioning(self, prompt: str) -> TextKV:
+        """The prompt's K/V; with guidance, stacked with the negative prompt's as batch [cond, uncond]."""
+        cond = self.text_kv(prompt)
+        if not self.preset.sampling.guided:
+            return cond
+        return TextKV.stack(cond, self.text_kv(self.preset.sampling.negative_prompt))
+
+    # -- executors and plans -----------------------------------------------------------------------
+
+    def executor(self, noise: NoiseSource, *, blocks_in_forward: int, ring_frames: int | None = None) -> Executor:
+        """An executor for one stream (or one segment), with its own KV cache when selective."""
+        preset, sampling, plan = self.preset, self.preset.sampling, self.preset.plan
+        frames = preset.stream.frames_per_block
+        cache = None
+        if plan.compute == "selective":
+            cache = build_kv_cache(
+                preset,
+                self.model.dtype,
+                self.device,
+                batch=2 if sampling.guided else 1,
+                scratch_frames=blocks_in_forward * frames,
+                ring_frames=ring_frames,
+            )
+        return Executor(
+            self.model,
+            schedule=self.schedule,
+            solver=make_solver(sampling.solver, self.schedule, noise),
+            noise=noise,
+            block_shape=preset.latent_shape(frames),
+            rope=self.rope,
+            attention=plan.attention,
+            compute=plan.compute,
+            cache=cache,
+            guidance_scale=sampling.guidance_scale,
+            fps=preset.stream.fps if preset.model.fps_embedding else None,
+            prefix_noise_t=plan.addnoise_condition,
+        )
+
+    def plan(self, num_blocks: int | None) -> Iterator[Tick]:
+        """The preset's sequential or pyramid plan (SkyReels plans are built per segment)."""
+        plan, stream = self.preset.plan, self.preset.stream
+        window = stream.window_frames // stream.frames_per_block
+        if plan.schedule == "sequential":
+            return sequential(self.schedule, num_blocks=num_blocks, window_blocks=window)
+        return pyramid(self.schedule, offset=plan.offset, num_blocks=num_blocks, window_blocks=window)
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def latents(
+        self,
+        prompt: str | Callable[[Tick], str],
+        *,
+        blocks: int | None,
+        seed: int,
+        initial: Callable[[int], torch.Tensor] | None = None,
+    ) -> Iterator[Block]:
+        """Clean latent blocks in stream order. `prompt` may depend on the tick (prompt switches);
+        `initial(b)` overrides block b's starting noise."""
+        text = (lambda tick: self.conditioning(prompt(tick))) if callable(prompt) else self.conditioning(prompt)
+        noise = NoiseSource(seed)
+        plan = self.preset.plan
+        if plan.schedule == "skyreels":
+            yield from self._skyreels(text, noise, blocks, initial)
+            return
+        offset = None if plan.schedule == "sequential" else plan.offset
+        executor = self.executor(noise, blocks_in_forward=blocks_per_tick(self.schedule, offset, blocks))
+        yield from executor.run(self.plan(blocks), text, initial=initial)
+
+    def _skyreels(self, text, noise: NoiseSource, blocks: int | None, initial) -> Iterator[Block]:
+        if blocks is None:
+            raise ValueError("the skyreels schedule makes finite videos: give a number of blocks")
+        frames, plan = self.preset.stream.frames_per_block, self.preset.plan
+        segments = plan_segments(blocks * frames, plan.segment_frames, plan.overlap_frames, frames)
+
+        def make_executor(segment: Segment) -> Executor:
+            segment_blocks = segment.frames // frames
+            in_forward = blocks_per_tick(self.schedule, plan.offset, segment_blocks, segment.prefix_frames // frames)
+            return self.executor(noise.fork(segment.index), blocks_in_forward=in_forward, ring_frames=segment.frames)
+
+        yield from run_segments(segments, make_executor, text, offset=plan.offset, block_frames=frames, initial=initial)
 
     def generate(self, prompt: str, *, blocks: int | None, seed: int) -> Iterator[tuple[Block, np.ndarray]]:
         """Yield each finished block with its decoded frames `[F', H, W, 3]` uint8, in order."""
-        stream = self.preset.stream
-        denoiser = Denoiser(self.model, self.new_cache(), stream.frames_per_block)
         self.decoder.reset()
-        shape = self.preset.latent_shape(stream.frames_per_block)
-        for block in self_forcing(denoiser, self.text_kv(prompt), self.preset.sampling, NoiseSource(seed), shape, blocks):
+        for block in self.latents(prompt, blocks=blocks, seed=seed):
             yield block, to_uint8(self.decoder.decode(block.latents))

@@ -11,7 +11,10 @@ from collections.abc import Callable
 
 import torch
 
+import dataclasses
+
 from engine.config import (
+    PlanConfig,
     Preset,
     SamplingConfig,
     StreamConfig,
@@ -23,6 +26,20 @@ from engine.config import (
 
 WAN_1_3B = WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
 WAN_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+TINY_WAN = WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_channels=4, out_channels=4, text_dim=32, freq_dim=32)
+TINY_VAE = VaeConfig(
+    base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1, latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4
+)
+TINY_TEXT = TextConfig(text_len=16, tiny=TinyTextEncoder(d_model=32))
+
+# SkyReels-V2 DF: 540P, 97-frame (25 latent) segments, async ar_step 5 with 5-frame blocks,
+# overlap_history 17 frames (5 latents), addnoise_condition 20, 30 UniPC steps at shift 8, CFG 6.
+SKYREELS_SAMPLING = SamplingConfig(timesteps=None, num_steps=30, shift=8.0, solver="unipc-skyreels", guidance_scale=6.0)
+SKYREELS_STREAM = StreamConfig(height=544, width=960, frames_per_block=5, window_frames=25, fps=24)
+SKYREELS_PLAN = PlanConfig(
+    schedule="skyreels", offset=5, attention="bidirectional", compute="window",
+    segment_frames=25, overlap_frames=5, addnoise_condition=20.0,
+)
 
 
 def tiny_wan() -> Preset:
@@ -30,13 +47,50 @@ def tiny_wan() -> Preset:
     return Preset(
         name="tiny-wan",
         description="2-layer random Wan, 64x64, 3-frame blocks, window 9 incl. 3 sink frames",
-        model=WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_channels=4, out_channels=4, text_dim=32, freq_dim=32),
-        vae=VaeConfig(
-            base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1, latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4
-        ),
-        text=TextConfig(text_len=16, tiny=TinyTextEncoder(d_model=32)),
+        model=TINY_WAN,
+        vae=TINY_VAE,
+        text=TINY_TEXT,
         stream=StreamConfig(height=64, width=64, frames_per_block=3, window_frames=9, sink_frames=3),
         random_init=True,
+    )
+
+
+def skyreels_v2_df_tiny() -> Preset:
+    """SkyReels-V2 DF's recipe on a 2-layer random Wan with the fps embedding: for tests."""
+    return Preset(
+        name="skyreels-v2-df-tiny",
+        description="2-layer random SkyReels-V2 DF, 64x64, 2-frame blocks, 8-frame segments, 6 UniPC steps",
+        model=dataclasses.replace(TINY_WAN, fps_embedding=True),
+        vae=TINY_VAE,
+        text=TINY_TEXT,
+        stream=StreamConfig(height=64, width=64, frames_per_block=2, window_frames=8, fps=24),
+        sampling=dataclasses.replace(SKYREELS_SAMPLING, num_steps=6, guidance_scale=3.0),
+        plan=dataclasses.replace(SKYREELS_PLAN, offset=2, segment_frames=8, overlap_frames=2),
+        random_init=True,
+    )
+
+
+def skyreels_v2_df_1_3b() -> Preset:
+    """SkyReels-V2-DF-1.3B-540P (with its fps embedding)."""
+    return Preset(
+        name="skyreels-v2-df-1.3b",
+        description="SkyReels-V2 DF 1.3B, 544x960, async ar_step 5, 25-frame segments, UniPC 30 steps, CFG 6",
+        model=dataclasses.replace(WAN_1_3B, fps_embedding=True),
+        stream=SKYREELS_STREAM,
+        sampling=SKYREELS_SAMPLING,
+        plan=SKYREELS_PLAN,
+    )
+
+
+def skyreels_v2_df_14b() -> Preset:
+    """SkyReels-V2-DF-14B-540P."""
+    return Preset(
+        name="skyreels-v2-df-14b",
+        description="SkyReels-V2 DF 14B, 544x960, async ar_step 5, 25-frame segments, UniPC 30 steps, CFG 6",
+        model=WAN_14B,
+        stream=SKYREELS_STREAM,
+        sampling=SKYREELS_SAMPLING,
+        plan=SKYREELS_PLAN,
     )
 
 
@@ -86,6 +140,9 @@ PRESETS: dict[str, Callable[[], Preset]] = {
     "longlive-1.3b": longlive_1_3b,
     "causvid-1.3b": causvid_1_3b,
     "wan-14b-causal": wan_14b_causal,
+    "skyreels-v2-df-tiny": skyreels_v2_df_tiny,
+    "skyreels-v2-df-1.3b": skyreels_v2_df_1_3b,
+    "skyreels-v2-df-14b": skyreels_v2_df_14b,
 }
 
 
@@ -106,7 +163,7 @@ def parameter_count(preset: Preset) -> int:
 
 def kv_cache_bytes(preset: Preset, dtype: torch.dtype = torch.bfloat16) -> int:
     """Self-attention KV cache of one stream, measured on a meta-device allocation."""
-    from engine.pipeline import build_kv_cache
+    from engine.build import build_kv_cache
 
     return build_kv_cache(preset, dtype, "meta").nbytes
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from engine.generate import main
-from engine.pipeline import Pipeline, WeightPaths
+from engine.build import WeightPaths
+from engine.pipeline import Pipeline
 from engine.video import read_frames
 from helpers import write_diffusers_folder, write_self_forcing_pt, write_wan_safetensors
 from launch.presets import get_preset

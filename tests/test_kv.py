@@ -38,10 +38,10 @@ def test_cached_blocks_equal_one_block_causal_forward():
     for b in range(blocks):
         frames = slice(b * BLOCK, (b + 1) * BLOCK)
         x, s = latents[:, :, frames], sigma[:, frames]
-        view = cache.view(first_frame=b * BLOCK, frames=BLOCK, block_frames=BLOCK, mode="causal", commit=False)
+        view = cache.view(first_frame=b * BLOCK, frames=BLOCK, block_frames=BLOCK, mode="causal")
         actual = model(x, s, text, view)
         assert_close(actual, expected[:, :, frames], 1e-5, f"block {b}")
-        commit = cache.view(first_frame=b * BLOCK, frames=BLOCK, block_frames=BLOCK, mode="causal", commit=True)
+        commit = cache.view(first_frame=b * BLOCK, frames=BLOCK, block_frames=BLOCK, mode="causal", commit_frames=BLOCK)
         model(x, s, text, commit)
         commit.finish()
 
@@ -113,7 +113,9 @@ def test_long_stream_with_eviction_matches_reference(sink, ring):
         x = torch.randn(1, TINY.in_channels, BLOCK, 4, 4, generator=generator)
         sigma = torch.full((1, BLOCK), 0.3)
         for commit in (False, True):
-            ours = cache.view(first_frame=b * BLOCK, frames=BLOCK, block_frames=BLOCK, mode="causal", commit=commit)
+            ours = cache.view(
+                first_frame=b * BLOCK, frames=BLOCK, block_frames=BLOCK, mode="causal", commit_frames=BLOCK * commit
+            )
             naive = NaiveWindowView(store, rope, sink, ring, b * BLOCK, BLOCK, commit)
             actual, expected = model(x, sigma, text, ours), model(x, sigma, text, naive)
             ours.finish(), naive.finish()
@@ -127,11 +129,11 @@ def test_long_stream_with_eviction_matches_reference(sink, ring):
 def test_view_rejects_gaps_and_oversized_calls():
     cache = tiny_cache(TINY, (2, 2), sink=0, ring=6, scratch=BLOCK)
     with pytest.raises(ValueError, match="committed"):
-        cache.view(first_frame=3, frames=BLOCK, block_frames=BLOCK, mode="causal", commit=False)
+        cache.view(first_frame=3, frames=BLOCK, block_frames=BLOCK, mode="causal")
     with pytest.raises(ValueError, match="scratch"):
-        cache.view(first_frame=0, frames=2 * BLOCK, block_frames=BLOCK, mode="causal", commit=False)
+        cache.view(first_frame=0, frames=2 * BLOCK, block_frames=BLOCK, mode="causal")
     with pytest.raises(ValueError, match="attention mode"):
-        cache.view(first_frame=0, frames=BLOCK, block_frames=BLOCK, mode="sideways", commit=False)
+        cache.view(first_frame=0, frames=BLOCK, block_frames=BLOCK, mode="sideways")
 
 
 def test_slots_and_visible_frames_bookkeeping():

@@ -47,6 +47,8 @@ TOP_LEVEL_RENAMES = (
     ("condition_embedder.time_proj.", "time_projection.1."),
     ("scale_shift_table", "head.modulation"),
     ("proj_out.", "head.head."),
+    ("fps_projection.net.0.proj.", "fps_projection.0."),  # SkyReels-V2 DF 1.3B
+    ("fps_projection.net.2.", "fps_projection.2."),
 )
 
 # diffusers -> Wan-native, inside `blocks.N.`

@@ -27,7 +27,8 @@ from engine.config import WanConfig
 from engine.kv import AttentionView
 
 # Parameters kept in float32 when the model is cast to bf16 (small, numerically sensitive).
-FLOAT32_PARAMS = ("time_embedding", "time_projection", "modulation", "norm")
+FLOAT32_PARAMS = ("time_embedding", "time_projection", "fps_", "modulation", "norm")
+TRAINED_FPS = 16  # SkyReels-V2's fps embedding: index 0 for 16 fps, 1 for anything else (24)
 
 
 @dataclass
@@ -40,6 +41,14 @@ class TextKV:
     @property
     def batch(self) -> int:
         return self.keys[0].shape[0]
+
+    @staticmethod
+    def stack(*texts: "TextKV") -> "TextKV":
+        """Concatenate prompts along the batch (e.g. [cond, uncond] for guidance in one forward)."""
+        return TextKV(
+            keys=[torch.cat(parts) for parts in zip(*(t.keys for t in texts))],
+            values=[torch.cat(parts) for parts in zip(*(t.values for t in texts))],
+        )
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -170,7 +179,7 @@ class Head(nn.Module):
 
 
 class WanModel(nn.Module):
-    """flow = model(latents [B, C, F, H, W], sigma [B, F], text, kv) with flow = noise - x0."""
+    """flow = model(latents [B, C, F, H, W], sigma [B, F], text, kv, fps) with flow = noise - x0."""
 
     def __init__(self, cfg: WanConfig):
         super().__init__()
@@ -183,6 +192,9 @@ class WanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
+        if cfg.fps_embedding:
+            self.fps_embedding = nn.Embedding(2, cfg.dim)
+            self.fps_projection = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
 
     def cast(self, dtype: torch.dtype) -> "WanModel":
         """Cast weights to `dtype`, keeping norms, modulation and the time embedding in float32."""
@@ -202,18 +214,26 @@ class WanModel(nn.Module):
         pairs = [block.cross_attn.project_text(ctx) for block in self.blocks]
         return TextKV(keys=[k for k, _ in pairs], values=[v for _, v in pairs])
 
-    def time_modulation(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def time_modulation(self, sigma: torch.Tensor, fps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """sigma `[B, F]` -> (e `[B, F, dim]`, e6 `[B, F, 6, dim]`), float32. Wan's t = 1000 * sigma."""
         e = self.time_embedding(timestep_embedding(1000.0 * sigma, self.cfg.freq_dim))
-        return e, self.time_projection(e).unflatten(-1, (6, self.cfg.dim))
+        e6 = self.time_projection(e).unflatten(-1, (6, self.cfg.dim))
+        if self.cfg.fps_embedding:
+            if fps is None:
+                raise ValueError("this model is conditioned on the frame rate: pass fps")
+            index = torch.full((sigma.shape[0],), 0 if fps == TRAINED_FPS else 1, device=sigma.device)
+            e6 = e6 + self.fps_projection(self.fps_embedding(index)).unflatten(-1, (6, self.cfg.dim))[:, None]
+        return e, e6
 
-    def forward(self, latents: torch.Tensor, sigma: torch.Tensor, text: TextKV, kv: AttentionView) -> torch.Tensor:
+    def forward(
+        self, latents: torch.Tensor, sigma: torch.Tensor, text: TextKV, kv: AttentionView, fps: int | None = None
+    ) -> torch.Tensor:
         B, _, frames, height, width = latents.shape
         if sigma.shape != (B, frames):
             raise ValueError(f"sigma must be [B, F] = {(B, frames)}, got {tuple(sigma.shape)}")
         _, ph, pw = self.cfg.patch_size
         x = self.patch_embedding(latents.to(self.dtype)).flatten(2).transpose(1, 2).float()  # [B, F*h*w, dim]
-        e, e6 = self.time_modulation(sigma)
+        e, e6 = self.time_modulation(sigma, fps)
         for layer, block in enumerate(self.blocks):
             x = block(x, e6, text.keys[layer], text.values[layer], layer, kv)
         out = self.head(x, e)  # [B, F*h*w, C*ph*pw]

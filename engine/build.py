@@ -1,0 +1,164 @@
+"""Build the parts of a pipeline from a preset: weights (or seeded random ones), KV caches.
+
+Each builder raises `SetupError` with the flag to pass when something it needs is missing, before
+anything heavy is loaded where possible.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.config import Preset, TinyTextEncoder
+from engine.decode import StreamingDecoder, load_vae, random_vae
+from engine.kv import KVCache
+from engine.models.checkpoints import load_weights
+from engine.models.lora import merge_lora
+from engine.models.rope import Rope
+from engine.models.wan import WanModel
+from engine.text import TextEncoder
+
+log = logging.getLogger(__name__)
+
+SMALL_MODEL_PARAMS = 50_000_000  # random weights below this size are drawn on the CPU
+
+
+class SetupError(RuntimeError):
+    """Weights or options that do not make a runnable pipeline (said before anything loads)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightPaths:
+    """Where the weights come from. Presets with `random_init` need none of them."""
+
+    checkpoint: Path | None = None
+    """Transformer weights: any layout `engine.models.checkpoints` reads."""
+    base: Path | None = None
+    """A Wan2.1 diffusers folder providing text_encoder/, tokenizer/, vae/ (and transformer/)."""
+    text_encoder: Path | None = None
+    tokenizer: Path | None = None
+    vae: Path | None = None
+    lora: Path | None = None
+    lora_alpha: float | None = None
+    ema: bool | None = None
+    random: bool = False
+    """Seeded random weights for every part (timing runs, smoke tests)."""
+    seed: int = 0
+
+    def resolved(self, part: str) -> Path | None:
+        explicit = {"transformer": self.checkpoint, "text_encoder": self.text_encoder, "vae": self.vae}[part]
+        return explicit or self.base
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise SetupError(f"unknown dtype {name!r} (choose from auto, {', '.join(dtypes)})")
+    return dtypes[name]
+
+
+@torch.no_grad()
+def init_random_(model: torch.nn.Module, seed: int) -> None:
+    """Seeded weights shaped like PyTorch's defaults: U(+-1/sqrt(fan_in)), norms 1, modulation N/sqrt(dim)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.fill_(1.0 if name.endswith("weight") else 0.0)
+        elif "modulation" in name:
+            param.normal_(0.0, param.shape[-1] ** -0.5, generator=generator)
+        else:
+            fan_in = param[0].numel() if param.dim() > 1 else param.numel()
+            bound = fan_in**-0.5
+            param.uniform_(-bound, bound, generator=generator)
+
+
+def build_model(preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> WanModel:
+    with torch.device("meta"):
+        model = WanModel(preset.model)
+    checkpoint = weights.resolved("transformer")
+    if checkpoint is not None and not weights.random:
+        ckpt = load_weights(model, checkpoint, ema=weights.ema)
+        log.info("transformer: %s", ckpt.describe())
+    elif preset.random_init or weights.random:
+        small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS
+        model.to_empty(device="cpu" if small else device)
+        init_random_(model, weights.seed)
+    else:
+        raise SetupError(f"preset {preset.name} needs transformer weights: pass --checkpoint PATH (or --base DIR)")
+    if weights.lora is not None:
+        merged = merge_lora(model, weights.lora, alpha=weights.lora_alpha)
+        log.info("merged %d LoRA adapters from %s", merged, weights.lora)
+    return model.to(device).cast(dtype).eval()
+
+
+def build_text_encoder(preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> TextEncoder:
+    folder = weights.resolved("text_encoder")
+    if folder is not None and not weights.random:
+        encoder = TextEncoder.from_folder(
+            folder, text_len=preset.text.text_len, device=device, dtype=dtype, tokenizer_dir=weights.tokenizer
+        )
+    elif preset.text.tiny is not None or weights.random:
+        spec = preset.text.tiny or TinyTextEncoder(d_model=preset.model.text_dim, num_layers=1, seed=weights.seed)
+        encoder = TextEncoder.random(spec, text_len=preset.text.text_len, device=device)
+    else:
+        raise SetupError(
+            f"preset {preset.name} needs a umT5 text encoder: pass --text-encoder DIR "
+            "(a transformers folder, e.g. Wan2.1-T2V-1.3B-Diffusers/text_encoder) or --base DIR"
+        )
+    if encoder.width != preset.model.text_dim:
+        raise SetupError(f"text encoder width {encoder.width} != model text_dim {preset.model.text_dim}")
+    return encoder
+
+
+def build_decoder(preset: Preset, weights: WeightPaths, device: torch.device) -> StreamingDecoder:
+    path = weights.resolved("vae")
+    if path is not None and not weights.random:
+        vae = load_vae(preset.vae, path)
+    elif preset.random_init or weights.random:
+        vae = random_vae(preset.vae, weights.seed)
+    else:
+        raise SetupError(f"preset {preset.name} needs VAE weights: pass --vae PATH (folder or Wan2.1_VAE.pth) or --base DIR")
+    return StreamingDecoder(vae.to(device), preset.vae)
+
+
+def latent_grid(preset: Preset) -> tuple[int, int]:
+    """Tokens along (height, width) of one latent frame after patching."""
+    h, w = preset.latent_hw
+    return h // preset.model.patch_size[1], w // preset.model.patch_size[2]
+
+
+def build_kv_cache(
+    preset: Preset,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    batch: int = 1,
+    scratch_frames: int | None = None,
+    ring_frames: int | None = None,
+) -> KVCache:
+    """The KV cache of one stream of `preset` (on the meta device to measure it without memory)."""
+    cfg, stream = preset.model, preset.stream
+    return KVCache(
+        rope=Rope(cfg, latent_grid(preset), device),
+        layers=cfg.num_layers,
+        batch=batch,
+        heads=cfg.num_heads,
+        head_dim=cfg.head_dim,
+        sink_frames=stream.sink_frames,
+        ring_frames=stream.ring_frames if ring_frames is None else ring_frames,
+        scratch_frames=scratch_frames or stream.frames_per_block,
+        dtype=dtype,
+        device=device,
+    )

@@ -1,0 +1,84 @@
+"""SkyReels-V2 long videos: finite segments, each starting from the previous one's last latents.
+
+SkyReels-V2 denoises a segment of `segment_frames` latent frames with its timestep matrix; a
+longer video is made of segments whose first `overlap_frames` latents are the clean end of the
+video so far (a pre-ready prefix, optionally re-noised by `addnoise_condition`). This follows
+diffusers' `SkyReelsV2DiffusionForcingPipeline`, which does it in latent space:
+* segment i >= 1 covers min(left + overlap, segment_frames) frames, left = frames still to make;
+* its prefix is the last `overlap` latents, cut to a whole number of blocks (keeping the oldest);
+* its frames from `overlap` on are new video.
+Unlike diffusers, sizes that are not whole blocks are refused instead of silently dropping frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from engine.executor import Block, Executor
+from engine.timeline import skyreels_matrix, skyreels_plan
+
+
+@dataclass(frozen=True)
+class Segment:
+    index: int
+    first_frame: int
+    """Absolute latent frame where the segment starts (its prefix included)."""
+    frames: int
+    prefix_frames: int
+    """Clean frames at the start, copied from the video so far."""
+    new_from: int
+    """Frames of the segment before this one are not new video."""
+
+
+def plan_segments(total_frames: int, segment_frames: int | None, overlap_frames: int, block_frames: int) -> list[Segment]:
+    """The segments of a `total_frames` video (latent frames)."""
+    segment_frames = segment_frames or total_frames
+    for name, value in (("total", total_frames), ("segment", segment_frames), ("overlap", overlap_frames)):
+        if value % block_frames:
+            raise ValueError(f"{name} latent frames ({value}) must be a whole number of {block_frames}-frame blocks")
+    if total_frames <= segment_frames:
+        return [Segment(0, 0, total_frames, 0, 0)]
+    if not 0 < overlap_frames < segment_frames:
+        raise ValueError(f"overlap ({overlap_frames}) must lie in (0, segment frames {segment_frames}) for long videos")
+    segments, done = [Segment(0, 0, segment_frames, 0, 0)], segment_frames
+    while done < total_frames:
+        frames = min(total_frames - done + overlap_frames, segment_frames)
+        segments.append(Segment(len(segments), done - overlap_frames, frames, overlap_frames, overlap_frames))
+        done += frames - overlap_frames
+    return segments
+
+
+def run_segments(
+    segments: list[Segment],
+    make_executor: Callable[[Segment], Executor],
+    text,
+    *,
+    offset: int,
+    block_frames: int,
+    initial: Callable[[int], torch.Tensor] | None = None,
+) -> Iterator[Block]:
+    """Run each segment's matrix plan; yield new blocks with absolute indices, in order."""
+    history: dict[int, torch.Tensor] = {}  # absolute block -> clean latents (only the overlap is kept)
+    for segment in segments:
+        executor = make_executor(segment)
+        first_block = segment.first_frame // block_frames
+        history = {b: v for b, v in history.items() if b >= first_block}  # the prefix is all that is read
+        prefix = {b: history[first_block + b] for b in range(segment.prefix_frames // block_frames)}
+        matrix = skyreels_matrix(
+            segment.frames,
+            [int(t) for t in executor.schedule.model_t],
+            segment.frames,
+            ar_step=offset,
+            num_pre_ready=segment.prefix_frames,
+            causal_block_size=block_frames,
+        )
+        ticks = skyreels_plan(executor.schedule, matrix, block_frames)
+        start = (lambda b, s=first_block: initial(s + b)) if initial else None
+        for block in executor.run(ticks, text, initial=start, prefix=prefix):
+            absolute = first_block + block.index
+            history[absolute] = block.latents
+            if block.first_frame >= segment.new_from:
+                yield Block(absolute, absolute * block_frames, block.latents)
