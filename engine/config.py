@@ -265,6 +265,10 @@ class Preset:
         )
         if self.text.tiny is not None:
             _require(self.text.tiny.d_model == self.model.text_dim, "tiny text encoder width must equal text_dim")
+        block = self.stream.frames_per_block
+        for name in ("segment_frames", "overlap_frames"):
+            value = getattr(self.plan, name)
+            _require(value is None or value % block == 0, f"{name} ({value}) must be a whole number of {block}-frame blocks")
 
     @property
     def latent_hw(self) -> tuple[int, int]:

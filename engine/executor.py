@@ -48,7 +48,8 @@ class ExecutorStats:
     forwards: int = 0
     frames: int = 0
     """Latent frames run through the model (per branch), summed over forwards."""
-    ticks: list[int] = field(default_factory=list)
+    calls: list[tuple[int, int]] = field(default_factory=list)
+    """(query frames, key frames) of each forward: what its attention cost depends on."""
 
 
 class Executor:
@@ -115,25 +116,26 @@ class Executor:
             yield from self._run_tick(tick, prompt)
 
     def _run_tick(self, tick: Tick, text: TextKV) -> Iterator[Block]:
-        if self.compute == "selective":
-            members, view = self._selective_members(tick), None
-            commits = sum(1 for w in tick.work if w.commit)
-            view = self.cache.view(
-                first_frame=members[0][0] * self.frames_per_block,
-                frames=len(members) * self.frames_per_block,
-                block_frames=self.frames_per_block,
-                mode=self.attention,
-                commit_frames=commits * self.frames_per_block,
-            )
-        else:
-            members = self._window_members(tick)
-            view = LocalView(
-                self.rope, members[0][0] * self.frames_per_block, len(members) * self.frames_per_block,
-                self.frames_per_block, self.attention,
-            )
-        flows = self._forward(tick, members, text, view)
+        selective = self.compute == "selective"
+        members = self._selective_members(tick) if selective else self._window_members(tick)
+        frames = len(members) * self.frames_per_block
+        context_frames = self.cache.visible_frames if selective else 0
+        flows = self._forward(members, text, self._view(tick, members[0][0], frames))
+        self.stats.forwards += 1
+        self.stats.frames += frames
+        self.stats.calls.append((frames, context_frames + frames))
         yield from self._apply(tick, flows)
         self._forget(tick)
+
+    def _view(self, tick: Tick, first_block: int, frames: int) -> AttentionView:
+        first_frame, block_frames = first_block * self.frames_per_block, self.frames_per_block
+        if self.compute == "window":
+            return LocalView(self.rope, first_frame, frames, block_frames, self.attention)
+        commits = sum(1 for w in tick.work if w.commit)
+        return self.cache.view(
+            first_frame=first_frame, frames=frames, block_frames=block_frames, mode=self.attention,
+            commit_frames=commits * block_frames,
+        )
 
     # -- choosing the inputs -------------------------------------------------------------------
 
@@ -183,7 +185,7 @@ class Executor:
 
     # -- the forward ---------------------------------------------------------------------------
 
-    def _forward(self, tick: Tick, members, text: TextKV, view: AttentionView) -> dict[int, torch.Tensor]:
+    def _forward(self, members, text: TextKV, view: AttentionView) -> dict[int, torch.Tensor]:
         F = self.frames_per_block
         x = torch.cat([latents for _, latents, _ in members], dim=2)  # [B, C, n*F, H, W]
         # float64 levels keep the network's t = 1000 * sigma exact (SkyReels feeds integer t);
@@ -200,9 +202,6 @@ class Executor:
         if guided:
             cond, uncond = flow.chunk(2)
             flow = uncond + self.guidance_scale * (cond - uncond)
-        self.stats.forwards += 1
-        self.stats.frames += x.shape[2]
-        self.stats.ticks.append(tick.index)
         return {block: flow[:, :, i * F : (i + 1) * F] for i, (block, _, _) in enumerate(members)}
 
     def _apply(self, tick: Tick, flows: dict[int, torch.Tensor]) -> Iterator[Block]:

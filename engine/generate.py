@@ -51,9 +51,10 @@ def run(args: argparse.Namespace) -> dict:
     stream = preset.stream
     start = time.perf_counter()
     first_frame_s = None
+    blocks = pipeline.generate(args.prompt, blocks=args.blocks, seed=args.seed)
     with Mp4Writer(args.out, fps=stream.fps, width=stream.width, height=stream.height) as writer:
         progress = tqdm(total=args.blocks, unit="block", disable=None, file=sys.stderr)
-        for _, frames in pipeline.generate(args.prompt, blocks=args.blocks, seed=args.seed):
+        for _, frames in blocks:
             first_frame_s = first_frame_s or time.perf_counter() - start
             writer.write(frames)
             progress.update(1)

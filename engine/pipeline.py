@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from engine.build import WeightPaths, build_decoder, build_kv_cache, build_model, build_text_encoder, latent_grid
-from engine.config import Preset
+from engine.config import ConfigError, Preset
 from engine.decode import StreamingDecoder, to_uint8
-from engine.executor import Block, Executor
+from engine.executor import Block, Executor, ExecutorStats
 from engine.models.rope import Rope
 from engine.models.wan import TextKV, WanModel
 from engine.noise import NoiseSource
@@ -36,7 +36,7 @@ def blocks_per_tick(schedule: Schedule, offset: int | None, num_blocks: int | No
         return 1
     if offset == 0:
         if num_blocks is None:
-            raise ValueError("a synchronous plan (offset 0) needs a finite number of blocks")
+            raise ConfigError("a synchronous plan (offset 0) needs a finite number of blocks")
         return num_blocks
     return max(schedule.steps // offset + 1, prefix_blocks + 1)
 
@@ -52,6 +52,8 @@ class Pipeline:
         self.device = device
         self.schedule = build_schedule(preset.sampling)
         self.rope = Rope(preset.model, latent_grid(preset), device)
+        self.stats: list[ExecutorStats] = []
+        """Per executor (one per SkyReels segment) of the latest `latents` run."""
         self._text_kv: OrderedDict[str, TextKV] = OrderedDict()
 
     @classmethod
@@ -95,7 +97,7 @@ class Pipeline:
                 scratch_frames=blocks_in_forward * frames,
                 ring_frames=ring_frames,
             )
-        return Executor(
+        executor = Executor(
             self.model,
             schedule=self.schedule,
             solver=make_solver(sampling.solver, self.schedule, noise),
@@ -109,6 +111,8 @@ class Pipeline:
             fps=preset.stream.fps if preset.model.fps_embedding else None,
             prefix_noise_t=plan.addnoise_condition,
         )
+        self.stats.append(executor.stats)
+        return executor
 
     def plan(self, num_blocks: int | None) -> Iterator[Tick]:
         """The preset's sequential or pyramid plan (SkyReels plans are built per segment)."""
@@ -129,20 +133,20 @@ class Pipeline:
         initial: Callable[[int], torch.Tensor] | None = None,
     ) -> Iterator[Block]:
         """Clean latent blocks in stream order. `prompt` may depend on the tick (prompt switches);
-        `initial(b)` overrides block b's starting noise."""
+        `initial(b)` overrides block b's starting noise. Bad plans fail here, before any work."""
         text = (lambda tick: self.conditioning(prompt(tick))) if callable(prompt) else self.conditioning(prompt)
         noise = NoiseSource(seed)
+        self.stats = []
         plan = self.preset.plan
         if plan.schedule == "skyreels":
-            yield from self._skyreels(text, noise, blocks, initial)
-            return
+            return self._skyreels(text, noise, blocks, initial)
         offset = None if plan.schedule == "sequential" else plan.offset
         executor = self.executor(noise, blocks_in_forward=blocks_per_tick(self.schedule, offset, blocks))
-        yield from executor.run(self.plan(blocks), text, initial=initial)
+        return executor.run(self.plan(blocks), text, initial=initial)
 
     def _skyreels(self, text, noise: NoiseSource, blocks: int | None, initial) -> Iterator[Block]:
         if blocks is None:
-            raise ValueError("the skyreels schedule makes finite videos: give a number of blocks")
+            raise ConfigError("the skyreels schedule makes finite videos: give a number of blocks")
         frames, plan = self.preset.stream.frames_per_block, self.preset.plan
         segments = plan_segments(blocks * frames, plan.segment_frames, plan.overlap_frames, frames)
 
@@ -151,10 +155,10 @@ class Pipeline:
             in_forward = blocks_per_tick(self.schedule, plan.offset, segment_blocks, segment.prefix_frames // frames)
             return self.executor(noise.fork(segment.index), blocks_in_forward=in_forward, ring_frames=segment.frames)
 
-        yield from run_segments(segments, make_executor, text, offset=plan.offset, block_frames=frames, initial=initial)
+        return run_segments(segments, make_executor, text, offset=plan.offset, block_frames=frames, initial=initial)
 
     def generate(self, prompt: str, *, blocks: int | None, seed: int) -> Iterator[tuple[Block, np.ndarray]]:
         """Yield each finished block with its decoded frames `[F', H, W, 3]` uint8, in order."""
+        blocks_out = self.latents(prompt, blocks=blocks, seed=seed)  # validates before the first yield
         self.decoder.reset()
-        for block in self.latents(prompt, blocks=blocks, seed=seed):
-            yield block, to_uint8(self.decoder.decode(block.latents))
+        return ((block, to_uint8(self.decoder.decode(block.latents))) for block in blocks_out)

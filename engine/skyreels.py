@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.config import ConfigError
 from engine.executor import Block, Executor
 from engine.timeline import skyreels_matrix, skyreels_plan
 
@@ -38,11 +39,11 @@ def plan_segments(total_frames: int, segment_frames: int | None, overlap_frames:
     segment_frames = segment_frames or total_frames
     for name, value in (("total", total_frames), ("segment", segment_frames), ("overlap", overlap_frames)):
         if value % block_frames:
-            raise ValueError(f"{name} latent frames ({value}) must be a whole number of {block_frames}-frame blocks")
+            raise ConfigError(f"{name} latent frames ({value}) must be a whole number of {block_frames}-frame blocks")
     if total_frames <= segment_frames:
         return [Segment(0, 0, total_frames, 0, 0)]
     if not 0 < overlap_frames < segment_frames:
-        raise ValueError(f"overlap ({overlap_frames}) must lie in (0, segment frames {segment_frames}) for long videos")
+        raise ConfigError(f"overlap ({overlap_frames}) must lie in (0, segment frames {segment_frames}) for long videos")
     segments, done = [Segment(0, 0, segment_frames, 0, 0)], segment_frames
     while done < total_frames:
         frames = min(total_frames - done + overlap_frames, segment_frames)

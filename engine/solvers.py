@@ -135,6 +135,8 @@ class UniPCSolver(Solver):
         x_next = self._predict(self.table[i], state, x)
         if self.skyreels_alias and i == 0:
             state.last_sample = x_next
+        if i + 1 == len(self.table):
+            self.release(work.block)
         return x_next
 
     @staticmethod

@@ -79,3 +79,26 @@ def test_pipeline_streams_blocks_in_order(prompt):
     blocks = [block for block, _ in pipeline.generate(prompt, blocks=4, seed=0)]
     assert [b.index for b in blocks] == [0, 1, 2, 3]
     assert [b.first_frame for b in blocks] == [0, 3, 6, 9]
+
+
+def test_cli_runs_skyreels_and_pyramid_plans(tmp_path, capsys):
+    preset = get_preset("skyreels-v2-df-tiny")
+    out = tmp_path / "sky.mp4"
+    assert main(["--preset", "skyreels-v2-df-tiny", "--blocks", "6", "--out", str(out)]) == 0
+    assert read_frames(out).shape[0] == preset.pixel_frames(6)
+    out = tmp_path / "pyr.mp4"
+    args = ["--preset", "skyreels-v2-df-tiny", "--schedule", "pyramid", "--offset", "1", "--compute", "selective",
+            "--window-attention", "causal", "--steps", "3", "--blocks", "5", "--out", str(out)]
+    assert main(args) == 0
+    assert read_frames(out).shape[0] == preset.pixel_frames(5)
+
+
+def test_cli_rejects_inconsistent_plans(tmp_path, capsys):
+    assert main(["--schedule", "pyramid", "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "needs an offset" in capsys.readouterr().err
+    assert main(["--preset", "skyreels-v2-df-tiny", "--blocks", "5", "--segment-frames", "5",
+                 "--out", str(tmp_path / "y.mp4")]) == 2
+    assert "whole number" in capsys.readouterr().err
+    assert main(["--preset", "skyreels-v2-df-tiny", "--blocks", "6", "--segment-frames", "4", "--overlap-frames", "4",
+                 "--out", str(tmp_path / "z.mp4")]) == 2
+    assert "overlap" in capsys.readouterr().err and not (tmp_path / "z.mp4").exists()

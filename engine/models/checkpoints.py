@@ -74,6 +74,7 @@ BLOCK_RENAMES = (
 )
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.*)$")
+_SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<total>\d+)\.safetensors$")
 
 
 class CheckpointError(RuntimeError):
@@ -199,7 +200,8 @@ def _select_generator(data: dict, path: Path, ema: bool | None) -> tuple[dict, s
     return data[key], f"self-forcing:{key}"
 
 
-def _weights_in_folder(folder: Path) -> Path:
+def _weights_in_folder(folder: Path) -> Path | list[Path]:
+    """The index, the single file, or (as SkyReels-V2's loader reads them) a complete shard set."""
     if (folder / "transformer").is_dir():
         folder = folder / "transformer"  # a diffusers pipeline root
     indexes = sorted(folder.glob("*.safetensors.index.json"))
@@ -208,10 +210,24 @@ def _weights_in_folder(folder: Path) -> Path:
         return indexes[0]
     if not indexes and len(singles) == 1:
         return singles[0]
+    if not indexes and singles:
+        return _complete_shards(folder, singles)
     found = [p.name for p in indexes + singles]
     raise CheckpointError(
         f"{folder}: expected one *.safetensors file or one *.safetensors.index.json, found {found or 'none'}"
     )
+
+
+def _complete_shards(folder: Path, files: list[Path]) -> list[Path]:
+    matches = [_SHARD_NAME.match(f.name) for f in files]
+    if not all(matches) or len({(m["stem"], m["total"]) for m in matches}) != 1:
+        raise CheckpointError(f"{folder}: several *.safetensors that are not one shard set: {[f.name for f in files]}")
+    total = int(matches[0]["total"])
+    present = {int(m["index"]) for m in matches}
+    missing = sorted(set(range(1, total + 1)) - present)
+    if missing:
+        raise CheckpointError(f"{folder}: shard files missing: numbers {missing} of {total}")
+    return files
 
 
 def read_checkpoint(path: str | Path, *, ema: bool | None = None) -> Checkpoint:
@@ -224,6 +240,11 @@ def read_checkpoint(path: str | Path, *, ema: bool | None = None) -> Checkpoint:
     if not source.exists():
         raise CheckpointError(f"{source}: no such file or folder")
     target = _weights_in_folder(source) if source.is_dir() else source
+    if isinstance(target, list):
+        raw = {}
+        for shard in target:
+            raw.update(read_safetensors(shard))
+        return _checkpoint(source, raw, target, "wan")
     name = target.name
     if name.endswith(".safetensors.index.json"):
         raw, files = _read_index(target)
@@ -238,9 +259,13 @@ def read_checkpoint(path: str | Path, *, ema: bool | None = None) -> Checkpoint:
             f"{target}: unknown checkpoint format (expected a folder, .safetensors, "
             f".safetensors.index.json or one of {TORCH_SUFFIXES})"
         )
+    return _checkpoint(source, raw, files, layout)
+
+
+def _checkpoint(source: Path, raw: dict, files: list[Path], layout: str) -> Checkpoint:
     non_tensors = [k for k, v in raw.items() if not isinstance(v, torch.Tensor)]
     if non_tensors:
-        raise CheckpointError(f"{target}: entries that are not tensors: {non_tensors[:MAX_LISTED_KEYS]}")
+        raise CheckpointError(f"{files[0]}: entries that are not tensors: {non_tensors[:MAX_LISTED_KEYS]}")
     state = normalize_keys(raw)
     if layout == "wan" and is_diffusers_layout(raw):
         layout = "diffusers"

@@ -1,0 +1,1 @@
+"""Measuring generated video: fidelity against a reference run, and (later) prompt adherence."""

@@ -1,0 +1,37 @@
+"""Benchmarks: each prints a table and writes JSON (default out/bench-<name>.json).
+
+    python -m launch.bench selective            # selective computation vs whole window
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from launch.benchmarks import selective
+from launch.report import table, write_json
+
+BENCHMARKS = {"selective": selective}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.bench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="name", required=True)
+    for name, module in BENCHMARKS.items():
+        child = sub.add_parser(name, help=module.__doc__.split("\n")[0])
+        module.add_arguments(child)
+        child.add_argument("--json", type=Path, default=Path(f"out/bench-{name}.json"), help="where to write results")
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    rows, columns, settings = BENCHMARKS[args.name].run(args)
+    print(table(rows, columns))
+    write_json(args.json, args.name, rows, settings)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per benchmark; each exposes `add_arguments(parser)` and `run(args) -> (rows, columns, settings)`."""
