@@ -129,7 +129,9 @@ def build_decoder(preset: Preset, weights: WeightPaths, device: torch.device) ->
     elif preset.random_init or weights.random:
         vae = random_vae(preset.vae, weights.seed)
     else:
-        raise SetupError(f"preset {preset.name} needs VAE weights: pass --vae PATH (folder or Wan2.1_VAE.pth) or --base DIR")
+        raise SetupError(
+            f"preset {preset.name} needs VAE weights: pass --vae PATH (folder or Wan2.1_VAE.pth) or --base DIR"
+        )
     return StreamingDecoder(vae.to(device), preset.vae)
 
 

@@ -84,7 +84,9 @@ class VaeConfig:
     latents_std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        _require(len(self.temporal_downsample) == len(self.dim_mult) - 1, "temporal_downsample needs len(dim_mult)-1 entries")
+        _require(
+            len(self.temporal_downsample) == len(self.dim_mult) - 1, "temporal_downsample needs len(dim_mult)-1 entries"
+        )
         for stats in (self.latents_mean, self.latents_std):
             _require(stats is None or len(stats) == self.z_dim, "latents_mean/std need z_dim entries")
 
@@ -237,7 +239,9 @@ class PlanConfig:
         _require(self.attention in ATTENTION, f"attention must be one of {ATTENTION}")
         _require(self.compute in COMPUTE, f"compute must be one of {COMPUTE}")
         _require(self.offset is None or self.offset >= 0, "offset must be >= 0")
-        _require(self.schedule == "sequential" or self.offset is not None, f"the {self.schedule} schedule needs an offset")
+        _require(
+            self.schedule == "sequential" or self.offset is not None, f"the {self.schedule} schedule needs an offset"
+        )
         _require(self.overlap_frames >= 0 and self.addnoise_condition >= 0, "overlap and addnoise must be >= 0")
 
 
@@ -260,7 +264,8 @@ class Preset:
         _require(self.model.in_channels == self.vae.z_dim, "model in_channels must equal the VAE's z_dim")
         stride = self.vae.spatial_stride * self.model.patch_size[1]
         _require(
-            self.stream.height % stride == 0 and self.stream.width % (self.vae.spatial_stride * self.model.patch_size[2]) == 0,
+            self.stream.height % stride == 0
+            and self.stream.width % (self.vae.spatial_stride * self.model.patch_size[2]) == 0,
             f"{self.stream.height}x{self.stream.width} is not divisible by VAE stride x patch ({stride})",
         )
         if self.text.tiny is not None:
@@ -268,7 +273,9 @@ class Preset:
         block = self.stream.frames_per_block
         for name in ("segment_frames", "overlap_frames"):
             value = getattr(self.plan, name)
-            _require(value is None or value % block == 0, f"{name} ({value}) must be a whole number of {block}-frame blocks")
+            _require(
+                value is None or value % block == 0, f"{name} ({value}) must be a whole number of {block}-frame blocks"
+            )
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -286,4 +293,3 @@ class Preset:
 
     def pixel_frames(self, blocks: int) -> int:
         return self.vae.pixel_frames(blocks * self.stream.frames_per_block)
-

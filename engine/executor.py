@@ -133,7 +133,10 @@ class Executor:
             return LocalView(self.rope, first_frame, frames, block_frames, self.attention)
         commits = sum(1 for w in tick.work if w.commit)
         return self.cache.view(
-            first_frame=first_frame, frames=frames, block_frames=block_frames, mode=self.attention,
+            first_frame=first_frame,
+            frames=frames,
+            block_frames=block_frames,
+            mode=self.attention,
             commit_frames=commits * block_frames,
         )
 
@@ -191,7 +194,10 @@ class Executor:
         # float64 levels keep the network's t = 1000 * sigma exact (SkyReels feeds integer t);
         # filled on the device, so no host-to-device copy waits on the stream
         sigma = torch.cat(
-            [torch.full((F,), t_in / TRAIN_TIMESTEPS, dtype=torch.float64, device=self.device) for _, _, t_in in members]
+            [
+                torch.full((F,), t_in / TRAIN_TIMESTEPS, dtype=torch.float64, device=self.device)
+                for _, _, t_in in members
+            ]
         )[None].expand(x.shape[0], -1)
         guided = self.guidance_scale > 1.0
         if guided:

@@ -17,12 +17,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.models.checkpoints import CheckpointError
 from engine.build import SetupError, resolve_device, resolve_dtype
 from engine.config import ConfigError
+from engine.models.checkpoints import CheckpointError
 from engine.pipeline import Pipeline
 from engine.video import Mp4Writer
-from launch.cli import add_plan_arguments, add_preset_arguments, add_weight_arguments, preset_from_args, weights_from_args
+from launch.cli import (
+    add_plan_arguments,
+    add_preset_arguments,
+    add_weight_arguments,
+    preset_from_args,
+    weights_from_args,
+)
 
 DEFAULT_PRESET = "tiny-wan"
 
@@ -31,7 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__.split("\n\n")[0])
     add_preset_arguments(parser, DEFAULT_PRESET)
     parser.add_argument("--prompt", default="a red circle moving left", help="text prompt")
-    parser.add_argument("--blocks", type=int, default=4, help="blocks to generate (each is frames_per_block latent frames)")
+    parser.add_argument(
+        "--blocks", type=int, default=4, help="blocks to generate (each is frames_per_block latent frames)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="fixes the whole video")
     parser.add_argument("--out", type=Path, default=Path("out.mp4"), help="output MP4 path")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what gets loaded")
@@ -61,7 +69,12 @@ def run(args: argparse.Namespace) -> dict:
         progress.close()
         frames_written = writer.frames_written
     seconds = time.perf_counter() - start
-    return {"frames": frames_written, "seconds": seconds, "fps": frames_written / seconds, "first_frame_s": first_frame_s}
+    return {
+        "frames": frames_written,
+        "seconds": seconds,
+        "fps": frames_written / seconds,
+        "first_frame_s": first_frame_s,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,7 +151,7 @@ class KVCache:
 
     def view(
         self, *, first_frame: int, frames: int, block_frames: int, mode: str, commit_frames: int = 0
-    ) -> "CachedView":
+    ) -> CachedView:
         """A call over frames [first_frame, first_frame + frames) whose first `commit_frames` frames
         (finished blocks) are written to the cache when the call finishes."""
         if first_frame != self.committed:

@@ -26,7 +26,7 @@ class NoiseSource:
     def __init__(self, seed: int):
         self.seed = seed
 
-    def fork(self, stream: int) -> "NoiseSource":
+    def fork(self, stream: int) -> NoiseSource:
         """An independent source for a sub-stream (e.g. each segment of a long video)."""
         return NoiseSource(_splitmix64(_splitmix64(self.seed & _MASK64) ^ (stream + 0x5EED)) & ((1 << 63) - 1))
 

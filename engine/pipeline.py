@@ -44,7 +44,9 @@ def blocks_per_tick(schedule: Schedule, offset: int | None, num_blocks: int | No
 class Pipeline:
     """Loaded components for one preset: transformer, text encoder, VAE decoder."""
 
-    def __init__(self, preset: Preset, model: WanModel, text: TextEncoder, decoder: StreamingDecoder, device: torch.device):
+    def __init__(
+        self, preset: Preset, model: WanModel, text: TextEncoder, decoder: StreamingDecoder, device: torch.device
+    ):
         self.preset = preset
         self.model = model
         self.text = text
@@ -57,7 +59,7 @@ class Pipeline:
         self._text_kv: OrderedDict[str, TextKV] = OrderedDict()
 
     @classmethod
-    def build(cls, preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> "Pipeline":
+    def build(cls, preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> Pipeline:
         model = build_model(preset, weights, device, dtype)
         text = build_text_encoder(preset, weights, device, dtype)
         return cls(preset, model, text, build_decoder(preset, weights, device), device)

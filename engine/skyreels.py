@@ -34,7 +34,9 @@ class Segment:
     """Frames of the segment before this one are not new video."""
 
 
-def plan_segments(total_frames: int, segment_frames: int | None, overlap_frames: int, block_frames: int) -> list[Segment]:
+def plan_segments(
+    total_frames: int, segment_frames: int | None, overlap_frames: int, block_frames: int
+) -> list[Segment]:
     """The segments of a `total_frames` video (latent frames)."""
     segment_frames = segment_frames or total_frames
     for name, value in (("total", total_frames), ("segment", segment_frames), ("overlap", overlap_frames)):
@@ -43,7 +45,9 @@ def plan_segments(total_frames: int, segment_frames: int | None, overlap_frames:
     if total_frames <= segment_frames:
         return [Segment(0, 0, total_frames, 0, 0)]
     if not 0 < overlap_frames < segment_frames:
-        raise ConfigError(f"overlap ({overlap_frames}) must lie in (0, segment frames {segment_frames}) for long videos")
+        raise ConfigError(
+            f"overlap ({overlap_frames}) must lie in (0, segment frames {segment_frames}) for long videos"
+        )
     segments, done = [Segment(0, 0, segment_frames, 0, 0)], segment_frames
     while done < total_frames:
         frames = min(total_frames - done + overlap_frames, segment_frames)

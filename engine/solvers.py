@@ -81,8 +81,15 @@ def _unipc_steps(sigmas: torch.Tensor, max_order: int) -> list[_Step]:
         hh = -h
         h_phi_1 = torch.expm1(hh)
         rk = (_log_snr(sigmas[i - 1]) - _log_snr(sigma_s0)) / h if order == 2 else torch.ones(())
-        table.append(_Step(order, (sigma_t / sigma_s0).item(), ((1 - sigma_t) * h_phi_1).item(), rk.item(),
-                           _corrector_weights(rk, hh, h_phi_1, order)))
+        table.append(
+            _Step(
+                order,
+                (sigma_t / sigma_s0).item(),
+                ((1 - sigma_t) * h_phi_1).item(),
+                rk.item(),
+                _corrector_weights(rk, hh, h_phi_1, order),
+            )
+        )
     return table
 
 

@@ -71,7 +71,7 @@ class TextEncoder:
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
         tokenizer_dir: str | Path | None = None,
-    ) -> "TextEncoder":
+    ) -> TextEncoder:
         enc, tok = _find_folders(Path(encoder_dir), Path(tokenizer_dir) if tokenizer_dir else None)
         _check_umt5_folder(enc)
         tokenizer = AutoTokenizer.from_pretrained(str(tok))
@@ -79,7 +79,7 @@ class TextEncoder:
         return cls(tokenizer, encoder, text_len, device)
 
     @classmethod
-    def random(cls, spec: TinyTextEncoder, *, text_len: int, device: torch.device | str) -> "TextEncoder":
+    def random(cls, spec: TinyTextEncoder, *, text_len: int, device: torch.device | str) -> TextEncoder:
         """A seeded random umT5 with a byte-level tokenizer (no files needed)."""
         tokenizer = ByT5Tokenizer()
         config = UMT5Config(

@@ -101,7 +101,9 @@ def pyramid(
         tick += 1
 
 
-def sequential(schedule: Schedule, *, num_blocks: int | None = None, window_blocks: int | None = None) -> Iterator[Tick]:
+def sequential(
+    schedule: Schedule, *, num_blocks: int | None = None, window_blocks: int | None = None
+) -> Iterator[Tick]:
     """Self-Forcing's loop: each block runs all its steps and its commit before the next starts."""
     return pyramid(schedule, offset=schedule.steps + 1, num_blocks=num_blocks, window_blocks=window_blocks)
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import av
 import numpy as np
 
-
 # BT.601 limited-range RGB -> YCbCr (what players assume for SD H.264 without colour tags).
-_RGB_TO_YUV = np.array(
-    [[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]], dtype=np.float32
-) / 255.0
+_RGB_TO_YUV = (
+    np.array([[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]], dtype=np.float32)
+    / 255.0
+)
 _YUV_OFFSET = np.array([16.0, 128.0, 128.0], dtype=np.float32)
 
 
@@ -65,7 +65,9 @@ class Mp4Writer:
                 stream.options = {"crf": str(crf), "preset": "veryfast"}
                 while (frames := self._next()) is not None:
                     for frame in frames:
-                        container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")))
+                        container.mux(
+                            stream.encode(av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p"))
+                        )
                 container.mux(stream.encode(None))
         except BaseException as err:  # reported to the caller by write()/close()
             self._error = err
@@ -83,8 +85,15 @@ class Mp4Writer:
 
     def write(self, frames: np.ndarray) -> None:
         self._raise_if_failed()
-        if frames.ndim != 4 or frames.shape[1:] != (self._settings[2], self._settings[1], 3) or frames.dtype != np.uint8:
-            raise ValueError(f"expected uint8 frames [N, {self._settings[2]}, {self._settings[1]}, 3], got {frames.dtype} {frames.shape}")
+        if (
+            frames.ndim != 4
+            or frames.shape[1:] != (self._settings[2], self._settings[1], 3)
+            or frames.dtype != np.uint8
+        ):
+            raise ValueError(
+                f"expected uint8 frames [N, {self._settings[2]}, {self._settings[1]}, 3], "
+                f"got {frames.dtype} {frames.shape}"
+            )
         self._queue.put(frames.copy())
         self.frames_written += len(frames)
 
@@ -94,7 +103,7 @@ class Mp4Writer:
             self._thread.join()
         self._raise_if_failed()
 
-    def __enter__(self) -> "Mp4Writer":
+    def __enter__(self) -> Mp4Writer:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,6 +1,6 @@
 """Benchmarks: each prints a table and writes JSON (default out/bench-<name>.json).
 
-    python -m launch.bench selective            # selective computation vs whole window
+python -m launch.bench selective            # selective computation vs whole window
 """
 
 from __future__ import annotations

@@ -17,11 +17,19 @@ from launch.presets import PRESETS, get_preset
 
 # flag -> (config section, field)
 _PLAN_FLAGS = {
-    "schedule": "schedule", "offset": "offset", "window_attention": "attention", "compute": "compute",
-    "segment_frames": "segment_frames", "overlap_frames": "overlap_frames", "addnoise_condition": "addnoise_condition",
+    "schedule": "schedule",
+    "offset": "offset",
+    "window_attention": "attention",
+    "compute": "compute",
+    "segment_frames": "segment_frames",
+    "overlap_frames": "overlap_frames",
+    "addnoise_condition": "addnoise_condition",
 }
 _SAMPLING_FLAGS = {
-    "steps": "num_steps", "shift": "shift", "solver": "solver", "guidance_scale": "guidance_scale",
+    "steps": "num_steps",
+    "shift": "shift",
+    "solver": "solver",
+    "guidance_scale": "guidance_scale",
     "negative_prompt": "negative_prompt",
 }
 
@@ -34,15 +42,21 @@ def add_preset_arguments(parser: argparse.ArgumentParser, default: str) -> None:
 
 def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("weights")
-    group.add_argument("--checkpoint", type=Path, help="transformer weights: diffusers folder, Wan .safetensors/.pth, Self-Forcing .pt")
+    group.add_argument(
+        "--checkpoint", type=Path, help="transformer weights: diffusers folder, Wan .safetensors/.pth, Self-Forcing .pt"
+    )
     group.add_argument("--base", type=Path, help="Wan2.1 diffusers folder with text_encoder/, tokenizer/, vae/")
     group.add_argument("--text-encoder", type=Path, help="umT5 transformers folder (overrides --base)")
     group.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: beside the text encoder)")
     group.add_argument("--vae", type=Path, help="VAE: diffusers folder or Wan2.1_VAE.pth (overrides --base)")
     group.add_argument("--lora", type=Path, help="LoRA adapter merged into the transformer (LongLive's lora.pt)")
     group.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
-    group.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
-                       help="Self-Forcing .pt: use generator_ema (default when present) or generator")
+    group.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Self-Forcing .pt: use generator_ema (default when present) or generator",
+    )
     group.add_argument("--random-weights", action="store_true", help="seeded random weights for every part")
 
 
@@ -51,7 +65,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--schedule", choices=SCHEDULES, help="sequential, pyramid or skyreels (timestep matrix)")
     group.add_argument("--offset", type=int, help="ticks between block starts (SkyReels ar_step; 0 = synchronous)")
     group.add_argument("--window-attention", choices=ATTENTION, help="attention among the blocks of one forward")
-    group.add_argument("--compute", choices=COMPUTE, help="selective (blocks with work, KV cache) or window (rerun all)")
+    group.add_argument(
+        "--compute", choices=COMPUTE, help="selective (blocks with work, KV cache) or window (rerun all)"
+    )
     group.add_argument("--segment-frames", type=int, help="skyreels: latent frames per segment (base_num_frames)")
     group.add_argument("--overlap-frames", type=int, help="skyreels: latent frames carried into the next segment")
     group.add_argument("--addnoise-condition", type=float, help="skyreels: noise put back on the clean prefix (0-1000)")

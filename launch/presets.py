@@ -1,17 +1,16 @@
 """Named presets: functions returning frozen, validated `Preset`s.
 
-    python -m launch.presets            # list them
-    python -m launch.presets --counts   # parameter counts and KV memory, built on the meta device
+python -m launch.presets            # list them
+python -m launch.presets --counts   # parameter counts and KV memory, built on the meta device
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 
 import torch
-
-import dataclasses
 
 from engine.config import (
     PlanConfig,
@@ -26,7 +25,9 @@ from engine.config import (
 
 WAN_1_3B = WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
 WAN_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
-TINY_WAN = WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_channels=4, out_channels=4, text_dim=32, freq_dim=32)
+TINY_WAN = WanConfig(
+    dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_channels=4, out_channels=4, text_dim=32, freq_dim=32
+)
 TINY_VAE = VaeConfig(
     base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1, latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4
 )
@@ -37,8 +38,13 @@ TINY_TEXT = TextConfig(text_len=16, tiny=TinyTextEncoder(d_model=32))
 SKYREELS_SAMPLING = SamplingConfig(timesteps=None, num_steps=30, shift=8.0, solver="unipc-skyreels", guidance_scale=6.0)
 SKYREELS_STREAM = StreamConfig(height=544, width=960, frames_per_block=5, window_frames=25, fps=24)
 SKYREELS_PLAN = PlanConfig(
-    schedule="skyreels", offset=5, attention="bidirectional", compute="window",
-    segment_frames=25, overlap_frames=5, addnoise_condition=20.0,
+    schedule="skyreels",
+    offset=5,
+    attention="bidirectional",
+    compute="window",
+    segment_frames=25,
+    overlap_frames=5,
+    addnoise_condition=20.0,
 )
 
 

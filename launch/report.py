@@ -42,4 +42,6 @@ def environment() -> dict:
 def write_json(path: Path, name: str, rows: list[dict], settings: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     clean = [{k: (str(v) if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()} for row in rows]
-    path.write_text(json.dumps({"benchmark": name, "environment": environment(), "settings": settings, "rows": clean}, indent=2))
+    path.write_text(
+        json.dumps({"benchmark": name, "environment": environment(), "settings": settings, "rows": clean}, indent=2)
+    )

@@ -10,12 +10,12 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
+from engine.build import init_random_
 from engine.config import WanConfig
 from engine.kv import KVCache
 from engine.models.checkpoints import wan_to_diffusers
 from engine.models.rope import Rope
 from engine.models.wan import WanModel
-from engine.build import init_random_
 
 TINY = WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_channels=4, out_channels=4, text_dim=32, freq_dim=32)
 
@@ -120,7 +120,12 @@ def _fsdp_name(key: str) -> str:
 
 # -- Wan-native VAE layout (the inverse of diffusers' convert_wan_vae_to_diffusers) ---------------
 
-_RESNET_PARTS = {"norm1.gamma": "residual.0.gamma", "conv1": "residual.2", "norm2.gamma": "residual.3.gamma", "conv2": "residual.6"}
+_RESNET_PARTS = {
+    "norm1.gamma": "residual.0.gamma",
+    "conv1": "residual.2",
+    "norm2.gamma": "residual.3.gamma",
+    "conv2": "residual.6",
+}
 
 
 def _native_resnet(rest: str) -> str:
@@ -132,9 +137,16 @@ def _native_resnet(rest: str) -> str:
 
 def vae_key_to_native(key: str) -> str:
     """diffusers AutoencoderKLWan key -> Wan2.1_VAE.pth key (real architecture: 2 res blocks/level)."""
-    fixed = {"quant_conv": "conv1", "post_quant_conv": "conv2", "encoder.conv_in": "encoder.conv1",
-             "decoder.conv_in": "decoder.conv1", "encoder.norm_out": "encoder.head.0",
-             "decoder.norm_out": "decoder.head.0", "encoder.conv_out": "encoder.head.2", "decoder.conv_out": "decoder.head.2"}
+    fixed = {
+        "quant_conv": "conv1",
+        "post_quant_conv": "conv2",
+        "encoder.conv_in": "encoder.conv1",
+        "decoder.conv_in": "decoder.conv1",
+        "encoder.norm_out": "encoder.head.0",
+        "decoder.norm_out": "decoder.head.0",
+        "encoder.conv_out": "encoder.head.2",
+        "decoder.conv_out": "decoder.head.2",
+    }
     for old, new in fixed.items():
         if key.startswith(old + "."):
             return new + key[len(old) :]

@@ -1,6 +1,6 @@
 """Checkpoint layouts load to the same weights; every malformed case fails with a clear message.
 
-    pytest tests/test_checkpoints.py
+pytest tests/test_checkpoints.py
 """
 
 import json
@@ -226,6 +226,8 @@ def test_lora_merge_adds_scaled_product(source, tmp_path):
 
 def test_lora_for_unknown_module_fails(tmp_path):
     path = tmp_path / "bad_lora.safetensors"
-    save_file({"blocks.0.nope.lora_A.weight": torch.zeros(2, 3), "blocks.0.nope.lora_B.weight": torch.zeros(3, 2)}, str(path))
+    save_file(
+        {"blocks.0.nope.lora_A.weight": torch.zeros(2, 3), "blocks.0.nope.lora_B.weight": torch.zeros(3, 2)}, str(path)
+    )
     with pytest.raises(CheckpointError, match="blocks.0.nope"):
         merge_lora(tiny_model(), path)

@@ -1,6 +1,6 @@
 """Config validation and presets.
 
-    pytest tests/test_config.py
+pytest tests/test_config.py
 """
 
 import dataclasses
@@ -32,7 +32,12 @@ def test_unknown_preset_lists_the_choices():
         (lambda: StreamConfig(frames_per_block=3, window_frames=5, sink_frames=3), "must hold a block"),
         (lambda: SamplingConfig(timesteps=(500.0, 750.0)), "decrease"),
         (lambda: SamplingConfig(timesteps=(1200.0,)), r"\(0, 1000\]"),
-        (lambda: dataclasses.replace(get_preset("tiny-wan"), stream=StreamConfig(height=60, width=64, window_frames=9)), "divisible"),
+        (
+            lambda: dataclasses.replace(
+                get_preset("tiny-wan"), stream=StreamConfig(height=60, width=64, window_frames=9)
+            ),
+            "divisible",
+        ),
     ],
 )
 def test_invalid_configs_fail_clearly(build, message):

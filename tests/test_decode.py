@@ -1,6 +1,6 @@
 """Streaming VAE decode equals one-shot decode; VAE weights load from both released layouts.
 
-    pytest tests/test_decode.py
+pytest tests/test_decode.py
 """
 
 import pytest

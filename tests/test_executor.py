@@ -1,6 +1,6 @@
 """The one-device executor: plans run as specified, selective computation, guidance, prompt switches.
 
-    pytest tests/test_executor.py
+pytest tests/test_executor.py
 """
 
 import dataclasses
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from engine.build import WeightPaths
-from engine.config import PlanConfig
 from engine.executor import Executor
 from engine.models.rope import Rope
 from engine.noise import NoiseSource
@@ -47,8 +46,12 @@ def test_sequential_plan_reproduces_self_forcings_loop():
             view = cache.view(first_frame=b * F, frames=F, block_frames=F, mode="causal")
             sigma = torch.full((1, F), schedule.sigmas[step], dtype=torch.float64)
             x0 = x - schedule.sigmas[step] * model(x, sigma, text, view)
-            x = x0 if step + 1 == schedule.steps else (
-                (1 - schedule.sigmas[step + 1]) * x0 + schedule.sigmas[step + 1] * noise.noise(x.shape, b, step + 1)
+            x = (
+                x0
+                if step + 1 == schedule.steps
+                else (
+                    (1 - schedule.sigmas[step + 1]) * x0 + schedule.sigmas[step + 1] * noise.noise(x.shape, b, step + 1)
+                )
             )
         view = cache.view(first_frame=b * F, frames=F, block_frames=F, mode="causal", commit_frames=F)
         model(x0, torch.zeros(1, F, dtype=torch.float64), text, view)
@@ -86,15 +89,20 @@ def test_batched_guidance_equals_two_forwards():
     cond = model.embed_text(torch.randn(1, 8, TINY.text_dim, generator=generator))
     uncond = model.embed_text(torch.zeros(1, 8, TINY.text_dim))
     both = type(cond).stack(cond, uncond)
-    caches = {"both": tiny_cache(TINY, grid, sink=0, ring=8, scratch=F, batch=2),
-              "cond": tiny_cache(TINY, grid, sink=0, ring=8, scratch=F),
-              "uncond": tiny_cache(TINY, grid, sink=0, ring=8, scratch=F)}
+    caches = {
+        "both": tiny_cache(TINY, grid, sink=0, ring=8, scratch=F, batch=2),
+        "cond": tiny_cache(TINY, grid, sink=0, ring=8, scratch=F),
+        "uncond": tiny_cache(TINY, grid, sink=0, ring=8, scratch=F),
+    }
     for b in range(3):
         x = torch.randn(1, TINY.in_channels, F, 4, 4, generator=generator)
         sigma = torch.rand(1, F, generator=generator)
         flows = {}
-        for name, text, inputs in (("both", both, (torch.cat([x, x]), torch.cat([sigma, sigma]))),
-                                   ("cond", cond, (x, sigma)), ("uncond", uncond, (x, sigma))):
+        for name, text, inputs in (
+            ("both", both, (torch.cat([x, x]), torch.cat([sigma, sigma]))),
+            ("cond", cond, (x, sigma)),
+            ("uncond", uncond, (x, sigma)),
+        ):
             view = caches[name].view(first_frame=b * F, frames=F, block_frames=F, mode="causal", commit_frames=F)
             flows[name] = model(*inputs, text, view)
             view.finish()
@@ -105,8 +113,15 @@ def test_prompt_switch_takes_effect_at_the_next_tick():
     pipeline = _pipeline("tiny-wan")
     switch_tick = 10  # block 2 starts at tick 10 (5 ticks per block)
     same = _video(pipeline, 4, prompt="a red circle")
-    switched = torch.cat([b.latents for b in pipeline.latents(
-        lambda tick: "a red circle" if tick.index < switch_tick else "a green triangle", blocks=4, seed=0)], dim=2)
+    switched = torch.cat(
+        [
+            b.latents
+            for b in pipeline.latents(
+                lambda tick: "a red circle" if tick.index < switch_tick else "a green triangle", blocks=4, seed=0
+            )
+        ],
+        dim=2,
+    )
     F = pipeline.preset.stream.frames_per_block
     assert torch.equal(switched[:, :, : 2 * F], same[:, :, : 2 * F])
     assert not torch.allclose(switched[:, :, 2 * F :], same[:, :, 2 * F :])
@@ -124,8 +139,13 @@ def _bare_executor(compute="selective") -> Executor:
     schedule = build_schedule(get_preset("tiny-wan").sampling)
     noise = NoiseSource(0)
     return Executor(
-        tiny_model(), schedule=schedule, solver=SelfForcingSolver(schedule, noise), noise=noise,
-        block_shape=(1, 4, 3, 4, 4), rope=Rope(TINY, (2, 2)), compute=compute,
+        tiny_model(),
+        schedule=schedule,
+        solver=SelfForcingSolver(schedule, noise),
+        noise=noise,
+        block_shape=(1, 4, 3, 4, 4),
+        rope=Rope(TINY, (2, 2)),
+        compute=compute,
         cache=tiny_cache(TINY, (2, 2), sink=0, ring=9, scratch=9) if compute == "selective" else None,
     )
 
@@ -142,8 +162,15 @@ def test_malformed_plans_are_refused():
     with pytest.raises(ValueError, match="outside the window"):
         list(_bare_executor("window").run([outside], text))
     with pytest.raises(ValueError, match="needs a KV cache"):
-        Executor(tiny_model(), schedule=schedule, solver=None, noise=None, block_shape=(1, 4, 3, 4, 4),
-                 rope=Rope(TINY, (2, 2)), compute="selective")
+        Executor(
+            tiny_model(),
+            schedule=schedule,
+            solver=None,
+            noise=None,
+            block_shape=(1, 4, 3, 4, 4),
+            rope=Rope(TINY, (2, 2)),
+            compute="selective",
+        )
 
 
 def test_pyramid_blocks_see_their_predecessors_in_flight():

@@ -1,6 +1,6 @@
 """End to end: `python -m engine.generate` writes a playable MP4 of the right length, deterministically.
 
-    pytest tests/test_generate.py
+pytest tests/test_generate.py
 """
 
 import subprocess
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.generate import main
 from engine.build import WeightPaths
+from engine.generate import main
 from engine.pipeline import Pipeline
 from engine.video import read_frames
 from helpers import write_diffusers_folder, write_self_forcing_pt, write_wan_safetensors
@@ -22,7 +22,9 @@ def _generate(tmp_path, name, *extra):
     out = tmp_path / f"{name}.mp4"
     result = subprocess.run(
         [sys.executable, "-m", "engine.generate", "--preset", "tiny-wan", "--blocks", "3", "--out", str(out), *extra],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     return result, out
 
@@ -87,8 +89,24 @@ def test_cli_runs_skyreels_and_pyramid_plans(tmp_path, capsys):
     assert main(["--preset", "skyreels-v2-df-tiny", "--blocks", "6", "--out", str(out)]) == 0
     assert read_frames(out).shape[0] == preset.pixel_frames(6)
     out = tmp_path / "pyr.mp4"
-    args = ["--preset", "skyreels-v2-df-tiny", "--schedule", "pyramid", "--offset", "1", "--compute", "selective",
-            "--window-attention", "causal", "--steps", "3", "--blocks", "5", "--out", str(out)]
+    args = [
+        "--preset",
+        "skyreels-v2-df-tiny",
+        "--schedule",
+        "pyramid",
+        "--offset",
+        "1",
+        "--compute",
+        "selective",
+        "--window-attention",
+        "causal",
+        "--steps",
+        "3",
+        "--blocks",
+        "5",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     assert read_frames(out).shape[0] == preset.pixel_frames(5)
 
@@ -96,9 +114,37 @@ def test_cli_runs_skyreels_and_pyramid_plans(tmp_path, capsys):
 def test_cli_rejects_inconsistent_plans(tmp_path, capsys):
     assert main(["--schedule", "pyramid", "--out", str(tmp_path / "x.mp4")]) == 2
     assert "needs an offset" in capsys.readouterr().err
-    assert main(["--preset", "skyreels-v2-df-tiny", "--blocks", "5", "--segment-frames", "5",
-                 "--out", str(tmp_path / "y.mp4")]) == 2
+    assert (
+        main(
+            [
+                "--preset",
+                "skyreels-v2-df-tiny",
+                "--blocks",
+                "5",
+                "--segment-frames",
+                "5",
+                "--out",
+                str(tmp_path / "y.mp4"),
+            ]
+        )
+        == 2
+    )
     assert "whole number" in capsys.readouterr().err
-    assert main(["--preset", "skyreels-v2-df-tiny", "--blocks", "6", "--segment-frames", "4", "--overlap-frames", "4",
-                 "--out", str(tmp_path / "z.mp4")]) == 2
+    assert (
+        main(
+            [
+                "--preset",
+                "skyreels-v2-df-tiny",
+                "--blocks",
+                "6",
+                "--segment-frames",
+                "4",
+                "--overlap-frames",
+                "4",
+                "--out",
+                str(tmp_path / "z.mp4"),
+            ]
+        )
+        == 2
+    )
     assert "overlap" in capsys.readouterr().err and not (tmp_path / "z.mp4").exists()

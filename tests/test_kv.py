@@ -1,6 +1,6 @@
 """The KV cache: cached streaming equals the block-causal model; eviction, sink and long streams.
 
-    pytest tests/test_kv.py
+pytest tests/test_kv.py
 """
 
 import pytest
@@ -55,9 +55,8 @@ def test_causal_mask_hides_later_blocks():
     changed[:, :, BLOCK:] += 1.0
     sigma, text = torch.full((1, 2 * BLOCK), 0.5), _text(model)
     for mode, same in (("causal", True), ("bidirectional", False)):
-        view = lambda: LocalView(Rope(TINY, grid), 0, 2 * BLOCK, BLOCK, mode)  # noqa: E731
-        a = model(latents, sigma, text, view())[:, :, :BLOCK]
-        b = model(changed, sigma, text, view())[:, :, :BLOCK]
+        a = model(latents, sigma, text, LocalView(Rope(TINY, grid), 0, 2 * BLOCK, BLOCK, mode))[:, :, :BLOCK]
+        b = model(changed, sigma, text, LocalView(Rope(TINY, grid), 0, 2 * BLOCK, BLOCK, mode))[:, :, :BLOCK]
         assert torch.equal(a, b) is same, f"{mode}: block 0 {'changed' if same else 'did not change'}"
 
 

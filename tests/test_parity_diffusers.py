@@ -1,6 +1,6 @@
 """Our Wan model, loaded from a diffusers folder, equals diffusers' WanTransformer3DModel.
 
-    pytest tests/test_parity_diffusers.py
+pytest tests/test_parity_diffusers.py
 """
 
 import pytest

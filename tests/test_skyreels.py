@@ -1,6 +1,6 @@
 """SkyReels-V2 diffusion forcing, conformant with diffusers' transformer and pipeline.
 
-    pytest tests/test_skyreels.py
+pytest tests/test_skyreels.py
 """
 
 import dataclasses
@@ -37,22 +37,40 @@ def reference(tmp_path_factory):
     torch.manual_seed(0)
     cfg = TINY_SKYREELS.model
     transformer = SkyReelsV2Transformer3DModel(
-        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim, in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
-        num_layers=cfg.num_layers, inject_sample_info=True,
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        text_dim=cfg.text_dim,
+        freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim,
+        num_layers=cfg.num_layers,
+        inject_sample_info=True,
     ).eval()
     with torch.no_grad():  # perturb norms so that a mis-mapped norm cannot hide
         for name, param in transformer.named_parameters():
             if "norm" in name:
                 param.add_(0.2 * torch.randn_like(param))
     tokenizer = ByT5Tokenizer()
-    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                          num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0)).eval()
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+        )
+    ).eval()
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, latents_mean=[0.0] * 4, latents_std=[1.0] * 4
+    ).eval()
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
-    pipe = SkyReelsV2DiffusionForcingPipeline(tokenizer=tokenizer, text_encoder=encoder, transformer=transformer,
-                                              vae=vae, scheduler=scheduler)
+    pipe = SkyReelsV2DiffusionForcingPipeline(
+        tokenizer=tokenizer, text_encoder=encoder, transformer=transformer, vae=vae, scheduler=scheduler
+    )
     pipe.set_progress_bar_config(disable=True)
     folder = tmp_path_factory.mktemp("skyreels") / "transformer"
     transformer.save_pretrained(str(folder))
@@ -117,9 +135,20 @@ def _run_diffusers(pipe, latent_frames, ar_step, block, segment=None, overlap=No
         kwargs = dict(base_num_frames=(segment - 1) * 4 + 1, overlap_history=(overlap - 1) * 4 + 1)
     pipe.transformer.register_to_config(num_frame_per_block=1)
     return pipe(
-        PROMPT, negative_prompt="", height=64, width=64, num_frames=(latent_frames - 1) * 4 + 1,
-        num_inference_steps=STEPS, guidance_scale=GUIDANCE, max_sequence_length=TEXT_LEN, ar_step=ar_step,
-        causal_block_size=block, fps=24, output_type="latent", generator=torch.Generator().manual_seed(1), **kwargs,
+        PROMPT,
+        negative_prompt="",
+        height=64,
+        width=64,
+        num_frames=(latent_frames - 1) * 4 + 1,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        max_sequence_length=TEXT_LEN,
+        ar_step=ar_step,
+        causal_block_size=block,
+        fps=24,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(1),
+        **kwargs,
     ).frames
 
 
@@ -131,7 +160,9 @@ def _replayed_noise(latent_frames, frames_per_block, segment=None, overlap=None)
     for seg in segments:
         draw = torch.randn(1, 4, seg.frames, 8, 8, generator=generator)
         for j in range(seg.prefix_frames // frames_per_block, seg.frames // frames_per_block):
-            noise[seg.first_frame // frames_per_block + j] = draw[:, :, j * frames_per_block : (j + 1) * frames_per_block]
+            noise[seg.first_frame // frames_per_block + j] = draw[
+                :, :, j * frames_per_block : (j + 1) * frames_per_block
+            ]
     return noise
 
 
@@ -141,8 +172,14 @@ def _run_ours(pipe, folder, latent_frames, ar_step, block, compute, segment=None
         TINY_SKYREELS,
         stream=dataclasses.replace(TINY_SKYREELS.stream, frames_per_block=frames_per_block),
         sampling=dataclasses.replace(TINY_SKYREELS.sampling, num_steps=STEPS, guidance_scale=GUIDANCE),
-        plan=PlanConfig(schedule="skyreels", offset=ar_step, attention="causal" if block else "bidirectional",
-                        compute=compute, segment_frames=segment, overlap_frames=overlap or 0),
+        plan=PlanConfig(
+            schedule="skyreels",
+            offset=ar_step,
+            attention="causal" if block else "bidirectional",
+            compute=compute,
+            segment_frames=segment,
+            overlap_frames=overlap or 0,
+        ),
     )
     pipeline = Pipeline.build(preset, WeightPaths(checkpoint=folder), torch.device("cpu"), torch.float32)
     pipeline.text = TextEncoder(pipe.tokenizer, pipe.text_encoder, TEXT_LEN, "cpu")
@@ -177,8 +214,9 @@ def test_segments_follow_diffusers_arithmetic():
         assert len(segments) == 1 + (total - base - 1) // (base - overlap) + 1
         covered = segments[0].frames + sum(s.frames - s.prefix_frames for s in segments[1:])
         assert covered == total and all(s.frames <= base for s in segments)
-        assert all(s.first_frame + s.prefix_frames == prev.first_frame + prev.frames
-                   for prev, s in zip(segments, segments[1:]))
+        assert all(
+            s.first_frame + s.prefix_frames == prev.first_frame + prev.frames for prev, s in zip(segments, segments[1:])
+        )
     assert len(plan_segments(20, 25, 5, 5)) == 1
 
 

@@ -1,6 +1,6 @@
 """Schedules and per-block solvers, checked against diffusers' UniPC and the plain formulas.
 
-    pytest tests/test_solvers.py
+pytest tests/test_solvers.py
 """
 
 import pytest

@@ -1,6 +1,6 @@
 """Text encoding: Wan's zero padding, the prompt cache, loading from a transformers folder.
 
-    pytest tests/test_text.py
+pytest tests/test_text.py
 """
 
 import pytest
@@ -16,7 +16,7 @@ def test_states_are_zero_past_the_prompt():
     encoder = TextEncoder.random(SPEC, text_len=24, device="cpu")
     states = encoder.encode(["a red circle", "a blue square moving up and to the left"])
     assert states.shape == (2, 24, 32)
-    length = len("a red circle".encode()) + 1  # byte tokens + EOS
+    length = len(b"a red circle") + 1  # byte tokens + EOS
     assert states[0, :length].abs().sum(-1).min() > 0
     assert torch.all(states[0, length:] == 0)
     assert states[1].abs().sum(-1).gt(0).sum() > length

@@ -1,6 +1,6 @@
 """Plans: properties of every generator, and SkyReels-V2's timestep matrix reproduced exactly.
 
-    pytest tests/test_timeline.py
+pytest tests/test_timeline.py
 """
 
 import itertools
@@ -119,7 +119,11 @@ def test_matrix_equals_diffusers(case):
 
 @SETTINGS
 @given(
-    blocks=st.integers(1, 6), steps=st.integers(1, 6), ar_step=st.integers(0, 4), block=st.integers(1, 3), data=st.data()
+    blocks=st.integers(1, 6),
+    steps=st.integers(1, 6),
+    ar_step=st.integers(0, 4),
+    block=st.integers(1, 3),
+    data=st.data(),
 )
 def test_matrix_equals_diffusers_everywhere(blocks, steps, ar_step, block, data):
     base_blocks = data.draw(st.integers(1, blocks))

@@ -1,6 +1,6 @@
 """MP4 writing: colour conversion, round trip through the decoder, bad input.
 
-    pytest tests/test_video.py
+pytest tests/test_video.py
 """
 
 import numpy as np
@@ -11,7 +11,12 @@ from engine.video import Mp4Writer, read_frames, rgb_to_yuv420p
 
 @pytest.mark.parametrize(
     "rgb, yuv",
-    [((255, 255, 255), (235, 128, 128)), ((0, 0, 0), (16, 128, 128)), ((255, 0, 0), (81, 90, 240)), ((0, 0, 255), (41, 240, 110))],
+    [
+        ((255, 255, 255), (235, 128, 128)),
+        ((0, 0, 0), (16, 128, 128)),
+        ((255, 0, 0), (81, 90, 240)),
+        ((0, 0, 255), (41, 240, 110)),
+    ],
 )
 def test_bt601_limited_range(rgb, yuv):
     frame = np.full((4, 4, 3), rgb, dtype=np.uint8)

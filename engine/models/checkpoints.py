@@ -184,7 +184,9 @@ def _read_index(index: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
         state.update(read_safetensors(shard))
     absent = sorted(set(weight_map) - set(state))
     if absent:
-        raise CheckpointError(f"{index}: keys listed in the index are absent from the shards: {absent[:MAX_LISTED_KEYS]}")
+        raise CheckpointError(
+            f"{index}: keys listed in the index are absent from the shards: {absent[:MAX_LISTED_KEYS]}"
+        )
     return state, shards
 
 
@@ -300,7 +302,9 @@ def check_fit(model: torch.nn.Module, ckpt: Checkpoint) -> None:
     if problems:
         files = ", ".join(str(f) for f in ckpt.files)
         hint = _size_hint(ckpt.state, model.state_dict())
-        raise CheckpointError(f"{ckpt.source} [{ckpt.layout}; {files}] does not fit the model: " + "; ".join(problems) + hint)
+        raise CheckpointError(
+            f"{ckpt.source} [{ckpt.layout}; {files}] does not fit the model: " + "; ".join(problems) + hint
+        )
 
 
 def _size_hint(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
@@ -315,7 +319,10 @@ def _size_hint(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
     found, wanted = size(state), size(expected)
     if found is None or wanted is None or found == wanted:
         return ""
-    return f". The checkpoint looks like dim {found[0]}, {found[1]} layers; the preset has dim {wanted[0]}, {wanted[1]} layers"
+    return (
+        f". The checkpoint looks like dim {found[0]}, {found[1]} layers; "
+        f"the preset has dim {wanted[0]}, {wanted[1]} layers"
+    )
 
 
 def load_weights(model: torch.nn.Module, path: str | Path, *, ema: bool | None = None) -> Checkpoint:

@@ -49,7 +49,8 @@ def merge_lora(model: torch.nn.Module, path: str | Path, *, alpha: float | None 
         rank = down.shape[0]
         if up.shape[1] != rank or (up.shape[0], down.shape[1]) != tuple(weight.shape):
             raise CheckpointError(
-                f"{path}: {module}: lora shapes A{tuple(down.shape)} B{tuple(up.shape)} do not fit {tuple(weight.shape)}"
+                f"{path}: {module}: lora shapes A{tuple(down.shape)} B{tuple(up.shape)} "
+                f"do not fit {tuple(weight.shape)}"
             )
         scale = (alpha if alpha is not None else rank) / rank
         delta = up.float() @ down.float()  # [out, in]

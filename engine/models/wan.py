@@ -43,7 +43,7 @@ class TextKV:
         return self.keys[0].shape[0]
 
     @staticmethod
-    def stack(*texts: "TextKV") -> "TextKV":
+    def stack(*texts: TextKV) -> TextKV:
         """Concatenate prompts along the batch (e.g. [cond, uncond] for guidance in one forward)."""
         return TextKV(
             keys=[torch.cat(parts) for parts in zip(*(t.keys for t in texts))],
@@ -145,11 +145,19 @@ class WanBlock(nn.Module):
         self.norm3 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
         self.cross_attn = CrossAttention(cfg)
         self.norm2 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim)
+        )
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
     def forward(
-        self, x: torch.Tensor, e: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor, layer: int, kv: AttentionView
+        self,
+        x: torch.Tensor,
+        e: torch.Tensor,
+        text_k: torch.Tensor,
+        text_v: torch.Tensor,
+        layer: int,
+        kv: AttentionView,
     ) -> torch.Tensor:
         # x: [B, F*T, dim] float32; e: [B, F, 6, dim] float32 (projected time embedding)
         frames = e.shape[1]
@@ -196,7 +204,7 @@ class WanModel(nn.Module):
             self.fps_embedding = nn.Embedding(2, cfg.dim)
             self.fps_projection = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
 
-    def cast(self, dtype: torch.dtype) -> "WanModel":
+    def cast(self, dtype: torch.dtype) -> WanModel:
         """Cast weights to `dtype`, keeping norms, modulation and the time embedding in float32."""
         for name, param in self.named_parameters():
             keep = any(part in name for part in FLOAT32_PARAMS)

@@ -23,7 +23,17 @@ from engine.flops import forward_flops
 from engine.pipeline import Pipeline
 from launch.presets import get_preset
 
-COLUMNS = ["attention", "offset", "forwards", "tokens_sel/win", "flops_sel/win", "speedup", "psnr_db", "ssim", "latent_max_diff"]
+COLUMNS = [
+    "attention",
+    "offset",
+    "forwards",
+    "tokens_sel/win",
+    "flops_sel/win",
+    "speedup",
+    "psnr_db",
+    "ssim",
+    "latent_max_diff",
+]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,8 +58,15 @@ def _generate(pipeline: Pipeline, prompt: str, blocks: int, seed: int) -> tuple[
 
 
 def _pipeline(base, attention: str, offset: int, compute: str, device) -> Pipeline:
-    plan = dataclasses.replace(base.plan, schedule="skyreels", offset=offset, attention=attention, compute=compute,
-                               segment_frames=None, overlap_frames=0)
+    plan = dataclasses.replace(
+        base.plan,
+        schedule="skyreels",
+        offset=offset,
+        attention=attention,
+        compute=compute,
+        segment_frames=None,
+        overlap_frames=0,
+    )
     preset = dataclasses.replace(base, plan=plan)
     return Pipeline.build(preset, WeightPaths(random=not base.random_init), device, resolve_dtype("auto", device))
 
@@ -68,22 +85,33 @@ def run(args: argparse.Namespace):
             for compute in ("window", "selective"):
                 pipeline = _pipeline(base, attention, offset, compute, device)
                 runs[compute] = _generate(pipeline, args.prompt, args.blocks, args.seed)
-            (win_frames, win_lat, win_s, win_calls), (sel_frames, sel_lat, sel_s, sel_calls) = runs["window"], runs["selective"]
-            rows.append({
-                "attention": attention,
-                "offset": offset,
-                "forwards": len(sel_calls),
-                "tokens_sel/win": sum(q for q, _ in sel_calls) / sum(q for q, _ in win_calls),
-                "flops_sel/win": _flops(base, sel_calls) / _flops(base, win_calls),
-                "speedup": win_s / sel_s,
-                "psnr_db": psnr(sel_frames, win_frames),
-                "ssim": ssim(sel_frames, win_frames),
-                "latent_max_diff": (sel_lat - win_lat).abs().max().item(),
-                "window_seconds": win_s,
-                "selective_seconds": sel_s,
-                "window_flops": _flops(base, win_calls),
-                "selective_flops": _flops(base, sel_calls),
-            })
-    settings = {"preset": args.preset, "blocks": args.blocks, "seed": args.seed, "prompt": args.prompt,
-                "steps": base.sampling.steps, "frames_per_block": base.stream.frames_per_block}
+            (win_frames, win_lat, win_s, win_calls), (sel_frames, sel_lat, sel_s, sel_calls) = (
+                runs["window"],
+                runs["selective"],
+            )
+            rows.append(
+                {
+                    "attention": attention,
+                    "offset": offset,
+                    "forwards": len(sel_calls),
+                    "tokens_sel/win": sum(q for q, _ in sel_calls) / sum(q for q, _ in win_calls),
+                    "flops_sel/win": _flops(base, sel_calls) / _flops(base, win_calls),
+                    "speedup": win_s / sel_s,
+                    "psnr_db": psnr(sel_frames, win_frames),
+                    "ssim": ssim(sel_frames, win_frames),
+                    "latent_max_diff": (sel_lat - win_lat).abs().max().item(),
+                    "window_seconds": win_s,
+                    "selective_seconds": sel_s,
+                    "window_flops": _flops(base, win_calls),
+                    "selective_flops": _flops(base, sel_calls),
+                }
+            )
+    settings = {
+        "preset": args.preset,
+        "blocks": args.blocks,
+        "seed": args.seed,
+        "prompt": args.prompt,
+        "steps": base.sampling.steps,
+        "frames_per_block": base.stream.frames_per_block,
+    }
     return rows, COLUMNS, settings
