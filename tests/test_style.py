@@ -1,6 +1,6 @@
 """The code passes the project's lint and format rules (pyproject.toml [tool.ruff]).
 
-    pytest tests/test_style.py
+pytest tests/test_style.py
 """
 
 import subprocess
