@@ -14,12 +14,14 @@ import torch
 
 from engine.config import Preset, TinyTextEncoder
 from engine.decode import StreamingDecoder, load_vae, random_vae
+from engine.demo.pixels import PatchCodec, PatchDecoder
+from engine.demo.vocab import VocabEncoder
 from engine.kv import KVCache
 from engine.models.checkpoints import load_weights
 from engine.models.lora import merge_lora
 from engine.models.rope import Rope
 from engine.models.wan import WanModel
-from engine.text import TextEncoder
+from engine.text import PromptEncoder, TextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,26 @@ class WeightPaths:
     """Seeded random weights for every part (timing runs, smoke tests)."""
     seed: int = 0
 
-    def resolved(self, part: str) -> Path | None:
+    def resolved(self, part: str, preset: Preset | None = None) -> Path | None:
+        """The path for `part`: explicit flag, else --base, else the preset's bundled weights."""
         explicit = {"transformer": self.checkpoint, "text_encoder": self.text_encoder, "vae": self.vae}[part]
-        return explicit or self.base
+        if explicit or self.base:
+            return explicit or self.base
+        if preset is not None and preset.bundled_weights and part in BUNDLED_FILES:
+            return bundled_weights_dir(preset.bundled_weights) / BUNDLED_FILES[part]
+        return None
+
+
+BUNDLED_FILES = {
+    "transformer": "transformer.safetensors",
+    "text_encoder": "text_encoder.safetensors",
+    "vae": "latent_codec.safetensors",
+}
+
+
+def bundled_weights_dir(name: str) -> Path:
+    """Weights shipped inside the package (engine/weights/<name>)."""
+    return Path(__file__).resolve().parent / "weights" / name
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,7 +106,7 @@ def init_random_(model: torch.nn.Module, seed: int) -> None:
 def build_model(preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> WanModel:
     with torch.device("meta"):
         model = WanModel(preset.model)
-    checkpoint = weights.resolved("transformer")
+    checkpoint = weights.resolved("transformer", preset)
     if checkpoint is not None and not weights.random:
         ckpt = load_weights(model, checkpoint, ema=weights.ema)
         log.info("transformer: %s", ckpt.describe())
@@ -103,7 +122,27 @@ def build_model(preset: Preset, weights: WeightPaths, device: torch.device, dtyp
     return model.to(device).cast(dtype).eval()
 
 
-def build_text_encoder(preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> TextEncoder:
+def build_text_encoder(preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> PromptEncoder:
+    if preset.text.vocab is not None:
+        encoder = _vocab_encoder(preset, weights, device)
+    else:
+        encoder = _umt5_encoder(preset, weights, device, dtype)
+    if encoder.width != preset.model.text_dim:
+        raise SetupError(f"text encoder width {encoder.width} != model text_dim {preset.model.text_dim}")
+    return encoder
+
+
+def _vocab_encoder(preset: Preset, weights: WeightPaths, device: torch.device) -> VocabEncoder:
+    vocab, text_len = preset.text.vocab, preset.text.text_len
+    path = weights.resolved("text_encoder", preset)
+    if path is not None and not weights.random:
+        return VocabEncoder.load(path, vocab, text_len, device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(weights.seed)
+        return VocabEncoder.create(vocab, text_len, preset.model.text_dim, device)
+
+
+def _umt5_encoder(preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> TextEncoder:
     folder = weights.resolved("text_encoder")
     if folder is not None and not weights.random:
         encoder = TextEncoder.from_folder(
@@ -117,12 +156,12 @@ def build_text_encoder(preset: Preset, weights: WeightPaths, device: torch.devic
             f"preset {preset.name} needs a umT5 text encoder: pass --text-encoder DIR "
             "(a transformers folder, e.g. Wan2.1-T2V-1.3B-Diffusers/text_encoder) or --base DIR"
         )
-    if encoder.width != preset.model.text_dim:
-        raise SetupError(f"text encoder width {encoder.width} != model text_dim {preset.model.text_dim}")
     return encoder
 
 
-def build_decoder(preset: Preset, weights: WeightPaths, device: torch.device) -> StreamingDecoder:
+def build_decoder(preset: Preset, weights: WeightPaths, device: torch.device) -> StreamingDecoder | PatchDecoder:
+    if preset.vae.kind == "patches":
+        return PatchDecoder(build_patch_codec(preset, weights))
     path = weights.resolved("vae")
     if path is not None and not weights.random:
         vae = load_vae(preset.vae, path)
@@ -133,6 +172,13 @@ def build_decoder(preset: Preset, weights: WeightPaths, device: torch.device) ->
             f"preset {preset.name} needs VAE weights: pass --vae PATH (folder or Wan2.1_VAE.pth) or --base DIR"
         )
     return StreamingDecoder(vae.to(device), preset.vae)
+
+
+def build_patch_codec(preset: Preset, weights: WeightPaths) -> PatchCodec:
+    path = weights.resolved("vae", preset)
+    if weights.random or path is None:
+        return PatchCodec.random(preset.vae.patch, preset.vae.z_dim, weights.seed)
+    return PatchCodec.load(path, preset.vae.patch)
 
 
 def latent_grid(preset: Preset) -> tuple[int, int]:

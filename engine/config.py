@@ -70,10 +70,18 @@ class WanConfig:
         return half - 2 * spatial, spatial, spatial
 
 
+VAE_KINDS = ("wan", "patches")
+
+
 @dataclass(frozen=True, kw_only=True)
 class VaeConfig:
-    """Wan2.1 VAE (diffusers `AutoencoderKLWan`) architecture."""
+    """The latent space: the Wan2.1 VAE (diffusers `AutoencoderKLWan`), or patchified pixels (demo)."""
 
+    kind: str = "wan"
+    """wan: the causal 3D VAE (stride 4 x 8 x 8); patches: principal components of p x p pixel
+    patches (engine/demo/pixels.py), one latent frame per video frame."""
+    patch: int = 4
+    """patches: patch size p (z_dim components of the 3 p^2 patch values)."""
     base_dim: int = 96
     z_dim: int = 16
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
@@ -92,14 +100,16 @@ class VaeConfig:
 
     @property
     def spatial_stride(self) -> int:
-        return 2 ** (len(self.dim_mult) - 1)
+        return self.patch if self.kind == "patches" else 2 ** (len(self.dim_mult) - 1)
 
     @property
     def temporal_stride(self) -> int:
-        return 2 ** sum(self.temporal_downsample)
+        return 1 if self.kind == "patches" else 2 ** sum(self.temporal_downsample)
 
     def pixel_frames(self, latent_frames: int) -> int:
         """Frames decoded from `latent_frames` causal latents: the first gives 1, the others `stride` each."""
+        if self.kind == "patches":
+            return latent_frames
         return 0 if latent_frames == 0 else 1 + self.temporal_stride * (latent_frames - 1)
 
 
@@ -117,15 +127,18 @@ class TinyTextEncoder:
 
 @dataclass(frozen=True, kw_only=True)
 class TextConfig:
-    """Text conditioning: umT5 through transformers."""
+    """Text conditioning: umT5 through transformers, or a learned word embedding (demo)."""
 
     text_len: int = 512
     """Tokens per prompt; embeddings are zero-padded to this length (as Wan does)."""
     tiny: TinyTextEncoder | None = None
     """If set, the preset builds a random tiny encoder instead of loading one from disk."""
+    vocab: tuple[str, ...] | None = None
+    """If set, prompts are words of this vocabulary, embedded by a learned table (the demo model)."""
 
     def __post_init__(self) -> None:
         _require(self.text_len > 0, "text_len must be positive")
+        _require(self.tiny is None or self.vocab is None, "choose a tiny umT5 or a vocabulary, not both")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,7 +178,9 @@ class StreamConfig:
 
 
 SOLVERS = ("self-forcing", "euler", "unipc", "unipc-skyreels")
-SCHEDULES = ("sequential", "pyramid", "skyreels")
+SCHEDULES = ("sequential", "pyramid", "cascade", "skyreels")
+CONTEXTS = ("joint", "lagged")
+SWITCHES = ("next-step", "recache")
 ATTENTION = ("causal", "bidirectional")
 COMPUTE = ("selective", "window")
 
@@ -218,12 +233,20 @@ class PlanConfig:
     """Which blocks denoise together, and how the blocks of one forward see each other."""
 
     schedule: str = "sequential"
-    """sequential (one block at a time), pyramid (block b starts offset ticks after b-1) or
+    """sequential (one block at a time), pyramid (block b starts offset ticks after b-1), cascade
+    (the pyramid with in-flight blocks spread over ranks; one process runs it as the pyramid) or
     skyreels (SkyReels-V2's timestep matrix over finite segments, with overlap for long videos)."""
     offset: int | None = None
     """pyramid/skyreels: ticks between the starts of consecutive blocks (SkyReels' ar_step; 0 = synchronous)."""
     attention: str = "causal"
     """Among the blocks of one forward: causal (block b sees blocks <= b) or bidirectional."""
+    context: str = "joint"
+    """How in-flight blocks see each other: joint (current K/V, as in one forward) or lagged (the
+    other blocks' K/V from the previous tick, which a cascade sends once per tick)."""
+    switch: str = "next-step"
+    """How a prompt switch takes effect: next-step (in-flight blocks take the new prompt at their
+    next step) or recache (sequential only: at the next block, after recomputing the recent window's
+    K/V under the new prompt, as LongLive does)."""
     compute: str = "selective"
     """selective: run only blocks with work, committed context from the KV cache. window: rerun the
     whole window every tick (finished blocks at t=0, unstarted at full noise), as the reference does."""
@@ -238,6 +261,10 @@ class PlanConfig:
         _require(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}")
         _require(self.attention in ATTENTION, f"attention must be one of {ATTENTION}")
         _require(self.compute in COMPUTE, f"compute must be one of {COMPUTE}")
+        _require(self.context in CONTEXTS, f"context must be one of {CONTEXTS}")
+        _require(self.context == "joint" or self.compute == "selective", "lagged context needs selective compute")
+        _require(self.switch in SWITCHES, f"switch must be one of {SWITCHES}")
+        _require(self.switch == "next-step" or self.schedule == "sequential", "recache is for sequential plans")
         _require(self.offset is None or self.offset >= 0, "offset must be >= 0")
         _require(
             self.schedule == "sequential" or self.offset is not None, f"the {self.schedule} schedule needs an offset"
@@ -259,6 +286,8 @@ class Preset:
     plan: PlanConfig = field(default_factory=PlanConfig)
     random_init: bool = False
     """True for presets whose weights are seeded random (tests); real presets need checkpoints."""
+    bundled_weights: str | None = None
+    """A folder of weights shipped inside the package (engine/weights/<name>), used by default."""
 
     def __post_init__(self) -> None:
         _require(self.model.in_channels == self.vae.z_dim, "model in_channels must equal the VAE's z_dim")
@@ -270,6 +299,7 @@ class Preset:
         )
         if self.text.tiny is not None:
             _require(self.text.tiny.d_model == self.model.text_dim, "tiny text encoder width must equal text_dim")
+        _require(self.plan.switch == "next-step" or self.stream.sink_frames == 0, "recache with sink frames")
         block = self.stream.frames_per_block
         for name in ("segment_frames", "overlap_frames"):
             value = getattr(self.plan, name)

@@ -48,15 +48,43 @@ def _check_umt5_folder(folder: Path) -> None:
         )
 
 
-class TextEncoder:
-    """Encodes prompts to `[B, text_len, d_model]`, caching the most recent prompts."""
+class PromptEncoder:
+    """Prompts -> `[B, text_len, width]` float32 states, keeping the most recent prompts' states.
+
+    Subclasses give `width` and `_encode_uncached(prompts)`.
+    """
+
+    width: int
+
+    def __init__(self) -> None:
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def _encode_uncached(self, prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, prompts: str | list[str]) -> torch.Tensor:
+        """`[B, text_len, width]` float32 states for one prompt or a batch."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing:
+            for prompt, states in zip(missing, self._encode_uncached(missing)):
+                self._cache[prompt] = states
+        for prompt in prompts:
+            self._cache.move_to_end(prompt)
+        while len(self._cache) > CACHED_PROMPTS:
+            self._cache.popitem(last=False)
+        return torch.stack([self._cache[p] for p in prompts])
+
+
+class TextEncoder(PromptEncoder):
+    """umT5 (transformers) with Wan's zero padding past each prompt's tokens."""
 
     def __init__(self, tokenizer, encoder: UMT5EncoderModel, text_len: int, device: torch.device | str):
+        super().__init__()
         self.tokenizer = tokenizer
         self.encoder = encoder.to(device).eval()
         self.text_len = text_len
         self.device = torch.device(device)
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     @property
     def width(self) -> int:
@@ -111,16 +139,3 @@ class TextEncoder:
         states = self.encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
         # Wan zeroes the states past each prompt's real length, then pads to text_len.
         return (states * tokens.attention_mask[..., None].to(states.dtype)).float()
-
-    def encode(self, prompts: str | list[str]) -> torch.Tensor:
-        """`[B, text_len, d_model]` float32 states for one prompt or a batch."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
-            for prompt, states in zip(missing, self._encode_uncached(missing)):
-                self._cache[prompt] = states
-        for prompt in prompts:
-            self._cache.move_to_end(prompt)
-        while len(self._cache) > CACHED_PROMPTS:
-            self._cache.popitem(last=False)
-        return torch.stack([self._cache[p] for p in prompts])

@@ -22,6 +22,7 @@ from engine.config import (
     VaeConfig,
     WanConfig,
 )
+from engine.demo.scenes import COLORS, SHAPES
 
 WAN_1_3B = WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
 WAN_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
@@ -46,6 +47,26 @@ SKYREELS_PLAN = PlanConfig(
     overlap_frames=5,
     addnoise_condition=20.0,
 )
+
+
+DEMO_VOCAB = ("a", "an", *COLORS, *SHAPES, "moving", "bouncing", "up", "down", "left", "right")
+
+
+def demo() -> Preset:
+    """The model arcade trains and ships: moving shapes at 64x64; latents are 16 principal components
+    of 4x4 pixel patches (one latent frame per video frame)."""
+    return Preset(
+        name="demo",
+        description="trained demo: shapes moving on dark backgrounds, 64x64, 3-frame blocks, 4 steps",
+        model=WanConfig(
+            dim=128, ffn_dim=512, num_heads=4, num_layers=6, in_channels=16, out_channels=16, text_dim=64, freq_dim=64
+        ),
+        vae=VaeConfig(kind="patches", patch=4, z_dim=16),
+        text=TextConfig(text_len=8, vocab=DEMO_VOCAB),
+        stream=StreamConfig(height=64, width=64, frames_per_block=3, window_frames=9, sink_frames=0, fps=16),
+        sampling=SamplingConfig(timesteps=(1000.0, 750.0, 500.0, 250.0), shift=1.0, warp=False),
+        bundled_weights="demo",
+    )
 
 
 def tiny_wan() -> Preset:
@@ -141,6 +162,7 @@ def wan_14b_causal() -> Preset:
 
 
 PRESETS: dict[str, Callable[[], Preset]] = {
+    "demo": demo,
     "tiny-wan": tiny_wan,
     "self-forcing-1.3b": self_forcing_1_3b,
     "longlive-1.3b": longlive_1_3b,

@@ -23,8 +23,9 @@ def _axis_frequencies(pairs: int, theta: float, device: torch.device | None) -> 
 class Rope:
     """Rotation tables for one latent grid (tokens_per_frame = grid_h * grid_w).
 
-    `tables(first_frame, frames)` gives cos/sin `[frames * T, head_dim/2]` (float32) for tokens
-    laid out frame-major, then row, then column, as the patch embedding flattens them.
+    `tables(first_frame, frames)` gives unit complex rotations `[frames * T, head_dim/2]`
+    (complex64) for tokens laid out frame-major, then row, then column, as the patch embedding
+    flattens them.
     """
 
     def __init__(self, cfg: WanConfig, grid_hw: tuple[int, int], device: torch.device | str | None = None):
@@ -32,10 +33,10 @@ class Rope:
         self.tokens_per_frame = grid_hw[0] * grid_hw[1]
         pairs_t, pairs_h, pairs_w = cfg.rope_pairs
         self.time_freqs = _axis_frequencies(pairs_t, cfg.rope_theta, device)
-        self.spatial_cos, self.spatial_sin = self._spatial_tables(cfg, grid_hw, device)
+        self.spatial = self._spatial_angles(cfg, grid_hw, device)  # [T, pairs_h + pairs_w] float64
 
     @staticmethod
-    def _spatial_tables(cfg: WanConfig, grid_hw: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _spatial_angles(cfg: WanConfig, grid_hw: tuple[int, int], device) -> torch.Tensor:
         _, pairs_h, pairs_w = cfg.rope_pairs
         grid_h, grid_w = grid_hw
         rows = torch.arange(grid_h, dtype=torch.float64, device=device)
@@ -46,36 +47,36 @@ class Rope:
             [angle_h[:, None, :].expand(grid_h, grid_w, pairs_h), angle_w[None, :, :].expand(grid_h, grid_w, pairs_w)],
             dim=-1,
         ).reshape(grid_h * grid_w, pairs_h + pairs_w)
-        return angles.cos().float(), angles.sin().float()
+        return angles
 
-    def tables(self, first_frame: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin `[frames * T, head_dim/2]` for frames at positions first_frame, first_frame+1, ..."""
+    def tables(self, first_frame: int, frames: int) -> torch.Tensor:
+        """Rotations `[frames * T, head_dim/2]` for frames at positions first_frame, first_frame+1, ..."""
         device = self.time_freqs.device
         positions = torch.arange(first_frame, first_frame + frames, dtype=torch.float64, device=device)
         angle_t = torch.outer(positions, self.time_freqs)  # [F, pt] float64: exact for any position
-        cos_t = angle_t.cos().float()[:, None, :].expand(frames, self.tokens_per_frame, -1)
-        sin_t = angle_t.sin().float()[:, None, :].expand(frames, self.tokens_per_frame, -1)
-        cos_s = self.spatial_cos[None].expand(frames, -1, -1)
-        sin_s = self.spatial_sin[None].expand(frames, -1, -1)
-        pairs = self.time_freqs.shape[0] + self.spatial_cos.shape[-1]
-        cos = torch.cat([cos_t, cos_s], dim=-1).reshape(frames * self.tokens_per_frame, pairs)
-        sin = torch.cat([sin_t, sin_s], dim=-1).reshape(frames * self.tokens_per_frame, pairs)
-        return cos, sin
+        angles = torch.cat(
+            [
+                angle_t[:, None, :].expand(frames, self.tokens_per_frame, -1),
+                self.spatial[None].expand(frames, -1, -1),
+            ],
+            dim=-1,
+        ).reshape(frames * self.tokens_per_frame, self.time_freqs.shape[0] + self.spatial.shape[-1])
+        return _unit(angles)
 
-    def time_shift(self, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin `[head_dim/2]` that move an already rotated key `frames` positions later in time."""
-        angle_t = frames * self.time_freqs
-        spatial = self.spatial_cos.shape[-1]
-        zeros = torch.zeros(spatial, dtype=torch.float64, device=angle_t.device)
-        angles = torch.cat([angle_t, zeros])
-        return angles.cos().float(), angles.sin().float()
+    def time_shift(self, frames: int) -> torch.Tensor:
+        """Rotations `[head_dim/2]` that move an already rotated key `frames` positions later in time."""
+        zeros = torch.zeros(self.spatial.shape[-1], dtype=torch.float64, device=self.time_freqs.device)
+        return _unit(torch.cat([frames * self.time_freqs, zeros]))
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x `[B, N, H, Dh]` by angles with cos/sin `[N, Dh/2]` (or `[Dh/2]`)."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [B, N, H, Dh/2, 2]
-    real, imag = pairs[..., 0], pairs[..., 1]
-    if cos.dim() == 2:
-        cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
-    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def _unit(angles: torch.Tensor) -> torch.Tensor:
+    # float64 angles -> complex64 e^{i angle}, rounded once
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+
+
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x `[B, N, H, Dh]` by complex `[N, Dh/2]` (or `[Dh/2]`) rotations."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # [B, N, H, Dh/2]
+    if rotation.dim() == 2:
+        rotation = rotation[:, None, :]  # broadcast over heads
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)

@@ -1,0 +1,142 @@
+"""Training the demo model with a diffusion-forcing objective.
+
+A batch is clips of `clip_blocks` blocks. Every block gets its own noise level (a share of them
+clean), so the model learns to denoise a block whatever the state of the blocks before it: clean
+committed context (sequential plans), partly denoised context (pyramid plans, the cascade), or
+noise. Attention between blocks is block-causal, as at inference. Each block carries its own
+prompt, so clips that switch description mid-way teach the model to follow a prompt switch.
+The loss is the flow-matching MSE on blocks that are not clean.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.config import Preset
+from engine.demo.pixels import PatchCodec
+from engine.demo.scenes import make_clip
+from engine.demo.vocab import VocabEncoder
+from engine.kv import LocalView
+from engine.models.rope import Rope
+from engine.models.wan import WanModel
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int = 1500
+    batch: int = 12
+    clip_blocks: int = 3
+    """Blocks per training clip; the model never sees more context than this."""
+    lr: float = 8e-4
+    warmup: int = 100
+    weight_decay: float = 0.01
+    clean_share: float = 0.25
+    """Share of blocks given no noise (committed context)."""
+    grid_share: float = 0.5
+    """Share of noisy blocks put exactly on the preset's sampling levels; the rest are uniform."""
+    switch_share: float = 0.25
+    """Share of clips whose description changes at a block boundary."""
+    ema: float = 0.999
+    codec_clips: int = 400
+    """Clips whose patches fit the latent space (PCA)."""
+    seed: int = 0
+    bf16: bool = True
+    """bf16 autocast (AMX on CPUs that have it; tensor cores on GPUs)."""
+
+
+def fit_codec(preset: Preset, cfg: TrainConfig) -> PatchCodec:
+    """The latent space: PCA of pixel patches over `codec_clips` clips of their own seed."""
+    rng = np.random.default_rng(cfg.seed + 1)
+    frames = np.stack([make_clip(rng, frames=preset.stream.frames_per_block, size=preset.stream.height).frames
+                       for _ in range(cfg.codec_clips)])  # fmt: skip
+    return PatchCodec.fit(frames, preset.vae.patch, preset.vae.z_dim)
+
+
+def make_batch(
+    preset: Preset, cfg: TrainConfig, codec: PatchCodec, rng: np.random.Generator
+) -> tuple[torch.Tensor, list[str]]:
+    """Latents `[B, C, F, h, w]` and one prompt per block, batch-major."""
+    block = preset.stream.frames_per_block
+    clips = [
+        make_clip(rng, frames=cfg.clip_blocks * block, size=preset.stream.height, block_frames=block,
+                  switch_probability=cfg.switch_share)
+        for _ in range(cfg.batch)
+    ]  # fmt: skip
+    latents = codec.encode(np.stack([c.frames for c in clips]))
+    prompts = [clip.prompts[b * block] for clip in clips for b in range(cfg.clip_blocks)]
+    return latents, prompts
+
+
+def block_sigmas(
+    batch: int,
+    blocks: int,
+    block_frames: int,
+    clean_share: float,
+    generator,
+    grid: tuple[float, ...] = (),
+    grid_share=0.0,
+) -> torch.Tensor:
+    """Per-frame noise levels `[B, F]`, constant within a block: 0 with `clean_share`, else one of
+    `grid` with `grid_share`, else U(0, 1] (so that many-step plans work too)."""
+    sigma = 1.0 - torch.rand(batch, blocks, generator=generator)  # (0, 1]
+    if grid:
+        levels = torch.tensor(grid)[torch.randint(len(grid), (batch, blocks), generator=generator)]
+        on_grid = torch.rand(batch, blocks, generator=generator) < grid_share
+        sigma = torch.where(on_grid, levels, sigma)
+    clean = torch.rand(batch, blocks, generator=generator) < clean_share
+    return sigma.masked_fill(clean, 0.0).repeat_interleave(block_frames, dim=1)
+
+
+def diffusion_forcing_loss(
+    model: WanModel,
+    words: VocabEncoder,
+    rope: Rope,
+    latents: torch.Tensor,
+    prompts: list[str],
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+    block_frames: int,
+) -> torch.Tensor:
+    """MSE between predicted and true flow (noise - x0) over the noisy blocks."""
+    frames = latents.shape[2]
+    s = sigma[:, None, :, None, None]
+    noisy = (1 - s) * latents + s * noise
+    text = model.embed_text(words.states(prompts))  # batch B * blocks: one prompt per block
+    flow = model(noisy, sigma, text, LocalView(rope, 0, frames, block_frames, "causal"))
+    error = (flow.float() - (noise - latents)).pow(2).mean(dim=(1, 3, 4))  # [B, F]
+    weight = (sigma > 0).float()
+    return (error * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class EMA:
+    """Exponential moving average of parameters, with a decay that warms up (1 + t) / (10 + t)."""
+
+    def __init__(self, modules: list[torch.nn.Module], decay: float):
+        self.decay = decay
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for shadow, param in zip(self.shadow, self.params):
+            shadow.lerp_(param.detach(), 1 - decay)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        for shadow, param in zip(self.shadow, self.params):
+            param.copy_(shadow)

@@ -1,0 +1,160 @@
+"""The demo model's parts: synthetic scenes, the adherence metric, latent codec, words, training.
+
+pytest tests/test_demo.py
+"""
+
+import dataclasses
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from engine.demo.pixels import PatchCodec, patchify, to_pixels, unpatchify
+from engine.demo.scenes import COLORS, SHAPES, Description, all_descriptions, make_clip, parse_prompt
+from engine.demo.training import TrainConfig, block_sigmas, diffusion_forcing_loss, fit_codec, make_batch
+from engine.demo.vocab import VocabEncoder
+from engine.eval.adherence import adherence, blocks_to_follow, read_video
+from engine.eval.metrics import psnr, ssim
+from engine.kv import LocalView
+from engine.models.checkpoints import CheckpointError
+from engine.models.rope import Rope
+from engine.models.wan import TextKV, WanModel
+from launch.presets import DEMO_VOCAB, get_preset
+
+DEMO = get_preset("demo")
+
+
+def test_clips_are_deterministic_and_described():
+    a = make_clip(np.random.default_rng(4), frames=12, switch_probability=1.0)
+    b = make_clip(np.random.default_rng(4), frames=12, switch_probability=1.0)
+    assert np.array_equal(a.frames, b.frames) and a.prompts == b.prompts
+    assert a.frames.shape == (12, 64, 64, 3) and a.frames.dtype == np.uint8
+    switch = next(i for i, p in enumerate(a.prompts) if p != a.prompts[0])
+    assert switch % 3 == 0, "descriptions change at block boundaries"
+
+
+def test_every_description_round_trips_through_its_prompt():
+    descriptions = all_descriptions()
+    assert len(descriptions) == len(COLORS) * len(SHAPES) * 9
+    assert all(parse_prompt(d.prompt) == d for d in descriptions)
+    assert parse_prompt("a purple hexagon") is None
+    assert Description("orange", "circle", "up").prompt == "an orange circle moving up"
+
+
+def test_shapes_wrap_around_the_edges():
+    clip = make_clip(np.random.default_rng(0), frames=40, description=Description("white", "square", "left"))
+    wrapped = [f for f in clip.frames if (f[:, :4].max() > 200) and (f[:, -4:].max() > 200)]
+    assert wrapped, "a shape leaving the left edge must show on the right"
+
+
+def test_metric_reads_the_generators_own_clips():
+    """On ground truth the metric must be near perfect (this bounds what the model can score)."""
+    rng = np.random.default_rng(11)
+    scores = [adherence(make_clip(rng, frames=24, description=d).frames, d) for d in all_descriptions()[::3]]
+    for attribute in ("color", "shape", "motion"):
+        accuracy = np.mean([s[attribute] for s in scores])
+        assert accuracy >= 0.97, f"{attribute}: {accuracy:.3f}"
+
+
+def test_metric_rejects_wrong_descriptions_and_blank_video():
+    clip = make_clip(np.random.default_rng(2), frames=24, description=Description("red", "circle", "left"))
+    assert adherence(clip.frames, Description("blue", "square", "right")) == {
+        "color": False,
+        "shape": False,
+        "motion": False,
+    }
+    blank = np.zeros((24, 64, 64, 3), dtype=np.uint8)
+    assert read_video(blank).color is None and not any(adherence(blank, Description("red", "circle", "left")).values())
+
+
+def test_blocks_to_follow_a_switch():
+    rng = np.random.default_rng(6)
+    before = make_clip(rng, frames=12, description=Description("red", "circle", "left"))
+    after = make_clip(rng, frames=12, description=Description("green", "triangle", "up"))
+    video = np.concatenate([before.frames, after.frames])
+    assert blocks_to_follow(video, Description("green", "triangle", "up"), 12, 3) == 0
+    assert blocks_to_follow(video, Description("blue", "square", "down"), 12, 3) is None
+
+
+def test_metrics_on_known_differences():
+    frames = make_clip(np.random.default_rng(1), frames=6).frames
+    assert psnr(frames, frames) == float("inf") and ssim(frames, frames) == pytest.approx(1.0)
+    noisy = np.clip(frames.astype(int) + np.random.default_rng(0).integers(-8, 9, frames.shape), 0, 255).astype(
+        np.uint8
+    )
+    assert 25 < psnr(noisy, frames) < 40 and ssim(noisy, frames) < 0.99
+
+
+def test_patch_codec_round_trip():
+    rng = np.random.default_rng(3)
+    train = np.stack([make_clip(rng, frames=3).frames for _ in range(60)])
+    codec = PatchCodec.fit(train, patch=4, channels=16)
+    held_out = np.stack([make_clip(rng, frames=3).frames for _ in range(10)])
+    latents = codec.encode(held_out)
+    assert latents.shape == (10, 16, 3, 16, 16)
+    assert latents.std().item() == pytest.approx(1.0, abs=0.15)
+    decoded = ((codec.decode(latents) + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 4, 1).numpy()
+    assert psnr(decoded, held_out) > 32
+    pixels = to_pixels(held_out)
+    assert torch.equal(unpatchify(patchify(pixels, 4), 4), pixels)
+
+
+def test_codec_files(tmp_path):
+    codec = PatchCodec.random(4, 16, seed=0)
+    assert torch.allclose(codec.basis @ codec.basis.T, torch.eye(16), atol=1e-5)
+    codec.save(tmp_path / "codec.safetensors")
+    loaded = PatchCodec.load(tmp_path / "codec.safetensors", 4)
+    assert torch.equal(loaded.basis, codec.basis)
+    with pytest.raises(CheckpointError, match="not a 2x2 patch codec"):
+        PatchCodec.load(tmp_path / "codec.safetensors", 2)
+
+
+def test_vocab_encoder(tmp_path, caplog):
+    words = VocabEncoder.create(DEMO_VOCAB, text_len=8, width=16)
+    with caplog.at_level(logging.WARNING):
+        states = words.encode(["a purple circle moving left!"])
+    assert "purple" in caplog.text and "circle" in caplog.text
+    assert states.shape == (1, 8, 16)
+    assert states[0, :4].abs().sum(-1).min() > 0 and torch.all(states[0, 4:] == 0)  # a circle moving left
+    words.save(tmp_path / "words.safetensors")
+    loaded = VocabEncoder.load(tmp_path / "words.safetensors", DEMO_VOCAB, 8)
+    assert torch.equal(loaded.encode("a red square"), words.encode("a red square"))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        VocabEncoder.load(tmp_path / "words.safetensors", DEMO_VOCAB[:-1], 8)
+
+
+@torch.no_grad()
+def test_one_prompt_per_block_equals_separate_calls():
+    """Training puts a prompt on each block of a clip; under causal attention block 0 with prompt
+    A equals block 0 run alone with A, and block 1 sees block 0 as it was."""
+    cfg = dataclasses.replace(DEMO.model, num_layers=2)
+    model, rope = WanModel(cfg).eval(), Rope(cfg, (8, 8))
+    x, sigma = torch.randn(1, 16, 6, 16, 16), torch.rand(1, 6)
+    a, b = (model.embed_text(torch.randn(1, 8, cfg.text_dim)) for _ in range(2))
+    both = model(x, sigma, TextKV.stack(a, b), LocalView(rope, 0, 6, 3, "causal"))
+    alone = model(x[:, :, :3], sigma[:, :3], a, LocalView(rope, 0, 3, 3, "causal"))
+    assert torch.allclose(both[:, :, :3], alone, atol=1e-5)
+
+
+def test_training_steps_reduce_the_loss():
+    preset = dataclasses.replace(DEMO, model=dataclasses.replace(DEMO.model, num_layers=2, dim=64, ffn_dim=128))
+    cfg = TrainConfig(steps=40, batch=4, clip_blocks=2, codec_clips=20, lr=2e-3, warmup=5, bf16=False)
+    codec = fit_codec(preset, cfg)
+    torch.manual_seed(0)
+    model = WanModel(preset.model)
+    words = VocabEncoder.create(DEMO_VOCAB, 8, preset.model.text_dim)
+    optimizer = torch.optim.AdamW(list(model.parameters()) + list(words.module.parameters()), lr=cfg.lr)
+    rope, rng, generator = Rope(preset.model, (8, 8)), np.random.default_rng(0), torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(cfg.steps):
+        latents, prompts = make_batch(preset, cfg, codec, rng)
+        sigma = block_sigmas(cfg.batch, cfg.clip_blocks, 3, cfg.clean_share, generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        loss = diffusion_forcing_loss(model, words, rope, latents, prompts, sigma, noise, 3)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), losses
+    assert (block_sigmas(64, 3, 3, 0.25, generator) == 0).float().mean().item() == pytest.approx(0.25, abs=0.08)
