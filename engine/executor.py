@@ -107,25 +107,50 @@ class Executor:
         (a prompt switch takes effect at the next tick). `initial(b)`: block b's starting noise
         (default: the stream's noise for (b, 0)). `prefix`: clean latents of pre-ready blocks.
         """
+        self.start(initial=initial, prefix=prefix)
+        for tick in ticks:
+            yield from self.step(tick, self._text_for(tick, text(tick) if callable(text) else text))
+
+    def _text_for(self, tick: Tick, requested: TextKV) -> TextKV:
+        """The prompt a tick runs under: the one requested for it (the next step takes it)."""
+        return requested
+
+    def start(
+        self, *, initial: Callable[[int], torch.Tensor] | None = None, prefix: dict[int, torch.Tensor] | None = None
+    ) -> None:
+        """Set the starting noise and the clean prefix before the first tick."""
         self._initial = initial or self._noise_block
         for block, latents in (prefix or {}).items():
             self.clean[block] = latents.to(self.device, torch.float32)
             self.pre_ready.add(block)
-        for tick in ticks:
-            prompt = text(tick) if callable(text) else text
-            yield from self._run_tick(tick, prompt)
+
+    def step(self, tick: Tick, text: TextKV) -> list[Block]:
+        """Run one tick; the blocks whose last step it was, in order."""
+        return list(self._run_tick(tick, text))
+
+    def owns(self, block: int) -> bool:
+        """Whether this executor denoises `block` (all of them here; one rank's share in a cascade)."""
+        return True
 
     def _run_tick(self, tick: Tick, text: TextKV) -> Iterator[Block]:
+        flows = self._compute(tick, text)
+        yield from self._apply(tick, flows)
+        self._forget(tick)
+
+    def _compute(self, tick: Tick, text: TextKV) -> dict[int, torch.Tensor]:
+        """Flows of the tick's working blocks: here one forward over all of them (joint context)."""
         selective = self.compute == "selective"
         members = self._selective_members(tick) if selective else self._window_members(tick)
-        frames = len(members) * self.frames_per_block
         context_frames = self.cache.visible_frames if selective else 0
-        flows = self._forward(members, text, self._view(tick, members[0][0], frames))
+        flows = self._forward(members, text, self._view(tick, members[0][0], len(members) * self.frames_per_block))
+        self._count(len(members), context_frames)
+        return flows
+
+    def _count(self, blocks: int, context_frames: int) -> None:
+        frames = blocks * self.frames_per_block
         self.stats.forwards += 1
         self.stats.frames += frames
         self.stats.calls.append((frames, context_frames + frames))
-        yield from self._apply(tick, flows)
-        self._forget(tick)
 
     def _view(self, tick: Tick, first_block: int, frames: int) -> AttentionView:
         first_frame, block_frames = first_block * self.frames_per_block, self.frames_per_block
@@ -143,6 +168,12 @@ class Executor:
     # -- choosing the inputs -------------------------------------------------------------------
 
     def _selective_members(self, tick: Tick) -> list[tuple[int, torch.Tensor, float]]:
+        """(block, input latents, network time) of the tick's blocks this executor owns."""
+        self._check_selective(tick)
+        return [self._input(w, tick) for w in tick.work if self.owns(w.block)]
+
+    @staticmethod
+    def _check_selective(tick: Tick) -> None:
         blocks = tick.blocks
         if blocks != list(range(blocks[0], blocks[0] + len(blocks))):
             raise ValueError(f"tick {tick.index}: blocks with work must be consecutive, got {blocks}")
@@ -151,7 +182,6 @@ class Executor:
             seen_work |= not w.commit
             if w.commit and seen_work:
                 raise ValueError(f"tick {tick.index}: committing blocks must precede working ones")
-        return [self._input(w, tick) for w in tick.work]
 
     def _window_members(self, tick: Tick) -> list[tuple[int, torch.Tensor, float]]:
         start, end = tick.window
@@ -189,14 +219,13 @@ class Executor:
     # -- the forward ---------------------------------------------------------------------------
 
     def _forward(self, members, text: TextKV, view: AttentionView) -> dict[int, torch.Tensor]:
-        F = self.frames_per_block
-        x = torch.cat([latents for _, latents, _ in members], dim=2)  # [B, C, n*F, H, W]
+        x = torch.cat([latents for _, latents, _ in members], dim=2)  # [B, C, frames, H, W]
         # float64 levels keep the network's t = 1000 * sigma exact (SkyReels feeds integer t);
         # filled on the device, so no host-to-device copy waits on the stream
         sigma = torch.cat(
             [
-                torch.full((F,), t_in / TRAIN_TIMESTEPS, dtype=torch.float64, device=self.device)
-                for _, _, t_in in members
+                torch.full((latents.shape[2],), t_in / TRAIN_TIMESTEPS, dtype=torch.float64, device=self.device)
+                for _, latents, t_in in members
             ]
         )[None].expand(x.shape[0], -1)
         guided = self.guidance_scale > 1.0
@@ -208,11 +237,12 @@ class Executor:
         if guided:
             cond, uncond = flow.chunk(2)
             flow = uncond + self.guidance_scale * (cond - uncond)
-        return {block: flow[:, :, i * F : (i + 1) * F] for i, (block, _, _) in enumerate(members)}
+        split = flow.split([latents.shape[2] for _, latents, _ in members], dim=2)
+        return {block: part for (block, _, _), part in zip(members, split)}
 
     def _apply(self, tick: Tick, flows: dict[int, torch.Tensor]) -> Iterator[Block]:
         for work in tick.work:
-            if work.commit:
+            if work.commit or not self.owns(work.block):
                 continue
             latents = self.solver.step(work, self.noisy[work.block], flows[work.block])
             if work.step + 1 < self.schedule.steps:

@@ -1,9 +1,9 @@
-"""Generate a video to an MP4 file.
+"""Generate a video to an MP4 file, on one process or as a cascade over torchrun ranks.
 
-    python -m engine.generate --preset tiny-wan --prompt "a red circle" --blocks 3 --seed 0 --out x.mp4
+    python -m engine.generate --prompt "a red circle moving left" --blocks 8 --out x.mp4
     python -m engine.generate --preset self-forcing-1.3b --checkpoint self_forcing_dmd.pt \\
         --base Wan2.1-T2V-1.3B-Diffusers --prompt "..." --blocks 7 --out video.mp4
-    python -m engine.generate --preset skyreels-v2-df-tiny --schedule pyramid --offset 1 --blocks 6
+    torchrun --nproc_per_node=3 -m engine.generate --schedule cascade --offset 1 --context joint --out x.mp4
 """
 
 from __future__ import annotations
@@ -12,25 +12,34 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.build import SetupError, resolve_device, resolve_dtype
-from engine.config import ConfigError
+from engine.build import SetupError, build_decoder, resolve_device, resolve_dtype
+from engine.config import ConfigError, Preset
+from engine.decode import to_uint8
 from engine.models.checkpoints import CheckpointError
 from engine.pipeline import Pipeline
 from engine.video import Mp4Writer
 from launch.cli import (
+    add_parallel_arguments,
     add_plan_arguments,
     add_preset_arguments,
     add_weight_arguments,
+    parallel_from_args,
     preset_from_args,
     weights_from_args,
 )
+from parallel.cascade import decode_rank_plan
+from parallel.runtime import RankFailure, launched
+from parallel.topology import Topology, TopologyError
 
 DEFAULT_PRESET = "tiny-wan"
+USER_ERRORS = (SetupError, CheckpointError, ConfigError, TopologyError, OSError)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,37 +47,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_preset_arguments(parser, DEFAULT_PRESET)
     parser.add_argument("--prompt", default="a red circle moving left", help="text prompt")
     parser.add_argument(
-        "--blocks", type=int, default=4, help="blocks to generate (each is frames_per_block latent frames)"
+        "--blocks", type=int, default=4, help="blocks to generate (frames_per_block latent frames each)"
     )
     parser.add_argument("--seed", type=int, default=0, help="fixes the whole video")
     parser.add_argument("--out", type=Path, default=Path("out.mp4"), help="output MP4 path")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what gets loaded")
     add_weight_arguments(parser)
     add_plan_arguments(parser)
+    add_parallel_arguments(parser)
     args = parser.parse_args(argv)
     if args.blocks < 1:
         parser.error("--blocks must be >= 1")
     return args
 
 
-def run(args: argparse.Namespace) -> dict:
+def _frames(args: argparse.Namespace, preset: Preset, topology: Topology) -> Iterator[np.ndarray]:
+    """Decoded frames of each block, in order, on the rank that writes; nothing on the others."""
+    device = topology.device if topology.distributed else resolve_device(args.device)
+    weights = weights_from_args(args)
+    if topology.is_compute:
+        pipeline = Pipeline.build(preset, weights, device, resolve_dtype(args.dtype, device), topology)
+        return (frames for _, frames in pipeline.generate(args.prompt, blocks=args.blocks, seed=args.seed))
+    decoder = build_decoder(preset, weights, device)  # a dedicated decode rank
+    return (to_uint8(decoder.decode(block.latents)) for block in decode_rank_plan(preset, topology, args.blocks))
+
+
+def run(args: argparse.Namespace, topology: Topology) -> dict | None:
     preset = preset_from_args(args)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    pipeline = Pipeline.build(preset, weights_from_args(args), device, dtype)
-    stream = preset.stream
+    if topology.distributed and preset.plan.schedule != "cascade":
+        raise TopologyError(f"{topology.world_size} processes need --schedule cascade (got {preset.plan.schedule})")
     start = time.perf_counter()
-    first_frame_s = None
-    blocks = pipeline.generate(args.prompt, blocks=args.blocks, seed=args.seed)
+    blocks = _frames(args, preset, topology)
+    if not topology.is_decoder:
+        for _ in blocks:  # compute ranks without output just run their share
+            pass
+        return None
+    stream, first_frame_s = preset.stream, None
     with Mp4Writer(args.out, fps=stream.fps, width=stream.width, height=stream.height) as writer:
         progress = tqdm(total=args.blocks, unit="block", disable=None, file=sys.stderr)
-        for _, frames in blocks:
+        for frames in blocks:
             first_frame_s = first_frame_s or time.perf_counter() - start
             writer.write(frames)
             progress.update(1)
         progress.close()
-        frames_written = writer.frames_written
     seconds = time.perf_counter() - start
+    frames_written = writer.frames_written
     return {
         "frames": frames_written,
         "seconds": seconds,
@@ -81,14 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        stats = run(args)
-    except (SetupError, CheckpointError, ConfigError, OSError) as err:
+        with launched(parallel_from_args(args)) as topology:
+            stats = run(args, topology)
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(
-        f"wrote {args.out}: {stats['frames']} frames in {stats['seconds']:.2f} s "
-        f"({stats['fps']:.1f} FPS, first frame after {stats['first_frame_s']:.2f} s)"
-    )
+    except RankFailure as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if stats is not None:
+        print(
+            f"wrote {args.out}: {stats['frames']} frames in {stats['seconds']:.2f} s "
+            f"({stats['fps']:.1f} FPS, first frame after {stats['first_frame_s']:.2f} s)"
+        )
     return 0
 
 

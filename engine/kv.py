@@ -59,7 +59,7 @@ class AttentionView:
         self.frames = frames
         self.block_frames = block_frames
         self.mode = mode
-        self.cos, self.sin = rope.tables(first_frame, frames)  # [N, Dh/2]
+        self.rotation = rope.tables(first_frame, frames)  # [N, Dh/2] complex
         self._mask: torch.Tensor | None = None
 
     def _mask_for(self, context_tokens: int) -> torch.Tensor | None:
@@ -67,7 +67,7 @@ class AttentionView:
             return None
         if self._mask is None:
             self._mask = in_flight_mask(
-                context_tokens, self.frames, self.block_frames, self.rope.tokens_per_frame, self.cos.device
+                context_tokens, self.frames, self.block_frames, self.rope.tokens_per_frame, self.rotation.device
             )
         return self._mask
 
@@ -82,7 +82,7 @@ class LocalView(AttentionView):
     """No committed context: the call's frames attend among themselves (block-causal or not)."""
 
     def context(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        return apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin), v, self._mask_for(0)
+        return apply_rope(q, self.rotation), apply_rope(k, self.rotation), v, self._mask_for(0)
 
 
 class KVCache:
@@ -112,41 +112,42 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.sink_k = torch.zeros((layers, batch, self.S * self.T, heads, head_dim), dtype=dtype, device=device)
-        self.committed = 0
-        self._sink_base = 0
+        self.reset()
 
     # -- bookkeeping (host integers) -------------------------------------------------------
 
     @property
     def visible_frames(self) -> int:
         """Committed frames a new call attends to (sink + the most recent ring frames)."""
-        in_sink = min(self.committed, self.S)
-        return in_sink + min(max(self.committed - self.S, 0), self.R)
+        held = self.committed - self.origin
+        return min(held, self.S) + min(max(held - self.S, 0), self.R)
 
     def first_recent_frame(self) -> int:
         """Absolute index of the oldest committed frame still in the ring."""
-        return max(self.S, self.committed - self.R)
+        return max(self.origin + self.S, self.committed - self.R)
 
     def visible_frame_ids(self) -> list[int]:
         """Absolute indices of the visible committed frames, oldest first."""
-        sink = list(range(min(self.committed, self.S)))
+        sink = list(range(self.origin, self.origin + min(self.committed - self.origin, self.S)))
         return sink + list(range(self.first_recent_frame(), self.committed))
 
     def slot_of(self, frame: int) -> int | None:
         """Buffer slot (in frames) where committed frame `frame` lives; None if it is not kept."""
-        if frame < self.S:
-            return frame
+        relative = frame - self.origin
+        if relative < self.S:
+            return relative
         if self.R == 0:
             return None
-        return self.S + (frame - self.S) % self.R
+        return self.S + (relative - self.S) % self.R
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.sink_k))
 
-    def reset(self) -> None:
-        """Forget every committed frame (a new stream). Buffers are reused, not reallocated."""
-        self.committed = 0
+    def reset(self, origin: int = 0) -> None:
+        """Forget every committed frame; the next commit is frame `origin` (0: a new stream; later:
+        rebuilding the recent window, as LongLive's recache does). Buffers are reused."""
+        self.origin = self.committed = origin
         self._sink_base = 0
 
     def view(
@@ -164,6 +165,18 @@ class KVCache:
 
     # -- writes ------------------------------------------------------------------------------
 
+    def append(self, first_frame: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Commit frames whose K/V were computed elsewhere: keys (rotated) / values `[L, B, n*T, H, Dh]`."""
+        if first_frame != self.committed:
+            raise ValueError(f"appending frame {first_frame} but {self.committed} frames are committed")
+        frames = keys.shape[2] // self.T
+        if frames > self.Q:
+            raise ValueError(f"{frames} frames exceed the cache's scratch of {self.Q}")
+        start = self.visible_frames * self.T
+        self.k[:, :, start : start + keys.shape[2]] = keys
+        self.v[:, :, start : start + keys.shape[2]] = values
+        self._commit(self.visible_frames, first_frame, frames)
+
     def _copy_frame(self, src: int, dst: int) -> None:
         T = self.T
         self.k[:, :, dst * T : (dst + 1) * T] = self.k[:, :, src * T : (src + 1) * T]
@@ -173,8 +186,9 @@ class KVCache:
         T = self.T
         for j in range(frames):
             frame, src = first_frame + j, scratch_slot + j
-            if frame < self.S:  # keep a copy rotated at its true position, to re-base later
-                self.sink_k[:, :, frame * T : (frame + 1) * T] = self.k[:, :, src * T : (src + 1) * T]
+            sink_slot = frame - self.origin
+            if sink_slot < self.S:  # keep a copy rotated at its true position, to re-base later
+                self.sink_k[:, :, sink_slot * T : (sink_slot + 1) * T] = self.k[:, :, src * T : (src + 1) * T]
             dst = self.slot_of(frame)
             if dst is not None and dst != src:
                 self._copy_frame(src, dst)
@@ -183,13 +197,13 @@ class KVCache:
 
     def _rebase_sink(self) -> None:
         """Rotate the sink so that it sits right before the oldest visible ring frame."""
-        base = self.first_recent_frame() - self.S
+        base = self.first_recent_frame() - self.S - self.origin
         if self.S == 0 or base == self._sink_base:
             return
-        cos, sin = self.rope.time_shift(base)
+        shift = self.rope.time_shift(base)
         sink_tokens = self.S * self.T
         for layer in range(self.k.shape[0]):
-            self.k[layer, :, :sink_tokens] = apply_rope(self.sink_k[layer], cos, sin)
+            self.k[layer, :, :sink_tokens] = apply_rope(self.sink_k[layer], shift)
         self._sink_base = base
 
 
@@ -206,11 +220,11 @@ class CachedView(AttentionView):
     def context(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         cache = self.cache
         start = self.scratch_slot * cache.T
-        cache.k[layer, :, start : self._end] = apply_rope(k, self.cos, self.sin)
+        cache.k[layer, :, start : self._end] = apply_rope(k, self.rotation)
         cache.v[layer, :, start : self._end] = v
         keys = cache.k[layer, :, : self._end]  # [B, visible*T + N, H, Dh]
         values = cache.v[layer, :, : self._end]
-        return apply_rope(q, self.cos, self.sin), keys, values, self._mask_for(start)
+        return apply_rope(q, self.rotation), keys, values, self._mask_for(start)
 
     def finish(self) -> None:
         if self.commit_frames:

@@ -17,37 +17,38 @@ import torch
 from engine.build import WeightPaths, build_decoder, build_kv_cache, build_model, build_text_encoder, latent_grid
 from engine.config import ConfigError, Preset
 from engine.decode import StreamingDecoder, to_uint8
+from engine.demo.pixels import PatchDecoder
 from engine.executor import Block, Executor, ExecutorStats
+from engine.lagged import LaggedExecutor
 from engine.models.rope import Rope
 from engine.models.wan import TextKV, WanModel
 from engine.noise import NoiseSource
-from engine.schedule import Schedule, build_schedule
+from engine.recache import RecacheExecutor
+from engine.schedule import build_schedule
 from engine.skyreels import Segment, plan_segments, run_segments
 from engine.solvers import make_solver
-from engine.text import TextEncoder
-from engine.timeline import Tick, pyramid, sequential
+from engine.text import PromptEncoder
+from engine.timeline import Tick, blocks_per_tick, pyramid, sequential
+from parallel.cascade import CascadeJoint, CascadeLagged, deliver
+from parallel.topology import Topology
 
 CACHED_TEXT_KV = 8
-
-
-def blocks_per_tick(schedule: Schedule, offset: int | None, num_blocks: int | None, prefix_blocks: int = 0) -> int:
-    """Most blocks one forward can hold under a plan: sizes the KV cache's scratch."""
-    if offset is None:  # sequential
-        return 1
-    if offset == 0:
-        if num_blocks is None:
-            raise ConfigError("a synchronous plan (offset 0) needs a finite number of blocks")
-        return num_blocks
-    return max(schedule.steps // offset + 1, prefix_blocks + 1)
 
 
 class Pipeline:
     """Loaded components for one preset: transformer, text encoder, VAE decoder."""
 
     def __init__(
-        self, preset: Preset, model: WanModel, text: TextEncoder, decoder: StreamingDecoder, device: torch.device
+        self,
+        preset: Preset,
+        model: WanModel,
+        text: PromptEncoder,
+        decoder: StreamingDecoder | PatchDecoder,
+        device: torch.device,
+        topology: Topology | None = None,
     ):
         self.preset = preset
+        self.topology = topology or Topology.single()
         self.model = model
         self.text = text
         self.decoder = decoder
@@ -57,12 +58,25 @@ class Pipeline:
         self.stats: list[ExecutorStats] = []
         """Per executor (one per SkyReels segment) of the latest `latents` run."""
         self._text_kv: OrderedDict[str, TextKV] = OrderedDict()
+        self._conditioning: OrderedDict[str, TextKV] = OrderedDict()
 
     @classmethod
-    def build(cls, preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> Pipeline:
+    def build(
+        cls,
+        preset: Preset,
+        weights: WeightPaths,
+        device: torch.device,
+        dtype: torch.dtype,
+        topology: Topology | None = None,
+    ) -> Pipeline:
         model = build_model(preset, weights, device, dtype)
         text = build_text_encoder(preset, weights, device, dtype)
-        return cls(preset, model, text, build_decoder(preset, weights, device), device)
+        return cls(preset, model, text, build_decoder(preset, weights, device), device, topology)
+
+    @property
+    def cascaded(self) -> bool:
+        """A cascade across ranks (one process runs the same plan as a pyramid)."""
+        return self.preset.plan.schedule == "cascade" and self.topology.distributed
 
     # -- conditioning ----------------------------------------------------------------------------
 
@@ -77,11 +91,18 @@ class Pipeline:
         return self._text_kv[prompt]
 
     def conditioning(self, prompt: str) -> TextKV:
-        """The prompt's K/V; with guidance, stacked with the negative prompt's as batch [cond, uncond]."""
-        cond = self.text_kv(prompt)
+        """The prompt's K/V; with guidance, stacked with the negative prompt's as batch [cond, uncond].
+        The same prompt gives the same object (a switch is a change of object)."""
         if not self.preset.sampling.guided:
-            return cond
-        return TextKV.stack(cond, self.text_kv(self.preset.sampling.negative_prompt))
+            return self.text_kv(prompt)
+        key = f"{prompt}\x00{self.preset.sampling.negative_prompt}"
+        if key not in self._conditioning:
+            negative = self.text_kv(self.preset.sampling.negative_prompt)
+            self._conditioning[key] = TextKV.stack(self.text_kv(prompt), negative)
+        self._conditioning.move_to_end(key)
+        while len(self._conditioning) > CACHED_TEXT_KV:
+            self._conditioning.popitem(last=False)
+        return self._conditioning[key]
 
     # -- executors and plans -----------------------------------------------------------------------
 
@@ -89,6 +110,9 @@ class Pipeline:
         """An executor for one stream (or one segment), with its own KV cache when selective."""
         preset, sampling, plan = self.preset, self.preset.sampling, self.preset.plan
         frames = preset.stream.frames_per_block
+        kind, extra = self._executor_kind()
+        if kind is RecacheExecutor:  # a recache reruns the whole visible window in one forward
+            blocks_in_forward = max(blocks_in_forward, -(-preset.stream.context_frames // frames))
         cache = None
         if plan.compute == "selective":
             cache = build_kv_cache(
@@ -99,7 +123,7 @@ class Pipeline:
                 scratch_frames=blocks_in_forward * frames,
                 ring_frames=ring_frames,
             )
-        executor = Executor(
+        executor = kind(
             self.model,
             schedule=self.schedule,
             solver=make_solver(sampling.solver, self.schedule, noise),
@@ -112,9 +136,18 @@ class Pipeline:
             guidance_scale=sampling.guidance_scale,
             fps=preset.stream.fps if preset.model.fps_embedding else None,
             prefix_noise_t=plan.addnoise_condition,
+            **extra,
         )
         self.stats.append(executor.stats)
         return executor
+
+    def _executor_kind(self) -> tuple[type[Executor], dict]:
+        plan = self.preset.plan
+        if self.cascaded:
+            return (CascadeLagged if plan.context == "lagged" else CascadeJoint), {"topology": self.topology}
+        if plan.switch == "recache":
+            return RecacheExecutor, {}
+        return (LaggedExecutor if plan.context == "lagged" else Executor), {}
 
     def plan(self, num_blocks: int | None) -> Iterator[Tick]:
         """The preset's sequential or pyramid plan (SkyReels plans are built per segment)."""
@@ -143,7 +176,12 @@ class Pipeline:
         if plan.schedule == "skyreels":
             return self._skyreels(text, noise, blocks, initial)
         offset = None if plan.schedule == "sequential" else plan.offset
-        executor = self.executor(noise, blocks_in_forward=blocks_per_tick(self.schedule, offset, blocks))
+        in_flight = blocks_per_tick(self.schedule, offset, blocks)
+        executor = self.executor(noise, blocks_in_forward=in_flight)
+        if self.cascaded:
+            self.topology.check_plan(in_flight, self.schedule.steps, plan.offset)
+            executor.start(initial=initial)
+            return deliver(executor, self.plan(blocks), text, self.topology)
         return executor.run(self.plan(blocks), text, initial=initial)
 
     def _skyreels(self, text, noise: NoiseSource, blocks: int | None, initial) -> Iterator[Block]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.config import ConfigError
 from engine.schedule import Schedule
 
 
@@ -106,6 +107,17 @@ def sequential(
 ) -> Iterator[Tick]:
     """Self-Forcing's loop: each block runs all its steps and its commit before the next starts."""
     return pyramid(schedule, offset=schedule.steps + 1, num_blocks=num_blocks, window_blocks=window_blocks)
+
+
+def blocks_per_tick(schedule: Schedule, offset: int | None, num_blocks: int | None, prefix_blocks: int = 0) -> int:
+    """Most blocks one forward can hold under a plan: sizes the KV cache's scratch."""
+    if offset is None:  # sequential
+        return 1
+    if offset == 0:
+        if num_blocks is None:
+            raise ConfigError("a synchronous plan (offset 0) needs a finite number of blocks")
+        return num_blocks
+    return max(schedule.steps // offset + 1, prefix_blocks + 1)
 
 
 # -- SkyReels-V2 -------------------------------------------------------------------------------

@@ -11,10 +11,16 @@ from pathlib import Path
 
 import torch
 
-from launch.benchmarks import selective
+from launch.benchmarks import adherence, cascade, cascade_model, selective, switch
 from launch.report import table, write_json
 
-BENCHMARKS = {"selective": selective}
+BENCHMARKS = {
+    "selective": selective,
+    "adherence": adherence,
+    "cascade": cascade,
+    "switch": switch,
+    "cascade-model": cascade_model,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

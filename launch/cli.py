@@ -12,8 +12,9 @@ import dataclasses
 from pathlib import Path
 
 from engine.build import WeightPaths
-from engine.config import ATTENTION, COMPUTE, SCHEDULES, SOLVERS, Preset
+from engine.config import ATTENTION, COMPUTE, CONTEXTS, SCHEDULES, SOLVERS, SWITCHES, Preset
 from launch.presets import PRESETS, get_preset
+from parallel.topology import ParallelConfig
 
 # flag -> (config section, field)
 _PLAN_FLAGS = {
@@ -62,8 +63,10 @@ def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("plan and sampling (default: the preset's)")
-    group.add_argument("--schedule", choices=SCHEDULES, help="sequential, pyramid or skyreels (timestep matrix)")
+    group.add_argument("--schedule", choices=SCHEDULES, help="sequential, pyramid, cascade (over ranks) or skyreels")
     group.add_argument("--offset", type=int, help="ticks between block starts (SkyReels ar_step; 0 = synchronous)")
+    group.add_argument("--context", choices=CONTEXTS, help="in-flight blocks see current (joint) or last tick's K/V")
+    group.add_argument("--switch", choices=SWITCHES, help="prompt switch: next-step, or recache (LongLive)")
     group.add_argument("--window-attention", choices=ATTENTION, help="attention among the blocks of one forward")
     group.add_argument(
         "--compute", choices=COMPUTE, help="selective (blocks with work, KV cache) or window (rerun all)"
@@ -108,3 +111,13 @@ def weights_from_args(args: argparse.Namespace) -> WeightPaths:
         ema=args.ema,
         random=args.random_weights,
     )
+
+
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ranks (under torchrun)")
+    group.add_argument("--decode-rank", action="store_true", help="the last rank only decodes and writes")
+    group.add_argument("--timeout", type=float, default=120.0, help="seconds before a silent peer ends the job")
+
+
+def parallel_from_args(args: argparse.Namespace) -> ParallelConfig:
+    return ParallelConfig(decode_rank=args.decode_rank, timeout_s=args.timeout)

@@ -182,3 +182,47 @@ def test_pyramid_blocks_see_their_predecessors_in_flight():
     pyr = _video(_pipeline("tiny-wan", plan=dict(schedule="pyramid", offset=2)), 3)
     assert_close(pyr[:, :, :F], seq[:, :, :F], 1e-6, "block 0, pyramid vs sequential")
     assert (pyr[:, :, F:] - seq[:, :, F:]).abs().max() > 1e-4
+
+
+def test_lagged_context_without_neighbours_is_sequential():
+    """With offset steps + 1 no block is ever in flight beside another: lagged changes nothing."""
+    steps = get_preset("tiny-wan").sampling.steps
+    seq = _video(_pipeline("tiny-wan", plan=dict(schedule="sequential")), 3)
+    lagged = _video(_pipeline("tiny-wan", plan=dict(schedule="cascade", offset=steps + 1, context="lagged")), 3)
+    assert_close(lagged, seq, 1e-6, "lagged, offset steps+1, vs sequential")
+
+
+@torch.no_grad()
+def test_recache_rewrites_the_window_as_fresh_commits_would():
+    """After a recache the window's K/V equal committing the same clean latents block by block
+    under the new prompt from an empty cache starting at the window."""
+    pipeline = _pipeline("tiny-wan", stream=dict(sink_frames=0), plan=dict(switch="recache"))
+    F, old, new = 3, pipeline.conditioning("a red circle"), pipeline.conditioning("a blue square")
+    executor = pipeline.executor(NoiseSource(0), blocks_in_forward=1)
+    list(executor.run(pipeline.plan(4), old))
+    frames = executor.cache.visible_frame_ids()
+    assert frames == list(range(6, 12))
+    executor.recache(new)
+    reference = pipeline.executor(NoiseSource(0), blocks_in_forward=1).cache
+    reference.reset(origin=6)
+    for block in (2, 3):
+        view = reference.view(first_frame=block * F, frames=F, block_frames=F, mode="causal", commit_frames=F)
+        pipeline.model(executor.history[block], torch.zeros(1, F, dtype=torch.float64), new, view)
+        view.finish()
+    T = reference.T
+    for cache in (executor.cache, reference):
+        assert cache.visible_frame_ids() == frames
+    ours = [executor.cache.k[:, :, executor.cache.slot_of(f) * T : (executor.cache.slot_of(f) + 1) * T] for f in frames]
+    theirs = [reference.k[:, :, reference.slot_of(f) * T : (reference.slot_of(f) + 1) * T] for f in frames]
+    assert_close(torch.cat(ours, 2), torch.cat(theirs, 2), 1e-5, "recached keys")
+
+
+def test_recache_waits_for_the_next_block():
+    plan = dict(switch="recache")
+    pipeline = _pipeline("tiny-wan", stream=dict(sink_frames=0), plan=plan)
+    before = _video(pipeline, 4, prompt="a red circle")
+    switched = torch.cat([b.latents for b in pipeline.latents(
+        lambda tick: "a red circle" if tick.index < 12 else "a blue square", blocks=4, seed=0)], dim=2)  # fmt: skip
+    assert torch.equal(switched[:, :, :9], before[:, :, :9]), "block 2 started under the old prompt and keeps it"
+    assert not torch.allclose(switched[:, :, 9:], before[:, :, 9:])
+    assert pipeline.stats[-1].forwards == 4 * 5 + 1, "one recache forward"

@@ -70,7 +70,7 @@ class NaiveWindowView(AttentionView):
         committed = len(store["k"][0])
         self.visible = list(range(min(committed, sink))) + list(range(max(sink, committed - ring), committed))
         super().__init__(rope, len(self.visible), frames, frames, "bidirectional")
-        self.context_cos, self.context_sin = rope.tables(0, len(self.visible))
+        self.context_rotation = rope.tables(0, len(self.visible))
         self.pending = {}
 
     def context(self, layer, q, k, v):
@@ -78,11 +78,11 @@ class NaiveWindowView(AttentionView):
         self.pending[layer] = (k, v)
         keys = [self.store["k"][layer][f] for f in self.visible]
         values = [self.store["v"][layer][f] for f in self.visible]
-        rotated = apply_rope(torch.cat(keys, 1), self.context_cos, self.context_sin) if keys else k[:, :0]
-        keys = torch.cat([rotated, apply_rope(k, self.cos, self.sin)], 1)
+        rotated = apply_rope(torch.cat(keys, 1), self.context_rotation) if keys else k[:, :0]
+        keys = torch.cat([rotated, apply_rope(k, self.rotation)], 1)
         values = torch.cat(values + [v], 1)
         assert keys.shape[1] == (len(self.visible) + self.frames) * T
-        return apply_rope(q, self.cos, self.sin), keys, values, None
+        return apply_rope(q, self.rotation), keys, values, None
 
     def finish(self):
         if self.commit_frame is None:

@@ -1,0 +1,129 @@
+"""Who does what in a multi-process run: the device mesh, built once from torchrun's environment.
+
+    world = cascade x sp compute ranks (+ 1 decode rank when asked for, the last one)
+
+Compute ranks form a `DeviceMesh` with named dims ("cascade", "sp"); each cascade rank holds its
+share of a stream's in-flight blocks (parallel/cascade.py), sp is sequence parallelism inside a
+block (size 1 until it exists). The decode rank only receives finished blocks, decodes and
+writes them; without one, rank 0 does that beside its compute. NCCL on CUDA, gloo on CPU. Groups
+live on this object and are passed explicitly; nothing is kept in module globals.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from parallel.faults import FaultReporter
+
+
+class TopologyError(RuntimeError):
+    """A process layout that cannot run (said at launch, before any weights load)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    cascade: int | None = None
+    """Ranks in the cascade dimension; None = every compute rank."""
+    sp: int = 1
+    """Sequence-parallel ranks per block (only 1 is implemented)."""
+    decode_rank: bool = False
+    """Reserve the last rank for decoding and serving."""
+    timeout_s: float = 120.0
+    """A collective or a peer that takes longer than this ends the job with an error."""
+
+
+def _layout(world: int, cfg: ParallelConfig) -> tuple[int, int]:
+    """(cascade, compute ranks) for a world size, or a clear error."""
+    compute = world - (1 if cfg.decode_rank else 0)
+    if compute < 1:
+        raise TopologyError(f"a decode rank needs at least 2 processes, got {world}")
+    if cfg.sp != 1:
+        raise TopologyError("sequence parallelism (sp > 1) is not implemented yet; use sp = 1")
+    cascade = cfg.cascade or compute // cfg.sp
+    if cascade * cfg.sp != compute:
+        extra = " + 1 decode rank" if cfg.decode_rank else ""
+        raise TopologyError(
+            f"cascade {cascade} x sp {cfg.sp}{extra} = {cascade * cfg.sp + (1 if cfg.decode_rank else 0)} "
+            f"processes, but torchrun started {world}"
+        )
+    return cascade, compute
+
+
+class Topology:
+    """The ranks of one run and their groups. `Topology.single()` is the one-process case."""
+
+    def __init__(self, cfg: ParallelConfig, rank: int, world: int, local_rank: int, mesh: DeviceMesh | None):
+        self.cfg, self.rank, self.world_size, self.local_rank, self.mesh = cfg, rank, world, local_rank, mesh
+        self.cascade_size, self.compute_ranks = _layout(world, cfg)
+        self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        self.faults = FaultReporter(rank, world)
+
+    @classmethod
+    def single(cls) -> Topology:
+        return cls(ParallelConfig(), 0, 1, 0, None)
+
+    @classmethod
+    def from_env(cls, cfg: ParallelConfig) -> Topology:
+        """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; one process without them."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls.single()
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        cascade, compute = _layout(world, cfg)  # fail before starting any group
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s))
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        ranks = torch.arange(compute).view(cascade, cfg.sp)
+        mesh = DeviceMesh(device_type, ranks, mesh_dim_names=("cascade", "sp"))
+        return cls(cfg, rank, world, local_rank, mesh)
+
+    # -- roles -------------------------------------------------------------------------------
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_compute(self) -> bool:
+        return self.rank < self.compute_ranks
+
+    @property
+    def is_decoder(self) -> bool:
+        """The rank that receives finished blocks in order and writes/serves them."""
+        return self.rank == self.sink
+
+    @property
+    def sink(self) -> int:
+        return self.world_size - 1 if self.cfg.decode_rank else 0
+
+    @property
+    def cascade_rank(self) -> int:
+        return self.rank // self.cfg.sp if self.is_compute else -1
+
+    def cascade_group(self):
+        return self.mesh.get_group("cascade") if self.mesh is not None and self.is_compute else None
+
+    def owner(self, block: int) -> int:
+        """Cascade rank that denoises `block`: round robin, so neighbours sit on different ranks."""
+        return block % self.cascade_size
+
+    def check_plan(self, in_flight: int, steps: int, offset: int) -> None:
+        """Refuse a cascade whose ranks the plan could never all keep busy."""
+        if self.cascade_size > in_flight:
+            raise TopologyError(
+                f"the plan keeps at most {in_flight} blocks in flight ({steps} steps, offset {offset}), so "
+                f"{self.cascade_size} cascade ranks cannot all work: "
+                f"lower --offset or use {in_flight} compute processes"
+            )
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,79 @@
+"""One rank of a cascade test run (launched by tests under torchrun, never collected by pytest).
+
+    torchrun --standalone --nproc_per_node=3 tests/cascade_worker.py --out DIR --runs joint:causal:1
+
+For each run CONTEXT:ATTENTION:OFFSET the sink rank saves the clean latents of the whole video to
+DIR/CONTEXT-ATTENTION-OFFSET.pt (one launch, several runs: start-up is the slow part). `--fault
+RANK:TICK:KIND` makes one rank fail at one tick (raise, exit, hang) through the per-tick prompt
+function, which every rank calls.
+"""
+
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from engine.build import WeightPaths
+from engine.config import PlanConfig
+from engine.pipeline import Pipeline
+from launch.presets import get_preset
+from parallel.runtime import RankFailure, launched
+from parallel.topology import ParallelConfig
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="tiny-wan")
+    parser.add_argument("--blocks", type=int, default=5)
+    parser.add_argument("--runs", nargs="+", default=["joint:causal:1"], help="CONTEXT:ATTENTION:OFFSET")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--fault", default="")
+    parser.add_argument("--out", type=Path, required=True)
+    return parser.parse_args()
+
+
+def prompt_for(args: argparse.Namespace, rank: int):
+    fault_rank, fault_tick, kind = (args.fault.split(":") + ["", "", ""])[:3] if args.fault else ("-1", "-1", "")
+
+    def prompt(tick) -> str:
+        if rank == int(fault_rank) and tick.index == int(fault_tick):
+            if kind == "raise":
+                raise RuntimeError(f"injected failure at tick {tick.index}")
+            if kind == "exit":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if kind == "hang":
+                time.sleep(3600)
+        return "a red circle moving left" if tick.index < 6 else "a blue square moving up"
+
+    return prompt
+
+
+def main() -> int:
+    args = parse()
+    torch.set_grad_enabled(False)
+    try:
+        with launched(ParallelConfig(timeout_s=args.timeout)) as topology:
+            for run in args.runs:
+                context, attention, offset = run.split(":")
+                plan = PlanConfig(schedule="cascade", offset=int(offset), context=context, attention=attention)
+                preset = dataclasses.replace(get_preset(args.preset), plan=plan)
+                pipeline = Pipeline.build(preset, WeightPaths(seed=3), torch.device("cpu"), torch.float32, topology)
+                blocks = list(pipeline.latents(prompt_for(args, topology.rank), blocks=args.blocks, seed=args.seed))
+                if topology.is_decoder:
+                    args.out.mkdir(parents=True, exist_ok=True)
+                    latents = torch.cat([b.latents for b in blocks], dim=2)
+                    torch.save(latents, args.out / f"{run.replace(':', '-')}.pt")
+    except RankFailure as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Block Cascading over torchrun ranks (gloo on CPU): equal to one device, lagged context, faults.
+
+    pytest tests/test_cascade.py
+
+Each multi-rank case is one `torchrun --standalone` launch of tests/cascade_worker.py under an
+outer timeout; the sink rank saves latents, compared here with the one-device executor.
+"""
+
+import dataclasses
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.build import WeightPaths
+from engine.config import PlanConfig
+from engine.pipeline import Pipeline
+from helpers import assert_close
+from launch.presets import get_preset
+from parallel.topology import ParallelConfig, Topology, TopologyError, _layout
+
+WORKER = Path(__file__).with_name("cascade_worker.py")
+BLOCKS = 5
+STEPS = get_preset("tiny-wan").sampling.steps
+
+
+def _launch(ranks: int, out: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+               str(WORKER), "--out", str(out), "--blocks", str(BLOCKS), *args]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def _prompt(tick):
+    return "a red circle moving left" if tick.index < 6 else "a blue square moving up"  # as the worker
+
+
+def _one_device(context: str, attention: str, offset: int) -> torch.Tensor:
+    plan = PlanConfig(schedule="cascade", offset=offset, context=context, attention=attention)
+    preset = dataclasses.replace(get_preset("tiny-wan"), plan=plan)
+    pipeline = Pipeline.build(preset, WeightPaths(seed=3), torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        return torch.cat([b.latents for b in pipeline.latents(_prompt, blocks=BLOCKS, seed=0)], dim=2)
+
+
+def _sequential() -> torch.Tensor:
+    pipeline = Pipeline.build(get_preset("tiny-wan"), WeightPaths(seed=3), torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        return torch.cat([b.latents for b in pipeline.latents(_prompt, blocks=BLOCKS, seed=0)], dim=2)
+
+
+@pytest.mark.parametrize(
+    "ranks, runs",
+    [
+        (2, ["joint:causal:1", "lagged:bidirectional:1", f"joint:causal:{STEPS + 1}"]),
+        (3, ["joint:bidirectional:1", "joint:causal:2", "lagged:causal:1"]),
+        (5, ["joint:causal:1", "joint:bidirectional:1"]),
+    ],
+)
+def test_cascade_equals_one_device(tmp_path, ranks, runs):
+    """joint over N ranks equals one forward per tick on one device (the reference semantics);
+    lagged equals the one-device lagged reference; offset steps+1 equals sequential generation."""
+    result = _launch(ranks, tmp_path, "--runs", *runs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for run in runs:
+        context, attention, offset = run.split(":")
+        actual = torch.load(tmp_path / f"{run.replace(':', '-')}.pt")
+        expected = _one_device(context, attention, int(offset))
+        assert_close(actual, expected, 1e-5, f"{ranks} ranks, {run}")
+        if int(offset) == STEPS + 1:
+            assert_close(actual, _sequential(), 1e-5, f"{ranks} ranks, offset {offset} vs sequential")
+
+
+@pytest.mark.parametrize("kind, cause", [("raise", "rank 1: RuntimeError: injected"), ("exit", "rank 1 (pid"),
+                                         ("hang", "rank 1 stopped responding in tick 3")])  # fmt: skip
+def test_a_failing_rank_stops_every_rank_with_its_name(tmp_path, kind, cause):
+    timeout = 8
+    start = time.monotonic()
+    result = _launch(3, tmp_path, "--blocks", "8", "--timeout", str(timeout), "--fault", f"1:3:{kind}", timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    messages = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert messages and all(cause in m for m in messages), "\n".join(messages) or result.stderr[-2000:]
+    assert elapsed < 60, f"took {elapsed:.0f} s with a {timeout} s timeout"
+    leftover = subprocess.run(["pgrep", "-f", str(WORKER)], capture_output=True, text=True).stdout.split()
+    assert not leftover, f"processes left behind: {leftover}"
+
+
+def test_generate_under_torchrun_with_a_decode_rank(tmp_path):
+    out = tmp_path / "cascade.mp4"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m",
+               "engine.generate", "--schedule", "cascade", "--offset", "2", "--decode-rank", "--blocks", "4",
+               "--out", str(out)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from engine.video import read_frames
+
+    assert read_frames(out).shape[0] == get_preset("tiny-wan").pixel_frames(4)
+    assert result.stdout.count("wrote") == 1, "only the decode rank writes"
+
+
+def test_layouts_that_do_not_fit_fail_clearly():
+    assert _layout(4, ParallelConfig()) == (4, 4)
+    assert _layout(4, ParallelConfig(decode_rank=True)) == (3, 3)
+    with pytest.raises(TopologyError, match="not implemented"):
+        _layout(4, ParallelConfig(sp=2))
+    with pytest.raises(TopologyError, match="torchrun started 4"):
+        _layout(4, ParallelConfig(cascade=3))
+    with pytest.raises(TopologyError, match="at least 2"):
+        _layout(1, ParallelConfig(decode_rank=True))
+    topology = Topology(ParallelConfig(), 0, 5, 0, None)
+    with pytest.raises(TopologyError, match="at most 3 blocks in flight"):
+        topology.check_plan(3, 4, 2)
+    assert [topology.owner(b) for b in range(7)] == [0, 1, 2, 3, 4, 0, 1]
+    assert not Topology.single().distributed and Topology.single().is_decoder
