@@ -1,0 +1,268 @@
+"""The streaming service end to end: a real server process, real WebSocket clients, a real browser.
+
+    pytest tests/test_stream.py
+
+The browser test drives Debian's Chromium (`apt-get install chromium`) with Playwright.
+"""
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from websockets.sync.client import connect
+
+from engine.client import StreamClient
+from engine.demo.scenes import parse_prompt
+from engine.eval.adherence import adherence
+from engine.protocol import MAX_MESSAGE_BYTES, MAX_PROMPT_CHARS, ProtocolError, decode_frame, parse_control
+from engine.serve import needs_token
+
+CHROMIUM = "/usr/bin/chromium"
+FIRST, SECOND = "a red circle moving left", "a blue square moving up"
+
+
+@contextmanager
+def server(*args: str, timeout: float = 60):
+    """`python -m engine.stream` on a free port; yields (http base, process); stops it with SIGINT."""
+    command = [sys.executable, "-m", "engine.stream", "--port", "0", "--prompt", FIRST, *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        line = ""
+        while time.monotonic() < deadline and "serving" not in line:
+            line = process.stdout.readline()
+            if not line and process.poll() is not None:
+                raise RuntimeError(f"the server exited: {process.stdout.read()}")
+        base = re.search(r"http://[\d.]+:\d+", line).group(0)
+        yield base, process
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+
+
+@pytest.fixture(scope="module")
+def demo_server():
+    with server("--preset", "demo", "--no-pace") as (base, process):
+        yield base, process
+
+
+def ws_url(base: str) -> str:
+    return base.replace("http", "ws") + "/ws"
+
+
+# -- protocol, no server -------------------------------------------------------------------------
+
+
+def test_control_messages_are_validated():
+    assert parse_control('{"type": "prompt", "text": "  a  red circle "}').text == "a red circle"
+    assert parse_control(b'{"type": "pause"}').type == "pause"
+    for bad, reason in [
+        (b"\xff\xfe", "UTF-8"),
+        ("not json", "not JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"type": "shutdown"}', "unknown message type"),
+        ('{"type": "prompt"}', "non-empty"),
+        (json.dumps({"type": "prompt", "text": "x" * (MAX_PROMPT_CHARS + 1)}), "longer than"),
+        ('{"type": "prompt", "text": "a\\u0000b"}', "control characters"),
+        ("x" * (MAX_MESSAGE_BYTES + 1), "longer than"),
+        ("[" * 100000, "longer than"),
+    ]:
+        with pytest.raises(ProtocolError, match=reason):
+            parse_control(bad)
+
+
+def test_token_needed_off_loopback():
+    assert not needs_token("127.0.0.1") and not needs_token("localhost") and not needs_token("::1")
+    assert needs_token("0.0.0.0") and needs_token("") and needs_token("example.org") and needs_token("10.1.2.3")
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.stream", "--host", "0.0.0.0"], capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "--token" in result.stderr
+
+
+# -- a running server ------------------------------------------------------------------------------
+
+
+async def _session(url: str, seconds: float, switch_after: float):
+    frames, acks = [], {}
+    async with StreamClient.connect(url) as client:
+        start = time.monotonic()
+        async for frame in client.frames(seconds=seconds):
+            frames.append(frame)
+            if SECOND not in acks.values() and time.monotonic() - start > switch_after:
+                acks[await client.set_prompt(SECOND)] = SECOND
+    return frames, acks
+
+
+def test_frames_arrive_in_order_and_follow_a_switch(demo_server):
+    base, _ = demo_server
+    frames, acks = asyncio.run(_session(ws_url(base), seconds=14, switch_after=4))
+    indices = [f.index for f in frames]
+    assert len(frames) > 48 and indices == sorted(indices) and len(set(indices)) == len(indices)
+    assert all(b.timestamp >= a.timestamp for a, b in zip(frames, frames[1:]))
+    (version,) = acks
+    after = [f for f in frames if f.prompt_version == version]
+    before = [f for f in frames if f.prompt_version < version]
+    assert len(after) >= 24 and before, "frames before and after the switch"
+    assert min(f.index for f in after) > max(f.index for f in before), "no going back to the old prompt"
+    video = np.stack([f.image() for f in after[-24:]])
+    score = adherence(video, parse_prompt(SECOND))
+    assert score["color"] and score["shape"], f"after the switch the video shows {score}"
+
+
+def test_bad_messages_get_errors_and_change_nothing(demo_server):
+    base, _ = demo_server
+    with connect(ws_url(base), max_size=2**24) as ws:
+        for message in ["hello", b"\xc3\x28", '{"type": 7}', '{"type": "reboot"}', "[]" * 3000]:
+            ws.send(message)
+            answer = _next_control(ws)
+            assert answer["type"] == "error", answer
+        ws.send('{"type": "stats"}')
+        assert _next_control(ws, stats=True)["prompt"] in (FIRST, SECOND)
+
+
+def _next_control(ws, stats: bool = False) -> dict:
+    """The reply to the last control message (pushed stats are skipped unless stats were asked for)."""
+    while True:
+        message = ws.recv(timeout=10)
+        if isinstance(message, str):
+            data = json.loads(message)
+            if data["type"] != "stats" or stats:
+                return data
+
+
+def test_token_is_enforced():
+    with server("--preset", "tiny-wan", "--token", "sesame") as (base, _):
+        with pytest.raises(Exception, match="401"):
+            connect(ws_url(base)).close()
+        with connect(ws_url(base) + "?token=sesame") as ws:
+            assert isinstance(ws.recv(timeout=20), (bytes, str))
+        assert b"401" not in _http_get(base + "/?token=sesame")[:20]
+
+
+def _http_get(url: str) -> bytes:
+    host, port = re.search(r"//([\d.]+):(\d+)", url).groups()
+    path = url.split(port, 1)[1] or "/"
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        return sock.recv(65536)
+
+
+# -- a viewer that never reads ----------------------------------------------------------------------
+
+
+def _stalled_viewer(base: str) -> socket.socket:
+    """A raw WebSocket handshake, then never a single read."""
+    host, port = re.search(r"//([\d.]+):(\d+)", base).groups()
+    sock = socket.create_connection((host, int(port)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(
+        (f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+    )  # fmt: skip
+    return sock
+
+
+async def _watch_fps(url: str, seconds: float) -> tuple[float, dict]:
+    async with StreamClient.connect(url) as client:
+        count, start = 0, time.monotonic()
+        async for _ in client.frames(seconds=seconds):
+            count += 1
+        return count / (time.monotonic() - start), client.stats
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(line for line in status if line.startswith("VmRSS")).split()[1])
+
+
+def test_a_stalled_viewer_slows_no_one(demo_server):
+    base, process = demo_server
+    url = ws_url(base)
+    baseline, _ = asyncio.run(_watch_fps(url, 12))
+    rss_before = _rss_kb(process.pid)
+    stalled = _stalled_viewer(base)
+    try:
+        with_stall, stats = asyncio.run(_watch_fps(url, 30))
+        rss_after = _rss_kb(process.pid)
+    finally:
+        stalled.close()
+    assert with_stall >= 0.9 * baseline, f"{with_stall:.1f} FPS with a stalled viewer vs {baseline:.1f} without"
+    assert rss_after - rss_before < 200_000, f"server memory grew by {(rss_after - rss_before) // 1024} MiB"
+
+
+# -- fuzzing ---------------------------------------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=10,
+)
+MESSAGES = st.one_of(
+    st.binary(max_size=600),
+    st.text(max_size=600),
+    JSON_VALUES.map(json.dumps),
+    st.dictionaries(st.sampled_from(["type", "text", "x"]), JSON_VALUES, max_size=3).map(json.dumps),
+    st.builds(lambda t: json.dumps({"type": "prompt", "text": t}), st.text(max_size=700)),
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(messages=st.lists(MESSAGES, min_size=1, max_size=5))
+def test_fuzzed_control_messages(demo_server, messages):
+    base, _ = demo_server
+    with connect(ws_url(base), max_size=2**24) as ws:
+        for message in messages:
+            try:
+                valid = parse_control(message)
+            except ProtocolError:
+                valid = None
+            ws.send(message)
+            answer = _next_control(ws, stats=valid is not None and valid.type == "stats")
+            assert answer["type"] != "error" if valid else answer["type"] == "error", (message, answer)
+        frame = next(m for m in iter(lambda: ws.recv(timeout=10), None) if isinstance(m, bytes))
+        assert decode_frame(frame).index >= 0, "the stream keeps streaming"
+
+
+# -- a real browser ---------------------------------------------------------------------------------
+
+
+def test_the_viewer_page_in_chromium(demo_server):
+    assert os.path.exists(CHROMIUM), "the browser test needs Debian's chromium: apt-get install -y chromium"
+    from playwright.sync_api import sync_playwright
+
+    base, _ = demo_server
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            page = browser.new_page()
+            page.goto(base + "/")
+            page.wait_for_function("document.getElementById('s-frames').textContent > 10", timeout=30000)
+            first = page.evaluate("document.getElementById('video').toDataURL()")
+            page.wait_for_timeout(1500)
+            assert page.evaluate("document.getElementById('video').toDataURL()") != first, "the canvas must change"
+            page.fill("#prompt", "a green triangle moving right")
+            page.click("button[type=submit]")
+            page.wait_for_function(
+                "document.getElementById('s-prompt').textContent === 'a green triangle moving right'", timeout=20000
+            )
+            assert "accepted" in page.text_content("#status")
+        finally:
+            browser.close()
