@@ -183,6 +183,7 @@ CONTEXTS = ("joint", "lagged")
 SWITCHES = ("next-step", "recache")
 ATTENTION = ("causal", "bidirectional")
 COMPUTE = ("selective", "window")
+CACHE_POLICIES = ("none", "teacache", "fbcache", "bwcache", "flowcache", "flowcache-skyreels", "scope")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -273,6 +274,27 @@ class PlanConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """Feature caching per stream block (cache/): which policy, and how eagerly it skips."""
+
+    policy: str = "none"
+    """none, teacache, fbcache, bwcache, flowcache (MAGI-1 variant), flowcache-skyreels or scope."""
+    threshold: float = 0.0
+    """The policy's reuse threshold; 0 never reuses (output identical to no caching)."""
+    warmup: int | None = None
+    """Steps each block always computes first (None: 15% of the steps, at least 1)."""
+
+    def __post_init__(self) -> None:
+        _require(self.policy in CACHE_POLICIES, f"cache policy must be one of {CACHE_POLICIES}")
+        _require(self.threshold >= 0, "cache threshold must be >= 0")
+        _require(self.warmup is None or self.warmup >= 1, "cache warmup must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy != "none"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Preset:
     """Everything that defines a runnable model, minus weights and runtime device choices."""
 
@@ -284,6 +306,7 @@ class Preset:
     stream: StreamConfig = field(default_factory=StreamConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     random_init: bool = False
     """True for presets whose weights are seeded random (tests); real presets need checkpoints."""
     bundled_weights: str | None = None
@@ -300,6 +323,11 @@ class Preset:
         if self.text.tiny is not None:
             _require(self.text.tiny.d_model == self.model.text_dim, "tiny text encoder width must equal text_dim")
         _require(self.plan.switch == "next-step" or self.stream.sink_frames == 0, "recache with sink frames")
+        if self.cache.enabled:
+            _require(self.plan.compute == "selective", "feature caching needs --compute selective")
+            _require(self.plan.context == "joint", "feature caching runs with joint context")
+            _require(self.plan.switch == "next-step", "feature caching does not combine with recache")
+            _require(self.plan.schedule != "skyreels", "feature caching runs sequential, pyramid and cascade plans")
         block = self.stream.frames_per_block
         for name in ("segment_frames", "overlap_frames"):
             value = getattr(self.plan, name)

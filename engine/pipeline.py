@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from cache import make_policy
+from cache.executor import CachingExecutor
 from engine.build import WeightPaths, build_decoder, build_kv_cache, build_model, build_text_encoder, latent_grid
 from engine.config import ConfigError, Preset
 from engine.decode import StreamingDecoder, to_uint8
@@ -29,7 +31,7 @@ from engine.skyreels import Segment, plan_segments, run_segments
 from engine.solvers import make_solver
 from engine.text import PromptEncoder
 from engine.timeline import Tick, blocks_per_tick, pyramid, sequential
-from parallel.cascade import CascadeJoint, CascadeLagged, deliver
+from parallel.cascade import CachingCascadeJoint, CascadeJoint, CascadeLagged, deliver
 from parallel.topology import Topology
 
 CACHED_TEXT_KV = 8
@@ -57,6 +59,8 @@ class Pipeline:
         self.rope = Rope(preset.model, latent_grid(preset), device)
         self.stats: list[ExecutorStats] = []
         """Per executor (one per SkyReels segment) of the latest `latents` run."""
+        self.executors: list[Executor] = []
+        """The executors of the latest `latents` run (cache statistics live on them)."""
         self._text_kv: OrderedDict[str, TextKV] = OrderedDict()
         self._conditioning: OrderedDict[str, TextKV] = OrderedDict()
 
@@ -139,10 +143,22 @@ class Pipeline:
             **extra,
         )
         self.stats.append(executor.stats)
+        self.executors.append(executor)
         return executor
 
     def _executor_kind(self) -> tuple[type[Executor], dict]:
         plan = self.preset.plan
+        if self.preset.cache.enabled:
+            policy = make_policy(
+                self.preset.cache.policy,
+                threshold=self.preset.cache.threshold,
+                steps=self.schedule.steps,
+                dim=self.preset.model.dim,
+                warmup=self.preset.cache.warmup,
+            )
+            if self.cascaded:
+                return CachingCascadeJoint, {"topology": self.topology, "policy": policy}
+            return CachingExecutor, {"policy": policy}
         if self.cascaded:
             return (CascadeLagged if plan.context == "lagged" else CascadeJoint), {"topology": self.topology}
         if plan.switch == "recache":
@@ -171,7 +187,7 @@ class Pipeline:
         `initial(b)` overrides block b's starting noise. Bad plans fail here, before any work."""
         text = (lambda tick: self.conditioning(prompt(tick))) if callable(prompt) else self.conditioning(prompt)
         noise = NoiseSource(seed)
-        self.stats = []
+        self.stats, self.executors = [], []
         plan = self.preset.plan
         if plan.schedule == "skyreels":
             return self._skyreels(text, noise, blocks, initial)

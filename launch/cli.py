@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from engine.build import WeightPaths
-from engine.config import ATTENTION, COMPUTE, CONTEXTS, SCHEDULES, SOLVERS, SWITCHES, Preset
+from engine.config import ATTENTION, CACHE_POLICIES, COMPUTE, CONTEXTS, SCHEDULES, SOLVERS, SWITCHES, Preset
 from launch.presets import PRESETS, get_preset
 from parallel.topology import ParallelConfig
 
@@ -79,6 +79,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--solver", choices=SOLVERS, help="self-forcing, euler or unipc")
     group.add_argument("--guidance-scale", type=float, help="classifier-free guidance (1 = off)")
     group.add_argument("--negative-prompt", help="prompt of the unconditional branch")
+    group = parser.add_argument_group("feature caching (cache/)")
+    group.add_argument("--cache", choices=CACHE_POLICIES, help="per-block cache policy (default none)")
+    group.add_argument("--cache-threshold", type=float, help="reuse threshold (0 = never reuse)")
+    group.add_argument("--cache-warmup", type=int, help="steps each block always computes first")
 
 
 def _chosen(args: argparse.Namespace, flags: dict[str, str]) -> dict:
@@ -92,10 +96,12 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
     sampling = _chosen(args, _SAMPLING_FLAGS)
     if "num_steps" in sampling:
         sampling["timesteps"] = None
+    cache = _chosen(args, {"cache": "policy", "cache_threshold": "threshold", "cache_warmup": "warmup"})
     return dataclasses.replace(
         preset,
         plan=dataclasses.replace(preset.plan, **plan),
         sampling=dataclasses.replace(preset.sampling, **sampling),
+        cache=dataclasses.replace(preset.cache, **cache),
     )
 
 

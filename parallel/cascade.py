@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from cache.executor import CachingExecutor
 from engine.config import Preset
 from engine.executor import Block, Executor
 from engine.kv import AttentionView, KVCache, in_flight_mask
@@ -69,32 +70,64 @@ class JointView(AttentionView):
         mode: str,
         commits: int,
         on_wait: Callable[[], None] = lambda: None,
+        computed: list[int] | None = None,
+        stored: dict[int, BlockKV] | None = None,
     ):
         first = layout.blocks[0] * block_frames
         super().__init__(cache.rope, first, len(layout.blocks) * block_frames, block_frames, mode)
         self.cache, self.layout, self.group, self.ranks, self.on_wait = cache, layout, group, ranks, on_wait
+        # with feature caching, some of this rank's blocks are skipped: their last K/V stand in
+        self.computed = layout.mine if computed is None else computed
+        self.stored = stored or {}
         self.tokens = block_frames * cache.T
         self.commit_frames = commits * block_frames
         self.scratch_slot = cache.visible_frames
         self.end = (self.scratch_slot + self.frames) * cache.T
-        self.own_rotation = torch.cat([cache.rope.tables(b * block_frames, block_frames) for b in layout.mine] or [
+        self.own_rotation = torch.cat([cache.rope.tables(b * block_frames, block_frames) for b in self.computed] or [
             self.rotation[:0]])  # fmt: skip
         full = in_flight_mask(self.scratch_slot * cache.T, self.frames, block_frames, cache.T, self.rotation.device)
         rows = [
-            full[layout.blocks.index(b) * self.tokens : (layout.blocks.index(b) + 1) * self.tokens] for b in layout.mine
+            full[layout.blocks.index(b) * self.tokens : (layout.blocks.index(b) + 1) * self.tokens]
+            for b in self.computed
         ]
         self.own_mask = None if mode == "bidirectional" else torch.cat(rows) if rows else None
+        self.recorded_k: list[torch.Tensor] = []
+        self.recorded_v: list[torch.Tensor] = []
 
     def context(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         k = apply_rope(k, self.own_rotation)
+        self.recorded_k.append(k)
+        self.recorded_v.append(v)
         self._exchange(layer, k, v)
         keys, values = self.cache.k[layer, :, : self.end], self.cache.v[layer, :, : self.end]
         return apply_rope(q, self.own_rotation), keys, values, self.own_mask
+
+    def _mine(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's contribution in slot order: fresh K/V of computed blocks, stored of skipped."""
+        if self.computed == self.layout.mine:
+            return k, v
+        keys, values, i = [], [], 0
+        for b in self.layout.mine:
+            if b in self.computed:
+                keys.append(k[:, i * self.tokens : (i + 1) * self.tokens])
+                values.append(v[:, i * self.tokens : (i + 1) * self.tokens])
+                i += 1
+            else:
+                keys.append(self.stored[b].keys[layer])
+                values.append(self.stored[b].values[layer])
+        return torch.cat(keys, 1), torch.cat(values, 1)
+
+    def recorded(self) -> dict[int, BlockKV]:
+        """Each computed block's K/V of this forward, every layer: `[L, B, tokens, H, Dh]`."""
+        keys, values = torch.stack(self.recorded_k), torch.stack(self.recorded_v)
+        spans = [slice(i * self.tokens, (i + 1) * self.tokens) for i in range(len(self.computed))]
+        return {b: BlockKV(keys[:, :, span], values[:, :, span]) for b, span in zip(self.computed, spans)}
 
     def _exchange(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Gather every block's K/V of this layer into the scratch, in block order (same on all ranks)."""
         if layer == 0:
             self.on_wait()  # about to depend on every peer: say so, in case one of them hangs
+        k, v = self._mine(layer, k, v)
         keys = self.layout.gather(k, self.group, self.ranks, self.tokens)
         values = self.layout.gather(v, self.group, self.ranks, self.tokens)
         start = self.scratch_slot * self.cache.T
@@ -124,21 +157,51 @@ class CascadeJoint(Executor):
         return self.topology.owner(block) == self.topology.cascade_rank
 
     def _compute(self, tick: Tick, text: TextKV) -> dict[int, torch.Tensor]:
-        layout = _Layout(tick.blocks, self.topology)
-        commits = sum(1 for w in tick.work if w.commit)
-        waiting = lambda: self.topology.faults.heartbeat(tick.index, "waiting")  # noqa: E731
-        view = JointView(
-            self.cache, layout, self.group, self.topology.cascade_size, self.frames_per_block, self.attention, commits,
-            waiting,
-        )  # fmt: skip
+        view = joint_view(self, tick)
         mine = self._selective_members(tick)
         if not mine:
             cfg = self.model.cfg
             view.idle(cfg.num_layers, self.cache.k.shape[1], cfg.num_heads, cfg.head_dim)
             view.finish()
             return {}
-        self._count(len(mine), view.scratch_slot + (len(layout.blocks) - len(mine)) * self.frames_per_block)
+        self._count(len(mine), view.scratch_slot + (len(view.layout.blocks) - len(mine)) * self.frames_per_block)
         return self._forward(mine, text, view)
+
+
+def joint_view(executor: Executor, tick: Tick, computed: list[int] | None = None, stored=None) -> JointView:
+    """A cascade rank's view of `tick` with joint context (`computed`: its blocks that run)."""
+    topology = executor.topology
+    commits = sum(1 for w in tick.work if w.commit)
+    waiting = lambda: topology.faults.heartbeat(tick.index, "waiting")  # noqa: E731
+    return JointView(
+        executor.cache, _Layout(tick.blocks, topology), executor.group, topology.cascade_size,
+        executor.frames_per_block, executor.attention, commits, waiting, computed, stored,
+    )  # fmt: skip
+
+
+class CachingCascadeJoint(CachingExecutor):
+    """A cascade rank with joint context and feature caching: its skipped blocks send their last
+    K/V into the per-layer gathers; the policy sees only this rank's blocks (no extra traffic)."""
+
+    def __init__(self, *args, topology: Topology, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.topology, self.group = topology, topology.cascade_group()
+
+    def owns(self, block: int) -> bool:
+        return self.topology.owner(block) == self.topology.cascade_rank
+
+    def _compute(self, tick: Tick, text: TextKV) -> dict[int, torch.Tensor]:
+        self._tick = tick
+        return super()._compute(tick, text)
+
+    def _run(self, members, run, text: TextKV) -> tuple[dict[int, torch.Tensor], dict]:
+        view = joint_view(self, self._tick, [b for b, _, _ in run], self.stored)
+        if not run:
+            cfg = self.model.cfg
+            view.idle(cfg.num_layers, self.cache.k.shape[1], cfg.num_heads, cfg.head_dim)
+            view.finish()
+            return {}, {}
+        return self._forward_recorded(view, run, text, len(view.layout.blocks))
 
 
 class CascadeLagged(LaggedExecutor):

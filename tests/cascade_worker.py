@@ -2,8 +2,8 @@
 
     torchrun --standalone --nproc_per_node=3 tests/cascade_worker.py --out DIR --runs joint:causal:1
 
-For each run CONTEXT:ATTENTION:OFFSET the sink rank saves the clean latents of the whole video to
-DIR/CONTEXT-ATTENTION-OFFSET.pt (one launch, several runs: start-up is the slow part). `--fault
+For each run CONTEXT:ATTENTION:OFFSET[:CACHE:THRESHOLD] the sink rank saves the clean latents of the whole video to
+DIR/<run with - for :>.pt (one launch, several runs: start-up is the slow part). `--fault
 RANK:TICK:KIND` makes one rank fail at one tick (raise, exit, hang) through the per-tick prompt
 function, which every rank calls.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from engine.build import WeightPaths
-from engine.config import PlanConfig
+from engine.config import CacheConfig, PlanConfig
 from engine.pipeline import Pipeline
 from launch.presets import get_preset
 from parallel.runtime import RankFailure, launched
@@ -54,15 +54,21 @@ def prompt_for(args: argparse.Namespace, rank: int):
     return prompt
 
 
+def run_preset(name: str, run: str):
+    """The preset of a run CONTEXT:ATTENTION:OFFSET[:CACHE:THRESHOLD] (also the tests' reference)."""
+    context, attention, offset, *cache = run.split(":")
+    plan = PlanConfig(schedule="cascade", offset=int(offset), context=context, attention=attention)
+    policy = CacheConfig(policy=cache[0], threshold=float(cache[1])) if cache else CacheConfig()
+    return dataclasses.replace(get_preset(name), plan=plan, cache=policy)
+
+
 def main() -> int:
     args = parse()
     torch.set_grad_enabled(False)
     try:
         with launched(ParallelConfig(timeout_s=args.timeout)) as topology:
             for run in args.runs:
-                context, attention, offset = run.split(":")
-                plan = PlanConfig(schedule="cascade", offset=int(offset), context=context, attention=attention)
-                preset = dataclasses.replace(get_preset(args.preset), plan=plan)
+                preset = run_preset(args.preset, run)
                 pipeline = Pipeline.build(preset, WeightPaths(seed=3), torch.device("cpu"), torch.float32, topology)
                 blocks = list(pipeline.latents(prompt_for(args, topology.rank), blocks=args.blocks, seed=args.seed))
                 if topology.is_decoder:

@@ -169,6 +169,11 @@ class WanBlock(nn.Module):
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
+    def attention_input(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """The timestep-modulated input of self-attention, `[B, F*T, dim]` (what TeaCache watches)."""
+        shift, scale = (self.modulation.float()[:, None, :2] + e[:, :, :2]).unbind(2)
+        return _modulate(self.norm1(x), shift, scale, e.shape[1])
+
     def forward(
         self,
         x: torch.Tensor,
@@ -180,9 +185,9 @@ class WanBlock(nn.Module):
     ) -> torch.Tensor:
         # x: [B, F*T, dim] float32; e: [B, F, 6, dim] float32 (projected time embedding)
         frames = e.shape[1]
-        shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (self.modulation.float()[:, None] + e).unbind(2)
+        _, _, gate, ffn_shift, ffn_scale, ffn_gate = (self.modulation.float()[:, None] + e).unbind(2)
         # 1. Self-attention over committed context + in-flight frames
-        y = self.self_attn(_modulate(self.norm1(x), shift, scale, frames), layer, kv)
+        y = self.self_attn(self.attention_input(x, e), layer, kv)
         x = _gate(x, y, gate, frames)
         # 2. Cross-attention to the prompt (ungated)
         x = x + self.cross_attn(self.norm3(x.float()), text_k, text_v).float()
@@ -252,6 +257,10 @@ class WanModel(nn.Module):
             e6 = e6 + self.fps_projection(self.fps_embedding(index)).unflatten(-1, (6, self.cfg.dim))[:, None]
         return e, e6
 
+    def embed(self, latents: torch.Tensor) -> torch.Tensor:
+        """Patch embedding: latents `[B, C, F, H, W]` -> tokens `[B, F*h*w, dim]` float32."""
+        return self.patch_embedding(latents.to(self.dtype)).flatten(2).transpose(1, 2).float()
+
     def forward(
         self, latents: torch.Tensor, sigma: torch.Tensor, text: TextKV, kv: AttentionView, fps: int | None = None
     ) -> torch.Tensor:
@@ -259,7 +268,7 @@ class WanModel(nn.Module):
         if sigma.shape != (B, frames):
             raise ValueError(f"sigma must be [B, F] = {(B, frames)}, got {tuple(sigma.shape)}")
         _, ph, pw = self.cfg.patch_size
-        x = self.patch_embedding(latents.to(self.dtype)).flatten(2).transpose(1, 2).float()  # [B, F*h*w, dim]
+        x = self.embed(latents)
         e, e6 = self.time_modulation(sigma, fps)
         for layer, block in enumerate(self.blocks):
             x = block(x, e6, text.keys[layer], text.values[layer], layer, kv)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 
 import numpy as np
 import torch
@@ -20,7 +21,8 @@ from engine.eval.adherence import adherence, blocks_to_follow
 from engine.pipeline import Pipeline
 from launch.presets import get_preset
 
-COLUMNS = ["plan", "videos", "color", "shape", "motion", "all_three", "switches", "followed", "blocks_to_follow"]
+COLUMNS = ["plan", "videos", "color", "shape", "motion", "all_three", "fps"]
+COLUMNS += ["switches", "within_2", "followed", "blocks_to_follow"]
 
 
 def eval_prompts(count: int) -> list[Description]:
@@ -75,9 +77,12 @@ def _switch_video(pipeline: Pipeline, before: str, after: str, switch_block: int
 def _evaluate_plan(args, plan: str, device) -> dict:
     pipeline = _pipeline(args.preset, plan, device)
     frames_per_block = pipeline.preset.stream.frames_per_block
-    scores = []
+    scores, frames, start = [], 0, time.perf_counter()
     for i, desc in enumerate(eval_prompts(args.prompts)):
-        scores.append(adherence(_video(pipeline, desc.prompt, args.blocks, args.seed + i), desc))
+        video = _video(pipeline, desc.prompt, args.blocks, args.seed + i)
+        scores.append(adherence(video, desc))
+        frames += len(video)
+    seconds = time.perf_counter() - start  # generation and decode, one stream at a time
     delays = []
     for i, (before, after) in enumerate(switch_pairs(args.switches)):
         video = _switch_video(pipeline, before.prompt, after.prompt, args.switch_block, args.blocks, args.seed + i)
@@ -91,8 +96,10 @@ def _evaluate_plan(args, plan: str, device) -> dict:
         "motion": float(np.mean([s["motion"] for s in scores])),
         "all_three": float(np.mean([all(s.values()) for s in scores])),
         "switches": len(delays),
+        "within_2": sum(d <= 2 for d in followed) / max(len(delays), 1),
         "followed": len(followed) / max(len(delays), 1),
         "blocks_to_follow": float(np.mean(followed)) if followed else float("nan"),
+        "fps": frames / seconds,
         "per_video": scores,
     }
 
