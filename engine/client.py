@@ -98,25 +98,34 @@ class _Connecting:
 
 
 async def watch(args: argparse.Namespace) -> dict:
-    """The CLI's session: set the prompt, maybe switch it, save frames for `seconds`."""
-    versions, frames, writer = {}, 0, None
+    """The CLI's session: set the prompt, maybe switch it, save frames for `seconds`. Measures,
+    end to end, the time from connecting to the first frame and from each prompt message to the
+    first frame made under it."""
+    versions, sent, seen, frames, writer, first_frame_s = {}, {}, {}, 0, None, None
+    start = time.monotonic()
     async with StreamClient.connect(args.url, args.token) as client:
         if args.prompt:
-            versions[await client.set_prompt(args.prompt)] = args.prompt
-        start = time.monotonic()
+            sent_at = time.monotonic()
+            version = await client.set_prompt(args.prompt)
+            versions[version], sent[version] = args.prompt, sent_at
         async for frame in client.frames(seconds=args.seconds):
-            if args.prompt2 and time.monotonic() - start >= args.switch_after and len(versions) < 2:
-                versions[await client.set_prompt(args.prompt2)] = args.prompt2
-            image = frame.image()
-            if args.save and writer is None:
-                writer = Mp4Writer(args.save, fps=args.fps, width=image.shape[1], height=image.shape[0])
-            if writer:
+            now = time.monotonic()
+            first_frame_s = first_frame_s if first_frame_s is not None else now - start
+            if frame.prompt_version in sent and frame.prompt_version not in seen:
+                seen[frame.prompt_version] = now - sent[frame.prompt_version]
+            if args.prompt2 and now - start >= args.switch_after and len(versions) < 2:
+                version = await client.set_prompt(args.prompt2)
+                versions[version], sent[version] = args.prompt2, now
+            if args.save:
+                image = frame.image()
+                writer = writer or Mp4Writer(args.save, fps=args.fps, width=image.shape[1], height=image.shape[0])
                 writer.write(image[None])
             frames += 1
         stats = client.stats
     if writer:
         writer.close()
-    return {"frames": frames, "seconds": time.monotonic() - start, "versions": versions, "server": stats}
+    return {"frames": frames, "seconds": time.monotonic() - start, "versions": versions, "first_frame_s": first_frame_s,
+            "switch_s": seen, "server": stats}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -140,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"received {result['frames']} frames in {result['seconds']:.1f} s; prompts {result['versions']}")
+    if result["first_frame_s"] is not None:
+        print(f"first frame {result['first_frame_s']:.2f} s after connecting")
+    for version, seconds in result["switch_s"].items():
+        print(f"prompt version {version} on screen {seconds:.2f} s after it was sent")
     if args.save:
         print(f"wrote {args.save}")
     return 0

@@ -61,15 +61,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _frames(args: argparse.Namespace, preset: Preset, topology: Topology) -> Iterator[np.ndarray]:
-    """Decoded frames of each block, in order, on the rank that writes; nothing on the others."""
+def _frames(
+    args: argparse.Namespace, preset: Preset, topology: Topology
+) -> tuple[Iterator[np.ndarray], Pipeline | None]:
+    """Decoded frames of each block, in order, on the rank that writes (nothing on the others),
+    and the pipeline on compute ranks."""
     device = topology.device if topology.distributed else resolve_device(args.device)
     weights = weights_from_args(args)
     if topology.is_compute:
         pipeline = Pipeline.build(preset, weights, device, resolve_dtype(args.dtype, device), topology)
-        return (frames for _, frames in pipeline.generate(args.prompt, blocks=args.blocks, seed=args.seed))
+        return (frames for _, frames in pipeline.generate(args.prompt, blocks=args.blocks, seed=args.seed)), pipeline
     decoder = build_decoder(preset, weights, device)  # a dedicated decode rank
-    return (to_uint8(decoder.decode(block.latents)) for block in decode_rank_plan(preset, topology, args.blocks))
+    blocks = decode_rank_plan(preset, topology, args.blocks)
+    return (to_uint8(decoder.decode(block.latents)) for block in blocks), None
 
 
 def run(args: argparse.Namespace, topology: Topology) -> dict | None:
@@ -77,7 +81,7 @@ def run(args: argparse.Namespace, topology: Topology) -> dict | None:
     if topology.distributed and preset.plan.schedule != "cascade":
         raise TopologyError(f"{topology.world_size} processes need --schedule cascade (got {preset.plan.schedule})")
     start = time.perf_counter()
-    blocks = _frames(args, preset, topology)
+    blocks, pipeline = _frames(args, preset, topology)
     if not topology.is_decoder:
         for _ in blocks:  # compute ranks without output just run their share
             pass
@@ -97,7 +101,13 @@ def run(args: argparse.Namespace, topology: Topology) -> dict | None:
         "seconds": seconds,
         "fps": frames_written / seconds,
         "first_frame_s": first_frame_s,
+        "cache": _cache_summary(pipeline),
     }
+
+
+def _cache_summary(pipeline: Pipeline | None) -> dict | None:
+    stats = getattr(pipeline.executors[-1], "cache_stats", None) if pipeline and pipeline.executors else None
+    return None if stats is None else stats.summary()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             f"wrote {args.out}: {stats['frames']} frames in {stats['seconds']:.2f} s "
             f"({stats['fps']:.1f} FPS, first frame after {stats['first_frame_s']:.2f} s)"
         )
+        if stats["cache"]:
+            print("cache: " + ", ".join(f"{k} {v}" for k, v in stats["cache"].items()))
     return 0
 
 

@@ -123,9 +123,11 @@ class LiveStream:
         fps: int,
         pace: bool,
         on_frames: Callable,
+        cache_hits: Callable[[], float | None] = lambda: None,
     ):
         self.source, self.decoder, self.controls, self.topology = source, decoder, controls, topology
         self.steps, self.fps, self.pace, self.on_frames = steps, fps, pace, on_frames
+        self.cache_hits = cache_hits
         self.stats = Stats(prompt=controls.prompt, ranks=topology.world_size, stream_fps=fps)
         self._state = controls.snapshot()
         self._last_step_version: dict[int, int] = {}  # block -> prompt version of its last step
@@ -182,6 +184,7 @@ class LiveStream:
         stats = self.stats
         stats.frames += len(frames)
         stats.prompt, stats.version = self._state[0], self._state[1]
+        stats.cache_hits = self.cache_hits()
         stats.first_frame_s = stats.first_frame_s if stats.first_frame_s is not None else elapsed
         requested = self.controls.settle(version)
         if requested is not None:

@@ -62,15 +62,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _cache_hits(pipeline: Pipeline):
+    """The share of this rank's block-steps a feature cache skipped so far (None without one)."""
+
+    def hits() -> float | None:
+        stats = getattr(pipeline.executors[-1], "cache_stats", None) if pipeline.executors else None
+        return None if stats is None else round(stats.hit_rate, 3)
+
+    return hits
+
+
 def _source(args: argparse.Namespace, preset: Preset, topology: Topology):
-    """(block source, decoder) for this rank: the plan on compute ranks, receiving on a decode rank."""
+    """(block source, decoder, cache hit rate) for this rank: the plan on compute ranks, receiving
+    on a decode rank."""
     device = topology.device if topology.distributed else resolve_device(args.device)
     weights = weights_from_args(args)
     if topology.is_compute:
         pipeline = Pipeline.build(preset, weights, device, resolve_dtype(args.dtype, device), topology)
-        return (lambda prompt_for: pipeline.latents(prompt_for, blocks=None, seed=args.seed)), pipeline.decoder
+        source = lambda prompt_for: pipeline.latents(prompt_for, blocks=None, seed=args.seed)  # noqa: E731
+        return source, pipeline.decoder, _cache_hits(pipeline)
     receive = lambda prompt_for: decode_rank_plan(preset, topology, None, on_tick=prompt_for)  # noqa: E731
-    return receive, build_decoder(preset, weights, device)
+    return receive, build_decoder(preset, weights, device), lambda: None
 
 
 def _stop_on_signals(controls: Controls, serving: bool) -> None:
@@ -91,13 +103,13 @@ def serve(args: argparse.Namespace, topology: Topology) -> None:
     preset = preset_from_args(args)
     if topology.distributed and preset.plan.schedule != "cascade":
         raise TopologyError(f"{topology.world_size} processes need --schedule cascade (got {preset.plan.schedule})")
-    source, decoder = _source(args, preset, topology)
+    source, decoder, cache_hits = _source(args, preset, topology)
     controls = Controls(args.prompt)
     serving = topology.is_decoder
     stream, recorder, server = None, None, None
     try:
         stream = LiveStream(source, decoder, controls, topology, steps=preset.sampling.steps, fps=preset.stream.fps,
-                            pace=args.pace, on_frames=lambda *a: None)  # fmt: skip
+                            pace=args.pace, on_frames=lambda *a: None, cache_hits=cache_hits)  # fmt: skip
         if serving:
             server = StreamServer(controls, stream.snapshot, host=args.host, port=args.port, token=args.token).start()
             recorder = args.record and Mp4Writer(args.record, fps=preset.stream.fps, width=preset.stream.width,

@@ -1,6 +1,11 @@
 """Benchmarks: each prints a table and writes JSON (default out/bench-<name>.json).
 
 python -m launch.bench selective            # selective computation vs whole window
+python -m launch.bench adherence            # the demo model's prompt adherence, sequential and pyramid
+python -m launch.bench cascade              # cascade fidelity vs sequential (offsets, joint/lagged)
+python -m launch.bench switch               # prompt-switch latency: cascade vs sequential + recache
+python -m launch.bench cascade-model --measure   # throughput model; 1 vs 2 ranks measured here
+python -m launch.bench cache                # feature caching policies: speedup and fidelity
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from launch.benchmarks import adherence, cascade, cascade_model, selective, switch
+from launch.benchmarks import adherence, cache, cascade, cascade_model, selective, switch
 from launch.report import table, write_json
 
 BENCHMARKS = {
@@ -20,6 +25,7 @@ BENCHMARKS = {
     "cascade": cascade,
     "switch": switch,
     "cascade-model": cascade_model,
+    "cache": cache,
 }
 
 
