@@ -51,11 +51,16 @@ class BlockStats:
     predicted: int = 0
 
 
+RECENT_BLOCKS = 64
+
+
 @dataclass
 class CacheStats:
-    """Decisions per stream block (after merging branches) and in total; FLOPs the skips saved."""
+    """Decisions per stream block (after merging branches; the most recent RECENT_BLOCKS, older
+    ones folded into `earlier` so endless streams stay bounded) and in total; FLOPs saved."""
 
     blocks: dict[int, BlockStats] = field(default_factory=dict)
+    earlier: BlockStats = field(default_factory=BlockStats)
     flops_computed: int = 0
     flops_saved: int = 0
     probe_flops: int = 0
@@ -65,14 +70,12 @@ class CacheStats:
         entry = self.blocks.setdefault(block, BlockStats())
         name = {Decision.COMPUTE: "computed", Decision.REUSE: "reused", Decision.PREDICT: "predicted"}[decision]
         setattr(entry, name, getattr(entry, name) + 1)
+        while len(self.blocks) > RECENT_BLOCKS:
+            oldest = self.blocks.pop(min(self.blocks))
+            self.earlier = _sum([self.earlier, oldest])
 
     def totals(self) -> BlockStats:
-        out = BlockStats()
-        for entry in self.blocks.values():
-            out.computed += entry.computed
-            out.reused += entry.reused
-            out.predicted += entry.predicted
-        return out
+        return _sum([self.earlier, *self.blocks.values()])
 
     @property
     def hit_rate(self) -> float:
@@ -95,6 +98,15 @@ class CacheStats:
             "hit_rate": round(self.hit_rate, 4),
             "flops_saved_share": round(self.flops_saved_share, 4),
         }
+
+
+def _sum(entries: list[BlockStats]) -> BlockStats:
+    out = BlockStats()
+    for entry in entries:
+        out.computed += entry.computed
+        out.reused += entry.reused
+        out.predicted += entry.predicted
+    return out
 
 
 def relative_l1(now: torch.Tensor, before: torch.Tensor) -> float:

@@ -18,6 +18,7 @@ Rules for this file: no model math, no host syncs in the per-tick path, plain pe
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -48,8 +49,9 @@ class ExecutorStats:
     forwards: int = 0
     frames: int = 0
     """Latent frames run through the model (per branch), summed over forwards."""
-    calls: list[tuple[int, int]] = field(default_factory=list)
-    """(query frames, key frames) of each forward: what its attention cost depends on."""
+    calls: Counter[tuple[int, int]] = field(default_factory=Counter)
+    """How many forwards ran with each (query frames, key frames): what their cost depends on.
+    A count per shape, so an endless stream's statistics stay bounded."""
 
 
 class Executor:
@@ -150,7 +152,7 @@ class Executor:
         frames = blocks * self.frames_per_block
         self.stats.forwards += 1
         self.stats.frames += frames
-        self.stats.calls.append((frames, context_frames + frames))
+        self.stats.calls[(frames, context_frames + frames)] += 1
 
     def _view(self, tick: Tick, first_block: int, frames: int) -> AttentionView:
         first_frame, block_frames = first_block * self.frames_per_block, self.frames_per_block

@@ -38,7 +38,7 @@ from parallel.cascade import decode_rank_plan
 from parallel.runtime import RankFailure, launched
 from parallel.topology import Topology, TopologyError
 
-DEFAULT_PRESET = "tiny-wan"
+DEFAULT_PRESET = "demo"
 USER_ERRORS = (SetupError, CheckpointError, ConfigError, TopologyError, OSError)
 
 
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_preset_arguments(parser, DEFAULT_PRESET)
     parser.add_argument("--prompt", default="a red circle moving left", help="text prompt")
     parser.add_argument(
-        "--blocks", type=int, default=4, help="blocks to generate (frames_per_block latent frames each)"
+        "--blocks", type=int, help="blocks to generate (default: about 5 seconds of video at the preset's fps)"
     )
     parser.add_argument("--seed", type=int, default=0, help="fixes the whole video")
     parser.add_argument("--out", type=Path, default=Path("out.mp4"), help="output MP4 path")
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_plan_arguments(parser)
     add_parallel_arguments(parser)
     args = parser.parse_args(argv)
-    if args.blocks < 1:
+    if args.blocks is not None and args.blocks < 1:
         parser.error("--blocks must be >= 1")
     return args
 
@@ -76,8 +76,15 @@ def _frames(
     return (to_uint8(decoder.decode(block.latents)) for block in blocks), None
 
 
+def default_blocks(preset: Preset, seconds: float = 5.0) -> int:
+    """Blocks that make about `seconds` of video (at least 2)."""
+    frames_per_block = preset.pixel_frames(2) - preset.pixel_frames(1)  # after the first block
+    return max(2, round(seconds * preset.stream.fps / frames_per_block))
+
+
 def run(args: argparse.Namespace, topology: Topology) -> dict | None:
     preset = preset_from_args(args)
+    args.blocks = args.blocks or default_blocks(preset)
     if topology.distributed and preset.plan.schedule != "cascade":
         raise TopologyError(f"{topology.world_size} processes need --schedule cascade (got {preset.plan.schedule})")
     start = time.perf_counter()

@@ -38,7 +38,7 @@ from parallel.cascade import decode_rank_plan
 from parallel.runtime import RankFailure, launched
 from parallel.topology import Topology, TopologyError
 
-DEFAULT_PRESET = "tiny-wan"
+DEFAULT_PRESET = "demo"
 log = logging.getLogger("engine.stream")
 
 

@@ -55,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forward-ms", nargs="*", default=[], help="PRESET=MS measured per-block forward times")
     parser.add_argument("--measure", action="store_true", help="also measure 1 vs 2 ranks on this machine")
     parser.add_argument("--measure-blocks", type=int, default=16)
+    parser.add_argument("--measure-cache", help="POLICY:THRESHOLD: also measure caching with the cascade")
 
 
 def block_forward_s(preset_name: str, measured: dict[str, float]) -> float:
@@ -127,28 +128,41 @@ def _generate_fps(command: list[str]) -> float:
     return float(match.group(1))
 
 
-def measured_rows(blocks: int) -> list[dict]:
-    """The demo model on this machine: one process vs a 2-rank cascade (same cores)."""
+def measured_rows(blocks: int, cache: str | None = None) -> list[dict]:
+    """The demo model on this machine: one process vs a 2-rank cascade (same cores). With `cache`
+    (POLICY:THRESHOLD), also a 30-step pyramid (offset 5) with and without that cache, on one
+    process and on 2 ranks: caching and cascading should multiply."""
     base = ["-m", "engine.generate", "--preset", "demo", "--blocks", str(blocks), "--out"]
     single = [sys.executable, *base, "out/bench-1.mp4"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *base,
-                "out/bench-2.mp4", "--schedule", "cascade", "--offset", "1"]  # fmt: skip
+                "out/bench-2.mp4", "--schedule", "cascade"]  # fmt: skip
     runs = {
         "1 process, sequential": single,
         "1 process, pyramid offset 1": [*single, "--schedule", "pyramid", "--offset", "1"],
-        "2 ranks, cascade joint": [*torchrun, "--context", "joint"],
-        "2 ranks, cascade lagged": [*torchrun, "--context", "lagged"],
+        "2 ranks, cascade offset 1 joint": [*torchrun, "--offset", "1", "--context", "joint"],
+        "2 ranks, cascade offset 1 lagged": [*torchrun, "--offset", "1", "--context", "lagged"],
     }
+    if cache:
+        policy, threshold = cache.split(":")
+        many = ["--steps", "30", "--solver", "euler", "--offset", "5"]
+        cached = ["--cache", policy, "--cache-threshold", threshold]
+        runs |= {
+            "1 process, 30-step pyramid offset 5": [*single, "--schedule", "pyramid", *many],
+            f"1 process, 30-step pyramid + {policy} {threshold}": [*single, "--schedule", "pyramid", *many, *cached],
+            "2 ranks, 30-step cascade joint": [*torchrun, *many],
+            f"2 ranks, 30-step cascade joint + {policy} {threshold}": [*torchrun, *many, *cached],
+        }
     fps = {name: _generate_fps(command) for name, command in runs.items()}
-    reference = fps["1 process, sequential"]
+    reference = {name: fps["1 process, 30-step pyramid offset 5" if "30-step" in name else "1 process, sequential"]
+                 for name in fps}  # fmt: skip
     return [{"preset": "demo (this CPU)", "link": "gloo, same host", "ranks": 2 if "ranks" in n else 1, "offset": n,
-             "context": "-", "tick_ms": float("nan"), "comm_ms": float("nan"), "fps": v, "speedup": v / reference}
+             "context": "-", "tick_ms": float("nan"), "comm_ms": float("nan"), "fps": v, "speedup": v / reference[n]}
             for n, v in fps.items()]  # fmt: skip
 
 
 def run(args: argparse.Namespace):
     rows = model_rows(args)
     if args.measure:
-        rows += measured_rows(args.measure_blocks)
+        rows += measured_rows(args.measure_blocks, args.measure_cache)
     settings = {"anchors_fps": ANCHOR_FPS, "links": [link.__dict__ for link in LINKS]}
     return rows, COLUMNS, settings

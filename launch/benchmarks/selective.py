@@ -53,7 +53,7 @@ def _generate(pipeline: Pipeline, prompt: str, blocks: int, seed: int) -> tuple[
     seconds = time.perf_counter() - start
     pipeline.decoder.reset()
     frames = to_uint8(pipeline.decoder.decode(latents))
-    calls = [call for stats in pipeline.stats for call in stats.calls]
+    calls = [call for stats in pipeline.stats for call, count in stats.calls.items() for _ in range(count)]
     return frames, latents, seconds, calls
 
 
