@@ -64,7 +64,7 @@ def demo() -> Preset:
         vae=VaeConfig(kind="patches", patch=4, z_dim=16),
         text=TextConfig(text_len=8, vocab=DEMO_VOCAB),
         stream=StreamConfig(height=64, width=64, frames_per_block=3, window_frames=9, sink_frames=0, fps=16),
-        sampling=SamplingConfig(timesteps=(1000.0, 750.0, 500.0, 250.0), shift=1.0, warp=False),
+        sampling=SamplingConfig(),  # Self-Forcing's 4 steps, warped by shift 5: 1000, 937.5, 833.3, 625
         bundled_weights="demo",
     )
 

@@ -1,6 +1,6 @@
 """Train the demo model (about an hour on 2 CPU cores; minutes on a GPU) and write its weights.
 
-python -m launch.train_demo                      # the shipped weights: 1500 steps, seed 0
+python -m launch.train_demo                      # the shipped weights: 1400 steps, seed 0
 python -m launch.train_demo --steps 200 --out out/demo-quick
 """
 
@@ -24,6 +24,7 @@ from engine.demo.training import (
     EMA,
     TrainConfig,
     block_sigmas,
+    context_first,
     diffusion_forcing_loss,
     fit_codec,
     learning_rate,
@@ -77,8 +78,9 @@ def train(preset, cfg: TrainConfig, device: torch.device) -> tuple[WanModel, Voc
     losses, start = [], time.perf_counter()
     progress = tqdm(range(cfg.steps), unit="step", disable=None, file=sys.stderr)
     for step in progress:
-        latents, prompts = make_batch(preset, cfg, codec, rng)
+        latents, prompts, mid_stream = make_batch(preset, cfg, codec, rng)
         sigma = block_sigmas(cfg.batch, cfg.clip_blocks, block, cfg.clean_share, generator, grid, cfg.grid_share)
+        sigma = context_first(sigma, mid_stream, block)
         noise = torch.randn(latents.shape, generator=generator)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)

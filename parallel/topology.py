@@ -116,8 +116,10 @@ class Topology:
         return block % self.cascade_size
 
     def check_plan(self, in_flight: int, steps: int, offset: int) -> None:
-        """Refuse a cascade whose ranks the plan could never all keep busy."""
-        if self.cascade_size > in_flight:
+        """Refuse a cascade whose ranks the plan could never all keep busy. One block in flight
+        (offset >= steps + 1) is allowed: blocks then take turns over the ranks, which is
+        sequential generation spread over processes (a check of the cascade, not a speedup)."""
+        if in_flight > 1 and self.cascade_size > in_flight:
             raise TopologyError(
                 f"the plan keeps at most {in_flight} blocks in flight ({steps} steps, offset {offset}), so "
                 f"{self.cascade_size} cascade ranks cannot all work: "

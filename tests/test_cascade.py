@@ -88,7 +88,8 @@ def test_a_failing_rank_stops_every_rank_with_its_name(tmp_path, kind, cause):
 def test_generate_under_torchrun_with_a_decode_rank(tmp_path):
     out = tmp_path / "cascade.mp4"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m",
-               "engine.generate", "--schedule", "cascade", "--offset", "2", "--decode-rank", "--blocks", "4",
+               "engine.generate", "--preset", "tiny-wan", "--schedule", "cascade", "--offset", "2", "--decode-rank",
+               "--blocks", "4",
                "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]

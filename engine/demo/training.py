@@ -27,7 +27,7 @@ from engine.models.wan import WanModel
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    steps: int = 1500
+    steps: int = 1400
     batch: int = 12
     clip_blocks: int = 3
     """Blocks per training clip; the model never sees more context than this."""
@@ -40,6 +40,8 @@ class TrainConfig:
     """Share of noisy blocks put exactly on the preset's sampling levels; the rest are uniform."""
     switch_share: float = 0.25
     """Share of clips whose description changes at a block boundary."""
+    start_share: float = 0.4
+    """Share of clips that are a stream's start (shape centred, first block noisy)."""
     ema: float = 0.999
     codec_clips: int = 400
     """Clips whose patches fit the latent space (PCA)."""
@@ -58,17 +60,28 @@ def fit_codec(preset: Preset, cfg: TrainConfig) -> PatchCodec:
 
 def make_batch(
     preset: Preset, cfg: TrainConfig, codec: PatchCodec, rng: np.random.Generator
-) -> tuple[torch.Tensor, list[str]]:
-    """Latents `[B, C, F, h, w]` and one prompt per block, batch-major."""
+) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Latents `[B, C, F, h, w]`, one prompt per block (batch-major) and which clips are windows
+    from mid-stream `[B]` bool. A stream's first block has no context and starts centred; a
+    mid-stream window's shape is anywhere, so its first block is only ever clean context (the
+    model never learns to make a context-free block with the shape at a random place)."""
     block = preset.stream.frames_per_block
+    mid_stream = rng.random(cfg.batch) >= cfg.start_share
     clips = [
         make_clip(rng, frames=cfg.clip_blocks * block, size=preset.stream.height, block_frames=block,
-                  switch_probability=cfg.switch_share)
-        for _ in range(cfg.batch)
+                  switch_probability=cfg.switch_share, centred=not mid)
+        for mid in mid_stream
     ]  # fmt: skip
     latents = codec.encode(np.stack([c.frames for c in clips]))
     prompts = [clip.prompts[b * block] for clip in clips for b in range(cfg.clip_blocks)]
-    return latents, prompts
+    return latents, prompts, torch.from_numpy(mid_stream)
+
+
+def context_first(sigma: torch.Tensor, mid_stream: torch.Tensor, block_frames: int) -> torch.Tensor:
+    """Noise levels `[B, F]` with the first block of mid-stream clips made clean."""
+    sigma = sigma.clone()
+    sigma[mid_stream, :block_frames] = 0.0
+    return sigma
 
 
 def block_sigmas(

@@ -65,9 +65,10 @@ class VocabEncoder(PromptEncoder):
             raise CheckpointError(f"{path}: cannot read the word embedding ({err})") from err
         width = state["words.weight"].shape[1] if "words.weight" in state else 0
         module = WordEmbedding(len(vocab), width, text_len)
-        result = module.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys or state["words.weight"].shape[0] != len(vocab) + 1:
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        if {k: tuple(v.shape) for k, v in state.items()} != expected:
             raise CheckpointError(f"{path}: does not fit a {len(vocab)}-word vocabulary of width {width}")
+        module.load_state_dict(state)
         return cls(vocab, text_len, module, device)
 
     def save(self, path: str | Path) -> None:
