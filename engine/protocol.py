@@ -9,7 +9,8 @@ Frame (server -> viewer), one WebSocket binary message per video frame:
     16      4     prompt version, uint32 little-endian (which accepted prompt shaped this frame)
     20      -     the frame as a JPEG image
 
-Control (viewer -> server), one JSON object per text message, at most MAX_MESSAGE_BYTES:
+Control (viewer -> server), one JSON object per text message, at most MAX_MESSAGE_BYTES (longer
+ones get an error; over 16 times that, the server closes the connection with code 1009):
 
     {"type": "prompt", "text": "a red circle moving left"}   -> {"type": "ack", "of": "prompt", "version": 3}
     {"type": "pause"} / {"type": "resume"}                   -> {"type": "ack", "of": "pause"}

@@ -36,6 +36,8 @@ PAGE = Path(__file__).with_name("viewer.html")
 VIEWER_QUEUE = 48  # frames a viewer may fall behind before its oldest ones are dropped
 ENCODER_QUEUE = 8  # blocks waiting for JPEG encoding before the oldest is dropped
 STATS_EVERY_S = 1.0
+CLOSE_ABOVE_BYTES = 16 * MAX_MESSAGE_BYTES
+"""Messages over MAX_MESSAGE_BYTES get an error reply; over this, the connection is closed (1009)."""
 
 
 def needs_token(host: str) -> bool:
@@ -137,7 +139,7 @@ class StreamServer:
     async def _serve(self) -> None:
         self._stop = self.loop.create_future()
         async with serve(
-            self._handle, self.host, self.port, process_request=self._route, max_size=MAX_MESSAGE_BYTES,
+            self._handle, self.host, self.port, process_request=self._route, max_size=CLOSE_ABOVE_BYTES,
             compression=None,
         ) as server:  # fmt: skip
             self.address = server.sockets[0].getsockname()[:2]
