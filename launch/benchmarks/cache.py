@@ -28,12 +28,12 @@ from launch.presets import get_preset
 COLUMNS = ["plan", "policy", "threshold", "speedup", "skipped", "flops_saved", "psnr_db", "ssim", "adherence"]
 
 THRESHOLDS = {
-    "teacache": [0.1, 0.2, 0.4],
-    "fbcache": [0.05, 0.1, 0.2],
-    "bwcache": [0.02, 0.05, 0.1],
-    "flowcache": [0.05, 0.1, 0.2],
-    "flowcache-skyreels": [0.1, 0.2, 0.4],
-    "scope": [0.03, 0.06, 0.1],
+    "teacache": [0.1, 0.3],
+    "fbcache": [0.1, 0.2],
+    "bwcache": [0.05, 0.1],
+    "flowcache": [0.1, 0.2],
+    "flowcache-skyreels": [0.1, 0.3],
+    "scope": [0.05, 0.1],
 }
 
 
