@@ -6,6 +6,7 @@ python -m launch.bench cascade              # cascade fidelity vs sequential (of
 python -m launch.bench switch               # prompt-switch latency: cascade vs sequential + recache
 python -m launch.bench cascade-model --measure   # throughput model; 1 vs 2 ranks measured here
 python -m launch.bench cache                # feature caching policies: speedup and fidelity
+python -m launch.bench speed --preset self-forcing-1.3b --device cuda --random-weights   # one-device speed
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from launch.benchmarks import adherence, cache, cascade, cascade_model, selective, switch
+from launch.benchmarks import adherence, cache, cascade, cascade_model, selective, speed, switch
 from launch.report import table, write_json
 
 BENCHMARKS = {
@@ -26,6 +27,7 @@ BENCHMARKS = {
     "switch": switch,
     "cascade-model": cascade_model,
     "cache": cache,
+    "speed": speed,
 }
 
 
