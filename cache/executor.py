@@ -22,6 +22,7 @@ from engine.executor import Executor
 from engine.flops import forward_flops
 from engine.lagged import BlockKV
 from engine.models.wan import TextKV
+from engine.schedule import TRAIN_TIMESTEPS
 from engine.timeline import Tick, Work
 
 
@@ -40,7 +41,7 @@ class CachingExecutor(Executor):
         return 2 if self.guidance_scale > 1.0 else 1
 
     def _info(self, work: Work) -> StepInfo:
-        return StepInfo(work.block, work.step, self.schedule.steps, work.t_in / 1000.0, work.sigma_out)
+        return StepInfo(work.block, work.step, self.schedule.steps, work.t_in / TRAIN_TIMESTEPS, work.sigma_out)
 
     def _compute(self, tick: Tick, text: TextKV) -> dict[int, torch.Tensor]:
         members = self._selective_members(tick)
@@ -50,7 +51,7 @@ class CachingExecutor(Executor):
         chosen = self._decisions(infos, signals)
         run = [m for m in members if chosen.get(m[0], Decision.COMPUTE) == Decision.COMPUTE]
         self._account(len(run), len(members) - len(run), len(members), text)
-        flows, features = self._run(members, run, text)
+        flows, features = self._run(tick, members, run, text)
         self.cache_stats.probe_flops += signals.probe_flops
         for info in infos:
             decision = chosen[info.block]
@@ -73,7 +74,7 @@ class CachingExecutor(Executor):
             chosen[info.block] = decision if cached else Decision.COMPUTE
         return chosen
 
-    def _run(self, members, run, text: TextKV) -> tuple[dict[int, torch.Tensor], dict]:
+    def _run(self, tick: Tick, members, run, text: TextKV) -> tuple[dict[int, torch.Tensor], dict]:
         """One forward over the computed blocks (none: nothing to do on one device)."""
         if not run:
             return {}, {}
@@ -85,7 +86,6 @@ class CachingExecutor(Executor):
     def _forward_recorded(self, view, run, text: TextKV, in_view: int) -> tuple[dict[int, torch.Tensor], dict]:
         """Run the forward; keep the computed blocks' K/V (and layer outputs if the policy reads them)."""
         computed = [b for b, _, _ in run]
-        scratch_slot = view.scratch_slot
         tap = FeatureTap(self.model) if self.policy.needs_features else None
         try:
             flows = self._forward(run, text, view)
@@ -97,7 +97,7 @@ class CachingExecutor(Executor):
         for block, kv in view.recorded().items():
             if block in self.noisy:  # still denoising: others may attend to it while it is skipped
                 self.stored[block] = kv
-        self._count(len(run), scratch_slot + (in_view - len(run)) * self.frames_per_block)
+        self._count(len(run), view.scratch_slot + (in_view - len(run)) * self.frames_per_block)
         return flows, features
 
     def _account(self, computed: int, skipped: int, in_flight: int, text: TextKV) -> None:

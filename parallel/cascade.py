@@ -72,6 +72,7 @@ class JointView(AttentionView):
         on_wait: Callable[[], None] = lambda: None,
         computed: list[int] | None = None,
         stored: dict[int, BlockKV] | None = None,
+        record: bool = False,
     ):
         first = layout.blocks[0] * block_frames
         super().__init__(cache.rope, first, len(layout.blocks) * block_frames, block_frames, mode)
@@ -91,13 +92,16 @@ class JointView(AttentionView):
             for b in self.computed
         ]
         self.own_mask = None if mode == "bidirectional" else torch.cat(rows) if rows else None
+        # every layer's K/V of the computed blocks, kept only for feature caching (`recorded()`)
+        self.record = record
         self.recorded_k: list[torch.Tensor] = []
         self.recorded_v: list[torch.Tensor] = []
 
     def context(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         k = apply_rope(k, self.own_rotation)
-        self.recorded_k.append(k)
-        self.recorded_v.append(v)
+        if self.record:
+            self.recorded_k.append(k)
+            self.recorded_v.append(v)
         self._exchange(layer, k, v)
         keys, values = self.cache.k[layer, :, : self.end], self.cache.v[layer, :, : self.end]
         return apply_rope(q, self.own_rotation), keys, values, self.own_mask
@@ -146,8 +150,9 @@ class JointView(AttentionView):
             self.cache._commit(self.scratch_slot, self.first_frame, self.commit_frames)
 
 
-class CascadeJoint(Executor):
-    """The executor on one rank of a cascade with joint context."""
+class CascadeRank:
+    """What every cascade executor adds on its rank: the cascade group, the blocks it owns, and
+    taking part in a tick's gathers without a forward of its own."""
 
     def __init__(self, *args, topology: Topology, **kwargs):
         super().__init__(*args, **kwargs)
@@ -155,65 +160,56 @@ class CascadeJoint(Executor):
 
     def owns(self, block: int) -> bool:
         return self.topology.owner(block) == self.topology.cascade_rank
+
+    def _idle(self, view: JointView) -> None:
+        cfg = self.model.cfg
+        view.idle(cfg.num_layers, self.cache.k.shape[1], cfg.num_heads, cfg.head_dim)
+        view.finish()
+
+
+class CascadeJoint(CascadeRank, Executor):
+    """The executor on one rank of a cascade with joint context."""
 
     def _compute(self, tick: Tick, text: TextKV) -> dict[int, torch.Tensor]:
         view = joint_view(self, tick)
         mine = self._selective_members(tick)
         if not mine:
-            cfg = self.model.cfg
-            view.idle(cfg.num_layers, self.cache.k.shape[1], cfg.num_heads, cfg.head_dim)
-            view.finish()
+            self._idle(view)
             return {}
         self._count(len(mine), view.scratch_slot + (len(view.layout.blocks) - len(mine)) * self.frames_per_block)
         return self._forward(mine, text, view)
 
 
-def joint_view(executor: Executor, tick: Tick, computed: list[int] | None = None, stored=None) -> JointView:
-    """A cascade rank's view of `tick` with joint context (`computed`: its blocks that run)."""
+def joint_view(executor: CascadeRank, tick: Tick, computed: list[int] | None = None, stored=None) -> JointView:
+    """A cascade rank's view of `tick` with joint context. With feature caching, `computed` are
+    its blocks that run (their K/V are recorded) and `stored` stands in for the skipped ones."""
     topology = executor.topology
     commits = sum(1 for w in tick.work if w.commit)
     waiting = lambda: topology.faults.heartbeat(tick.index, "waiting")  # noqa: E731
     return JointView(
         executor.cache, _Layout(tick.blocks, topology), executor.group, topology.cascade_size,
-        executor.frames_per_block, executor.attention, commits, waiting, computed, stored,
+        executor.frames_per_block, executor.attention, commits, waiting, computed, stored, computed is not None,
     )  # fmt: skip
 
 
-class CachingCascadeJoint(CachingExecutor):
+class CachingCascadeJoint(CascadeRank, CachingExecutor):
     """A cascade rank with joint context and feature caching: its skipped blocks send their last
     K/V into the per-layer gathers; the policy sees only this rank's blocks (no extra traffic)."""
 
-    def __init__(self, *args, topology: Topology, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.topology, self.group = topology, topology.cascade_group()
-
-    def owns(self, block: int) -> bool:
-        return self.topology.owner(block) == self.topology.cascade_rank
-
-    def _compute(self, tick: Tick, text: TextKV) -> dict[int, torch.Tensor]:
-        self._tick = tick
-        return super()._compute(tick, text)
-
-    def _run(self, members, run, text: TextKV) -> tuple[dict[int, torch.Tensor], dict]:
-        view = joint_view(self, self._tick, [b for b, _, _ in run], self.stored)
+    def _run(self, tick: Tick, members, run, text: TextKV) -> tuple[dict[int, torch.Tensor], dict]:
+        view = joint_view(self, tick, [b for b, _, _ in run], self.stored)
         if not run:
-            cfg = self.model.cfg
-            view.idle(cfg.num_layers, self.cache.k.shape[1], cfg.num_heads, cfg.head_dim)
-            view.finish()
+            self._idle(view)
             return {}, {}
         return self._forward_recorded(view, run, text, len(view.layout.blocks))
 
 
-class CascadeLagged(LaggedExecutor):
+class CascadeLagged(CascadeRank, LaggedExecutor):
     """The executor on one rank of a cascade with lagged context: K/V travel once per tick."""
 
-    def __init__(self, *args, topology: Topology, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.topology, self.group = topology, topology.cascade_group()
         self._pending: tuple | None = None
-
-    def owns(self, block: int) -> bool:
-        return self.topology.owner(block) == self.topology.cascade_rank
 
     def _compute(self, tick: Tick, text: TextKV) -> dict[int, torch.Tensor]:
         self.complete()  # last tick's K/V must be in before this tick's forwards
