@@ -15,6 +15,7 @@ import torch
 
 from cache.view import SparseView
 from engine.flops import forward_flops
+from engine.schedule import TRAIN_TIMESTEPS
 
 SUBSAMPLE = 4
 """Keep every 4th token of stored features: enough for a mean relative change, 4x less memory."""
@@ -32,7 +33,7 @@ class Signals:
 
     def _sigma(self, block: int) -> torch.Tensor:
         latents, t = self.members[block]
-        return torch.full((1, latents.shape[2]), t / 1000.0, dtype=torch.float64, device=latents.device)
+        return torch.full((1, latents.shape[2]), t / TRAIN_TIMESTEPS, dtype=torch.float64, device=latents.device)
 
     def _cached(self, kind: str, block: int, make) -> torch.Tensor:
         if (kind, block) not in self._memo:
