@@ -19,32 +19,30 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.build import SetupError, build_decoder, resolve_device, resolve_dtype
-from engine.config import ConfigError, Preset
+from engine.build import build_decoder, resolve_dtype
+from engine.config import Preset
 from engine.decode import to_uint8
-from engine.models.checkpoints import CheckpointError
 from engine.pipeline import Pipeline
 from engine.video import Mp4Writer
 from launch.cli import (
+    USER_ERRORS,
     add_parallel_arguments,
     add_plan_arguments,
     add_preset_arguments,
     add_weight_arguments,
     parallel_from_args,
     preset_from_args,
+    rank_device,
     weights_from_args,
 )
 from parallel.cascade import decode_rank_plan
 from parallel.runtime import RankFailure, launched
 from parallel.topology import Topology, TopologyError
 
-DEFAULT_PRESET = "demo"
-USER_ERRORS = (SetupError, CheckpointError, ConfigError, TopologyError, OSError)
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__.split("\n\n")[0])
-    add_preset_arguments(parser, DEFAULT_PRESET)
+    add_preset_arguments(parser)
     parser.add_argument("--prompt", default="a red circle moving left", help="text prompt")
     parser.add_argument(
         "--blocks", type=int, help="blocks to generate (default: about 5 seconds of video at the preset's fps)"
@@ -66,7 +64,7 @@ def _frames(
 ) -> tuple[Iterator[np.ndarray], Pipeline | None]:
     """Decoded frames of each block, in order, on the rank that writes (nothing on the others),
     and the pipeline on compute ranks."""
-    device = topology.device if topology.distributed else resolve_device(args.device)
+    device = rank_device(args, topology)
     weights = weights_from_args(args)
     if topology.is_compute:
         pipeline = Pipeline.build(preset, weights, device, resolve_dtype(args.dtype, device), topology)

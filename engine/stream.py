@@ -18,33 +18,33 @@ from pathlib import Path
 
 import torch
 
-from engine.build import SetupError, build_decoder, resolve_device, resolve_dtype
-from engine.config import ConfigError, Preset
+from engine.build import build_decoder, resolve_dtype
+from engine.config import Preset
 from engine.live import Controls, LiveStream
-from engine.models.checkpoints import CheckpointError
 from engine.pipeline import Pipeline
 from engine.serve import StreamServer, needs_token
 from engine.video import Mp4Writer
 from launch.cli import (
+    USER_ERRORS,
     add_parallel_arguments,
     add_plan_arguments,
     add_preset_arguments,
     add_weight_arguments,
     parallel_from_args,
     preset_from_args,
+    rank_device,
     weights_from_args,
 )
 from parallel.cascade import decode_rank_plan
 from parallel.runtime import RankFailure, launched
 from parallel.topology import Topology, TopologyError
 
-DEFAULT_PRESET = "demo"
 log = logging.getLogger("engine.stream")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine.stream", description=__doc__.split("\n\n")[0])
-    add_preset_arguments(parser, DEFAULT_PRESET)
+    add_preset_arguments(parser)
     parser.add_argument("--prompt", default="a red circle moving left", help="the prompt the stream starts with")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--host", default="127.0.0.1", help="interface to serve on (default: this machine only)")
@@ -75,7 +75,7 @@ def _cache_hits(pipeline: Pipeline):
 def _source(args: argparse.Namespace, preset: Preset, topology: Topology):
     """(block source, decoder, cache hit rate) for this rank: the plan on compute ranks, receiving
     on a decode rank."""
-    device = topology.device if topology.distributed else resolve_device(args.device)
+    device = rank_device(args, topology)
     weights = weights_from_args(args)
     if topology.is_compute:
         pipeline = Pipeline.build(preset, weights, device, resolve_dtype(args.dtype, device), topology)
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with launched(parallel_from_args(args)) as topology:
             serve(args, topology)
-    except (SetupError, CheckpointError, ConfigError, TopologyError, OSError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RankFailure as err:

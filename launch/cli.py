@@ -11,10 +11,28 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from engine.build import WeightPaths
-from engine.config import ATTENTION, CACHE_POLICIES, COMPUTE, CONTEXTS, SCHEDULES, SOLVERS, SWITCHES, Preset
+import torch
+
+from engine.build import SetupError, WeightPaths, resolve_device
+from engine.config import (
+    ATTENTION,
+    CACHE_POLICIES,
+    COMPUTE,
+    CONTEXTS,
+    SCHEDULES,
+    SOLVERS,
+    SWITCHES,
+    ConfigError,
+    Preset,
+)
+from engine.models.checkpoints import CheckpointError
 from launch.presets import PRESETS, get_preset
-from parallel.topology import ParallelConfig
+from parallel.topology import ParallelConfig, Topology, TopologyError
+
+DEFAULT_PRESET = "demo"
+"""What the entry points run when no --preset is given: the shipped demo model."""
+USER_ERRORS = (SetupError, CheckpointError, ConfigError, TopologyError, OSError)
+"""Errors the entry points report as a one-line message (exit code 2), not a traceback."""
 
 # flag -> (config section, field)
 _PLAN_FLAGS = {
@@ -35,7 +53,7 @@ _SAMPLING_FLAGS = {
 }
 
 
-def add_preset_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+def add_preset_arguments(parser: argparse.ArgumentParser, default: str = DEFAULT_PRESET) -> None:
     parser.add_argument("--preset", default=default, choices=sorted(PRESETS), help=f"model preset (default {default})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16")
@@ -117,6 +135,11 @@ def weights_from_args(args: argparse.Namespace) -> WeightPaths:
         ema=args.ema,
         random=args.random_weights,
     )
+
+
+def rank_device(args: argparse.Namespace, topology: Topology) -> torch.device:
+    """The device a rank runs on: its own under torchrun, else --device."""
+    return topology.device if topology.distributed else resolve_device(args.device)
 
 
 def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
