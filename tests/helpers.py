@@ -55,9 +55,9 @@ def tiny_cache(cfg: WanConfig, grid: tuple[int, int], *, sink: int, ring: int, s
     )
 
 
-def diffusers_twin(cfg: WanConfig) -> WanTransformer3DModel:
-    """An empty diffusers WanTransformer3DModel with the same dimensions."""
-    return WanTransformer3DModel(
+def twin_dimensions(cfg: WanConfig) -> dict:
+    """Our config's dimensions as diffusers' Wan-family transformers name them."""
+    return dict(
         num_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         attention_head_dim=cfg.head_dim,
@@ -66,8 +66,12 @@ def diffusers_twin(cfg: WanConfig) -> WanTransformer3DModel:
         text_dim=cfg.text_dim,
         freq_dim=cfg.freq_dim,
         ffn_dim=cfg.ffn_dim,
-        eps=cfg.eps,
-    ).eval()
+    )
+
+
+def diffusers_twin(cfg: WanConfig) -> WanTransformer3DModel:
+    """An empty diffusers WanTransformer3DModel with the same dimensions."""
+    return WanTransformer3DModel(**twin_dimensions(cfg), eps=cfg.eps).eval()
 
 
 # -- files in each released layout ---------------------------------------------------------------

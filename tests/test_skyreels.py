@@ -24,7 +24,7 @@ from engine.models.wan import WanModel
 from engine.pipeline import Pipeline
 from engine.skyreels import plan_segments
 from engine.text import TextEncoder
-from helpers import assert_close, write_wan_shards
+from helpers import assert_close, twin_dimensions, write_wan_shards
 from launch.presets import get_preset
 
 TINY_SKYREELS = get_preset("skyreels-v2-df-tiny")
@@ -36,17 +36,7 @@ def reference(tmp_path_factory):
     """diffusers' SkyReels-V2 DF pipeline on tiny random components, and its transformer saved."""
     torch.manual_seed(0)
     cfg = TINY_SKYREELS.model
-    transformer = SkyReelsV2Transformer3DModel(
-        num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        text_dim=cfg.text_dim,
-        freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim,
-        num_layers=cfg.num_layers,
-        inject_sample_info=True,
-    ).eval()
+    transformer = SkyReelsV2Transformer3DModel(**twin_dimensions(cfg), inject_sample_info=True).eval()
     with torch.no_grad():  # perturb norms so that a mis-mapped norm cannot hide
         for name, param in transformer.named_parameters():
             if "norm" in name:
