@@ -9,6 +9,7 @@ hard-coded elsewhere. Presets (`launch/presets.py`) are named functions returnin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 
 class ConfigError(ValueError):
@@ -24,6 +25,7 @@ def _require(condition: bool, message: str) -> None:
 class WanConfig:
     """Wan2.1 DiT dimensions (the parameter layout every Wan-based causal checkpoint shares)."""
 
+    family: ClassVar[str] = "wan"
     dim: int
     """Hidden size (1536 for 1.3B, 5120 for 14B)."""
     ffn_dim: int
@@ -63,6 +65,11 @@ class WanConfig:
         return self.dim // self.num_heads
 
     @property
+    def kv_heads(self) -> int:
+        """Heads of the self-attention keys/values (what the KV cache stores)."""
+        return self.num_heads
+
+    @property
     def rope_pairs(self) -> tuple[int, int, int]:
         """Rotary pairs given to the (time, height, width) axes: head_dim/2 split as Wan does."""
         half = self.head_dim // 2
@@ -70,7 +77,75 @@ class WanConfig:
         return half - 2 * spatial, spatial, spatial
 
 
-VAE_KINDS = ("wan", "patches")
+@dataclass(frozen=True, kw_only=True)
+class MagiConfig:
+    """MAGI-1 DiT dimensions (`VideoDiTModel`; reference/skyreels-v2-and-magi-1.md §2.1, §2.6)."""
+
+    family: ClassVar[str] = "magi"
+    dim: int
+    """hidden_size: 3072 (4.5B), 6144 (24B)."""
+    ffn_dim: int
+    """ffn_hidden_size: 12288 (4.5B), 16384 (24B); SwiGLU's fc1 is twice as wide."""
+    num_heads: int
+    """Query heads (24 / 48), 128 channels each."""
+    num_layers: int
+    kv_heads: int = 8
+    """num_query_groups: GQA key/value heads."""
+    in_channels: int = 16
+    """Latent channels of the VAE (the network's input is twice as wide with half_channel_vae)."""
+    out_channels: int = 16
+    half_channel_vae: bool = False
+    """24B: the latent is duplicated to 2 * in_channels on the way in, and the first half of the
+    output is kept."""
+    x_rescale_factor: float = 1.0
+    """24B: 0.1. Input latents are multiplied by it, the output divided by it."""
+    gated_linear_unit: bool = False
+    """SwiGLU MLP (24B) instead of GELU (4.5B)."""
+    cond_hidden_ratio: float = 0.25
+    """Width of the condition vector (time + caption token) relative to dim."""
+    text_dim: int = 4096
+    """caption_channels: T5-XXL states."""
+    caption_len: int = 800
+    """caption_max_length: rows of the learned null caption."""
+    freq_dim: int = 256
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    rope_bands: int = 16
+    """Learnable frequencies per axis: sin and cos over (T, H, W) rotate 2 * 3 * 16 = 96 of each
+    head's 128 channels."""
+    distill: bool = False
+    """Distilled (shortcut) models add a step-size embedding to the time embedding."""
+    fps_embedding: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        _require(min(self.dim, self.ffn_dim, self.num_heads, self.num_layers, self.kv_heads) > 0, "sizes must be > 0")
+        _require(self.dim % self.num_heads == 0, f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        _require(self.num_heads % self.kv_heads == 0, f"{self.num_heads} heads do not share {self.kv_heads} kv heads")
+        _require(self.rotary_dim <= self.head_dim, f"{self.rotary_dim} rotary channels exceed head_dim {self.head_dim}")
+        _require(self.patch_size[0] == 1, "temporal patch size must be 1 (per-chunk modulation)")
+        _require(self.x_rescale_factor > 0, "x_rescale_factor must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def cond_dim(self) -> int:
+        return int(self.dim * self.cond_hidden_ratio)
+
+    @property
+    def rotary_dim(self) -> int:
+        return 6 * self.rope_bands
+
+    @property
+    def network_in_channels(self) -> int:
+        return 2 * self.in_channels if self.half_channel_vae else self.in_channels
+
+
+ModelConfig = WanConfig | MagiConfig
+
+
+VAE_KINDS = ("wan", "patches", "magi")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,7 +154,8 @@ class VaeConfig:
 
     kind: str = "wan"
     """wan: the causal 3D VAE (stride 4 x 8 x 8); patches: principal components of p x p pixel
-    patches (engine/demo/pixels.py), one latent frame per video frame."""
+    patches (engine/demo/pixels.py), one latent frame per video frame; magi: MAGI-1's transformer
+    VAE (stride 4 x 8 x 8, 4 frames per latent frame; not implemented yet: latents only)."""
     patch: int = 4
     """patches: patch size p (z_dim components of the 3 p^2 patch values)."""
     base_dim: int = 96
@@ -110,6 +186,8 @@ class VaeConfig:
         """Frames decoded from `latent_frames` causal latents: the first gives 1, the others `stride` each."""
         if self.kind == "patches":
             return latent_frames
+        if self.kind == "magi":
+            return self.temporal_stride * latent_frames
         return 0 if latent_frames == 0 else 1 + self.temporal_stride * (latent_frames - 1)
 
 
@@ -178,12 +256,38 @@ class StreamConfig:
 
 
 SOLVERS = ("self-forcing", "euler", "unipc", "unipc-skyreels")
+SPACINGS = ("flow", "magi")
 SCHEDULES = ("sequential", "pyramid", "cascade", "skyreels")
 CONTEXTS = ("joint", "lagged")
 SWITCHES = ("next-step", "recache")
 ATTENTION = ("causal", "bidirectional")
 COMPUTE = ("selective", "window")
 CACHE_POLICIES = ("none", "teacache", "fbcache", "bwcache", "flowcache", "flowcache-skyreels", "scope")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MagiGuidance:
+    """MAGI-1's guidance (reference §2.5). Scales are looked up by the chunk's t = 1 - sigma in
+    the buckets of `t_range`."""
+
+    passes: int = 3
+    """3 (base models): text + history, null caption + history, null caption alone; 1 (distilled)."""
+    t_range: tuple[float, ...] = (0.0, 0.0217, 0.1, 0.3, 0.999)
+    prev_chunk_scales: tuple[float, ...] = (1.5, 1.5, 1.5, 1.0, 1.0)
+    text_scales: tuple[float, ...] = (7.5, 7.5, 7.5, 0.0, 0.0)
+    nearly_clean_t: float | None = None
+    """Distilled: once the oldest chunk's t exceeds this (0.3), its flow blends in a pass of the
+    chunk alone (no history); None disables."""
+    nearly_clean_weight: float = 0.7
+    """Weight of the with-history flow in that blend."""
+
+    def __post_init__(self) -> None:
+        _require(self.passes in (1, 3), "MAGI-1 guidance runs 1 or 3 passes")
+        _require(
+            len(self.t_range) == len(self.prev_chunk_scales) == len(self.text_scales),
+            "t_range, prev_chunk_scales and text_scales need one entry per bucket",
+        )
+        _require(list(self.t_range) == sorted(self.t_range), "t_range must increase")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,6 +310,14 @@ class SamplingConfig:
     negative_prompt: str = ""
     commit_sigma: float = 0.0
     """Noise level of the pass that writes a finished block's K/V (Self-Forcing: context_noise 0)."""
+    spacing: str = "flow"
+    """With num_steps: flow (evenly spaced sigmas, shifted: diffusers' flow UniPC) or magi (MAGI-1's
+    grid: t = linspace(0, 1)^2, shifted by 3 toward the noise end; 12 steps is the shortcut grid)."""
+    shortcut: tuple[int, int, int] = (8, 16, 16)
+    """magi, 12 steps: the three step sizes of each quarter of the grid, as fractions 1/n of it
+    (MAGI-1's shortcut_mode "8,16,16")."""
+    magi: MagiGuidance | None = None
+    """MAGI-1's guidance (three passes, or the distilled single pass); None for Wan models."""
 
     def __post_init__(self) -> None:
         _require((self.timesteps is None) != (self.num_steps is None), "set exactly one of timesteps and num_steps")
@@ -219,6 +331,10 @@ class SamplingConfig:
         _require(self.solver in SOLVERS, f"solver must be one of {SOLVERS}")
         _require(self.guidance_scale >= 1.0, "guidance_scale must be >= 1 (1 disables guidance)")
         _require(0.0 <= self.commit_sigma < 1.0, "commit_sigma must lie in [0, 1)")
+        _require(self.spacing in SPACINGS, f"spacing must be one of {SPACINGS}")
+        _require(self.spacing == "flow" or self.num_steps is not None, "the magi spacing needs num_steps")
+        _require(abs(sum(1 / n for n in self.shortcut) - 0.25) < 1e-9, "shortcut step sizes must fill a quarter")
+        _require(self.magi is None or not self.guided, "MAGI-1 guidance replaces guidance_scale")
 
     @property
     def steps(self) -> int:
@@ -257,6 +373,12 @@ class PlanConfig:
     """skyreels: latent frames of the previous segment kept as the next one's clean prefix."""
     addnoise_condition: float = 0.0
     """skyreels: noise (in 0-1000 units) put back on the clean prefix, as SkyReels-V2 does."""
+    history_reach: tuple[int, ...] | None = None
+    """Blocks (itself included) a denoising block may attend to, by stage: its steps split into
+    len(history_reach) equal stages (MAGI-1's noise2clean_kvrange 5, 4, 3, 2). None: everything
+    in the window."""
+    commit_reach: int = 1
+    """With history_reach: blocks a committing (clean) block attends to (MAGI-1: itself only)."""
 
     def __post_init__(self) -> None:
         _require(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}")
@@ -271,6 +393,8 @@ class PlanConfig:
             self.schedule == "sequential" or self.offset is not None, f"the {self.schedule} schedule needs an offset"
         )
         _require(self.overlap_frames >= 0 and self.addnoise_condition >= 0, "overlap and addnoise must be >= 0")
+        _require(self.history_reach is None or min(self.history_reach, default=0) >= 1, "history_reach must be >= 1")
+        _require(self.commit_reach >= 1, "commit_reach must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -300,7 +424,7 @@ class Preset:
 
     name: str
     description: str
-    model: WanConfig
+    model: ModelConfig
     vae: VaeConfig = field(default_factory=VaeConfig)
     text: TextConfig = field(default_factory=TextConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
@@ -328,12 +452,26 @@ class Preset:
             _require(self.plan.context == "joint", "feature caching runs with joint context")
             _require(self.plan.switch == "next-step", "feature caching does not combine with recache")
             _require(self.plan.schedule != "skyreels", "feature caching runs sequential, pyramid and cascade plans")
+        if self.model.family == "magi":
+            self._check_magi()
         block = self.stream.frames_per_block
         for name in ("segment_frames", "overlap_frames"):
             value = getattr(self.plan, name)
             _require(
                 value is None or value % block == 0, f"{name} ({value}) must be a whole number of {block}-frame blocks"
             )
+
+    def _check_magi(self) -> None:
+        plan, sampling = self.plan, self.sampling
+        _require(sampling.magi is not None, f"{self.name}: MAGI-1 models need sampling.magi (their guidance)")
+        _require(plan.schedule != "skyreels", "MAGI-1 runs sequential, pyramid and cascade plans")
+        _require(plan.attention == "causal", "MAGI-1 chunks attend causally")
+        _require(plan.context == "joint", "MAGI-1 runs with joint context")
+        _require(plan.switch == "next-step", "MAGI-1 switches prompts at the next step")
+        _require(self.stream.sink_frames == 0, "MAGI-1 keeps no sink frames")
+        _require(self.cache.policy in ("none", "flowcache"), "MAGI-1 caches with flowcache (its MAGI-1 variant)")
+        if plan.history_reach is not None:
+            _require(sampling.steps % len(plan.history_reach) == 0, "steps must split into the history_reach stages")
 
     @property
     def latent_hw(self) -> tuple[int, int]:

@@ -1,0 +1,302 @@
+"""Read MAGI-1 transformer weights in the released layout and load them into `MagiModel`.
+
+Layout (MAGI-1 `inference/infra/checkpoint`, HF `sand-ai/MAGI-1` `ckpt/magi/<size>_<kind>/`):
+* a variant folder `inference_weight[.fp8][.distill]/` holding `model.safetensors.index.json`
+  (HF style: `{"metadata": {"total_size": N}, "weight_map": {key: shard}}`) and shards
+  `model-0000i-of-0000N.safetensors`, or a single `model.safetensors`;
+* a shard may be stored zstd-compressed as `<shard>.zst`; it is decompressed in memory (the
+  `zstandard` module, else the `zstd` CLI), nothing is written next to the weights;
+* keys are the `VideoDiTModel` module names, which are ours (engine/models/magi.py); a leading
+  `module.` (DDP) is stripped.
+
+FP8 variants (`inference_weight.fp8*`) quantise the q, qx, k, v, linear_fc1 (per-tensor) and
+linear_proj, linear_fc2 (per-channel, with a per-input-channel `smooth_scale`) Linears of layers
+1..L-2. We do not use fp8 kernels: each such weight is dequantised to a dense weight, in the dtype
+the unquantised layers are stored in (bf16 in the release), so an fp8 checkpoint loads into the
+same dense model as a bf16 one and `MagiModel.cast` treats both alike:
+  per-tensor   W = weight[0] * weight_scale
+  per-channel  W = weight[0] * weight_scale / smooth_scale[0][None, :]
+(the per-channel layer divides its input by smooth_scale before the matmul, so folding 1/smooth
+into W's input columns is exact). `input_scale` only quantises activations and is dropped. The
+result carries the fp8 rounding of the weights, not of the activations.
+
+Anything that does not fit the model exactly raises `CheckpointError` naming the file and keys.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
+
+from engine.models.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    _listed,
+    _read_index,
+    check_fit,
+    read_safetensors,
+)
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+VARIANT_PREFIX = "inference_weight"
+PER_TENSOR = ("q", "qx", "k", "v", "linear_fc1")
+PER_CHANNEL = ("linear_proj", "linear_fc2")
+FP8_MAX = 448.0  # largest float8_e4m3fn value
+DENSE_DTYPE = torch.bfloat16  # what the release stores unquantised block weights in
+
+_LAYER = re.compile(r"^videodit_blocks\.layers\.(\d+)\.(.*)$")
+
+
+# -- finding the weights ------------------------------------------------------------------------
+
+
+def _variant_folders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(VARIANT_PREFIX))
+
+
+def _variant_name(variant: str) -> str:
+    """`distill`, `fp8.distill` or the folder name `inference_weight.fp8.distill`."""
+    return variant if variant.startswith(VARIANT_PREFIX) else f"{VARIANT_PREFIX}.{variant}"
+
+
+def _weights_folder(folder: Path, variant: str | None) -> Path:
+    """The variant folder: `folder` itself, its `variant`, or its only `inference_weight*` folder."""
+    if variant is not None:
+        chosen = folder / _variant_name(variant)
+        if not chosen.is_dir():
+            found = [p.name for p in _variant_folders(folder)]
+            raise CheckpointError(f"{folder}: no variant folder {chosen.name} (found: {found or 'none'})")
+        return chosen
+    if (folder / INDEX).is_file() or any(folder.glob(SINGLE + "*")):
+        return folder
+    candidates = _variant_folders(folder)
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates:
+        names = ", ".join(p.name for p in candidates)
+        raise CheckpointError(f"{folder}: several MAGI-1 variants ({names}); choose one with variant=NAME")
+    raise CheckpointError(f"{folder}: no {INDEX}, {SINGLE} or {VARIANT_PREFIX}* folder")
+
+
+def _weights_file(path: Path, variant: str | None) -> Path:
+    """The index or the single file to read (the index wins, as in the reference loader)."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_file():
+        if variant is not None:
+            raise CheckpointError(f"{path}: variant={variant!r} needs the folder holding the variants")
+        return path
+    folder = _weights_folder(path, variant)
+    return folder / INDEX if (folder / INDEX).is_file() else folder / SINGLE
+
+
+# -- reading files --------------------------------------------------------------------------------
+
+
+def _decompress(packed: Path) -> bytes:
+    """A `.zst` shard's bytes: the zstandard module if installed, else the zstd CLI."""
+    try:
+        import zstandard
+    except ImportError:
+        return _decompress_cli(packed)
+    try:
+        with packed.open("rb") as f:
+            return zstandard.ZstdDecompressor().stream_reader(f).read()
+    except (OSError, zstandard.ZstdError) as err:
+        raise CheckpointError(f"{packed}: cannot decompress ({err})") from err
+
+
+def _decompress_cli(packed: Path) -> bytes:
+    if shutil.which("zstd") is None:
+        raise CheckpointError(
+            f"{packed}: compressed shard, but neither the `zstandard` module nor the `zstd` CLI is "
+            f"available; decompress it with `zstd -d {packed}` (or `pip install zstandard`)"
+        )
+    done = subprocess.run(["zstd", "-d", "-c", "-q", str(packed)], capture_output=True)
+    if done.returncode != 0:
+        raise CheckpointError(f"{packed}: zstd -d failed ({done.stderr.decode(errors='replace').strip()})")
+    return done.stdout
+
+
+def _stored(path: Path) -> Path:
+    """The file that holds shard `path`: itself, or `path.zst` when only that exists."""
+    packed = path.with_name(path.name + ".zst")
+    return packed if packed.is_file() and not path.is_file() else path
+
+
+def read_shard(path: Path) -> dict[str, torch.Tensor]:
+    """Shard `path` (.safetensors), decompressed from `path.zst` when only that exists."""
+    packed = _stored(path)
+    if packed == path:
+        return read_safetensors(path)
+    try:
+        return load_bytes(_decompress(packed))
+    except CheckpointError:
+        raise
+    except Exception as err:  # safetensors' own errors for a corrupt payload
+        raise CheckpointError(f"{packed}: cannot read safetensors payload ({err})") from err
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {str(key): str(shard) for key, shard in weight_map.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{index}: not a valid shard index ({err})") from err
+
+
+def _read_shards(index: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    """All shards of `index`. Plain shards go through the shared `_read_index`; this adds `.zst`."""
+    weight_map = _weight_map(index)
+    plain = [index.parent / name for name in sorted(set(weight_map.values()))]
+    if all(p.is_file() for p in plain):
+        return _read_index(index)
+    files = [_stored(p) for p in plain]
+    missing = [str(p) for p, f in zip(plain, files) if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: shard files missing (as .safetensors or .safetensors.zst): {missing}")
+    state: dict[str, torch.Tensor] = {}
+    for shard in plain:
+        state.update(read_shard(shard))
+    absent = sorted(set(weight_map) - set(state))
+    if absent:
+        raise CheckpointError(f"{index}: keys listed in the index are absent from the shards: {_listed(absent)}")
+    return state, files
+
+
+# -- fp8 ------------------------------------------------------------------------------------------
+
+
+def _dense_dtype(state: dict[str, torch.Tensor], key: str) -> torch.dtype:
+    """The dtype of the same weight in layer 0, which is never quantised (bf16 if absent)."""
+    match = _LAYER.match(key)
+    twin = state.get(f"videodit_blocks.layers.0.{match.group(2)}") if match else None
+    if twin is None or twin.dtype.itemsize == 1:
+        return DENSE_DTYPE
+    return twin.dtype
+
+
+def _dequantized(state: dict[str, torch.Tensor], base: str, source: Path) -> torch.Tensor:
+    """Dense `[out, in]` weight of the fp8 Linear `base` (e.g. `...mlp.linear_fc2.`)."""
+    weight = state.get(base + "weight")  # [1, out, in] float8_e4m3fn
+    scale = state[base + "weight_scale"]  # [1]
+    smooth = state.get(base + "smooth_scale")  # [1, in], per-channel layers only
+    if weight is None or weight.dim() != 3 or weight.shape[0] != 1 or scale.numel() != 1:
+        shape = None if weight is None else tuple(weight.shape)
+        raise CheckpointError(f"{source}: {base}weight {shape} is not an fp8 weight [1, out, in] with one scale")
+    if smooth is not None and tuple(smooth.shape) != (1, weight.shape[2]):
+        raise CheckpointError(f"{source}: {base}smooth_scale {tuple(smooth.shape)} should be [1, {weight.shape[2]}]")
+    dense = weight[0].float() * scale.float()
+    if smooth is not None:
+        dense = dense / smooth[0].float()[None, :]
+    return dense.to(_dense_dtype(state, base + "weight"))
+
+
+def dequantize_fp8(state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """Replace every fp8 Linear (a `.weight_scale` key) by its dense weight and drop its scales.
+    Stray scales without a `.weight_scale` stay, so `check_fit` reports them."""
+    out = dict(state)
+    for base in [k[: -len("weight_scale")] for k in state if k.endswith(".weight_scale")]:
+        out[base + "weight"] = _dequantized(state, base, source)
+        for scale in ("weight_scale", "input_scale", "smooth_scale"):
+            out.pop(base + scale, None)
+    return out
+
+
+# -- the public API -------------------------------------------------------------------------------
+
+
+def read_magi_checkpoint(path: str | Path, variant: str | None = None) -> Checkpoint:
+    """Read MAGI-1 weights: a variant folder, a folder holding `inference_weight*` folders
+    (`variant` picks one: "distill", "fp8.distill" or the full folder name), the index, or a
+    single `model.safetensors`. FP8 weights come back dense (layout "magi-fp8")."""
+    source = Path(path)
+    target = _weights_file(source, variant)
+    if target.name.endswith(".safetensors.index.json"):
+        raw, files = _read_shards(target)
+    elif target.name.endswith(".safetensors") or target.name.endswith(".safetensors.zst"):
+        plain = target.with_name(target.name.removesuffix(".zst"))
+        raw, files = read_shard(plain), [_stored(plain)]
+    else:
+        raise CheckpointError(f"{target}: expected a folder, {INDEX} or a .safetensors file")
+    state = {key.removeprefix("module."): value for key, value in raw.items()}
+    quantized = any(key.endswith(".weight_scale") for key in state)
+    if quantized:
+        state = dequantize_fp8(state, target)
+    return Checkpoint(source=source, layout="magi-fp8" if quantized else "magi", files=files, state=state)
+
+
+def load_magi_weights(model: torch.nn.Module, path: str | Path, variant: str | None = None) -> Checkpoint:
+    """Read `path`, check it fits `model` exactly, and assign its tensors (works on a meta model)."""
+    ckpt = read_magi_checkpoint(path, variant)
+    check_fit(model, ckpt)
+    model.load_state_dict(ckpt.state, strict=True, assign=True)
+    return ckpt
+
+
+# -- writing (tests, conversions) -----------------------------------------------------------------
+
+
+def _quantize(weight: torch.Tensor, per_channel: bool) -> dict[str, torch.Tensor]:
+    """fp8 tensors of a dense `[out, in]` weight, as the release stores them (suffix -> tensor)."""
+    weight = weight.detach().float()
+    out: dict[str, torch.Tensor] = {}
+    if per_channel:
+        # a SmoothQuant-style per-input-channel factor; W = W' / smooth, so store W' = W * smooth
+        smooth = weight.abs().amax(0).clamp_min(1e-8).sqrt()  # [in]
+        weight = weight * smooth[None, :]
+        out["smooth_scale"] = smooth[None, :]  # [1, in]
+        out["input_scale"] = torch.ones(1)  # activation scales are calibration data; the loader drops them
+    else:
+        out["input_scale"] = torch.ones(weight.shape[1])  # [in]
+    scale = weight.abs().amax().clamp_min(1e-12) / FP8_MAX
+    out["weight"] = (weight / scale).clamp(-FP8_MAX, FP8_MAX)[None].to(torch.float8_e4m3fn)  # [1, out, in]
+    out["weight_scale"] = scale.reshape(1)
+    return out
+
+
+def _fp8_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Quantise the fp8 Linears of layers 1..L-2, as `fp8_quant` does."""
+    layers = 1 + max((int(m.group(1)) for k in state if (m := _LAYER.match(k))), default=-1)
+    out = {}
+    for key, value in state.items():
+        match = _LAYER.match(key)
+        name = key.split(".")[-2] if key.endswith(".weight") else None
+        if match and 0 < int(match.group(1)) < layers - 1 and name in PER_TENSOR + PER_CHANNEL:
+            base = key[: -len("weight")]
+            out.update({base + suffix: t for suffix, t in _quantize(value, name in PER_CHANNEL).items()})
+        else:
+            out[key] = value
+    return out
+
+
+def save_magi_checkpoint(
+    state_dict: dict[str, torch.Tensor], folder: str | Path, shards: int = 2, fp8: bool = False
+) -> Path:
+    """Write `state_dict` in the released layout: `folder/model.safetensors.index.json` + shards
+    `model-0000i-of-0000N.safetensors` (keys split in order). `fp8`: quantise as the fp8 release."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    if fp8:
+        state = _fp8_state(state)
+    keys = list(state)
+    per_shard = -(-len(keys) // shards)
+    weight_map, total = {}, 0
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in keys[i * per_shard : (i + 1) * per_shard]}
+        save_file(part, str(folder / name))
+        weight_map.update(dict.fromkeys(part, name))
+        total += sum(t.numel() * t.element_size() for t in part.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX).write_text(json.dumps(index, indent=2))
+    return folder
