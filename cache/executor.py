@@ -38,7 +38,7 @@ class CachingExecutor(Executor):
 
     @property
     def branches(self) -> int:
-        return 2 if self.guidance_scale > 1.0 else 1
+        return self.guidance.branches
 
     def _info(self, work: Work) -> StepInfo:
         return StepInfo(work.block, work.step, self.schedule.steps, work.t_in / TRAIN_TIMESTEPS, work.sigma_out)
@@ -80,7 +80,10 @@ class CachingExecutor(Executor):
             return {}, {}
         blocks, computed = [b for b, _, _ in members], [b for b, _, _ in run]
         commits = sum(1 for b in computed if b not in self.noisy)
-        view = SparseView(self.cache, blocks, computed, self.stored, self.frames_per_block, self.attention, commits)
+        reach = self.reach(tick, blocks)
+        view = SparseView(
+            self.cache, blocks, computed, self.stored, self.frames_per_block, self.attention, commits, reach
+        )
         return self._forward_recorded(view, run, text, len(view.present))
 
     def _forward_recorded(self, view, run, text: TextKV, in_view: int) -> tuple[dict[int, torch.Tensor], dict]:
@@ -104,7 +107,7 @@ class CachingExecutor(Executor):
         """Analytic FLOPs of the computed blocks and of those skipped (as if they had run)."""
         tokens = self.frames_per_block * self.cache.T
         keys = self.cache.visible_frames * self.cache.T + in_flight * tokens
-        cfg, text_tokens = self.model.cfg, text.keys[0].shape[1]
+        cfg, text_tokens = self.model.cfg, text.tokens
         self.cache_stats.flops_computed += forward_flops(cfg, computed * tokens, keys, text_tokens) * self.branches
         self.cache_stats.flops_saved += forward_flops(cfg, skipped * tokens, keys, text_tokens) * self.branches
 

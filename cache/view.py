@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.kv import AttentionView, KVCache, in_flight_mask
+from engine.kv import AttentionView, KVCache, block_mask
 from engine.lagged import BlockKV
-from engine.models.rope import apply_rope
 
 
 class SparseView(AttentionView):
@@ -33,9 +32,10 @@ class SparseView(AttentionView):
         block_frames: int,
         mode: str,
         commits: int = 0,
+        reach: dict[int, int] | None = None,
     ):
         present = [b for b in blocks if b in computed or b in stored]
-        super().__init__(cache.rope, present[0] * block_frames, len(present) * block_frames, block_frames, mode)
+        super().__init__(cache.rope, present[0] * block_frames, len(present) * block_frames, block_frames, mode, reach)
         if computed != [b for b in present if b in computed]:
             raise ValueError(f"computed blocks {computed} must be among {blocks}, in order")
         if present[:commits] != computed[:commits]:
@@ -51,17 +51,19 @@ class SparseView(AttentionView):
         self.recorded_v: list[torch.Tensor] = []
 
     def _rows_of_computed(self, block_frames: int) -> torch.Tensor | None:
-        if self.mode == "bidirectional" or len(self.present) == 1:
+        if self.mode == "bidirectional":
             return None
-        full = in_flight_mask(
-            self.scratch_slot * self.cache.T, self.frames, block_frames, self.cache.T, self.rotation.device
+        full = block_mask(
+            self.cache.visible_frame_ids(), self.present, block_frames, self.cache.T, self.rotation.device, self.reach
         )
+        if full is None:
+            return None
         rows = [self.present.index(b) for b in self.computed]
         return torch.cat([full[i * self.tokens : (i + 1) * self.tokens] for i in rows])
 
     def context(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         # q, k, v: [B, n_computed * tokens, H, Dh]
-        k = apply_rope(k, self.own_rotation)
+        k = self.rope.apply(k, self.own_rotation)
         self.recorded_k.append(k)
         self.recorded_v.append(v)
         cache, start, mine = self.cache, self.scratch_slot * self.cache.T, 0
@@ -76,7 +78,7 @@ class SparseView(AttentionView):
                 cache.v[layer, :, span] = self.stored[block].values[layer]
             start += self.tokens
         keys, values = cache.k[layer, :, : self.end], cache.v[layer, :, : self.end]
-        return apply_rope(q, self.own_rotation), keys, values, self.own_mask
+        return self.rope.apply(q, self.own_rotation), keys, values, self.own_mask
 
     def recorded(self) -> dict[int, BlockKV]:
         """Each computed block's K/V of this forward, every layer: `[L, B, tokens, H, Dh]`."""

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import torch
 
-from engine.config import Preset, TinyTextEncoder
+from engine.config import ModelConfig, Preset, TinyTextEncoder
 from engine.decode import StreamingDecoder, load_vae, random_vae
 from engine.demo.pixels import PatchCodec, PatchDecoder
 from engine.demo.vocab import VocabEncoder
 from engine.kv import KVCache
 from engine.models.checkpoints import load_weights
 from engine.models.lora import merge_lora
+from engine.models.magi import LayerNorm1p, MagiModel, initial_bands
+from engine.models.magi_rope import MagiRope
 from engine.models.rope import Rope
 from engine.models.wan import WanModel
 from engine.text import PromptEncoder, TextEncoder
@@ -103,23 +105,64 @@ def init_random_(model: torch.nn.Module, seed: int) -> None:
             param.uniform_(-bound, bound, generator=generator)
 
 
-def build_model(preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> WanModel:
+def new_model(cfg: ModelConfig) -> WanModel | MagiModel:
+    """The network of a model family (on the current default device; meta for counting)."""
+    return MagiModel(cfg) if cfg.family == "magi" else WanModel(cfg)
+
+
+def build_model(preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> WanModel | MagiModel:
     with torch.device("meta"):
-        model = WanModel(preset.model)
+        model = new_model(preset.model)
+    magi = preset.model.family == "magi"
     checkpoint = weights.resolved("transformer", preset)
     if checkpoint is not None and not weights.random:
-        ckpt = load_weights(model, checkpoint, ema=weights.ema)
+        if magi:
+            ckpt = _load_magi(model, preset, Path(checkpoint))
+        else:
+            ckpt = load_weights(model, checkpoint, ema=weights.ema)
         log.info("transformer: %s", ckpt.describe())
     elif preset.random_init or weights.random:
         small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS
         model.to_empty(device="cpu" if small else device)
-        init_random_(model, weights.seed)
+        (init_magi_random_ if magi else init_random_)(model, weights.seed)
     else:
         raise SetupError(f"preset {preset.name} needs transformer weights: pass --checkpoint PATH (or --base DIR)")
     if weights.lora is not None:
         merged = merge_lora(model, weights.lora, alpha=weights.lora_alpha)
         log.info("merged %d LoRA adapters from %s", merged, weights.lora)
     return model.to(device).cast(dtype).eval()
+
+
+def _load_magi(model: MagiModel, preset: Preset, path: Path):
+    """MAGI-1 weights; a folder with several `inference_weight*` variants gives the preset's."""
+    from engine.models.magi_checkpoints import load_magi_weights
+
+    variant = None
+    if path.is_dir() and len(list(path.glob("inference_weight*"))) > 1:
+        variant = "inference_weight.distill" if preset.model.distill else "inference_weight"
+    ckpt = load_magi_weights(model, path, variant)
+    folder = ckpt.files[0].parent.name  # the released folders say which kind they hold
+    distilled = ".distill" in folder
+    if folder.startswith("inference_weight") and distilled != preset.model.distill:
+        kind = "distilled" if distilled else "base"
+        raise SetupError(f"{ckpt.source} holds {kind} MAGI-1 weights but preset {preset.name} is not {kind}")
+    return ckpt
+
+
+@torch.no_grad()
+def init_magi_random_(model: MagiModel, seed: int) -> None:
+    """Seeded MAGI-1 weights: linears U(+-1/sqrt(fan_in)); plain LayerNorms 1 / 0; the "1p"
+    norms store weight - 1, so 0; rotary bands at their initial 10000^(-i/16)."""
+    init_random_(model, seed)
+    for name, param in model.named_parameters():
+        if isinstance(_owner(model, name), LayerNorm1p) and name.endswith("weight"):
+            param.zero_()
+        elif name == "rope.bands":
+            param.copy_(initial_bands(param.shape[0]))
+
+
+def _owner(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    return model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
 
 
 def build_text_encoder(preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> PromptEncoder:
@@ -159,9 +202,29 @@ def _umt5_encoder(preset: Preset, weights: WeightPaths, device: torch.device, dt
     return encoder
 
 
-def build_decoder(preset: Preset, weights: WeightPaths, device: torch.device) -> StreamingDecoder | PatchDecoder:
+class MissingDecoder:
+    """Stands in for a VAE arcade does not implement yet (MAGI-1's): latents work, decoding says why not."""
+
+    def __init__(self, preset: Preset):
+        self.message = (
+            f"preset {preset.name}: decoding needs MAGI-1's transformer VAE, which arcade does not implement yet; "
+            "the transformer runs (latents, benchmarks) but frames cannot be decoded"
+        )
+
+    def reset(self) -> None:
+        raise SetupError(self.message)
+
+    def decode(self, latents: torch.Tensor):
+        raise SetupError(self.message)
+
+
+def build_decoder(
+    preset: Preset, weights: WeightPaths, device: torch.device
+) -> StreamingDecoder | PatchDecoder | MissingDecoder:
     if preset.vae.kind == "patches":
         return PatchDecoder(build_patch_codec(preset, weights))
+    if preset.vae.kind == "magi":
+        return MissingDecoder(preset)
     path = weights.resolved("vae")
     if path is not None and not weights.random:
         vae = load_vae(preset.vae, path)
@@ -181,10 +244,24 @@ def build_patch_codec(preset: Preset, weights: WeightPaths) -> PatchCodec:
     return PatchCodec.load(path, preset.vae.patch)
 
 
+def build_rope(preset: Preset, model: WanModel | MagiModel, device: torch.device) -> Rope | MagiRope:
+    """The rotary tables of the preset's family (MAGI-1's come from the model's learned bands)."""
+    if preset.model.family == "magi":
+        return MagiRope(model.rope.bands, latent_grid(preset), device)
+    return Rope(preset.model, latent_grid(preset), device)
+
+
 def latent_grid(preset: Preset) -> tuple[int, int]:
     """Tokens along (height, width) of one latent frame after patching."""
     h, w = preset.latent_hw
     return h // preset.model.patch_size[1], w // preset.model.patch_size[2]
+
+
+def _cache_rope(preset: Preset, device) -> Rope | MagiRope:
+    """Tables for a cache measured or used without a model (a model's own rope is passed in)."""
+    if preset.model.family == "magi":
+        return MagiRope(initial_bands(preset.model.rope_bands), latent_grid(preset), device)
+    return Rope(preset.model, latent_grid(preset), device)
 
 
 def build_kv_cache(
@@ -195,14 +272,15 @@ def build_kv_cache(
     batch: int = 1,
     scratch_frames: int | None = None,
     ring_frames: int | None = None,
+    rope: Rope | MagiRope | None = None,
 ) -> KVCache:
     """The KV cache of one stream of `preset` (on the meta device to measure it without memory)."""
     cfg, stream = preset.model, preset.stream
     return KVCache(
-        rope=Rope(cfg, latent_grid(preset), device),
+        rope=rope or _cache_rope(preset, device),
         layers=cfg.num_layers,
         batch=batch,
-        heads=cfg.num_heads,
+        heads=cfg.kv_heads,
         head_dim=cfg.head_dim,
         sink_frames=stream.sink_frames,
         ring_frames=stream.ring_frames if ring_frames is None else ring_frames,

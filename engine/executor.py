@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.guidance import ClassifierFree, Guidance
 from engine.kv import AttentionView, KVCache, LocalView
 from engine.models.rope import Rope
 from engine.models.wan import TextKV, WanModel
@@ -72,6 +73,9 @@ class Executor:
         guidance_scale: float = 1.0,
         fps: int | None = None,
         prefix_noise_t: float = 0.0,
+        guidance: Guidance | None = None,
+        history_reach: tuple[int, ...] | None = None,
+        commit_reach: int = 1,
     ):
         if compute == "selective" and cache is None:
             raise ValueError("selective computation needs a KV cache")
@@ -79,7 +83,9 @@ class Executor:
         self.block_shape = tuple(block_shape)  # [B, C, F, H, W] of one block
         self.frames_per_block = block_shape[2]
         self.rope, self.attention, self.compute, self.cache = rope, attention, compute, cache
-        self.guidance_scale, self.fps, self.prefix_noise_t = guidance_scale, fps, prefix_noise_t
+        self.fps, self.prefix_noise_t = fps, prefix_noise_t
+        self.guidance = guidance or ClassifierFree(guidance_scale)
+        self.history_reach, self.commit_reach = history_reach, commit_reach
         self.noisy: dict[int, torch.Tensor] = {}  # started (or, in window mode, waiting) blocks
         self.clean: dict[int, torch.Tensor] = {}  # finished blocks not yet committed / still in view
         self.pre_ready: set[int] = set()
@@ -88,7 +94,7 @@ class Executor:
 
     @property
     def device(self) -> torch.device:
-        return self.rope.time_freqs.device
+        return self.rope.device
 
     def _noise_block(self, block: int) -> torch.Tensor:
         return self.noise.noise(self.block_shape, block, 0, self.device)
@@ -156,8 +162,10 @@ class Executor:
 
     def _view(self, tick: Tick, first_block: int, frames: int) -> AttentionView:
         first_frame, block_frames = first_block * self.frames_per_block, self.frames_per_block
+        blocks = range(first_block, first_block + frames // block_frames)
+        reach = self.reach(tick, blocks)
         if self.compute == "window":
-            return LocalView(self.rope, first_frame, frames, block_frames, self.attention)
+            return LocalView(self.rope, first_frame, frames, block_frames, self.attention, reach)
         commits = sum(1 for w in tick.work if w.commit)
         return self.cache.view(
             first_frame=first_frame,
@@ -165,7 +173,18 @@ class Executor:
             block_frames=block_frames,
             mode=self.attention,
             commit_frames=commits * block_frames,
+            reach=reach,
         )
+
+    def reach(self, tick: Tick, blocks: Iterable[int]) -> dict[int, int] | None:
+        """How many blocks back (itself included) each block of a forward attends to, or None for
+        the whole window. With `history_reach` (MAGI-1) a denoising block's reach depends on its
+        stage; committing and already clean blocks see `commit_reach` blocks."""
+        if self.history_reach is None:
+            return None
+        per_stage = self.schedule.steps // len(self.history_reach)
+        work = {w.block: w for w in tick.work if not w.commit}
+        return {b: self.history_reach[work[b].step // per_stage] if b in work else self.commit_reach for b in blocks}
 
     # -- choosing the inputs -------------------------------------------------------------------
 
@@ -220,27 +239,23 @@ class Executor:
 
     # -- the forward ---------------------------------------------------------------------------
 
-    def _forward(self, members, text: TextKV, view: AttentionView) -> dict[int, torch.Tensor]:
+    def _forward(self, members, text, view: AttentionView) -> dict[int, torch.Tensor]:
         x = torch.cat([latents for _, latents, _ in members], dim=2)  # [B, C, frames, H, W]
-        # float64 levels keep the network's t = 1000 * sigma exact (SkyReels feeds integer t);
-        # filled on the device, so no host-to-device copy waits on the stream
-        sigma = torch.cat(
+        with torch.no_grad():
+            flow = self.guidance(self, members, x, self._sigma(members), text, view)
+        split = flow.split([latents.shape[2] for _, latents, _ in members], dim=2)
+        return {block: part for (block, _, _), part in zip(members, split)}
+
+    def _sigma(self, members) -> torch.Tensor:
+        """`[1, frames]` float64 noise levels of the members' frames. float64 keeps the network's
+        t = 1000 * sigma exact (SkyReels feeds integer t); filled on the device, so no host-to-device
+        copy waits on the stream."""
+        return torch.cat(
             [
                 torch.full((latents.shape[2],), t_in / TRAIN_TIMESTEPS, dtype=torch.float64, device=self.device)
                 for _, latents, t_in in members
             ]
-        )[None].expand(x.shape[0], -1)
-        guided = self.guidance_scale > 1.0
-        if guided:
-            x, sigma = torch.cat([x, x]), torch.cat([sigma, sigma])
-        with torch.no_grad():
-            flow = self.model(x, sigma, text, view, fps=self.fps)
-        view.finish()
-        if guided:
-            cond, uncond = flow.chunk(2)
-            flow = uncond + self.guidance_scale * (cond - uncond)
-        split = flow.split([latents.shape[2] for _, latents, _ in members], dim=2)
-        return {block: part for (block, _, _), part in zip(members, split)}
+        )[None]
 
     def _apply(self, tick: Tick, flows: dict[int, torch.Tensor]) -> Iterator[Block]:
         for work in tick.work:

@@ -25,20 +25,38 @@ from __future__ import annotations
 
 import torch
 
-from engine.models.rope import Rope, apply_rope
+from engine.models.rope import Rope
 
 ATTENTION_MODES = ("causal", "bidirectional")
 
 
-def in_flight_mask(
-    context_tokens: int, frames: int, block_frames: int, tokens_per_frame: int, device: torch.device
-) -> torch.Tensor:
-    """Boolean `[frames*T, context_tokens + frames*T]` mask: all context visible, blocks causal."""
-    blocks = torch.arange(frames, device=device) // block_frames
-    token_blocks = blocks.repeat_interleave(tokens_per_frame)  # [N]
-    own = token_blocks[:, None] >= token_blocks[None, :]  # [N, N]: query block >= key block
-    context = torch.ones(own.shape[0], context_tokens, dtype=torch.bool, device=device)
-    return torch.cat([context, own], dim=1)
+def block_mask(
+    context_frames: list[int],
+    blocks: list[int],
+    block_frames: int,
+    tokens_per_frame: int,
+    device: torch.device,
+    reach: dict[int, int] | None = None,
+) -> torch.Tensor | None:
+    """Boolean `[len(blocks)*F*T, (len(context_frames) + len(blocks)*F)*T]` mask, or None if all true.
+
+    Keys are the committed `context_frames` (absolute frame indices), then the in-flight `blocks`
+    in order. A block sees keys of blocks <= itself; with `reach`, block b sees only blocks
+    b - reach[b] + 1 .. b (MAGI-1's per-chunk KV range, which is 1 for a committing chunk).
+    Built per frame on the host, then expanded to tokens on the device.
+    """
+    key_blocks = torch.tensor(
+        [f // block_frames for f in context_frames] + [b for b in blocks for _ in range(block_frames)]
+    )
+    query_blocks = torch.tensor(blocks).repeat_interleave(block_frames)
+    mask = key_blocks[None, :] <= query_blocks[:, None]  # [F_q, F_k]
+    if reach is not None:
+        lowest = torch.tensor([b - reach[b] + 1 for b in blocks]).repeat_interleave(block_frames)
+        mask &= key_blocks[None, :] >= lowest[:, None]
+    if bool(mask.all()):
+        return None
+    T = tokens_per_frame
+    return mask.repeat_interleave(T, 0).repeat_interleave(T, 1).to(device)
 
 
 class AttentionView:
@@ -49,7 +67,15 @@ class AttentionView:
     The caller of the model calls `finish()` after the forward (commits, if the view writes).
     """
 
-    def __init__(self, rope: Rope, first_frame: int, frames: int, block_frames: int, mode: str):
+    def __init__(
+        self,
+        rope: Rope,
+        first_frame: int,
+        frames: int,
+        block_frames: int,
+        mode: str,
+        reach: dict[int, int] | None = None,
+    ):
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
         if frames % block_frames:
@@ -59,15 +85,22 @@ class AttentionView:
         self.frames = frames
         self.block_frames = block_frames
         self.mode = mode
+        self.reach = reach
+        """Per in-flight block, how many blocks back (itself included) it may see; None: all."""
         self.rotation = rope.tables(first_frame, frames)  # [N, Dh/2] complex
         self._mask: torch.Tensor | None = None
 
-    def _mask_for(self, context_tokens: int) -> torch.Tensor | None:
-        if self.mode == "bidirectional" or self.frames == self.block_frames:
+    @property
+    def blocks(self) -> list[int]:
+        first = self.first_frame // self.block_frames
+        return list(range(first, first + self.frames // self.block_frames))
+
+    def _mask_for(self, context_frames: list[int]) -> torch.Tensor | None:
+        if self.mode == "bidirectional":
             return None
         if self._mask is None:
-            self._mask = in_flight_mask(
-                context_tokens, self.frames, self.block_frames, self.rope.tokens_per_frame, self.rotation.device
+            self._mask = block_mask(
+                context_frames, self.blocks, self.block_frames, self.rope.tokens_per_frame, self.rope.device, self.reach
             )
         return self._mask
 
@@ -82,7 +115,7 @@ class LocalView(AttentionView):
     """No committed context: the call's frames attend among themselves (block-causal or not)."""
 
     def context(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        return apply_rope(q, self.rotation), apply_rope(k, self.rotation), v, self._mask_for(0)
+        return self.rope.apply(q, self.rotation), self.rope.apply(k, self.rotation), v, self._mask_for([])
 
 
 class KVCache:
@@ -112,6 +145,9 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.sink_k = torch.zeros((layers, batch, self.S * self.T, heads, head_dim), dtype=dtype, device=device)
+        self.commit_from: int | None = None
+        """If set, committed frames keep this batch element's K/V in every element (MAGI-1's base
+        guidance: the null-caption pass writes the cache both conditioned passes read)."""
         self.reset()
 
     # -- bookkeeping (host integers) -------------------------------------------------------
@@ -151,7 +187,14 @@ class KVCache:
         self._sink_base = 0
 
     def view(
-        self, *, first_frame: int, frames: int, block_frames: int, mode: str, commit_frames: int = 0
+        self,
+        *,
+        first_frame: int,
+        frames: int,
+        block_frames: int,
+        mode: str,
+        commit_frames: int = 0,
+        reach: dict[int, int] | None = None,
     ) -> CachedView:
         """A call over frames [first_frame, first_frame + frames) whose first `commit_frames` frames
         (finished blocks) are written to the cache when the call finishes."""
@@ -161,7 +204,7 @@ class KVCache:
             raise ValueError(f"{frames} in-flight frames exceed the cache's scratch of {self.Q}")
         if not 0 <= commit_frames <= frames:
             raise ValueError(f"cannot commit {commit_frames} of {frames} frames")
-        return CachedView(self, first_frame, frames, block_frames, mode, commit_frames)
+        return CachedView(self, first_frame, frames, block_frames, mode, commit_frames, reach)
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -182,6 +225,11 @@ class KVCache:
         self.k[:, :, dst * T : (dst + 1) * T] = self.k[:, :, src * T : (src + 1) * T]
         self.v[:, :, dst * T : (dst + 1) * T] = self.v[:, :, src * T : (src + 1) * T]
 
+    def _share_frame(self, slot: int) -> None:
+        span, source = slice(slot * self.T, (slot + 1) * self.T), self.commit_from
+        self.k[:, :, span] = self.k[:, source : source + 1, span]
+        self.v[:, :, span] = self.v[:, source : source + 1, span]
+
     def _commit(self, scratch_slot: int, first_frame: int, frames: int) -> None:
         T = self.T
         for j in range(frames):
@@ -192,6 +240,8 @@ class KVCache:
             dst = self.slot_of(frame)
             if dst is not None and dst != src:
                 self._copy_frame(src, dst)
+            if dst is not None and self.commit_from is not None:
+                self._share_frame(dst)
         self.committed += frames
         self._rebase_sink()
 
@@ -203,16 +253,26 @@ class KVCache:
         shift = self.rope.time_shift(base)
         sink_tokens = self.S * self.T
         for layer in range(self.k.shape[0]):
-            self.k[layer, :, :sink_tokens] = apply_rope(self.sink_k[layer], shift)
+            self.k[layer, :, :sink_tokens] = self.rope.apply(self.sink_k[layer], shift)
         self._sink_base = base
 
 
 class CachedView(AttentionView):
     """A call whose frames attend to the cache's visible frames and to each other."""
 
-    def __init__(self, cache: KVCache, first_frame: int, frames: int, block_frames: int, mode: str, commit_frames: int):
-        super().__init__(cache.rope, first_frame, frames, block_frames, mode)
+    def __init__(
+        self,
+        cache: KVCache,
+        first_frame: int,
+        frames: int,
+        block_frames: int,
+        mode: str,
+        commit_frames: int,
+        reach: dict[int, int] | None = None,
+    ):
+        super().__init__(cache.rope, first_frame, frames, block_frames, mode, reach)
         self.cache = cache
+        self.context_frames = cache.visible_frame_ids()
         self.commit_frames = commit_frames
         self.scratch_slot = cache.visible_frames  # the call's frames follow the visible ones
         self._end = (self.scratch_slot + frames) * cache.T
@@ -220,11 +280,11 @@ class CachedView(AttentionView):
     def context(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         cache = self.cache
         start = self.scratch_slot * cache.T
-        cache.k[layer, :, start : self._end] = apply_rope(k, self.rotation)
+        cache.k[layer, :, start : self._end] = self.rope.apply(k, self.rotation)
         cache.v[layer, :, start : self._end] = v
         keys = cache.k[layer, :, : self._end]  # [B, visible*T + N, H, Dh]
         values = cache.v[layer, :, : self._end]
-        return apply_rope(q, self.rotation), keys, values, self._mask_for(start)
+        return self.rope.apply(q, self.rotation), keys, values, self._mask_for(self.context_frames)
 
     def finish(self) -> None:
         if self.commit_frames:

@@ -20,7 +20,6 @@ import torch
 
 from engine.executor import Executor
 from engine.kv import AttentionView, KVCache
-from engine.models.rope import apply_rope
 from engine.models.wan import TextKV
 from engine.timeline import Tick
 
@@ -66,7 +65,7 @@ class LaggedView(AttentionView):
 
     def context(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         cache, span = self.cache, self.own_end - self.own_start
-        k = apply_rope(k, self.rotation)
+        k = self.rope.apply(k, self.rotation)
         self.recorded_k[layer], self.recorded_v[layer] = k, v
         start = cache.visible_frames * cache.T
         for neighbour in self.before + [None] + self.after:
@@ -77,7 +76,7 @@ class LaggedView(AttentionView):
                 cache.v[layer, :, start : start + span] = neighbour.values[layer]
             start += span
         keys, values = cache.k[layer, :, : self.end], cache.v[layer, :, : self.end]
-        return apply_rope(q, self.rotation), keys, values, self._lag_mask
+        return self.rope.apply(q, self.rotation), keys, values, self._lag_mask
 
     def recorded(self) -> BlockKV:
         return BlockKV(torch.stack(self.recorded_k), torch.stack(self.recorded_v))

@@ -16,13 +16,22 @@ import torch
 
 from cache import make_policy
 from cache.executor import CachingExecutor
-from engine.build import WeightPaths, build_decoder, build_kv_cache, build_model, build_text_encoder, latent_grid
+from engine.build import (
+    WeightPaths,
+    build_decoder,
+    build_kv_cache,
+    build_model,
+    build_rope,
+    build_text_encoder,
+)
 from engine.config import ConfigError, Preset
 from engine.decode import StreamingDecoder, to_uint8
 from engine.demo.pixels import PatchDecoder
 from engine.executor import Block, Executor, ExecutorStats
+from engine.guidance import ClassifierFree, Guidance
 from engine.lagged import LaggedExecutor
-from engine.models.rope import Rope
+from engine.magi import MagiGuidance, magi_text
+from engine.models.magi import CaptionKV, MagiModel, MagiText
 from engine.models.wan import TextKV, WanModel
 from engine.noise import NoiseSource
 from engine.recache import RecacheExecutor
@@ -43,7 +52,7 @@ class Pipeline:
     def __init__(
         self,
         preset: Preset,
-        model: WanModel,
+        model: WanModel | MagiModel,
         text: PromptEncoder,
         decoder: StreamingDecoder | PatchDecoder,
         device: torch.device,
@@ -56,13 +65,14 @@ class Pipeline:
         self.decoder = decoder
         self.device = device
         self.schedule = build_schedule(preset.sampling)
-        self.rope = Rope(preset.model, latent_grid(preset), device)
+        self.rope = build_rope(preset, model, device)
         self.stats: list[ExecutorStats] = []
         """Per executor (one per SkyReels segment) of the latest `latents` run."""
         self.executors: list[Executor] = []
         """The executors of the latest `latents` run (cache statistics live on them)."""
         self._text_kv: OrderedDict[str, TextKV] = OrderedDict()
         self._conditioning: OrderedDict[str, TextKV] = OrderedDict()
+        self._null_caption: CaptionKV | None = None
 
     @classmethod
     def build(
@@ -84,17 +94,26 @@ class Pipeline:
 
     # -- conditioning ----------------------------------------------------------------------------
 
-    def text_kv(self, prompt: str) -> TextKV:
+    def text_kv(self, prompt: str) -> TextKV | MagiText:
         """Cross-attention K/V of a prompt, computed once and kept for recent prompts."""
         if prompt not in self._text_kv:
             with torch.no_grad():
-                self._text_kv[prompt] = self.model.embed_text(self.text.encode(prompt).to(self.device))
+                self._text_kv[prompt] = self._embed_prompt(prompt)
         self._text_kv.move_to_end(prompt)
         while len(self._text_kv) > CACHED_TEXT_KV:
             self._text_kv.popitem(last=False)
         return self._text_kv[prompt]
 
-    def conditioning(self, prompt: str) -> TextKV:
+    def _embed_prompt(self, prompt: str) -> TextKV | MagiText:
+        states = self.text.encode(prompt).to(self.device)  # [1, L, text_dim], zero past the prompt
+        if self.preset.model.family != "magi":
+            return self.model.embed_text(states)
+        if self._null_caption is None:
+            self._null_caption = self.model.null_caption()
+        length = max(int((states[0].abs().sum(-1) > 0).sum()), 1)  # real tokens (once per prompt)
+        return magi_text(self.model, states, length, self._null_caption)
+
+    def conditioning(self, prompt: str) -> TextKV | MagiText:
         """The prompt's K/V; with guidance, stacked with the negative prompt's as batch [cond, uncond].
         The same prompt gives the same object (a switch is a change of object)."""
         if not self.preset.sampling.guided:
@@ -123,10 +142,13 @@ class Pipeline:
                 preset,
                 self.model.dtype,
                 self.device,
-                batch=2 if sampling.guided else 1,
+                batch=self.guidance().branches,
                 scratch_frames=blocks_in_forward * frames,
                 ring_frames=ring_frames,
+                rope=self.rope,
             )
+            if self.guidance().branches == 2 and preset.model.family == "magi":
+                cache.commit_from = 1  # the null-caption pass writes the clean K/V both passes read
         executor = kind(
             self.model,
             schedule=self.schedule,
@@ -137,14 +159,24 @@ class Pipeline:
             attention=plan.attention,
             compute=plan.compute,
             cache=cache,
-            guidance_scale=sampling.guidance_scale,
+            guidance=self.guidance(),
             fps=preset.stream.fps if preset.model.fps_embedding else None,
             prefix_noise_t=plan.addnoise_condition,
+            history_reach=plan.history_reach,
+            commit_reach=plan.commit_reach,
             **extra,
         )
         self.stats.append(executor.stats)
         self.executors.append(executor)
         return executor
+
+    def guidance(self) -> Guidance:
+        """The model family's guidance: classifier-free (Wan) or MAGI-1's."""
+        sampling = self.preset.sampling
+        if sampling.magi is None:
+            return ClassifierFree(sampling.guidance_scale)
+        window = len(self.preset.plan.history_reach or (0,) * 4)
+        return MagiGuidance(sampling.magi, self.schedule, window, sampling.shortcut)
 
     def _executor_kind(self) -> tuple[type[Executor], dict]:
         plan = self.preset.plan
@@ -169,6 +201,8 @@ class Pipeline:
         """The preset's sequential or pyramid plan (SkyReels plans are built per segment)."""
         plan, stream = self.preset.plan, self.preset.stream
         window = stream.window_frames // stream.frames_per_block
+        if plan.history_reach is not None:  # a whole-window view must hold every block in reach
+            window = max(window, *plan.history_reach, plan.commit_reach)
         if plan.schedule == "sequential":
             return sequential(self.schedule, num_blocks=num_blocks, window_blocks=window)
         return pyramid(self.schedule, offset=plan.offset, num_blocks=num_blocks, window_blocks=window)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 
 from engine.config import (
+    MagiConfig,
+    MagiGuidance,
     PlanConfig,
     Preset,
     SamplingConfig,
@@ -161,6 +163,87 @@ def wan_14b_causal() -> Preset:
     )
 
 
+# MAGI-1 (reference §2.1): 6-frame chunks, a window of 4 chunks offset by steps / 4, per-stage KV
+# ranges 5, 4, 3, 2 chunks (1 for the clean chunk), Euler on the t^2 + shift-3 grid.
+MAGI_4_5B = MagiConfig(dim=3072, ffn_dim=12288, num_heads=24, num_layers=34)
+MAGI_24B = MagiConfig(
+    dim=6144, ffn_dim=16384, num_heads=48, num_layers=48, gated_linear_unit=True, half_channel_vae=True,
+    x_rescale_factor=0.1,
+)  # fmt: skip
+MAGI_BASE = MagiGuidance(passes=3)
+MAGI_DISTILL = MagiGuidance(passes=1, nearly_clean_t=0.3)
+MAGI_REACH = (5, 4, 3, 2)
+
+
+def _magi(name: str, model: MagiConfig, steps: int, guidance: MagiGuidance, size: tuple[int, int], what: str) -> Preset:
+    return Preset(
+        name=name,
+        description=what,
+        model=dataclasses.replace(model, distill=guidance.passes == 1),
+        vae=VaeConfig(kind="magi"),
+        stream=StreamConfig(height=size[0], width=size[1], frames_per_block=6, window_frames=12, fps=24),
+        sampling=SamplingConfig(timesteps=None, num_steps=steps, spacing="magi", solver="euler", magi=guidance),
+        plan=PlanConfig(schedule="pyramid", offset=steps // 4, history_reach=MAGI_REACH),
+    )
+
+
+def magi_1_4_5b() -> Preset:
+    return _magi("magi-1-4.5b", MAGI_4_5B, 64, MAGI_BASE, (720, 720), "MAGI-1 4.5B base, 720x720, 64 steps, 3-pass CFG")
+
+
+def magi_1_4_5b_distill() -> Preset:
+    return _magi(
+        "magi-1-4.5b-distill",
+        MAGI_4_5B,
+        64,
+        MAGI_DISTILL,
+        (720, 720),
+        "MAGI-1 4.5B distilled, 720x720, 64 steps, 1 pass",
+    )
+
+
+def magi_1_24b() -> Preset:
+    return _magi("magi-1-24b", MAGI_24B, 32, MAGI_BASE, (720, 1280), "MAGI-1 24B base, 720x1280, 32 steps, 3-pass CFG")
+
+
+def magi_1_24b_distill() -> Preset:
+    return _magi(
+        "magi-1-24b-distill",
+        MAGI_24B,
+        16,
+        MAGI_DISTILL,
+        (720, 1280),
+        "MAGI-1 24B distilled, 720x1280, 16 steps, 1 pass",
+    )
+
+
+def magi_1_tiny() -> Preset:
+    """MAGI-1's recipe on a 2-layer random network: for tests and smoke runs."""
+    return Preset(
+        name="magi-1-tiny",
+        description="2-layer random MAGI-1, 64x64, 2-frame chunks, 8 steps, window 4, 3-pass CFG",
+        model=MagiConfig(
+            dim=64,
+            ffn_dim=128,
+            num_heads=2,
+            kv_heads=1,
+            num_layers=2,
+            in_channels=4,
+            out_channels=4,
+            text_dim=32,
+            caption_len=56,
+            freq_dim=32,
+            rope_bands=4,
+        ),  # fmt: skip
+        vae=TINY_VAE,
+        text=TINY_TEXT,
+        stream=StreamConfig(height=64, width=64, frames_per_block=2, window_frames=4, fps=24),
+        sampling=SamplingConfig(timesteps=None, num_steps=8, spacing="magi", solver="euler", magi=MAGI_BASE),
+        plan=PlanConfig(schedule="pyramid", offset=2, history_reach=MAGI_REACH),
+        random_init=True,
+    )
+
+
 PRESETS: dict[str, Callable[[], Preset]] = {
     "demo": demo,
     "tiny-wan": tiny_wan,
@@ -171,6 +254,11 @@ PRESETS: dict[str, Callable[[], Preset]] = {
     "skyreels-v2-df-tiny": skyreels_v2_df_tiny,
     "skyreels-v2-df-1.3b": skyreels_v2_df_1_3b,
     "skyreels-v2-df-14b": skyreels_v2_df_14b,
+    "magi-1-4.5b": magi_1_4_5b,
+    "magi-1-4.5b-distill": magi_1_4_5b_distill,
+    "magi-1-24b": magi_1_24b,
+    "magi-1-24b-distill": magi_1_24b_distill,
+    "magi-1-tiny": magi_1_tiny,
 }
 
 
@@ -182,10 +270,10 @@ def get_preset(name: str) -> Preset:
 
 def parameter_count(preset: Preset) -> int:
     """Transformer parameters, counted on the meta device (no memory)."""
-    from engine.models.wan import WanModel
+    from engine.build import new_model
 
     with torch.device("meta"):
-        model = WanModel(preset.model)
+        model = new_model(preset.model)
     return sum(p.numel() for p in model.parameters())
 
 

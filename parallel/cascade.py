@@ -25,9 +25,8 @@ import torch.distributed as dist
 from cache.executor import CachingExecutor
 from engine.config import Preset
 from engine.executor import Block, Executor
-from engine.kv import AttentionView, KVCache, in_flight_mask
+from engine.kv import AttentionView, KVCache, block_mask
 from engine.lagged import BlockKV, LaggedExecutor
-from engine.models.rope import apply_rope
 from engine.models.wan import TextKV
 from engine.schedule import build_schedule
 from engine.timeline import Tick, blocks_per_tick, pyramid
@@ -73,9 +72,10 @@ class JointView(AttentionView):
         computed: list[int] | None = None,
         stored: dict[int, BlockKV] | None = None,
         record: bool = False,
+        reach: dict[int, int] | None = None,
     ):
         first = layout.blocks[0] * block_frames
-        super().__init__(cache.rope, first, len(layout.blocks) * block_frames, block_frames, mode)
+        super().__init__(cache.rope, first, len(layout.blocks) * block_frames, block_frames, mode, reach)
         self.cache, self.layout, self.group, self.ranks, self.on_wait = cache, layout, group, ranks, on_wait
         # with feature caching, some of this rank's blocks are skipped: their last K/V stand in
         self.computed = layout.mine if computed is None else computed
@@ -86,25 +86,27 @@ class JointView(AttentionView):
         self.end = (self.scratch_slot + self.frames) * cache.T
         self.own_rotation = torch.cat([cache.rope.tables(b * block_frames, block_frames) for b in self.computed] or [
             self.rotation[:0]])  # fmt: skip
-        full = in_flight_mask(self.scratch_slot * cache.T, self.frames, block_frames, cache.T, self.rotation.device)
+        full = None if mode == "bidirectional" else block_mask(
+            cache.visible_frame_ids(), layout.blocks, block_frames, cache.T, self.rotation.device, reach
+        )  # fmt: skip
         rows = [
             full[layout.blocks.index(b) * self.tokens : (layout.blocks.index(b) + 1) * self.tokens]
             for b in self.computed
-        ]
-        self.own_mask = None if mode == "bidirectional" else torch.cat(rows) if rows else None
+        ] if full is not None else []  # fmt: skip
+        self.own_mask = torch.cat(rows) if rows else None
         # every layer's K/V of the computed blocks, kept only for feature caching (`recorded()`)
         self.record = record
         self.recorded_k: list[torch.Tensor] = []
         self.recorded_v: list[torch.Tensor] = []
 
     def context(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        k = apply_rope(k, self.own_rotation)
+        k = self.rope.apply(k, self.own_rotation)
         if self.record:
             self.recorded_k.append(k)
             self.recorded_v.append(v)
         self._exchange(layer, k, v)
         keys, values = self.cache.k[layer, :, : self.end], self.cache.v[layer, :, : self.end]
-        return apply_rope(q, self.own_rotation), keys, values, self.own_mask
+        return self.rope.apply(q, self.own_rotation), keys, values, self.own_mask
 
     def _mine(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's contribution in slot order: fresh K/V of computed blocks, stored of skipped."""
@@ -163,7 +165,7 @@ class CascadeRank:
 
     def _idle(self, view: JointView) -> None:
         cfg = self.model.cfg
-        view.idle(cfg.num_layers, self.cache.k.shape[1], cfg.num_heads, cfg.head_dim)
+        view.idle(cfg.num_layers, self.cache.k.shape[1], cfg.kv_heads, cfg.head_dim)
         view.finish()
 
 
@@ -189,6 +191,7 @@ def joint_view(executor: CascadeRank, tick: Tick, computed: list[int] | None = N
     return JointView(
         executor.cache, _Layout(tick.blocks, topology), executor.group, topology.cascade_size,
         executor.frames_per_block, executor.attention, commits, waiting, computed, stored, computed is not None,
+        executor.reach(tick, tick.blocks),
     )  # fmt: skip
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from engine.build import WeightPaths
-from engine.config import CacheConfig, PlanConfig
+from engine.config import CacheConfig
 from engine.pipeline import Pipeline
 from launch.presets import get_preset
 from parallel.runtime import RankFailure, launched
@@ -57,9 +57,12 @@ def prompt_for(args: argparse.Namespace, rank: int):
 def run_preset(name: str, run: str):
     """The preset of a run CONTEXT:ATTENTION:OFFSET[:CACHE:THRESHOLD] (also the tests' reference)."""
     context, attention, offset, *cache = run.split(":")
-    plan = PlanConfig(schedule="cascade", offset=int(offset), context=context, attention=attention)
+    preset = get_preset(name)  # keeps the preset's own plan settings (MAGI-1's KV ranges)
+    plan = dataclasses.replace(
+        preset.plan, schedule="cascade", offset=int(offset), context=context, attention=attention
+    )
     policy = CacheConfig(policy=cache[0], threshold=float(cache[1])) if cache else CacheConfig()
-    return dataclasses.replace(get_preset(name), plan=plan, cache=policy)
+    return dataclasses.replace(preset, plan=plan, cache=policy)
 
 
 def main() -> int:

@@ -36,8 +36,8 @@ def _prompt(tick):
     return "a red circle moving left" if tick.index < 6 else "a blue square moving up"  # as the worker
 
 
-def _one_device(run: str) -> torch.Tensor:
-    pipeline = Pipeline.build(run_preset("tiny-wan", run), WeightPaths(seed=3), torch.device("cpu"), torch.float32)
+def _one_device(run: str, preset: str = "tiny-wan") -> torch.Tensor:
+    pipeline = Pipeline.build(run_preset(preset, run), WeightPaths(seed=3), torch.device("cpu"), torch.float32)
     with torch.no_grad():
         return torch.cat([b.latents for b in pipeline.latents(_prompt, blocks=BLOCKS, seed=0)], dim=2)
 
@@ -68,6 +68,17 @@ def test_cascade_equals_one_device(tmp_path, ranks, runs):
         assert_close(actual, _one_device(run), 1e-5, f"{ranks} ranks, {run}")
         if int(offset) == STEPS + 1:
             assert_close(actual, _sequential(), 1e-5, f"{ranks} ranks, offset {offset} vs sequential")
+
+
+def test_magi_cascade_equals_one_device(tmp_path):
+    """MAGI-1 (tiny): its chunk window over 3 ranks, three-pass guidance, per-stage KV ranges, and
+    with FlowCache, equals one device."""
+    runs = ["joint:causal:2", "joint:causal:2:flowcache:0.3"]
+    result = _launch(3, tmp_path, "--preset", "magi-1-tiny", "--runs", *runs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for run in runs:
+        actual = torch.load(tmp_path / f"{run.replace(':', '-')}.pt")
+        assert_close(actual, _one_device(run, "magi-1-tiny"), 1e-5, f"MAGI-1, 3 ranks, {run}")
 
 
 @pytest.mark.parametrize("kind, cause", [("raise", "rank 1: RuntimeError: injected"), ("exit", "rank 1 (pid"),

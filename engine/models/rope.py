@@ -63,6 +63,15 @@ class Rope:
         ).reshape(frames * self.tokens_per_frame, self.time_freqs.shape[0] + self.spatial.shape[-1])
         return _unit(angles)
 
+    @property
+    def device(self) -> torch.device:
+        return self.time_freqs.device
+
+    @staticmethod
+    def apply(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        """Rotate q or k `[B, N, H, Dh]` by this family's tables (views call this, not `apply_rope`)."""
+        return apply_rope(x, rotation)
+
     def time_shift(self, frames: int) -> torch.Tensor:
         """Rotations `[head_dim/2]` that move an already rotated key `frames` positions later in time."""
         zeros = torch.zeros(self.spatial.shape[-1], dtype=torch.float64, device=self.time_freqs.device)

@@ -43,6 +43,11 @@ class TextKV:
     def batch(self) -> int:
         return self.keys[0].shape[0]
 
+    @property
+    def tokens(self) -> int:
+        """Text tokens each query attends to (for FLOP counts)."""
+        return self.keys[0].shape[1]
+
     @staticmethod
     def stack(*texts: TextKV) -> TextKV:
         """Concatenate prompts along the batch (e.g. [cond, uncond] for guidance in one forward)."""

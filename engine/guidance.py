@@ -1,0 +1,44 @@
+"""How a tick's forward turns into flows: the guidance of a model family.
+
+The executor hands a guidance object the tick's members and their inputs; it runs the model one
+or more times and returns the guided flow of every member's frames. Wan-family models use
+classifier-free guidance (here); MAGI-1's three-pass guidance lives in engine/magi.py.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from engine.kv import AttentionView
+
+
+class Guidance(Protocol):
+    branches: int
+    """Batch elements the forward that writes the KV cache runs with (the cache's batch)."""
+
+    def __call__(
+        self, executor, members, x: torch.Tensor, sigma: torch.Tensor, text, view: AttentionView
+    ) -> torch.Tensor:
+        """x `[1, C, F, H, W]`, sigma `[1, F]` float64 -> guided flow `[1, C, F, H, W]` float32.
+        Calls `view.finish()` once the forward that writes the cache is done."""
+        ...
+
+
+class ClassifierFree:
+    """cond and uncond batched in one forward: flow = uncond + g * (cond - uncond); g = 1: cond only."""
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+        self.branches = 2 if scale > 1.0 else 1
+
+    def __call__(self, executor, members, x, sigma, text, view) -> torch.Tensor:
+        if self.branches == 2:
+            x, sigma = torch.cat([x, x]), torch.cat([sigma, sigma])
+        flow = executor.model(x, sigma.expand(x.shape[0], -1), text, view, fps=executor.fps)
+        view.finish()
+        if self.branches == 1:
+            return flow
+        cond, uncond = flow.chunk(2)
+        return uncond + self.scale * (cond - uncond)
