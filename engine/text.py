@@ -14,7 +14,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+from transformers import AutoTokenizer, ByT5Tokenizer, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
 from engine.config import TinyTextEncoder
 
@@ -35,7 +35,8 @@ def _find_folders(encoder_dir: Path, tokenizer_dir: Path | None) -> tuple[Path, 
     return encoder_dir, tokenizer_dir
 
 
-def _check_umt5_folder(folder: Path) -> None:
+def _check_umt5_folder(folder: Path) -> str:
+    """The folder's model_type: umt5 (Wan, SkyReels-V2) or t5 (MAGI-1's T5-XXL)."""
     config = folder / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{folder}: not a transformers umT5 folder (no config.json)")
@@ -46,6 +47,7 @@ def _check_umt5_folder(folder: Path) -> None:
             "models_t5_umt5-xxl-enc-bf16.pth is not supported: use the text_encoder/ and tokenizer/ "
             "folders of Wan2.1-T2V-1.3B-Diffusers (--text-encoder DIR)"
         )
+    return model_type
 
 
 class PromptEncoder:
@@ -77,9 +79,9 @@ class PromptEncoder:
 
 
 class TextEncoder(PromptEncoder):
-    """umT5 (transformers) with Wan's zero padding past each prompt's tokens."""
+    """umT5 (or MAGI-1's T5) through transformers, zero past each prompt's tokens (as Wan pads)."""
 
-    def __init__(self, tokenizer, encoder: UMT5EncoderModel, text_len: int, device: torch.device | str):
+    def __init__(self, tokenizer, encoder: UMT5EncoderModel | T5EncoderModel, text_len: int, device):
         super().__init__()
         self.tokenizer = tokenizer
         self.encoder = encoder.to(device).eval()
@@ -101,9 +103,9 @@ class TextEncoder(PromptEncoder):
         tokenizer_dir: str | Path | None = None,
     ) -> TextEncoder:
         enc, tok = _find_folders(Path(encoder_dir), Path(tokenizer_dir) if tokenizer_dir else None)
-        _check_umt5_folder(enc)
+        kind = T5EncoderModel if _check_umt5_folder(enc) == "t5" else UMT5EncoderModel
         tokenizer = AutoTokenizer.from_pretrained(str(tok))
-        encoder = UMT5EncoderModel.from_pretrained(str(enc), dtype=dtype)
+        encoder = kind.from_pretrained(str(enc), dtype=dtype)
         return cls(tokenizer, encoder, text_len, device)
 
     @classmethod

@@ -181,6 +181,7 @@ def _magi(name: str, model: MagiConfig, steps: int, guidance: MagiGuidance, size
         description=what,
         model=dataclasses.replace(model, distill=guidance.passes == 1),
         vae=VaeConfig(kind="magi"),
+        text=TextConfig(text_len=800),  # T5-XXL states, 800 tokens per caption
         stream=StreamConfig(height=size[0], width=size[1], frames_per_block=6, window_frames=12, fps=24),
         sampling=SamplingConfig(timesteps=None, num_steps=steps, spacing="magi", solver="euler", magi=guidance),
         plan=PlanConfig(schedule="pyramid", offset=steps // 4, history_reach=MAGI_REACH),

@@ -56,3 +56,21 @@ def test_wan_native_repo_is_refused_with_advice(tmp_path):
     (tmp_path / "config.json").write_text('{"_class_name": "WanModel", "model_type": "t2v"}')
     with pytest.raises(FileNotFoundError, match="Wan2.1-T2V-1.3B-Diffusers"):
         TextEncoder.from_folder(tmp_path, text_len=16, device="cpu")
+
+
+def test_loads_magis_t5_folder_as_t5(tmp_path):
+    """MAGI-1 ships T5 v1.1 (model_type t5: one relative-position table, in layer 0), not umT5."""
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=384, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu"
+    )
+    T5EncoderModel(config).save_pretrained(str(tmp_path / "text_encoder"))
+    ByT5Tokenizer().save_pretrained(str(tmp_path / "tokenizer"))
+    loaded = TextEncoder.from_folder(tmp_path, text_len=16, device="cpu")
+    assert isinstance(loaded.encoder, T5EncoderModel)
+    reference = T5EncoderModel.from_pretrained(str(tmp_path / "text_encoder"))
+    tokens = loaded.tokenizer("a red circle", return_tensors="pt")
+    expected = reference(input_ids=tokens.input_ids).last_hidden_state[0]
+    assert torch.allclose(loaded.encode("a red circle")[0, : expected.shape[0]], expected, atol=1e-5)
