@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,24 +171,32 @@ def read_torch(path: Path) -> dict:
     return data
 
 
-def _read_index(index: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+def _read_index(
+    index: Path,
+    read: Callable[[Path], dict[str, torch.Tensor]] = None,
+    stored: Callable[[Path], Path] = lambda shard: shard,
+) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    """Every shard an index lists. `stored(shard)`: the file holding it (MAGI-1 may keep
+    `shard.zst`); `read(shard)`: its tensors (default: plain safetensors)."""
+    read = read or read_safetensors
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        shards = sorted({index.parent / str(name) for name in weight_map.values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{index}: not a valid shard index ({err})") from err
-    shards = sorted({index.parent / name for name in weight_map.values()})
-    missing = [str(s) for s in shards if not s.is_file()]
+    files = [stored(shard) for shard in shards]
+    missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(f"{index}: shard files missing: {missing}")
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
-        state.update(read_safetensors(shard))
+        state.update(read(shard))
     absent = sorted(set(weight_map) - set(state))
     if absent:
         raise CheckpointError(
             f"{index}: keys listed in the index are absent from the shards: {absent[:MAX_LISTED_KEYS]}"
         )
-    return state, shards
+    return state, files
 
 
 def _select_generator(data: dict, path: Path, ema: bool | None) -> tuple[dict, str]:

@@ -38,7 +38,6 @@ from safetensors.torch import save_file
 from engine.models.checkpoints import (
     Checkpoint,
     CheckpointError,
-    _listed,
     _read_index,
     check_fit,
     read_safetensors,
@@ -145,31 +144,9 @@ def read_shard(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{packed}: cannot read safetensors payload ({err})") from err
 
 
-def _weight_map(index: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {str(key): str(shard) for key, shard in weight_map.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{index}: not a valid shard index ({err})") from err
-
-
 def _read_shards(index: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
-    """All shards of `index`. Plain shards go through the shared `_read_index`; this adds `.zst`."""
-    weight_map = _weight_map(index)
-    plain = [index.parent / name for name in sorted(set(weight_map.values()))]
-    if all(p.is_file() for p in plain):
-        return _read_index(index)
-    files = [_stored(p) for p in plain]
-    missing = [str(p) for p, f in zip(plain, files) if not f.is_file()]
-    if missing:
-        raise CheckpointError(f"{index}: shard files missing (as .safetensors or .safetensors.zst): {missing}")
-    state: dict[str, torch.Tensor] = {}
-    for shard in plain:
-        state.update(read_shard(shard))
-    absent = sorted(set(weight_map) - set(state))
-    if absent:
-        raise CheckpointError(f"{index}: keys listed in the index are absent from the shards: {_listed(absent)}")
-    return state, files
+    """All shards of `index`, each plain or as `.zst` (the shared index reader, with our access)."""
+    return _read_index(index, read_shard, _stored)
 
 
 # -- fp8 ------------------------------------------------------------------------------------------
