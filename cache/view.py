@@ -53,13 +53,10 @@ class SparseView(AttentionView):
     def _rows_of_computed(self, block_frames: int) -> torch.Tensor | None:
         if self.mode == "bidirectional":
             return None
-        full = block_mask(
-            self.cache.visible_frame_ids(), self.present, block_frames, self.cache.T, self.rotation.device, self.reach
-        )
-        if full is None:
-            return None
-        rows = [self.present.index(b) for b in self.computed]
-        return torch.cat([full[i * self.tokens : (i + 1) * self.tokens] for i in rows])
+        return block_mask(
+            self.cache.visible_frame_ids(), self.present, block_frames, self.cache.T, self.rotation.device,
+            self.reach, self.computed,
+        )  # fmt: skip
 
     def context(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         # q, k, v: [B, n_computed * tokens, H, Dh]

@@ -244,10 +244,12 @@ def build_patch_codec(preset: Preset, weights: WeightPaths) -> PatchCodec:
     return PatchCodec.load(path, preset.vae.patch)
 
 
-def build_rope(preset: Preset, model: WanModel | MagiModel, device: torch.device) -> Rope | MagiRope:
-    """The rotary tables of the preset's family (MAGI-1's come from the model's learned bands)."""
+def build_rope(preset: Preset, device, model: WanModel | MagiModel | None = None) -> Rope | MagiRope:
+    """The rotary tables of the preset's family. MAGI-1's come from the model's learned bands
+    (without a model, e.g. to size a cache, from their initial values)."""
     if preset.model.family == "magi":
-        return MagiRope(model.rope.bands, latent_grid(preset), device)
+        bands = model.rope.bands if model is not None else initial_bands(preset.model.rope_bands)
+        return MagiRope(bands, latent_grid(preset), device)
     return Rope(preset.model, latent_grid(preset), device)
 
 
@@ -255,13 +257,6 @@ def latent_grid(preset: Preset) -> tuple[int, int]:
     """Tokens along (height, width) of one latent frame after patching."""
     h, w = preset.latent_hw
     return h // preset.model.patch_size[1], w // preset.model.patch_size[2]
-
-
-def _cache_rope(preset: Preset, device) -> Rope | MagiRope:
-    """Tables for a cache measured or used without a model (a model's own rope is passed in)."""
-    if preset.model.family == "magi":
-        return MagiRope(initial_bands(preset.model.rope_bands), latent_grid(preset), device)
-    return Rope(preset.model, latent_grid(preset), device)
 
 
 def build_kv_cache(
@@ -277,7 +272,7 @@ def build_kv_cache(
     """The KV cache of one stream of `preset` (on the meta device to measure it without memory)."""
     cfg, stream = preset.model, preset.stream
     return KVCache(
-        rope=rope or _cache_rope(preset, device),
+        rope=rope or build_rope(preset, device),
         layers=cfg.num_layers,
         batch=batch,
         heads=cfg.kv_heads,

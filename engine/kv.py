@@ -37,21 +37,24 @@ def block_mask(
     tokens_per_frame: int,
     device: torch.device,
     reach: dict[int, int] | None = None,
+    queries: list[int] | None = None,
 ) -> torch.Tensor | None:
-    """Boolean `[len(blocks)*F*T, (len(context_frames) + len(blocks)*F)*T]` mask, or None if all true.
+    """Boolean `[len(queries)*F*T, (len(context_frames) + len(blocks)*F)*T]` mask, or None if all true.
 
     Keys are the committed `context_frames` (absolute frame indices), then the in-flight `blocks`
-    in order. A block sees keys of blocks <= itself; with `reach`, block b sees only blocks
-    b - reach[b] + 1 .. b (MAGI-1's per-chunk KV range, which is 1 for a committing chunk).
+    in order; the queries are those of `queries` (default: every block; a subset when only some
+    blocks are computed). A block sees keys of blocks <= itself; with `reach`, block b sees only
+    blocks b - reach[b] + 1 .. b (MAGI-1's per-chunk KV range, 1 for a committing chunk).
     Built per frame on the host, then expanded to tokens on the device.
     """
+    queries = blocks if queries is None else queries
     key_blocks = torch.tensor(
         [f // block_frames for f in context_frames] + [b for b in blocks for _ in range(block_frames)]
     )
-    query_blocks = torch.tensor(blocks).repeat_interleave(block_frames)
+    query_blocks = torch.tensor(queries).repeat_interleave(block_frames)
     mask = key_blocks[None, :] <= query_blocks[:, None]  # [F_q, F_k]
     if reach is not None:
-        lowest = torch.tensor([b - reach[b] + 1 for b in blocks]).repeat_interleave(block_frames)
+        lowest = torch.tensor([b - reach[b] + 1 for b in queries]).repeat_interleave(block_frames)
         mask &= key_blocks[None, :] >= lowest[:, None]
     if bool(mask.all()):
         return None

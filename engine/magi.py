@@ -30,6 +30,8 @@ from engine.schedule import TRAIN_TIMESTEPS, Schedule
 
 BUCKET_MARGIN = 1e-7
 """The reference looks buckets up in t_range - 1e-7 (so t = 0.3 falls in the 0.3 bucket)."""
+WINDOW = 4
+"""Chunks denoising at once (window_size), one per stage of noise2clean_kvrange."""
 SHORTCUT_STEPS = 12
 SHORTCUT_INTERVALS = (2, 1, 1)
 """12-step shortcut grid: the step-size interval of each local step of a stage ("8,16,16")."""
@@ -63,6 +65,7 @@ class MagiGuidance:
         self.cfg, self.schedule, self.window, self.shortcut = cfg, schedule, window, shortcut
         self.branches = 2 if cfg.passes == 3 else 1
         self.per_stage = chunk_offset(schedule.steps, window)
+        self.edges = [edge - BUCKET_MARGIN for edge in cfg.t_range]
         self._paired: tuple[MagiText, CaptionKV] | None = None
 
     def _with_null(self, text: MagiText) -> CaptionKV:
@@ -74,25 +77,33 @@ class MagiGuidance:
     def _t(self, t_in: float) -> float:
         return 1.0 - t_in / TRAIN_TIMESTEPS
 
+    def _working(self, t_in: float) -> bool:
+        return t_in != self.schedule.commit_t
+
     def _scales(self, t: float) -> tuple[float, float]:
         """(s_prev, s_text) of the bucket t falls in."""
-        edges = [edge - BUCKET_MARGIN for edge in self.cfg.t_range]
-        bucket = min(max(bisect.bisect_left(edges, t) - 1, 0), len(edges) - 1)
+        bucket = min(max(bisect.bisect_left(self.edges, t) - 1, 0), len(self.edges) - 1)
         return self.cfg.prev_chunk_scales[bucket], self.cfg.text_scales[bucket]
+
+    @staticmethod
+    def _spans(members):
+        """(block, t_in, frame slice) of each member along the forward's frame axis."""
+        start = 0
+        for block, latents, t_in in members:
+            yield block, t_in, slice(start, start + latents.shape[2])
+            start += latents.shape[2]
 
     def _step_sizes(self, executor, members, batch: int, frames: int) -> torch.Tensor | None:
         """`[batch, frames]` step size of this tick (every working chunk is at the same local step)."""
         if not executor.model.cfg.distill:
             return None
-        working = [t_in for _, _, t_in in members if t_in != executor.schedule.commit_t]
-        step = executor.schedule.model_t.index(working[0]) if working else 0
+        working = [t_in for _, _, t_in in members if self._working(t_in)]
+        step = self.schedule.model_t.index(working[0]) if working else 0
         d = step_size(self.schedule.steps, self.window, step % self.per_stage, self.shortcut)
         return torch.full((batch, frames), d, dtype=torch.float64, device=executor.device)
 
     def __call__(self, executor, members, x, sigma, text: MagiText, view) -> torch.Tensor:
-        clean = tuple(
-            t_in == executor.schedule.commit_t for _, latents, t_in in members for _ in range(latents.shape[2])
-        )
+        clean = tuple(not self._working(t_in) for _, latents, t_in in members for _ in range(latents.shape[2]))
         frames = x.shape[2]
         if self.branches == 2:
             both = MagiText(self._with_null(text), (False, True), text.null, clean)
@@ -108,34 +119,29 @@ class MagiGuidance:
 
     def _alone(self, executor, members, text: MagiText, only: set[int] | None = None) -> dict[int, torch.Tensor]:
         """Working chunks (or `only` those) run each alone, as a batch of single chunks: {block: flow}."""
-        chosen = [(b, latents) for b, latents, t_in in members if t_in != executor.schedule.commit_t]
-        chosen = [(b, latents) for b, latents in chosen if only is None or b in only]
+        chosen = [m for m in members if self._working(m[2]) and (only is None or m[0] in only)]
         if not chosen:
             return {}
-        x = torch.cat([latents for _, latents in chosen])  # [n, C, F_b, H, W]
-        sigma = torch.cat([executor._sigma([m]) for m in members if m[0] in dict(chosen)])  # [n, F_b]
+        x = torch.cat([latents for _, latents, _ in chosen])  # [n, C, F_b, H, W]
+        sigma = torch.cat([executor._sigma([m]) for m in chosen])  # [n, F_b]
         block_frames = x.shape[2]
         # RoPE is relative and each chunk sees only itself: every chunk can sit at frame 0
         view = LocalView(executor.rope, 0, block_frames, block_frames, "causal")
         steps = self._step_sizes(executor, members, x.shape[0], block_frames)
         alone_text = MagiText(text.caption, text.dropped, text.null, (False,) * block_frames)
         flow = executor.model(x, sigma, alone_text, view, step_size=steps)
-        return {b: flow[i : i + 1] for i, (b, _) in enumerate(chosen)}
+        return {block: flow[i : i + 1] for i, (block, _, _) in enumerate(chosen)}
 
     def _combine(self, members, with_text, with_null, alone: dict[int, torch.Tensor]) -> torch.Tensor:
-        parts, start = [], 0
-        for block, latents, t_in in members:
-            end = start + latents.shape[2]
+        parts = []
+        for block, t_in, span in self._spans(members):
             if block not in alone:  # committing: its flow is not used
-                parts.append(with_null[:, :, start:end])
-            else:
-                s_prev, s_text = self._scales(self._t(t_in))
-                parts.append(
-                    (1 - s_prev) * alone[block]
-                    + (s_prev - s_text) * with_null[:, :, start:end]
-                    + s_text * with_text[:, :, start:end]
-                )
-            start = end
+                parts.append(with_null[:, :, span])
+                continue
+            s_prev, s_text = self._scales(self._t(t_in))
+            parts.append(
+                (1 - s_prev) * alone[block] + (s_prev - s_text) * with_null[:, :, span] + s_text * with_text[:, :, span]
+            )
         return torch.cat(parts, dim=2)
 
     def _nearly_clean(self, executor, members, flow: torch.Tensor, text: MagiText) -> torch.Tensor:
@@ -143,17 +149,12 @@ class MagiGuidance:
         threshold = self.cfg.nearly_clean_t
         if threshold is None:
             return flow
-        late = {
-            b for b, _, t_in in members
-            if t_in != executor.schedule.commit_t and self._t(t_in) >= threshold - BUCKET_MARGIN
-        }  # fmt: skip
+        late = {b for b, _, t_in in members if self._working(t_in) and self._t(t_in) >= threshold - BUCKET_MARGIN}
         if not late:
             return flow
-        alone = self._alone(executor, members, text, only=late)
-        weight, parts, start = self.cfg.nearly_clean_weight, [], 0
-        for block, latents, _ in members:
-            end = start + latents.shape[2]
-            part = flow[:, :, start:end]
-            parts.append(weight * part + (1 - weight) * alone[block] if block in late else part)
-            start = end
+        alone, weight = self._alone(executor, members, text, only=late), self.cfg.nearly_clean_weight
+        parts = [
+            weight * flow[:, :, span] + (1 - weight) * alone[block] if block in late else flow[:, :, span]
+            for block, _, span in self._spans(members)
+        ]
         return torch.cat(parts, dim=2)

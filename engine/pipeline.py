@@ -30,6 +30,7 @@ from engine.demo.pixels import PatchDecoder
 from engine.executor import Block, Executor, ExecutorStats
 from engine.guidance import ClassifierFree, Guidance
 from engine.lagged import LaggedExecutor
+from engine.magi import WINDOW as MAGI_WINDOW
 from engine.magi import MagiGuidance, magi_text
 from engine.models.magi import CaptionKV, MagiModel, MagiText
 from engine.models.wan import TextKV, WanModel
@@ -65,7 +66,7 @@ class Pipeline:
         self.decoder = decoder
         self.device = device
         self.schedule = build_schedule(preset.sampling)
-        self.rope = build_rope(preset, model, device)
+        self.rope = build_rope(preset, device, model)
         self.stats: list[ExecutorStats] = []
         """Per executor (one per SkyReels segment) of the latest `latents` run."""
         self.executors: list[Executor] = []
@@ -134,6 +135,7 @@ class Pipeline:
         preset, sampling, plan = self.preset, self.preset.sampling, self.preset.plan
         frames = preset.stream.frames_per_block
         kind, extra = self._executor_kind()
+        guidance = self.guidance()
         if kind is RecacheExecutor:  # a recache reruns the whole visible window in one forward
             blocks_in_forward = max(blocks_in_forward, -(-preset.stream.context_frames // frames))
         cache = None
@@ -142,12 +144,12 @@ class Pipeline:
                 preset,
                 self.model.dtype,
                 self.device,
-                batch=self.guidance().branches,
+                batch=guidance.branches,
                 scratch_frames=blocks_in_forward * frames,
                 ring_frames=ring_frames,
                 rope=self.rope,
             )
-            if self.guidance().branches == 2 and preset.model.family == "magi":
+            if guidance.branches == 2 and preset.model.family == "magi":
                 cache.commit_from = 1  # the null-caption pass writes the clean K/V both passes read
         executor = kind(
             self.model,
@@ -159,7 +161,7 @@ class Pipeline:
             attention=plan.attention,
             compute=plan.compute,
             cache=cache,
-            guidance=self.guidance(),
+            guidance=guidance,
             fps=preset.stream.fps if preset.model.fps_embedding else None,
             prefix_noise_t=plan.addnoise_condition,
             history_reach=plan.history_reach,
@@ -175,8 +177,8 @@ class Pipeline:
         sampling = self.preset.sampling
         if sampling.magi is None:
             return ClassifierFree(sampling.guidance_scale)
-        window = len(self.preset.plan.history_reach or (0,) * 4)
-        return MagiGuidance(sampling.magi, self.schedule, window, sampling.shortcut)
+        reach = self.preset.plan.history_reach
+        return MagiGuidance(sampling.magi, self.schedule, len(reach) if reach else MAGI_WINDOW, sampling.shortcut)
 
     def _executor_kind(self) -> tuple[type[Executor], dict]:
         plan = self.preset.plan

@@ -86,14 +86,9 @@ class JointView(AttentionView):
         self.end = (self.scratch_slot + self.frames) * cache.T
         self.own_rotation = torch.cat([cache.rope.tables(b * block_frames, block_frames) for b in self.computed] or [
             self.rotation[:0]])  # fmt: skip
-        full = None if mode == "bidirectional" else block_mask(
-            cache.visible_frame_ids(), layout.blocks, block_frames, cache.T, self.rotation.device, reach
+        self.own_mask = None if mode == "bidirectional" or not self.computed else block_mask(
+            cache.visible_frame_ids(), layout.blocks, block_frames, cache.T, self.rotation.device, reach, self.computed
         )  # fmt: skip
-        rows = [
-            full[layout.blocks.index(b) * self.tokens : (layout.blocks.index(b) + 1) * self.tokens]
-            for b in self.computed
-        ] if full is not None else []  # fmt: skip
-        self.own_mask = torch.cat(rows) if rows else None
         # every layer's K/V of the computed blocks, kept only for feature caching (`recorded()`)
         self.record = record
         self.recorded_k: list[torch.Tensor] = []
