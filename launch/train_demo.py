@@ -2,6 +2,7 @@
 
 python -m launch.train_demo                      # the shipped weights: 1400 steps, seed 0
 python -m launch.train_demo --steps 200 --out out/demo-quick
+python -m launch.train_demo --init engine/weights/demo --steps 600   # go on from trained weights
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from engine.demo.training import (
     make_batch,
 )
 from engine.demo.vocab import VocabEncoder
+from engine.models.checkpoints import load_weights
 from engine.models.rope import Rope
 from engine.models.wan import WanModel
 from engine.schedule import build_schedule
@@ -50,24 +52,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         else:
             parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
     parser.add_argument("--out", type=Path, default=bundled_weights_dir("demo"), help="folder for the weights")
+    parser.add_argument(
+        "--init", type=Path, default=None, help="start from the weights (and latent space) in this folder"
+    )
+    parser.add_argument("--save-every", type=int, default=0, help="also write the EMA weights every N steps")
     parser.add_argument("--device", default="auto")
     return parser.parse_args(argv)
 
 
-def build(preset, cfg: TrainConfig, device: torch.device) -> tuple[WanModel, VocabEncoder]:
+def build(preset, cfg: TrainConfig, device: torch.device, init: Path | None) -> tuple[WanModel, VocabEncoder]:
+    """Fresh weights (the head starts at zero flow everywhere), or those saved in `init`."""
     torch.manual_seed(cfg.seed)
     model = WanModel(preset.model)
-    init_random_(model, cfg.seed)
-    with torch.no_grad():
-        model.head.head.weight.zero_()  # start by predicting zero flow everywhere
-        model.head.head.bias.zero_()
-    words = VocabEncoder.create(preset.text.vocab, preset.text.text_len, preset.model.text_dim)
+    if init is None:
+        init_random_(model, cfg.seed)
+        with torch.no_grad():
+            model.head.head.weight.zero_()
+            model.head.head.bias.zero_()
+        words = VocabEncoder.create(preset.text.vocab, preset.text.text_len, preset.model.text_dim)
+    else:
+        load_weights(model, init / BUNDLED_FILES["transformer"])
+        words = VocabEncoder.load(init / BUNDLED_FILES["text_encoder"], preset.text.vocab, preset.text.text_len)
     return model.to(device).train(), VocabEncoder(words.vocab, words.text_len, words.module.to(device).train(), device)
 
 
-def train(preset, cfg: TrainConfig, device: torch.device) -> tuple[WanModel, VocabEncoder, PatchCodec, dict]:
-    codec = fit_codec(preset, cfg)
-    model, words = build(preset, cfg, device)
+def train(
+    preset, cfg: TrainConfig, device: torch.device, init: Path | None = None, checkpoint=None, every: int = 0
+) -> tuple[WanModel, VocabEncoder, PatchCodec, dict]:
+    """`init`: go on from the weights in that folder, keeping its latent space. Every `every`
+    steps, `checkpoint(model, words, codec, stats)` sees the EMA weights so far."""
+    codec = fit_codec(preset, cfg) if init is None else PatchCodec.load(init / BUNDLED_FILES["vae"], preset.vae.patch)
+    model, words = build(preset, cfg, device, init)
     params = list(model.parameters()) + list(words.module.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     ema = EMA([model, words.module], cfg.ema)
@@ -78,15 +93,15 @@ def train(preset, cfg: TrainConfig, device: torch.device) -> tuple[WanModel, Voc
     losses, start = [], time.perf_counter()
     progress = tqdm(range(cfg.steps), unit="step", disable=None, file=sys.stderr)
     for step in progress:
-        latents, prompts, mid_stream = make_batch(preset, cfg, codec, rng)
+        batch = make_batch(preset, cfg, codec, rng)
         sigma = block_sigmas(cfg.batch, cfg.clip_blocks, block, cfg.clean_share, generator, grid, cfg.grid_share)
-        sigma = context_first(sigma, mid_stream, block)
-        noise = torch.randn(latents.shape, generator=generator)
+        sigma = context_first(sigma, batch.mid_stream, block)
+        noise = torch.randn(batch.latents.shape, generator=generator)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss = diffusion_forcing_loss(
-                model, words, rope, latents.to(device), prompts, sigma.to(device), noise.to(device), block
+                model, words, rope, batch.to(device), sigma.to(device), noise.to(device), block
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -95,14 +110,20 @@ def train(preset, cfg: TrainConfig, device: torch.device) -> tuple[WanModel, Voc
         ema.update()
         losses.append(loss.item())
         progress.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < cfg.steps:
+            with ema.swapped():
+                checkpoint(model, words, codec, _stats(losses, start))
         if progress.disable and (step + 1) % LOG_EVERY == 0:  # no terminal: plain progress lines
             minutes = (time.perf_counter() - start) / 60
             print(
                 f"step {step + 1}/{cfg.steps}  loss {np.mean(losses[-LOG_EVERY:]):.4f}  {minutes:.1f} min", flush=True
             )
     ema.copy_to()
-    stats = {"seconds": time.perf_counter() - start, "final_loss": float(np.mean(losses[-100:])), "losses": losses}
-    return model.eval(), words, codec, stats
+    return model.eval(), words, codec, _stats(losses, start)
+
+
+def _stats(losses: list[float], start: float) -> dict:
+    return {"seconds": time.perf_counter() - start, "final_loss": float(np.mean(losses[-100:])), "losses": losses}
 
 
 def save(
@@ -117,6 +138,7 @@ def save(
         "config": asdict(cfg),
         "device": str(device),
         "torch": torch.__version__,
+        "init": stats.get("init"),
         "seconds": round(stats["seconds"], 1),
         "final_loss": round(stats["final_loss"], 5),
         "loss_every_100_steps": [round(float(np.mean(stats["losses"][i : i + 100])), 5)
@@ -131,8 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     device = resolve_device(args.device)
     preset = get_preset("demo")
-    model, words, codec, stats = train(preset, cfg, device)
-    save(args.out, model, words, codec, cfg, stats, device)
+    init = None if args.init is None else args.init.as_posix()
+
+    def checkpoint(model, words, codec, stats):
+        save(args.out, model, words, codec, cfg, {**stats, "init": init}, device)
+
+    model, words, codec, stats = train(preset, cfg, device, args.init, checkpoint, args.save_every)
+    save(args.out, model, words, codec, cfg, {**stats, "init": init}, device)
     print(f"trained {cfg.steps} steps in {stats['seconds'] / 60:.1f} min, final loss {stats['final_loss']:.4f}")
     print(f"wrote {args.out}")
     return 0

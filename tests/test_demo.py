@@ -20,6 +20,7 @@ from engine.demo.training import (
     diffusion_forcing_loss,
     fit_codec,
     make_batch,
+    shape_weights,
 )
 from engine.demo.vocab import VocabEncoder
 from engine.eval.adherence import adherence, blocks_to_follow, read_video
@@ -158,19 +159,20 @@ def test_training_steps_reduce_the_loss():
     rope, rng, generator = Rope(preset.model, (8, 8)), np.random.default_rng(0), torch.Generator().manual_seed(0)
 
     def batch():
-        latents, prompts, mid_stream = make_batch(preset, cfg, codec, rng)
-        sigma = context_first(block_sigmas(cfg.batch, cfg.clip_blocks, 3, cfg.clean_share, generator), mid_stream, 3)
-        return latents, prompts, sigma, torch.randn(latents.shape, generator=generator)
+        clips = make_batch(preset, cfg, codec, rng)
+        sigma = context_first(
+            block_sigmas(cfg.batch, cfg.clip_blocks, 3, cfg.clean_share, generator), clips.mid_stream, 3
+        )
+        return clips, sigma, torch.randn(clips.latents.shape, generator=generator)
 
     held_out = batch()  # the same clips, levels and noise before and after training
-    before = diffusion_forcing_loss(model, words, rope, *held_out[:3], held_out[3], 3).item()
+    before = diffusion_forcing_loss(model, words, rope, *held_out, 3).item()
     for _ in range(cfg.steps):
-        latents, prompts, sigma, noise = batch()
-        loss = diffusion_forcing_loss(model, words, rope, latents, prompts, sigma, noise, 3)
+        loss = diffusion_forcing_loss(model, words, rope, *batch(), 3)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    after = diffusion_forcing_loss(model, words, rope, *held_out[:3], held_out[3], 3).item()
+    after = diffusion_forcing_loss(model, words, rope, *held_out, 3).item()
     assert after < 0.8 * before, (before, after)
     assert (block_sigmas(64, 3, 3, 0.25, generator) == 0).float().mean().item() == pytest.approx(0.25, abs=0.08)
 
@@ -187,3 +189,16 @@ def test_the_shipped_weights_follow_their_prompts():
         scores.append(adherence(video, desc))
     color = np.mean([s["color"] for s in scores])
     assert color >= 0.6, scores
+
+
+def test_shape_weights_cover_the_shape_where_it_is_and_was():
+    rng = np.random.default_rng(3)
+    clip = make_clip(rng, frames=4, description=Description("red", "square", "right"), centred=True)
+    weights = shape_weights(clip.frames[None], 4, 8.0)[0]  # [F, 16, 16]
+    assert weights.shape == (4, 16, 16) and set(weights.unique().tolist()) == {1.0, 9.0}
+    for f, (x, y) in enumerate(clip.centers):
+        assert weights[f, int(y) // 4, int(x) // 4] == 9.0  # the shape's centre
+        assert weights[f, 0, 0] == 1.0  # a far corner of the background
+    moved = (weights[1:] > 1) & (weights[:-1] == 1)  # a moving shape weighs its new pixels too
+    assert moved.any()
+    assert (shape_weights(clip.frames[None], 4, 0.0) == 1.0).all()

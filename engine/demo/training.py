@@ -5,11 +5,14 @@ clean), so the model learns to denoise a block whatever the state of the blocks 
 committed context (sequential plans), partly denoised context (pyramid plans, the cascade), or
 noise. Attention between blocks is block-causal, as at inference. Each block carries its own
 prompt, so clips that switch description mid-way teach the model to follow a prompt switch.
-The loss is the flow-matching MSE on blocks that are not clean.
+The loss is the flow-matching MSE on blocks that are not clean, weighted up where the shape is
+(in the frame or the frame before): the background is a few percent of the work once it is
+learned, and an unweighted loss is content to copy the shape where it last was instead of moving it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -42,6 +45,8 @@ class TrainConfig:
     """Share of clips whose description changes at a block boundary."""
     start_share: float = 0.4
     """Share of clips that are a stream's start (shape centred, first block noisy)."""
+    shape_weight: float = 8.0
+    """Extra loss weight on latent pixels near the shape (0: a plain MSE)."""
     ema: float = 0.999
     codec_clips: int = 400
     """Clips whose patches fit the latent space (PCA)."""
@@ -58,11 +63,19 @@ def fit_codec(preset: Preset, cfg: TrainConfig) -> PatchCodec:
     return PatchCodec.fit(frames, preset.vae.patch, preset.vae.z_dim)
 
 
-def make_batch(
-    preset: Preset, cfg: TrainConfig, codec: PatchCodec, rng: np.random.Generator
-) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """Latents `[B, C, F, h, w]`, one prompt per block (batch-major) and which clips are windows
-    from mid-stream `[B]` bool. A stream's first block has no context and starts centred; a
+@dataclass
+class Batch:
+    latents: torch.Tensor  # [B, C, F, h, w]
+    prompts: list[str]  # one per block, batch-major
+    mid_stream: torch.Tensor  # [B] bool: a window from mid-stream (first block is clean context)
+    weights: torch.Tensor  # [B, F, h, w] loss weight per latent pixel
+
+    def to(self, device) -> Batch:
+        return Batch(self.latents.to(device), self.prompts, self.mid_stream, self.weights.to(device))
+
+
+def make_batch(preset: Preset, cfg: TrainConfig, codec: PatchCodec, rng: np.random.Generator) -> Batch:
+    """Clips of `clip_blocks` blocks. A stream's first block has no context and starts centred; a
     mid-stream window's shape is anywhere, so its first block is only ever clean context (the
     model never learns to make a context-free block with the shape at a random place)."""
     block = preset.stream.frames_per_block
@@ -72,9 +85,23 @@ def make_batch(
                   switch_probability=cfg.switch_share, centred=not mid)
         for mid in mid_stream
     ]  # fmt: skip
-    latents = codec.encode(np.stack([c.frames for c in clips]))
+    frames = np.stack([c.frames for c in clips])
     prompts = [clip.prompts[b * block] for clip in clips for b in range(cfg.clip_blocks)]
-    return latents, prompts, torch.from_numpy(mid_stream)
+    weights = shape_weights(frames, codec.patch, cfg.shape_weight)
+    return Batch(codec.encode(frames), prompts, torch.from_numpy(mid_stream), weights)
+
+
+def shape_weights(frames: np.ndarray, patch: int, extra: float) -> torch.Tensor:
+    """`[B, F, H/patch, W/patch]`: 1 + `extra` on latent pixels within one latent pixel of the
+    shape in this frame or the one before (where it goes and where it was), 1 elsewhere. The
+    shape is what differs from its row's median (backgrounds are vertical gradients)."""
+    pixels = frames.astype(np.float32)  # [B, F, H, W, 3]
+    shape = np.abs(pixels - np.median(pixels, axis=3, keepdims=True)).sum(-1) > 30.0  # [B, F, H, W]
+    mask = torch.from_numpy(shape).float()
+    mask = torch.maximum(mask, torch.cat([mask[:, :1], mask[:, :-1]], dim=1))
+    mask = torch.nn.functional.max_pool2d(mask.flatten(0, 1), patch)  # [B F, h, w]
+    mask = torch.nn.functional.max_pool2d(mask, 3, stride=1, padding=1).view(*shape.shape[:2], *mask.shape[-2:])
+    return 1.0 + extra * mask
 
 
 def context_first(sigma: torch.Tensor, mid_stream: torch.Tensor, block_frames: int) -> torch.Tensor:
@@ -108,20 +135,20 @@ def diffusion_forcing_loss(
     model: WanModel,
     words: VocabEncoder,
     rope: Rope,
-    latents: torch.Tensor,
-    prompts: list[str],
+    batch: Batch,
     sigma: torch.Tensor,
     noise: torch.Tensor,
     block_frames: int,
 ) -> torch.Tensor:
-    """MSE between predicted and true flow (noise - x0) over the noisy blocks."""
+    """Weighted MSE between predicted and true flow (noise - x0) over the noisy blocks."""
+    latents = batch.latents
     frames = latents.shape[2]
     s = sigma[:, None, :, None, None]
     noisy = (1 - s) * latents + s * noise
-    text = model.embed_text(words.states(prompts))  # batch B * blocks: one prompt per block
+    text = model.embed_text(words.states(batch.prompts))  # batch B * blocks: one prompt per block
     flow = model(noisy, sigma, text, LocalView(rope, 0, frames, block_frames, "causal"))
-    error = (flow.float() - (noise - latents)).pow(2).mean(dim=(1, 3, 4))  # [B, F]
-    weight = (sigma > 0).float()
+    error = (flow.float() - (noise - latents)).pow(2).mean(dim=1)  # [B, F, h, w]
+    weight = batch.weights.to(error.device) * (sigma > 0).float()[:, :, None, None]
     return (error * weight).sum() / weight.sum().clamp(min=1.0)
 
 
@@ -148,6 +175,18 @@ class EMA:
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for shadow, param in zip(self.shadow, self.params):
             shadow.lerp_(param.detach(), 1 - decay)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """The averaged weights in the modules for the duration, then the trained ones back."""
+        trained = [p.detach().clone() for p in self.params]
+        self.copy_to()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, value in zip(self.params, trained):
+                    param.copy_(value)
 
     @torch.no_grad()
     def copy_to(self) -> None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from engine.build import WeightPaths, resolve_device, resolve_dtype
+from engine.build import BUNDLED_FILES, WeightPaths, resolve_device, resolve_dtype
 from engine.decode import to_uint8
 from engine.demo.scenes import COLORS, MOTIONS, SHAPES, Description
 from engine.eval.adherence import adherence, blocks_to_follow
@@ -46,15 +47,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--switches", type=int, default=12, help="prompt-switch videos per plan")
     parser.add_argument("--switch-block", type=int, default=4, help="block at which the prompt switches")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", type=Path, default=None, help="a folder from launch.train_demo (default: shipped)")
     parser.add_argument("--device", default="auto")
 
 
-def _pipeline(name: str, plan: str, device) -> Pipeline:
+def _weight_paths(folder: Path | None) -> WeightPaths:
+    if folder is None:
+        return WeightPaths()
+    files = {"checkpoint": "transformer", "text_encoder": "text_encoder", "vae": "vae"}
+    return WeightPaths(**{arg: folder / BUNDLED_FILES[part] for arg, part in files.items()})
+
+
+def _pipeline(name: str, plan: str, device, weights: Path | None) -> Pipeline:
     preset = get_preset(name)
     schedule, _, offset = plan.partition(":")
     plan_cfg = dataclasses.replace(preset.plan, schedule=schedule, offset=int(offset) if offset else None)
     preset = dataclasses.replace(preset, plan=plan_cfg)
-    return Pipeline.build(preset, WeightPaths(), device, resolve_dtype("auto", device))
+    return Pipeline.build(preset, _weight_paths(weights), device, resolve_dtype("auto", device))
 
 
 def _video(pipeline: Pipeline, prompt, blocks: int, seed: int) -> np.ndarray:
@@ -75,7 +84,7 @@ def _switch_video(pipeline: Pipeline, before: str, after: str, switch_block: int
 
 
 def _evaluate_plan(args, plan: str, device) -> dict:
-    pipeline = _pipeline(args.preset, plan, device)
+    pipeline = _pipeline(args.preset, plan, device, args.weights)
     frames_per_block = pipeline.preset.stream.frames_per_block
     scores, frames, start = [], 0, time.perf_counter()
     for i, desc in enumerate(eval_prompts(args.prompts)):
@@ -109,4 +118,5 @@ def run(args: argparse.Namespace):
     torch.manual_seed(args.seed)
     rows = [_evaluate_plan(args, plan, device) for plan in args.plans]
     settings = {k: getattr(args, k) for k in ("preset", "prompts", "blocks", "switches", "switch_block", "seed")}
+    settings["weights"] = "shipped" if args.weights is None else args.weights.as_posix()
     return rows, COLUMNS, settings
