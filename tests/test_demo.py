@@ -23,7 +23,7 @@ from engine.demo.training import (
     shape_weights,
 )
 from engine.demo.vocab import VocabEncoder
-from engine.eval.adherence import adherence, blocks_to_follow, read_video
+from engine.eval.adherence import adherence, blocks_to_follow, read_motion, read_video
 from engine.eval.metrics import psnr, ssim
 from engine.kv import LocalView
 from engine.models.checkpoints import CheckpointError
@@ -202,3 +202,17 @@ def test_shape_weights_cover_the_shape_where_it_is_and_was():
     moved = (weights[1:] > 1) & (weights[:-1] == 1)  # a moving shape weighs its new pixels too
     assert moved.any()
     assert (shape_weights(clip.frames[None], 4, 0.0) == 1.0).all()
+
+
+def test_motion_reader_ignores_wobble_but_sees_reflections():
+    """A shape moving left with a pixel of up-down wobble moves left; a bounce off an edge,
+    wobbling as much, still reads as bouncing."""
+    rng = np.random.default_rng(4)
+    wobble = rng.uniform(-1.0, 1.0, size=(24, 2))
+    left = [np.array([40.0 - 2 * f, 32.0]) + wobble[f] for f in range(24)]
+    assert read_motion(left, 64) == "left"
+    x = [30 + 1.41 * f if f < 12 else 30 + 1.41 * (24 - f) for f in range(24)]  # reflects at frame 12
+    bounce = [np.array([x[f], 20 + 1.41 * f]) + wobble[f] for f in range(24)]
+    assert read_motion(bounce, 64) == "bouncing"
+    still = [np.array([32.0, 32.0]) + wobble[f] for f in range(24)]
+    assert read_motion(still, 64) is None

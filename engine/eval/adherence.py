@@ -5,7 +5,9 @@ are vertical gradients and the shape covers a minority of every row); pixels far
 shape. Its color is the nearest named color to the mean foreground color; its shape is the
 template (circle, square, triangle of the same area, centred on the shape) with the best overlap.
 Motion comes from the centre's displacements on the torus: the mean direction (8 compass
-directions), or "bouncing" when a velocity component reverses.
+directions), or "bouncing" when a velocity component reverses. A reversal is read from velocities
+averaged over a few frames, both sides fast: generated shapes wobble by a pixel or so, and a
+frame-to-frame sign change of that wobble is not a bounce.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from engine.demo.scenes import COLORS, MOTIONS, SHAPES, Description, render
 FOREGROUND_DISTANCE = 60.0  # summed |RGB difference| from the background that counts as the shape
 MIN_PIXELS = 12  # fewer foreground pixels than this: no shape seen
 MIN_SPEED = 0.6  # pixels per frame below which the shape counts as still
+BOUNCE_WINDOW = 4  # frame steps a velocity is averaged over when looking for a reflection
+BOUNCE_SPEED = 0.75  # px/frame each way around a reflection (bouncing moves 1.41 px/frame per axis)
 _LINEAR = {name: np.array(v) for name, v in MOTIONS.items() if name != "bouncing"}
 
 
@@ -85,17 +89,26 @@ def read_motion(centers: list[np.ndarray], size: int) -> str | None:
     """Compass direction of the mean velocity, or bouncing if a velocity component flips sign."""
     if len(centers) < 2:
         return None
-    steps = np.array([(b - a + size / 2) % size - size / 2 for a, b in zip(centers, centers[1:])])
+    steps = np.array([(b - a + size / 2) % size - size / 2 for a, b in zip(centers, centers[1:])])  # [n, 2]
+    if _reflects(steps):
+        return "bouncing"
     mean = steps.mean(axis=0)
-    for axis in (0, 1):
-        fast = np.abs(steps[:, axis]) > MIN_SPEED / 2
-        signs = np.sign(steps[fast, axis])
-        if len(signs) > 1 and (signs[1:] != signs[:-1]).any():
-            return "bouncing"
     if np.linalg.norm(mean) < MIN_SPEED:
         return None
     unit = mean / np.linalg.norm(mean)
     return max(_LINEAR, key=lambda name: float(unit @ _LINEAR[name]))
+
+
+def _reflects(steps: np.ndarray) -> bool:
+    """Whether a velocity component, averaged over `BOUNCE_WINDOW` steps, is fast one way in one
+    stretch and fast the other way in another."""
+    window = min(BOUNCE_WINDOW, len(steps))
+    kernel = np.ones(window) / window
+    for axis in (0, 1):
+        velocity = np.convolve(steps[:, axis], kernel, mode="valid")
+        if velocity.max() > BOUNCE_SPEED and velocity.min() < -BOUNCE_SPEED:
+            return True
+    return False
 
 
 def _majority(values) -> str | None:
