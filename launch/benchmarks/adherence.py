@@ -86,12 +86,13 @@ def _switch_video(pipeline: Pipeline, before: str, after: str, switch_block: int
 def _evaluate_plan(args, plan: str, device) -> dict:
     pipeline = _pipeline(args.preset, plan, device, args.weights)
     frames_per_block = pipeline.preset.stream.frames_per_block
-    scores, frames, start = [], 0, time.perf_counter()
+    scores, frames, seconds = [], 0, 0.0
     for i, desc in enumerate(eval_prompts(args.prompts)):
+        start = time.perf_counter()
         video = _video(pipeline, desc.prompt, args.blocks, args.seed + i)
+        seconds += time.perf_counter() - start  # generation and decode, one stream at a time
         scores.append(adherence(video, desc))
         frames += len(video)
-    seconds = time.perf_counter() - start  # generation and decode, one stream at a time
     delays = []
     for i, (before, after) in enumerate(switch_pairs(args.switches)):
         video = _switch_video(pipeline, before.prompt, after.prompt, args.switch_block, args.blocks, args.seed + i)

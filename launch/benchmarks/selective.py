@@ -68,7 +68,8 @@ def _pipeline(base, attention: str, offset: int, compute: str, device) -> Pipeli
         overlap_frames=0,
     )
     preset = dataclasses.replace(base, plan=plan)
-    return Pipeline.build(preset, WeightPaths(random=not base.random_init), device, resolve_dtype("auto", device))
+    shipped = base.random_init or base.bundled_weights is not None  # else: no weights here, draw random ones
+    return Pipeline.build(preset, WeightPaths(random=not shipped), device, resolve_dtype("auto", device))
 
 
 def _flops(preset, calls) -> int:
