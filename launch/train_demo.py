@@ -1,8 +1,10 @@
-"""Train the demo model (about an hour on 2 CPU cores; minutes on a GPU) and write its weights.
+"""Train the demo model (1-2 hours on 2 CPU cores; minutes on a GPU) and write its weights.
 
-python -m launch.train_demo                      # the shipped weights: 1400 steps, seed 0
-python -m launch.train_demo --steps 200 --out out/demo-quick
-python -m launch.train_demo --init engine/weights/demo --steps 600   # go on from trained weights
+The shipped weights, in two stages (engine/weights/demo/README.md says why):
+python -m launch.train_demo --shape-weight 0 --grid 1 0.75 0.5 0.25 --out out/demo-stage1
+python -m launch.train_demo --init out/demo-stage1 --steps 1800 --lr 5e-4 --warmup 50 --grid-share 0.75 --seed 1
+
+python -m launch.train_demo --steps 200 --out out/demo-quick     # a quick look
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.add_argument(
                 f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=f.default
             )
+        elif kind is tuple:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=float, nargs="+", default=f.default)
         else:
             parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
     parser.add_argument("--out", type=Path, default=bundled_weights_dir("demo"), help="folder for the weights")
@@ -89,7 +93,7 @@ def train(
     rope = Rope(preset.model, (preset.latent_hw[0] // 2, preset.latent_hw[1] // 2), device)
     rng, generator = np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     block = preset.stream.frames_per_block
-    grid = build_schedule(preset.sampling).sigmas[:-1]  # the levels sampling visits
+    grid = cfg.grid or build_schedule(preset.sampling).sigmas[:-1]  # by default the levels sampling visits
     losses, start = [], time.perf_counter()
     progress = tqdm(range(cfg.steps), unit="step", disable=None, file=sys.stderr)
     for step in progress:
@@ -150,7 +154,8 @@ def save(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{**values, "grid": tuple(values["grid"])})
     device = resolve_device(args.device)
     preset = get_preset("demo")
     init = None if args.init is None else args.init.as_posix()

@@ -40,7 +40,9 @@ class TrainConfig:
     clean_share: float = 0.25
     """Share of blocks given no noise (committed context)."""
     grid_share: float = 0.5
-    """Share of noisy blocks put exactly on the preset's sampling levels; the rest are uniform."""
+    """Share of noisy blocks put exactly on the grid levels; the rest are uniform."""
+    grid: tuple[float, ...] = ()
+    """Noise levels of that share; empty: the levels the preset's sampling visits."""
     switch_share: float = 0.25
     """Share of clips whose description changes at a block boundary."""
     start_share: float = 0.4
