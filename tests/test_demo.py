@@ -179,16 +179,16 @@ def test_training_steps_reduce_the_loss():
 
 def test_the_shipped_weights_follow_their_prompts():
     """The committed weights load through the same path as real checkpoints and generate video
-    whose color matches the prompt far more often than chance (1/8). (Shape and motion are at
-    or near chance for the shipped model: see its model card.)"""
+    whose color and motion match the prompt far more often than chance (1/8 and 1/9). (Shape
+    is only a little above chance for the shipped model: see its model card.)"""
     pipeline = Pipeline.build(DEMO, WeightPaths(), torch.device("cpu"), torch.float32)
     scores = []
     for i, desc in enumerate(eval_prompts(8)):  # every color once
         video = np.concatenate([frames for _, frames in pipeline.generate(desc.prompt, blocks=4, seed=i)])
         assert video.shape == (DEMO.pixel_frames(4), 64, 64, 3)
         scores.append(adherence(video, desc))
-    color = np.mean([s["color"] for s in scores])
-    assert color >= 0.6, scores
+    color, motion = (np.mean([s[key] for s in scores]) for key in ("color", "motion"))
+    assert color >= 0.75 and motion >= 0.5, scores
 
 
 def test_shape_weights_cover_the_shape_where_it_is_and_was():
