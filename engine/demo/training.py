@@ -65,6 +65,9 @@ def fit_codec(preset: Preset, cfg: TrainConfig) -> PatchCodec:
     return PatchCodec.fit(frames, preset.vae.patch, preset.vae.z_dim)
 
 
+SHAPE_DISTANCE = 30.0  # summed |RGB difference| from the row's median that marks the shape, anti-aliased edges too
+
+
 @dataclass
 class Batch:
     latents: torch.Tensor  # [B, C, F, h, w]
@@ -98,7 +101,7 @@ def shape_weights(frames: np.ndarray, patch: int, extra: float) -> torch.Tensor:
     shape in this frame or the one before (where it goes and where it was), 1 elsewhere. The
     shape is what differs from its row's median (backgrounds are vertical gradients)."""
     pixels = frames.astype(np.float32)  # [B, F, H, W, 3]
-    shape = np.abs(pixels - np.median(pixels, axis=3, keepdims=True)).sum(-1) > 30.0  # [B, F, H, W]
+    shape = np.abs(pixels - np.median(pixels, axis=3, keepdims=True)).sum(-1) > SHAPE_DISTANCE  # [B, F, H, W]
     mask = torch.from_numpy(shape).float()
     mask = torch.maximum(mask, torch.cat([mask[:, :1], mask[:, :-1]], dim=1))
     mask = torch.nn.functional.max_pool2d(mask.flatten(0, 1), patch)  # [B F, h, w]
