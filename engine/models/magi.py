@@ -30,6 +30,7 @@ from torch import nn
 
 from engine.config import MagiConfig
 from engine.kv import AttentionView
+from engine.models.layers import linear
 
 CLEAN_T = 0.9999
 """MAGI-1's time of a committed (clean) chunk's K/V pass."""
@@ -137,10 +138,6 @@ class LayerNorm1p(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, self.weight.float() + 1, self.bias.float(), self.eps)
 
 
-def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return layer(x.to(layer.weight.dtype))
-
-
 class TimestepEmbedder(nn.Module):
     def __init__(self, cfg: MagiConfig):
         super().__init__()
@@ -197,20 +194,20 @@ class SelfAndCrossAttention(nn.Module):
 
     def caption_kv(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Caption states after y_proj_xattn `[P, L, dim]` -> K, V `[P, L, G, Dh]`."""
-        kv = _linear(self.linear_kv_xattn, y).unflatten(-1, (self.kv_heads, 2, self.head_dim))
+        kv = linear(self.linear_kv_xattn, y).unflatten(-1, (self.kv_heads, 2, self.head_dim))
         k, v = kv.unbind(-2)
         return self.k_layernorm_xattn(k).to(v.dtype), v
 
     def forward(self, h: torch.Tensor, layer: int, view: AttentionView, text: MagiText, clean: tuple[bool, ...]):
         # h: [B, N, dim] (normed); clean: per frame -> [B, N, dim]
         qkv = self.linear_qkv
-        q = self.q_layernorm(_linear(qkv.q, h).unflatten(-1, (self.heads, -1))).to(h.dtype)
-        k = self.k_layernorm(_linear(qkv.k, h).unflatten(-1, (self.kv_heads, -1))).to(h.dtype)
-        v = _linear(qkv.v, h).unflatten(-1, (self.kv_heads, -1))
+        q = self.q_layernorm(linear(qkv.q, h).unflatten(-1, (self.heads, -1))).to(h.dtype)
+        k = self.k_layernorm(linear(qkv.k, h).unflatten(-1, (self.kv_heads, -1))).to(h.dtype)
+        v = linear(qkv.v, h).unflatten(-1, (self.kv_heads, -1))
         core = _attend(*view.context(layer, q, k, v))  # [B, N, H, Dh]
-        qx = self.q_layernorm_xattn(_linear(qkv.qx, h).unflatten(-1, (self.heads, -1))).to(h.dtype)
+        qx = self.q_layernorm_xattn(linear(qkv.qx, h).unflatten(-1, (self.heads, -1))).to(h.dtype)
         cross = _cross_attend(qx, layer, text, clean)  # [B, N, H, Dh]
-        return _linear(self.linear_proj, interleave_heads(core, cross))
+        return linear(self.linear_proj, interleave_heads(core, cross))
 
 
 class _QKV(nn.Module):
@@ -273,13 +270,13 @@ class MLP(nn.Module):
         self.linear_fc2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _linear(self.linear_fc1, _norm(self.layer_norm, x))
+        y = linear(self.linear_fc1, _norm(self.layer_norm, x))
         if self.gated:
             gate, up = y.chunk(2, dim=-1)
             y = F.silu(gate) * up
         else:
             y = F.gelu(y)
-        return _linear(self.linear_fc2, y)
+        return linear(self.linear_fc2, y)
 
 
 def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -425,7 +422,7 @@ class MagiModel(nn.Module):
         x = self.embed(latents)
         for layer, block in enumerate(self.blocks):
             x = block(x, condition, layer, kv, text, clean)
-        out = _linear(self.final_linear.linear, self.videodit_blocks.final_layernorm(x)).float()
+        out = linear(self.final_linear.linear, self.videodit_blocks.final_layernorm(x)).float()
         return -self._unpatchify(out, frames, height, width) / self.cfg.x_rescale_factor
 
     def _unpatchify(self, out: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:

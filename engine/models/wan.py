@@ -26,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.config import WanConfig
 from engine.kv import AttentionView
+from engine.models.layers import linear
 
 # Parameters kept in float32 when the model is cast to bf16 (small, numerically sensitive).
 FLOAT32_PARAMS = ("time_embedding", "time_projection", "fps_", "modulation", "norm")
@@ -86,10 +87,6 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
 
-def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return layer(x.to(layer.weight.dtype))
-
-
 class Attention(nn.Module):
     """q, k, v, o projections with RMSNorm over the full width on queries and keys."""
 
@@ -105,7 +102,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask
         )
-        return _linear(self.o, out.transpose(1, 2).flatten(2))
+        return linear(self.o, out.transpose(1, 2).flatten(2))
 
     def attend_short(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """`attend` for few keys (a prompt): on CPUs the plain kernel is faster than the flash one
@@ -119,24 +116,24 @@ class Attention(nn.Module):
 class SelfAttention(Attention):
     def forward(self, x: torch.Tensor, layer: int, kv: AttentionView) -> torch.Tensor:
         # x: [B, N, dim] -> q, k, v: [B, N, H, Dh]
-        q = self.norm_q(_linear(self.q, x)).unflatten(-1, (self.heads, -1))
-        k = self.norm_k(_linear(self.k, x)).unflatten(-1, (self.heads, -1))
-        v = _linear(self.v, x).unflatten(-1, (self.heads, -1))
+        q = self.norm_q(linear(self.q, x)).unflatten(-1, (self.heads, -1))
+        k = self.norm_k(linear(self.k, x)).unflatten(-1, (self.heads, -1))
+        v = linear(self.v, x).unflatten(-1, (self.heads, -1))
         return self.attend(*kv.context(layer, q, k, v))
 
 
 class CrossAttention(Attention):
     def project_text(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # context: [B, L, dim] -> k, v: [B, L, H, Dh]
-        k = self.norm_k(_linear(self.k, context)).unflatten(-1, (self.heads, -1))
-        v = _linear(self.v, context).unflatten(-1, (self.heads, -1))
+        k = self.norm_k(linear(self.k, context)).unflatten(-1, (self.heads, -1))
+        v = linear(self.v, context).unflatten(-1, (self.heads, -1))
         return k, v
 
     def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """x `[B, N, dim]`; keys/values `[P, L, H, Dh]` with P = 1 (shared prompt), B, or B * G:
         G prompts per sample, each for one of G equal, consecutive groups of tokens (e.g. one
         prompt per block when training prompt switches in one forward)."""
-        q = self.norm_q(_linear(self.q, x)).unflatten(-1, (self.heads, -1))  # [B, N, H, Dh]
+        q = self.norm_q(linear(self.q, x)).unflatten(-1, (self.heads, -1))  # [B, N, H, Dh]
         B, N = q.shape[:2]
         prompts = keys.shape[0]
         if prompts == 1 and B > 1:
@@ -197,7 +194,7 @@ class WanBlock(nn.Module):
         # 2. Cross-attention to the prompt (ungated)
         x = x + self.cross_attn(self.norm3(x.float()), text_k, text_v).float()
         # 3. Feed-forward
-        y = _linear(self.ffn[0], _modulate(self.norm2(x), ffn_shift, ffn_scale, frames))
+        y = linear(self.ffn[0], _modulate(self.norm2(x), ffn_shift, ffn_scale, frames))
         y = self.ffn[2](self.ffn[1](y))
         return _gate(x, y, ffn_gate, frames)
 
@@ -212,7 +209,7 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         # x: [B, F*T, dim]; e: [B, F, dim] (time embedding before projection)
         shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(2)
-        return _linear(self.head, _modulate(self.norm(x), shift, scale, e.shape[1]))
+        return linear(self.head, _modulate(self.norm(x), shift, scale, e.shape[1]))
 
 
 class WanModel(nn.Module):
@@ -246,7 +243,7 @@ class WanModel(nn.Module):
 
     def embed_text(self, context: torch.Tensor) -> TextKV:
         """Cross-attention K/V for text states `[B, L, text_dim]`; compute once per prompt."""
-        ctx = _linear(self.text_embedding[0], context)
+        ctx = linear(self.text_embedding[0], context)
         ctx = self.text_embedding[2](self.text_embedding[1](ctx))  # [B, L, dim]
         pairs = [block.cross_attn.project_text(ctx) for block in self.blocks]
         return TextKV(keys=[k for k, _ in pairs], values=[v for _, v in pairs])
