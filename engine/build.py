@@ -52,6 +52,12 @@ class WeightPaths:
     """Seeded random weights for every part (timing runs, smoke tests)."""
     seed: int = 0
 
+    @classmethod
+    def bundle(cls, folder: Path) -> WeightPaths:
+        """Every part from one folder laid out like the shipped weights (`BUNDLED_FILES`)."""
+        parts = {"checkpoint": "transformer", "text_encoder": "text_encoder", "vae": "vae"}
+        return cls(**{arg: folder / BUNDLED_FILES[part] for arg, part in parts.items()})
+
     def resolved(self, part: str, preset: Preset | None = None) -> Path | None:
         """The path for `part`: explicit flag, else --base, else the preset's bundled weights."""
         explicit = {"transformer": self.checkpoint, "text_encoder": self.text_encoder, "vae": self.vae}[part]

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         save(args.out, model, words, codec, cfg, {**stats, "init": init}, device)
 
     model, words, codec, stats = train(preset, cfg, device, args.init, checkpoint, args.save_every)
-    save(args.out, model, words, codec, cfg, {**stats, "init": init}, device)
+    checkpoint(model, words, codec, stats)
     print(f"trained {cfg.steps} steps in {stats['seconds'] / 60:.1f} min, final loss {stats['final_loss']:.4f}")
     print(f"wrote {args.out}")
     return 0

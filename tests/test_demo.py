@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.build import WeightPaths
+from engine.build import WeightPaths, bundled_weights_dir
 from engine.demo.pixels import PatchCodec, patchify, to_pixels, unpatchify
 from engine.demo.scenes import COLORS, SHAPES, Description, all_descriptions, make_clip, parse_prompt
 from engine.demo.training import (
@@ -216,3 +216,9 @@ def test_motion_reader_ignores_wobble_but_sees_reflections():
     assert read_motion(bounce, 64) == "bouncing"
     still = [np.array([32.0, 32.0]) + wobble[f] for f in range(24)]
     assert read_motion(still, 64) is None
+
+
+def test_a_weights_folder_resolves_like_the_shipped_bundle():
+    folder = bundled_weights_dir("demo")
+    for part in ("transformer", "text_encoder", "vae"):
+        assert WeightPaths.bundle(folder).resolved(part) == WeightPaths().resolved(part, DEMO)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.build import BUNDLED_FILES, WeightPaths, resolve_device, resolve_dtype
+from engine.build import WeightPaths, resolve_device, resolve_dtype
 from engine.decode import to_uint8
 from engine.demo.scenes import COLORS, MOTIONS, SHAPES, Description
 from engine.eval.adherence import adherence, blocks_to_follow
@@ -51,19 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
 
 
-def _weight_paths(folder: Path | None) -> WeightPaths:
-    if folder is None:
-        return WeightPaths()
-    files = {"checkpoint": "transformer", "text_encoder": "text_encoder", "vae": "vae"}
-    return WeightPaths(**{arg: folder / BUNDLED_FILES[part] for arg, part in files.items()})
-
-
 def _pipeline(name: str, plan: str, device, weights: Path | None) -> Pipeline:
     preset = get_preset(name)
     schedule, _, offset = plan.partition(":")
     plan_cfg = dataclasses.replace(preset.plan, schedule=schedule, offset=int(offset) if offset else None)
     preset = dataclasses.replace(preset, plan=plan_cfg)
-    return Pipeline.build(preset, _weight_paths(weights), device, resolve_dtype("auto", device))
+    paths = WeightPaths() if weights is None else WeightPaths.bundle(weights)
+    return Pipeline.build(preset, paths, device, resolve_dtype("auto", device))
 
 
 def _video(pipeline: Pipeline, prompt, blocks: int, seed: int) -> np.ndarray:
