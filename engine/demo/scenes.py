@@ -110,6 +110,14 @@ def _background(index: int, size: int) -> np.ndarray:
     return np.broadcast_to(top * (1 - t) + bottom * t, (size, size, 3)).copy()
 
 
+def foreground(frames: np.ndarray, distance: float) -> np.ndarray:
+    """`[..., H, W]` bool: pixels of uint8 frames `[..., H, W, 3]` whose summed |RGB difference|
+    from their row's median exceeds `distance`. Backgrounds are vertical gradients and the shape
+    covers a minority of every row, so the row median is the background."""
+    pixels = frames.astype(np.float32)
+    return np.abs(pixels - np.median(pixels, axis=-2, keepdims=True)).sum(axis=-1) > distance
+
+
 def render(desc: Description, center: tuple[float, float], radius: float, background: int, size: int) -> np.ndarray:
     """One frame `[size, size, 3]` uint8 with anti-aliased edges, wrapping around the borders."""
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5

@@ -21,7 +21,7 @@ import torch
 
 from engine.config import Preset
 from engine.demo.pixels import PatchCodec
-from engine.demo.scenes import make_clip
+from engine.demo.scenes import foreground, make_clip
 from engine.demo.vocab import VocabEncoder
 from engine.kv import LocalView
 from engine.models.rope import Rope
@@ -98,10 +98,8 @@ def make_batch(preset: Preset, cfg: TrainConfig, codec: PatchCodec, rng: np.rand
 
 def shape_weights(frames: np.ndarray, patch: int, extra: float) -> torch.Tensor:
     """`[B, F, H/patch, W/patch]`: 1 + `extra` on latent pixels within one latent pixel of the
-    shape in this frame or the one before (where it goes and where it was), 1 elsewhere. The
-    shape is what differs from its row's median (backgrounds are vertical gradients)."""
-    pixels = frames.astype(np.float32)  # [B, F, H, W, 3]
-    shape = np.abs(pixels - np.median(pixels, axis=3, keepdims=True)).sum(-1) > SHAPE_DISTANCE  # [B, F, H, W]
+    shape in this frame or the one before (where it goes and where it was), 1 elsewhere."""
+    shape = foreground(frames, SHAPE_DISTANCE)  # frames [B, F, H, W, 3] -> [B, F, H, W]
     mask = torch.from_numpy(shape).float()
     mask = torch.maximum(mask, torch.cat([mask[:, :1], mask[:, :-1]], dim=1))
     mask = torch.nn.functional.max_pool2d(mask.flatten(0, 1), patch)  # [B F, h, w]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.demo.scenes import COLORS, MOTIONS, SHAPES, Description, render
+from engine.demo.scenes import COLORS, MOTIONS, SHAPES, Description, foreground, render
 
 FOREGROUND_DISTANCE = 60.0  # summed |RGB difference| from the background that counts as the shape
 MIN_PIXELS = 12  # fewer foreground pixels than this: no shape seen
@@ -41,12 +41,6 @@ class Reading:
     shape: str | None
     motion: str | None
     frames: list[FrameReading]
-
-
-def _foreground(frame: np.ndarray) -> np.ndarray:
-    pixels = frame.astype(np.float32)
-    background = np.median(pixels, axis=1, keepdims=True)  # [H, 1, 3]
-    return np.abs(pixels - background).sum(axis=-1) > FOREGROUND_DISTANCE
 
 
 def _torus_center(mask: np.ndarray) -> np.ndarray:
@@ -76,7 +70,7 @@ def _shape(mask: np.ndarray, center: np.ndarray) -> str:
 
 
 def read_frame(frame: np.ndarray) -> FrameReading:
-    mask = _foreground(frame)
+    mask = foreground(frame, FOREGROUND_DISTANCE)
     if mask.sum() < MIN_PIXELS:
         return FrameReading(None, None, None)
     mean = frame[mask].astype(np.float32).mean(axis=0)
