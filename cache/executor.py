@@ -18,12 +18,12 @@ import torch
 from cache.base import CachePolicy, CacheStats, Decision, StepInfo
 from cache.signals import FeatureTap, Signals
 from cache.view import SparseView
-from engine.executor import Executor
-from engine.flops import forward_flops
-from engine.lagged import BlockKV
+from engine.models.flops import forward_flops
 from engine.models.wan import TextKV
-from engine.schedule import TRAIN_TIMESTEPS
-from engine.timeline import Tick, Work
+from engine.plan.sigmas import TRAIN_TIMESTEPS
+from engine.plan.timeline import Tick, Work
+from engine.runtime.executor import Executor
+from engine.runtime.lagged import BlockKV
 
 
 class CachingExecutor(Executor):

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from cache.view import SparseView
-from engine.flops import forward_flops
-from engine.schedule import TRAIN_TIMESTEPS
+from engine.models.flops import forward_flops
+from engine.plan.sigmas import TRAIN_TIMESTEPS
 
 SUBSAMPLE = 4
 """Keep every 4th token of stored features: enough for a mean relative change, 4x less memory."""

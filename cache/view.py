@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.kv import AttentionView, KVCache, block_mask
-from engine.lagged import BlockKV
+from engine.runtime.kv import AttentionView, KVCache, block_mask
+from engine.runtime.lagged import BlockKV
 
 
 class SparseView(AttentionView):

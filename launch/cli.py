@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from engine.build import SetupError, WeightPaths, resolve_device
 from engine.config import (
     ATTENTION,
     CACHE_POLICIES,
@@ -25,7 +24,8 @@ from engine.config import (
     ConfigError,
     Preset,
 )
-from engine.models.checkpoints import CheckpointError
+from engine.loading import SetupError, WeightPaths, resolve_device
+from engine.models.checkpoints.wan import CheckpointError
 from launch.presets import PRESETS, get_preset
 from parallel.topology import ParallelConfig, Topology, TopologyError
 

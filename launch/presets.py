@@ -271,7 +271,7 @@ def get_preset(name: str) -> Preset:
 
 def parameter_count(preset: Preset) -> int:
     """Transformer parameters, counted on the meta device (no memory)."""
-    from engine.build import new_model
+    from engine.loading import new_model
 
     with torch.device("meta"):
         model = new_model(preset.model)
@@ -280,7 +280,7 @@ def parameter_count(preset: Preset) -> int:
 
 def kv_cache_bytes(preset: Preset, dtype: torch.dtype = torch.bfloat16) -> int:
     """Self-attention KV cache of one stream, measured on a meta-device allocation."""
-    from engine.build import build_kv_cache
+    from engine.loading import build_kv_cache
 
     return build_kv_cache(preset, dtype, "meta").nbytes
 

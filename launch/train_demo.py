@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from engine.build import BUNDLED_FILES, bundled_weights_dir, init_random_, resolve_device
 from engine.demo.pixels import PatchCodec
 from engine.demo.training import (
     EMA,
@@ -34,10 +33,11 @@ from engine.demo.training import (
     make_batch,
 )
 from engine.demo.vocab import VocabEncoder
-from engine.models.checkpoints import load_weights
+from engine.loading import BUNDLED_FILES, bundled_weights_dir, init_random_, resolve_device
+from engine.models.checkpoints.wan import load_weights
 from engine.models.rope import Rope
 from engine.models.wan import WanModel
-from engine.schedule import build_schedule
+from engine.plan.sigmas import build_schedule
 from launch.presets import get_preset
 
 LOG_EVERY = 50

@@ -24,12 +24,12 @@ import torch.distributed as dist
 
 from cache.executor import CachingExecutor
 from engine.config import Preset
-from engine.executor import Block, Executor
-from engine.kv import AttentionView, KVCache, block_mask
-from engine.lagged import BlockKV, LaggedExecutor
 from engine.models.wan import TextKV
-from engine.schedule import build_schedule
-from engine.timeline import Tick, blocks_per_tick, pyramid
+from engine.plan.sigmas import build_schedule
+from engine.plan.timeline import Tick, blocks_per_tick, pyramid
+from engine.runtime.executor import Block, Executor
+from engine.runtime.kv import AttentionView, KVCache, block_mask
+from engine.runtime.lagged import BlockKV, LaggedExecutor
 from parallel.topology import Topology
 
 

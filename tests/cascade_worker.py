@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from engine.build import WeightPaths
 from engine.config import CacheConfig
-from engine.pipeline import Pipeline
+from engine.loading import WeightPaths
+from engine.runtime.session import Pipeline
 from launch.presets import get_preset
 from parallel.runtime import RankFailure, launched
 from parallel.topology import ParallelConfig

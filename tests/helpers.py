@@ -10,12 +10,12 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
-from engine.build import init_random_
 from engine.config import WanConfig
-from engine.kv import KVCache
-from engine.models.checkpoints import wan_to_diffusers
+from engine.loading import init_random_
+from engine.models.checkpoints.wan import wan_to_diffusers
 from engine.models.rope import Rope
 from engine.models.wan import WanModel
+from engine.runtime.kv import KVCache
 
 TINY = WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_channels=4, out_channels=4, text_dim=32, freq_dim=32)
 

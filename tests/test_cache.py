@@ -15,10 +15,10 @@ from cache.bwcache import BWCache
 from cache.flowcache import FlowCache
 from cache.scope import Scope
 from cache.view import SparseView
-from engine.build import WeightPaths, build_kv_cache
 from engine.config import CacheConfig, ConfigError, PlanConfig
+from engine.loading import WeightPaths, build_kv_cache
 from engine.models.wan import WanModel
-from engine.pipeline import Pipeline
+from engine.runtime.session import Pipeline
 from launch.presets import get_preset
 
 ACTIVE = [p for p in POLICIES if p != "none"]

@@ -15,8 +15,8 @@ import pytest
 import torch
 from cascade_worker import run_preset
 
-from engine.build import WeightPaths
-from engine.pipeline import Pipeline
+from engine.loading import WeightPaths
+from engine.runtime.session import Pipeline
 from helpers import assert_close
 from launch.presets import get_preset
 from parallel.topology import ParallelConfig, Topology, TopologyError, _layout
@@ -99,12 +99,12 @@ def test_a_failing_rank_stops_every_rank_with_its_name(tmp_path, kind, cause):
 def test_generate_under_torchrun_with_a_decode_rank(tmp_path):
     out = tmp_path / "cascade.mp4"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m",
-               "engine.generate", "--preset", "tiny-wan", "--schedule", "cascade", "--offset", "2", "--decode-rank",
+               "launch.generate", "--preset", "tiny-wan", "--schedule", "cascade", "--offset", "2", "--decode-rank",
                "--blocks", "4",
                "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    from engine.video import read_frames
+    from engine.serving.video import read_frames
 
     assert read_frames(out).shape[0] == get_preset("tiny-wan").pixel_frames(4)
     assert result.stdout.count("wrote") == 1, "only the decode rank writes"

@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.models.checkpoints import (
+from engine.models.checkpoints.lora import merge_lora
+from engine.models.checkpoints.wan import (
     CheckpointError,
     diffusers_to_wan,
     load_weights,
     read_checkpoint,
     wan_to_diffusers,
 )
-from engine.models.lora import merge_lora
 from engine.models.wan import WanModel
 from helpers import (
     TINY,

@@ -8,8 +8,8 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from engine.config import VaeConfig
-from engine.decode import StreamingDecoder, load_vae, random_vae
-from engine.models.checkpoints import CheckpointError
+from engine.models.checkpoints.wan import CheckpointError
+from engine.models.vae import StreamingDecoder, load_vae, random_vae
 from helpers import assert_close, vae_key_to_native
 
 TINY_VAE = VaeConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1)

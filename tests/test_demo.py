@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from engine.build import WeightPaths, bundled_weights_dir
 from engine.demo.pixels import PatchCodec, patchify, to_pixels, unpatchify
 from engine.demo.scenes import COLORS, SHAPES, Description, all_descriptions, make_clip, parse_prompt
 from engine.demo.training import (
@@ -25,11 +24,12 @@ from engine.demo.training import (
 from engine.demo.vocab import VocabEncoder
 from engine.eval.adherence import adherence, blocks_to_follow, read_motion, read_video
 from engine.eval.metrics import psnr, ssim
-from engine.kv import LocalView
-from engine.models.checkpoints import CheckpointError
+from engine.loading import WeightPaths, bundled_weights_dir
+from engine.models.checkpoints.wan import CheckpointError
 from engine.models.rope import Rope
 from engine.models.wan import TextKV, WanModel
-from engine.pipeline import Pipeline
+from engine.runtime.kv import LocalView
+from engine.runtime.session import Pipeline
 from launch.benchmarks.adherence import eval_prompts
 from launch.presets import DEMO_VOCAB, get_preset
 

@@ -8,14 +8,14 @@ import dataclasses
 import pytest
 import torch
 
-from engine.build import WeightPaths
-from engine.executor import Executor
+from engine.loading import WeightPaths
 from engine.models.rope import Rope
-from engine.noise import NoiseSource
-from engine.pipeline import Pipeline
-from engine.schedule import build_schedule
-from engine.solvers import SelfForcingSolver
-from engine.timeline import Tick, make_work
+from engine.plan.sigmas import build_schedule
+from engine.plan.timeline import Tick, make_work
+from engine.runtime.executor import Executor
+from engine.runtime.session import Pipeline
+from engine.sampling.noise import NoiseSource
+from engine.sampling.solvers import SelfForcingSolver
 from helpers import TINY, assert_close, tiny_cache, tiny_model
 from launch.presets import get_preset
 

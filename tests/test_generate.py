@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.build import WeightPaths
 from engine.generate import main
-from engine.pipeline import Pipeline
-from engine.video import read_frames
+from engine.loading import WeightPaths
+from engine.runtime.session import Pipeline
+from engine.serving.video import read_frames
 from helpers import write_diffusers_folder, write_self_forcing_pt, write_wan_safetensors
 from launch.presets import get_preset
 
@@ -21,7 +21,7 @@ from launch.presets import get_preset
 def _generate(tmp_path, name, *extra):
     out = tmp_path / f"{name}.mp4"
     result = subprocess.run(
-        [sys.executable, "-m", "engine.generate", "--preset", "tiny-wan", "--blocks", "3", "--out", str(out), *extra],
+        [sys.executable, "-m", "launch.generate", "--preset", "tiny-wan", "--blocks", "3", "--out", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=300,

@@ -6,9 +6,9 @@ pytest tests/test_kv.py
 import pytest
 import torch
 
-from engine.kv import AttentionView, LocalView
 from engine.models.rope import Rope, apply_rope
 from engine.models.wan import WanModel
+from engine.runtime.kv import AttentionView, LocalView
 from helpers import TINY, assert_close, tiny_cache, tiny_model
 
 BLOCK = 3

@@ -12,16 +12,16 @@ import sys
 import pytest
 import torch
 
-from engine.build import MissingDecoder, SetupError, WeightPaths, init_magi_random_
 from engine.config import CacheConfig, MagiConfig, MagiGuidance, SamplingConfig
-from engine.kv import LocalView
-from engine.magi import MagiGuidance as Guidance
-from engine.magi import step_size
+from engine.loading import MissingDecoder, SetupError, WeightPaths, init_magi_random_
 from engine.models.magi import CaptionKV, MagiModel, MagiText, interleave_heads
 from engine.models.magi_rope import MagiRope
-from engine.pipeline import Pipeline
-from engine.schedule import build_schedule, magi_times
-from engine.timeline import pyramid
+from engine.plan.sigmas import build_schedule, magi_times
+from engine.plan.timeline import pyramid
+from engine.runtime.kv import LocalView
+from engine.runtime.session import Pipeline
+from engine.sampling.magi_guidance import MagiGuidance as Guidance
+from engine.sampling.magi_guidance import step_size
 from helpers import assert_close
 from launch.presets import get_preset, parameter_count
 
@@ -268,10 +268,10 @@ def test_flowcache_on_magi():
 
 def test_generate_cli_runs_the_tiny_preset(tmp_path):
     out = tmp_path / "magi.mp4"
-    command = [sys.executable, "-m", "engine.generate", "--preset", "magi-1-tiny", "--blocks", "3", "--out", str(out)]
+    command = [sys.executable, "-m", "launch.generate", "--preset", "magi-1-tiny", "--blocks", "3", "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    from engine.video import read_frames
+    from engine.serving.video import read_frames
 
     assert read_frames(out).shape[0] == TINY.pixel_frames(3)
 

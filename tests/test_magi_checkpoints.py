@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.config import MagiConfig
-from engine.models.checkpoints import CheckpointError
+from engine.models.checkpoints.wan import CheckpointError
+from engine.models.checkpoints.wan.magi import load_magi_weights, read_magi_checkpoint, save_magi_checkpoint
 from engine.models.magi import MagiModel
-from engine.models.magi_checkpoints import load_magi_weights, read_magi_checkpoint, save_magi_checkpoint
 
 # head_dim 32 holds the 6 * rope_bands = 24 rotary channels; 3 layers so that fp8 touches layer 1
 TINY = dict(dim=64, ffn_dim=96, num_heads=2, kv_heads=1, num_layers=3, in_channels=4, out_channels=4)

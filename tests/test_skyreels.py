@@ -15,15 +15,15 @@ from diffusers import (
 )
 from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
-from engine.build import WeightPaths
 from engine.config import ConfigError, PlanConfig
-from engine.kv import LocalView
-from engine.models.checkpoints import CheckpointError, load_weights
+from engine.loading import WeightPaths
+from engine.models.checkpoints.wan import CheckpointError, load_weights
 from engine.models.rope import Rope
+from engine.models.text_encoder import TextEncoder
 from engine.models.wan import WanModel
-from engine.pipeline import Pipeline
-from engine.skyreels import plan_segments
-from engine.text import TextEncoder
+from engine.plan.skyreels import plan_segments
+from engine.runtime.kv import LocalView
+from engine.runtime.session import Pipeline
 from helpers import assert_close, twin_dimensions, write_wan_shards
 from launch.presets import get_preset
 

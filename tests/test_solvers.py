@@ -8,10 +8,10 @@ import torch
 from diffusers import UniPCMultistepScheduler
 
 from engine.config import SamplingConfig
-from engine.noise import NoiseSource
-from engine.schedule import build_schedule
-from engine.solvers import EulerSolver, SelfForcingSolver, UniPCSolver
-from engine.timeline import make_work
+from engine.plan.sigmas import build_schedule
+from engine.plan.timeline import make_work
+from engine.sampling.noise import NoiseSource
+from engine.sampling.solvers import EulerSolver, SelfForcingSolver, UniPCSolver
 
 FLOW_CASES = [(30, 8.0), (4, 8.0), (2, 8.0), (50, 5.0), (7, 1.0), (1, 3.0)]
 

@@ -6,7 +6,7 @@ pytest tests/test_speed.py
 import pytest
 import torch
 
-from engine.build import WeightPaths
+from engine.loading import WeightPaths
 from launch.benchmarks.speed import matmul_peak_tflops, measure, time_split
 
 

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from websockets.sync.client import connect
 
 from engine.client import StreamClient
-from engine.protocol import MAX_MESSAGE_BYTES, MAX_PROMPT_CHARS, ProtocolError, decode_frame, parse_control
-from engine.serve import needs_token
+from engine.serving.protocol import MAX_MESSAGE_BYTES, MAX_PROMPT_CHARS, ProtocolError, decode_frame, parse_control
+from engine.serving.server import needs_token
 
 CHROMIUM = "/usr/bin/chromium"
 FIRST, SECOND = "a red circle moving left", "a blue square moving up"
@@ -32,7 +32,7 @@ FIRST, SECOND = "a red circle moving left", "a blue square moving up"
 @contextmanager
 def server(*args: str, timeout: float = 60):
     """`python -m engine.stream` on a free port; yields (http base, process); stops it with SIGINT."""
-    command = [sys.executable, "-m", "engine.stream", "--port", "0", "--prompt", FIRST, *args]
+    command = [sys.executable, "-m", "launch.stream", "--port", "0", "--prompt", FIRST, *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + timeout
@@ -87,7 +87,7 @@ def test_token_needed_off_loopback():
     assert not needs_token("127.0.0.1") and not needs_token("localhost") and not needs_token("::1")
     assert needs_token("0.0.0.0") and needs_token("") and needs_token("example.org") and needs_token("10.1.2.3")
     result = subprocess.run(
-        [sys.executable, "-m", "engine.stream", "--host", "0.0.0.0"], capture_output=True, text=True
+        [sys.executable, "-m", "launch.stream", "--host", "0.0.0.0"], capture_output=True, text=True
     )
     assert result.returncode != 0 and "--token" in result.stderr
 

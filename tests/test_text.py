@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.config import TinyTextEncoder
-from engine.text import TextEncoder, clean_prompt
+from engine.models.text_encoder import TextEncoder, clean_prompt
 
 SPEC = TinyTextEncoder(d_model=32)
 

@@ -12,8 +12,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from engine.config import SamplingConfig
-from engine.schedule import build_schedule
-from engine.timeline import pyramid, sequential, skyreels_matrix, skyreels_plan
+from engine.plan.sigmas import build_schedule
+from engine.plan.timeline import pyramid, sequential, skyreels_matrix, skyreels_plan
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

@@ -6,7 +6,7 @@ pytest tests/test_video.py
 import numpy as np
 import pytest
 
-from engine.video import Mp4Writer, read_frames, rgb_to_yuv420p
+from engine.serving.video import Mp4Writer, read_frames, rgb_to_yuv420p
 
 
 @pytest.mark.parametrize(

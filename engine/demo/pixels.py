@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.models.checkpoints import CheckpointError
+from engine.models.checkpoints.wan import CheckpointError
 
 CODEC_KEYS = ("patch_mean", "basis", "latent_mean", "latent_std")
 

@@ -23,9 +23,9 @@ from engine.config import Preset
 from engine.demo.pixels import PatchCodec
 from engine.demo.scenes import foreground, make_clip
 from engine.demo.vocab import VocabEncoder
-from engine.kv import LocalView
 from engine.models.rope import Rope
 from engine.models.wan import WanModel
+from engine.runtime.kv import LocalView
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engine.models.checkpoints import CheckpointError
-from engine.text import PromptEncoder
+from engine.models.checkpoints.wan import CheckpointError
+from engine.models.text_encoder import PromptEncoder
 
 log = logging.getLogger(__name__)
 _WORD = re.compile(r"[a-z]+")

@@ -25,8 +25,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.config import WanConfig
-from engine.kv import AttentionView
 from engine.models.layers import linear
+from engine.runtime.kv import AttentionView
 
 # Parameters kept in float32 when the model is cast to bf16 (small, numerically sensitive).
 FLOAT32_PARAMS = ("time_embedding", "time_projection", "fps_", "modulation", "norm")

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.build import WeightPaths, resolve_device, resolve_dtype
-from engine.decode import to_uint8
 from engine.demo.scenes import COLORS, MOTIONS, SHAPES, Description
 from engine.eval.adherence import adherence, blocks_to_follow
-from engine.pipeline import Pipeline
+from engine.loading import WeightPaths, resolve_device, resolve_dtype
+from engine.models.vae import to_uint8
+from engine.runtime.session import Pipeline
 from launch.presets import get_preset
 
 COLUMNS = ["plan", "videos", "color", "shape", "motion", "all_three", "fps"]

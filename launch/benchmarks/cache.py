@@ -17,11 +17,11 @@ import time
 
 import numpy as np
 
-from engine.build import WeightPaths, resolve_device, resolve_dtype
 from engine.config import CacheConfig, PlanConfig
 from engine.eval.adherence import adherence
 from engine.eval.metrics import psnr, ssim
-from engine.pipeline import Pipeline
+from engine.loading import WeightPaths, resolve_device, resolve_dtype
+from engine.runtime.session import Pipeline
 from launch.benchmarks.adherence import eval_prompts
 from launch.presets import get_preset
 

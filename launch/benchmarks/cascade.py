@@ -15,10 +15,10 @@ import dataclasses
 import numpy as np
 import torch
 
-from engine.build import WeightPaths, resolve_device, resolve_dtype
 from engine.eval.adherence import adherence
 from engine.eval.metrics import psnr, ssim
-from engine.pipeline import Pipeline
+from engine.loading import WeightPaths, resolve_device, resolve_dtype
+from engine.runtime.session import Pipeline
 from launch.benchmarks.adherence import eval_prompts
 from launch.presets import get_preset
 

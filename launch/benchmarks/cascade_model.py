@@ -17,7 +17,7 @@ from a published single-GPU throughput (Self-Forcing 1.3B: 16.5 FPS on one H100;
 Self-Forcing-style model of the Block Cascading paper: 4.5 FPS): t = frames / (FPS * (S + 1)).
 
 Measured. `--measure` runs the demo model here: one process (sequential and pyramid) against
-`torchrun --nproc_per_node=2` (cascade, joint and lagged), FPS as printed by engine.generate.
+`torchrun --nproc_per_node=2` (cascade, joint and lagged), FPS as printed by launch.generate.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from engine.flops import forward_flops
+from engine.models.flops import forward_flops
 from launch.presets import get_preset
 
 COLUMNS = ["preset", "link", "ranks", "offset", "context", "tick_ms", "comm_ms", "fps", "speedup"]
@@ -132,7 +132,7 @@ def measured_rows(blocks: int, cache: str | None = None) -> list[dict]:
     """The demo model on this machine: one process vs a 2-rank cascade (same cores). With `cache`
     (POLICY:THRESHOLD), also a 30-step pyramid (offset 5) with and without that cache, on one
     process and on 2 ranks: caching and cascading should multiply."""
-    base = ["-m", "engine.generate", "--preset", "demo", "--blocks", str(blocks), "--out"]
+    base = ["-m", "launch.generate", "--preset", "demo", "--blocks", str(blocks), "--out"]
     single = [sys.executable, *base, "out/bench-1.mp4"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *base,
                 "out/bench-2.mp4", "--schedule", "cascade"]  # fmt: skip

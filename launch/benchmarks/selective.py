@@ -16,11 +16,11 @@ import time
 import numpy as np
 import torch
 
-from engine.build import WeightPaths, resolve_device, resolve_dtype
-from engine.decode import to_uint8
 from engine.eval.metrics import psnr, ssim
-from engine.flops import forward_flops
-from engine.pipeline import Pipeline
+from engine.loading import WeightPaths, resolve_device, resolve_dtype
+from engine.models.flops import forward_flops
+from engine.models.vae import to_uint8
+from engine.runtime.session import Pipeline
 from launch.presets import get_preset
 
 COLUMNS = [

@@ -22,9 +22,9 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from engine.build import WeightPaths, resolve_device, resolve_dtype
-from engine.flops import forward_flops
-from engine.pipeline import Pipeline
+from engine.loading import WeightPaths, resolve_device, resolve_dtype
+from engine.models.flops import forward_flops
+from engine.runtime.session import Pipeline
 from launch.presets import get_preset
 
 COLUMNS = ["preset", "device", "dtype", "fps", "forward_ms", "attention", "linear", "rest", "tflops", "peak", "kv_gib"]

@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from engine.build import WeightPaths, resolve_device, resolve_dtype
-from engine.noise import NoiseSource
-from engine.pipeline import Pipeline
+from engine.loading import WeightPaths, resolve_device, resolve_dtype
+from engine.runtime.session import Pipeline
+from engine.sampling.noise import NoiseSource
 from launch.presets import get_preset
 
 COLUMNS = ["plan", "first_touched_ticks", "first_touched_ms", "first_full_ticks", "first_full_ms", "recache_ms"]

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
-from engine.models.checkpoints import (
+from engine.models.checkpoints.wan import (
     Checkpoint,
     CheckpointError,
     _read_index,

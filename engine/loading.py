@@ -13,17 +13,17 @@ from pathlib import Path
 import torch
 
 from engine.config import ModelConfig, Preset, TinyTextEncoder
-from engine.decode import StreamingDecoder, load_vae, random_vae
 from engine.demo.pixels import PatchCodec, PatchDecoder
 from engine.demo.vocab import VocabEncoder
-from engine.kv import KVCache
-from engine.models.checkpoints import load_weights
-from engine.models.lora import merge_lora
+from engine.models.checkpoints.lora import merge_lora
+from engine.models.checkpoints.wan import load_weights
 from engine.models.magi import LayerNorm1p, MagiModel, initial_bands
 from engine.models.magi_rope import MagiRope
 from engine.models.rope import Rope
+from engine.models.text_encoder import PromptEncoder, TextEncoder
+from engine.models.vae import StreamingDecoder, load_vae, random_vae
 from engine.models.wan import WanModel
-from engine.text import PromptEncoder, TextEncoder
+from engine.runtime.kv import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class WeightPaths:
     """Where the weights come from. Presets with `random_init` need none of them."""
 
     checkpoint: Path | None = None
-    """Transformer weights: any layout `engine.models.checkpoints` reads."""
+    """Transformer weights: any layout `engine.models.checkpoints.wan` reads."""
     base: Path | None = None
     """A Wan2.1 diffusers folder providing text_encoder/, tokenizer/, vae/ (and transformer/)."""
     text_encoder: Path | None = None
@@ -141,7 +141,7 @@ def build_model(preset: Preset, weights: WeightPaths, device: torch.device, dtyp
 
 def _load_magi(model: MagiModel, preset: Preset, path: Path):
     """MAGI-1 weights; a folder with several `inference_weight*` variants gives the preset's."""
-    from engine.models.magi_checkpoints import load_magi_weights
+    from engine.models.checkpoints.wan.magi import load_magi_weights
 
     variant = None
     if path.is_dir() and len(list(path.glob("inference_weight*"))) > 1:

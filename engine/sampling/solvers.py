@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.noise import NoiseSource
-from engine.schedule import Schedule
-from engine.timeline import Work
+from engine.plan.sigmas import Schedule
+from engine.plan.timeline import Work
+from engine.sampling.noise import NoiseSource
 
 
 class Solver:

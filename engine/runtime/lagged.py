@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.executor import Executor
-from engine.kv import AttentionView, KVCache
 from engine.models.wan import TextKV
-from engine.timeline import Tick
+from engine.plan.timeline import Tick
+from engine.runtime.executor import Executor
+from engine.runtime.kv import AttentionView, KVCache
 
 
 @dataclass

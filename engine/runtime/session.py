@@ -16,7 +16,9 @@ import torch
 
 from cache import make_policy
 from cache.executor import CachingExecutor
-from engine.build import (
+from engine.config import ConfigError, Preset
+from engine.demo.pixels import PatchDecoder
+from engine.loading import (
     WeightPaths,
     build_decoder,
     build_kv_cache,
@@ -24,23 +26,21 @@ from engine.build import (
     build_rope,
     build_text_encoder,
 )
-from engine.config import ConfigError, Preset
-from engine.decode import StreamingDecoder, to_uint8
-from engine.demo.pixels import PatchDecoder
-from engine.executor import Block, Executor, ExecutorStats
-from engine.guidance import ClassifierFree, Guidance
-from engine.lagged import LaggedExecutor
-from engine.magi import WINDOW as MAGI_WINDOW
-from engine.magi import MagiGuidance, magi_text
 from engine.models.magi import CaptionKV, MagiModel, MagiText
+from engine.models.text_encoder import PromptEncoder
+from engine.models.vae import StreamingDecoder, to_uint8
 from engine.models.wan import TextKV, WanModel
-from engine.noise import NoiseSource
-from engine.recache import RecacheExecutor
-from engine.schedule import build_schedule
-from engine.skyreels import Segment, plan_segments, run_segments
-from engine.solvers import make_solver
-from engine.text import PromptEncoder
-from engine.timeline import Tick, blocks_per_tick, pyramid, sequential
+from engine.plan.sigmas import build_schedule
+from engine.plan.skyreels import Segment, plan_segments, run_segments
+from engine.plan.timeline import Tick, blocks_per_tick, pyramid, sequential
+from engine.runtime.executor import Block, Executor, ExecutorStats
+from engine.runtime.lagged import LaggedExecutor
+from engine.runtime.recache import RecacheExecutor
+from engine.sampling.guidance import ClassifierFree, Guidance
+from engine.sampling.magi_guidance import WINDOW as MAGI_WINDOW
+from engine.sampling.magi_guidance import MagiGuidance, magi_text
+from engine.sampling.noise import NoiseSource
+from engine.sampling.solvers import make_solver
 from parallel.cascade import CachingCascadeJoint, CascadeJoint, CascadeLagged, deliver
 from parallel.topology import Topology
 

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from engine.kv import AttentionView
+from engine.runtime.kv import AttentionView
 
 
 class Guidance(Protocol):

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import ConfigError
-from engine.executor import Block, Executor
-from engine.timeline import skyreels_matrix, skyreels_plan
+from engine.plan.timeline import skyreels_matrix, skyreels_plan
+from engine.runtime.executor import Block, Executor
 
 
 @dataclass(frozen=True)

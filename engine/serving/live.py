@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.decode import to_uint8
-from engine.executor import Block
-from engine.protocol import MAX_PROMPT_CHARS
-from engine.timeline import Tick
+from engine.models.vae import to_uint8
+from engine.plan.timeline import Tick
+from engine.runtime.executor import Block
+from engine.serving.protocol import MAX_PROMPT_CHARS
 from parallel.topology import Topology
 
 PAUSE_POLL_S = 0.05

@@ -24,9 +24,9 @@ import bisect
 import torch
 
 from engine.config import MagiGuidance as MagiGuidanceConfig
-from engine.kv import LocalView
 from engine.models.magi import CaptionKV, MagiModel, MagiText
-from engine.schedule import TRAIN_TIMESTEPS, Schedule
+from engine.plan.sigmas import TRAIN_TIMESTEPS, Schedule
+from engine.runtime.kv import LocalView
 
 BUCKET_MARGIN = 1e-7
 """The reference looks buckets up in t_range - 1e-7 (so t = 0.3 falls in the 0.3 bucket)."""

@@ -28,8 +28,8 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from engine.live import Controls
-from engine.protocol import MAX_MESSAGE_BYTES, ProtocolError, encode_frame, parse_control, reply
+from engine.serving.live import Controls
+from engine.serving.protocol import MAX_MESSAGE_BYTES, ProtocolError, encode_frame, parse_control, reply
 
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("viewer.html")

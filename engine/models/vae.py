@@ -18,7 +18,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
 from engine.config import VaeConfig
-from engine.models.checkpoints import CheckpointError, read_safetensors, read_torch
+from engine.models.checkpoints.wan import CheckpointError, read_safetensors, read_torch
 
 
 def build_vae(cfg: VaeConfig) -> AutoencoderKLWan:

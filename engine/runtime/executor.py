@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.guidance import ClassifierFree, Guidance
-from engine.kv import AttentionView, KVCache, LocalView
 from engine.models.rope import Rope
 from engine.models.wan import TextKV, WanModel
-from engine.noise import NoiseSource
-from engine.schedule import TRAIN_TIMESTEPS, Schedule
-from engine.solvers import Solver
-from engine.timeline import Tick, Work
+from engine.plan.sigmas import TRAIN_TIMESTEPS, Schedule
+from engine.plan.timeline import Tick, Work
+from engine.runtime.kv import AttentionView, KVCache, LocalView
+from engine.sampling.guidance import ClassifierFree, Guidance
+from engine.sampling.noise import NoiseSource
+from engine.sampling.solvers import Solver
 
 PREFIX_NOISE_STEP = 1_000_000  # noise stream of re-noised clean prefixes: (block, PREFIX_NOISE_STEP + tick)
 

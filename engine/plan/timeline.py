@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import ConfigError
-from engine.schedule import Schedule
+from engine.plan.sigmas import Schedule
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from engine.executor import Block, Executor
 from engine.models.wan import TextKV
-from engine.timeline import Tick
+from engine.plan.timeline import Tick
+from engine.runtime.executor import Block, Executor
 
 
 class RecacheExecutor(Executor):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from engine.models.checkpoints import CheckpointError, normalize_keys, read_safetensors, read_torch
+from engine.models.checkpoints.wan import CheckpointError, normalize_keys, read_safetensors, read_torch
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
 

@@ -1,0 +1,162 @@
+"""Watch a stream from a script, switch its prompt, save what arrives.
+
+    python -m engine.client --url ws://127.0.0.1:8000/ws --prompt "a red circle moving left" \\
+        --switch-after 5 --prompt2 "a blue square moving up" --seconds 10 --save out.mp4
+
+Python:
+
+    async with StreamClient.connect("ws://127.0.0.1:8000/ws") as client:
+        version = await client.set_prompt("a red circle moving left")
+        async for frame in client.frames(seconds=5):
+            frame.image()   # [H, W, 3] uint8; frame.index, frame.timestamp, frame.prompt_version
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlencode
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import WebSocketException
+
+from engine.serving.protocol import Frame, decode_frame
+from engine.serving.video import Mp4Writer
+
+MAX_FRAME_BYTES = 8 * 2**20
+
+
+class StreamClient:
+    """One viewer connection: frames in order, replies to control messages, the latest stats."""
+
+    def __init__(self, connection: ClientConnection):
+        self.connection = connection
+        self.stats: dict = {}
+        self._replies: asyncio.Queue = asyncio.Queue()
+        self._frames: asyncio.Queue = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    def connect(cls, url: str, token: str | None = None) -> _Connecting:
+        return _Connecting(url + (f"?{urlencode({'token': token})}" if token else ""))
+
+    async def _read(self) -> None:
+        async for message in self.connection:
+            if isinstance(message, bytes):
+                await self._frames.put(decode_frame(message))
+                continue
+            data = json.loads(message)
+            if data.get("type") == "stats":
+                self.stats = data
+            else:
+                await self._replies.put(data)
+        await self._frames.put(None)
+
+    async def request(self, message: dict | str) -> dict:
+        """Send a control message (a dict, or raw text) and return the server's reply."""
+        await self.connection.send(message if isinstance(message, str) else json.dumps(message))
+        return await asyncio.wait_for(self._replies.get(), timeout=10)
+
+    async def set_prompt(self, text: str) -> int:
+        answer = await self.request({"type": "prompt", "text": text})
+        if answer.get("type") != "ack":
+            raise RuntimeError(f"prompt refused: {answer}")
+        return answer["version"]
+
+    async def frames(self, seconds: float | None = None) -> AsyncIterator[Frame]:
+        deadline = None if seconds is None else time.monotonic() + seconds
+        while deadline is None or time.monotonic() < deadline:
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                frame = await asyncio.wait_for(self._frames.get(), timeout=timeout)
+            except TimeoutError:
+                return
+            if frame is None:
+                return
+            yield frame
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        await self.connection.close()
+
+
+class _Connecting:
+    def __init__(self, url: str):
+        self.url = url
+
+    async def __aenter__(self) -> StreamClient:
+        self.client = StreamClient(await connect(self.url, max_size=MAX_FRAME_BYTES))
+        return self.client
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.close()
+
+
+async def watch(args: argparse.Namespace) -> dict:
+    """The CLI's session: set the prompt, maybe switch it, save frames for `seconds`. Measures,
+    end to end, the time from connecting to the first frame and from each prompt message to the
+    first frame made under it."""
+    versions, sent, seen, frames, writer, first_frame_s = {}, {}, {}, 0, None, None
+    start = time.monotonic()
+    async with StreamClient.connect(args.url, args.token) as client:
+        if args.prompt:
+            sent_at = time.monotonic()
+            version = await client.set_prompt(args.prompt)
+            versions[version], sent[version] = args.prompt, sent_at
+        async for frame in client.frames(seconds=args.seconds):
+            now = time.monotonic()
+            first_frame_s = first_frame_s if first_frame_s is not None else now - start
+            if frame.prompt_version in sent and frame.prompt_version not in seen:
+                seen[frame.prompt_version] = now - sent[frame.prompt_version]
+            if args.prompt2 and now - start >= args.switch_after and len(versions) < 2:
+                version = await client.set_prompt(args.prompt2)
+                versions[version], sent[version] = args.prompt2, now
+            if args.save:
+                image = frame.image()
+                writer = writer or Mp4Writer(args.save, fps=args.fps, width=image.shape[1], height=image.shape[0])
+                writer.write(image[None])
+            frames += 1
+        stats = client.stats
+    if writer:
+        writer.close()
+    return {"frames": frames, "seconds": time.monotonic() - start, "versions": versions, "first_frame_s": first_frame_s,
+            "switch_s": seen, "server": stats}  # fmt: skip
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m engine.client", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="ws://127.0.0.1:8000/ws")
+    parser.add_argument("--token")
+    parser.add_argument("--prompt", help="switch to this prompt on connecting")
+    parser.add_argument("--prompt2", help="a second prompt, sent after --switch-after seconds")
+    parser.add_argument("--switch-after", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--save", type=Path, help="write the frames received to this MP4")
+    parser.add_argument("--fps", type=int, default=16, help="frame rate of the saved MP4")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = asyncio.run(watch(args))
+    except (OSError, RuntimeError, WebSocketException) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"received {result['frames']} frames in {result['seconds']:.1f} s; prompts {result['versions']}")
+    if result["first_frame_s"] is not None:
+        print(f"first frame {result['first_frame_s']:.2f} s after connecting")
+    for version, seconds in result["switch_s"].items():
+        print(f"prompt version {version} on screen {seconds:.2f} s after it was sent")
+    if args.save:
+        print(f"wrote {args.save}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

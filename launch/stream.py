@@ -1,0 +1,159 @@
+"""Serve one endless stream to viewers: `python -m engine.stream`, or under torchrun.
+
+    python -m engine.stream                                   # the demo model, http://127.0.0.1:8000
+    torchrun --nproc_per_node=3 -m engine.stream --schedule cascade --offset 1 --port 8000
+    python -m engine.stream --host 0.0.0.0 --token SECRET     # reachable from elsewhere: token needed
+
+The serving rank (the decode rank, or rank 0) runs the web server; the other ranks only compute.
+Ctrl-C or SIGTERM stops every rank at the next tick and closes the recording.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from engine.config import Preset
+from engine.loading import build_decoder, resolve_dtype
+from engine.runtime.session import Pipeline
+from engine.serving.live import Controls, LiveStream
+from engine.serving.server import StreamServer, needs_token
+from engine.serving.video import Mp4Writer
+from launch.cli import (
+    USER_ERRORS,
+    add_parallel_arguments,
+    add_plan_arguments,
+    add_preset_arguments,
+    add_weight_arguments,
+    parallel_from_args,
+    preset_from_args,
+    rank_device,
+    weights_from_args,
+)
+from parallel.cascade import decode_rank_plan
+from parallel.runtime import RankFailure, launched
+from parallel.topology import Topology, TopologyError
+
+log = logging.getLogger("launch.stream")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m engine.stream", description=__doc__.split("\n\n")[0])
+    add_preset_arguments(parser)
+    parser.add_argument("--prompt", default="a red circle moving left", help="the prompt the stream starts with")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--host", default="127.0.0.1", help="interface to serve on (default: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--token", help="required from viewers; needed when --host is not a loopback address")
+    parser.add_argument("--record", type=Path, help="also write the stream to this MP4")
+    parser.add_argument("--no-pace", dest="pace", action="store_false", help="generate as fast as possible")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    add_weight_arguments(parser)
+    add_plan_arguments(parser)
+    add_parallel_arguments(parser)
+    args = parser.parse_args(argv)
+    if needs_token(args.host) and not args.token:
+        parser.error(f"--host {args.host} makes the stream reachable from other machines: pass --token")
+    return args
+
+
+def _cache_hits(pipeline: Pipeline):
+    """The share of this rank's block-steps a feature cache skipped so far (None without one)."""
+
+    def hits() -> float | None:
+        stats = getattr(pipeline.executors[-1], "cache_stats", None) if pipeline.executors else None
+        return None if stats is None else round(stats.hit_rate, 3)
+
+    return hits
+
+
+def _source(args: argparse.Namespace, preset: Preset, topology: Topology):
+    """(block source, decoder, cache hit rate) for this rank: the plan on compute ranks, receiving
+    on a decode rank."""
+    device = rank_device(args, topology)
+    weights = weights_from_args(args)
+    if topology.is_compute:
+        pipeline = Pipeline.build(preset, weights, device, resolve_dtype(args.dtype, device), topology)
+        source = lambda prompt_for: pipeline.latents(prompt_for, blocks=None, seed=args.seed)  # noqa: E731
+        return source, pipeline.decoder, _cache_hits(pipeline)
+    receive = lambda prompt_for: decode_rank_plan(preset, topology, None, on_tick=prompt_for)  # noqa: E731
+    return receive, build_decoder(preset, weights, device), lambda: None
+
+
+def _stop_on_signals(controls: Controls, serving: bool) -> None:
+    """The serving rank stops the stream at the next tick; the others follow it there."""
+    if not serving:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # wait for the serving rank's stop
+        return
+
+    def stop(signum, frame):
+        controls.stop()
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
+def serve(args: argparse.Namespace, topology: Topology) -> None:
+    preset = preset_from_args(args)
+    if topology.distributed and preset.plan.schedule != "cascade":
+        raise TopologyError(f"{topology.world_size} processes need --schedule cascade (got {preset.plan.schedule})")
+    source, decoder, cache_hits = _source(args, preset, topology)
+    controls = Controls(args.prompt)
+    serving = topology.is_decoder
+    stream, recorder, server = None, None, None
+    try:
+        stream = LiveStream(source, decoder, controls, topology, steps=preset.sampling.steps, fps=preset.stream.fps,
+                            pace=args.pace, on_frames=lambda *a: None, cache_hits=cache_hits)  # fmt: skip
+        if serving:
+            server = StreamServer(controls, stream.snapshot, host=args.host, port=args.port, token=args.token).start()
+            recorder = args.record and Mp4Writer(args.record, fps=preset.stream.fps, width=preset.stream.width,
+                                                 height=preset.stream.height)  # fmt: skip
+            stream.on_frames = _fan_out(server, recorder)
+            print(f"serving http://{server.address[0]}:{server.address[1]}/", flush=True)
+        _stop_on_signals(controls, serving)
+        stream.run()
+    finally:
+        if server is not None:
+            server.stop()
+        if recorder:
+            recorder.close()
+
+
+def _fan_out(server: StreamServer, recorder: Mp4Writer | None):
+    def on_frames(frames, first_index, version, seconds):
+        server.hub.publish(frames, first_index, version, seconds)
+        if recorder:
+            recorder.write(frames)
+
+    return on_frames
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        with launched(parallel_from_args(args)) as topology:
+            serve(args, topology)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RankFailure as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def entry() -> int:
+    """The `-m` entry point: no autograd anywhere in a run."""
+    torch.set_grad_enabled(False)
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(entry())
