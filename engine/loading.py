@@ -141,7 +141,7 @@ def build_model(preset: Preset, weights: WeightPaths, device: torch.device, dtyp
 
 def _load_magi(model: MagiModel, preset: Preset, path: Path):
     """MAGI-1 weights; a folder with several `inference_weight*` variants gives the preset's."""
-    from engine.models.checkpoints.wan.magi import load_magi_weights
+    from engine.models.checkpoints.magi import load_magi_weights
 
     variant = None
     if path.is_dir() and len(list(path.glob("inference_weight*"))) > 1:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.config import MagiConfig
 from engine.models.checkpoints.wan import CheckpointError
-from engine.models.checkpoints.wan.magi import load_magi_weights, read_magi_checkpoint, save_magi_checkpoint
+from engine.models.checkpoints.magi import load_magi_weights, read_magi_checkpoint, save_magi_checkpoint
 from engine.models.magi import MagiModel
 
 # head_dim 32 holds the 6 * rope_bands = 24 rotary channels; 3 layers so that fp8 touches layer 1
