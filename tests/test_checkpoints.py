@@ -4,6 +4,8 @@ pytest tests/test_checkpoints.py
 """
 
 import json
+import os
+import warnings
 
 import pytest
 import torch
@@ -108,6 +110,7 @@ def _expect_error(path, *fragments):
     with pytest.raises(CheckpointError) as info:
         load_weights(_meta_model(), path)
     message = str(info.value)
+    assert "\n" not in message, f"not one line: {message}"
     for fragment in (str(path.name), *fragments):
         assert fragment in message, f"{fragment!r} not in: {message}"
 
@@ -201,6 +204,80 @@ def test_non_tensor_entries(tmp_path):
     _expect_error(path, "not tensors")
 
 
+def test_int8_weights_of_the_right_shapes(source, tmp_path):
+    """A quantised export passes every key and shape check; its dtype must stop it."""
+    path = tmp_path / "int8.safetensors"
+    save_file({k: v.to(torch.int8) for k, v in _state(source).items()}, str(path))
+    _expect_error(path, "is int8", "unquantised")
+
+
+def test_int8_names_the_key_as_stored_in_the_file(source, tmp_path):
+    state = {f"model.{k}": v for k, v in _state(source).items()}
+    state["model.blocks.1.ffn.2.weight"] = state["model.blocks.1.ffn.2.weight"].to(torch.int8)
+    path = tmp_path / "sf.pt"
+    torch.save({"generator_ema": state}, str(path))
+    _expect_error(path, "tensor model.blocks.1.ffn.2.weight is int8")
+
+
+def test_stray_fp8_weight_is_refused(source, tmp_path):
+    state = _state(source)
+    state["head.head.weight"] = state["head.head.weight"].to(torch.float8_e4m3fn)
+    save_file(state, str(tmp_path / "fp8.safetensors"))
+    _expect_error(tmp_path / "fp8.safetensors", "head.head.weight is float8_e4m3fn", "weight_scale")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights(source, tmp_path, value):
+    state = _state(source)
+    state["blocks.0.self_attn.v.weight"][3, 5] = value
+    path = tmp_path / "diverged.pth"
+    torch.save(state, str(path))
+    _expect_error(path, "blocks.0.self_attn.v.weight has 1 NaN/inf values of 1,024", "download or export it again")
+
+
+def test_nan_in_a_shard_names_the_shard_and_key(source, tmp_path):
+    state = _state(source)
+    state["time_embedding.0.bias"][0] = float("nan")
+    folder = write_wan_shards(_model_with(state), tmp_path / "shards")
+    index = json.loads((folder / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["time_embedding.0.bias"]
+    _expect_error(folder, f"{shard}: tensor time_embedding.0.bias has 1 NaN/inf")
+
+
+def test_diffusers_file_is_named_with_its_own_key(source, tmp_path):
+    state = _state(source)
+    state["time_embedding.0.bias"][0] = float("nan")
+    folder = write_diffusers_folder(_model_with(state), tmp_path / "diffusers")
+    _expect_error(folder, "condition_embedder.time_embedder.linear_1.bias has 1 NaN/inf")
+
+
+def _model_with(state):
+    model = WanModel(TINY)
+    model.load_state_dict(state)
+    return model
+
+
+def test_pickled_code_is_refused_in_one_line(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.makedirs, (str(marker),)
+
+    path = tmp_path / "payload.pt"
+    torch.save({"blocks.0.self_attn.q.weight": Payload()}, str(path))
+    _expect_error(path, "pickled Python objects", "makedirs", "state_dict")
+    assert not marker.exists()
+
+
+def test_garbage_torch_file_is_one_line_without_warnings(tmp_path):
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(b"\x80\x04garbage" * 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's pickle-protocol warning would be a second message
+        _expect_error(path, "cannot read torch checkpoint", "download it again")
+
+
 # -- LoRA --------------------------------------------------------------------------------------
 
 
@@ -231,3 +308,18 @@ def test_lora_for_unknown_module_fails(tmp_path):
     )
     with pytest.raises(CheckpointError, match="blocks.0.nope"):
         merge_lora(tiny_model(), path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float32])
+def test_lora_values_are_checked_before_merging(tmp_path, dtype):
+    down = torch.ones(2, TINY.dim).to(dtype)
+    up = torch.full((TINY.dim, 2), float("nan") if dtype.is_floating_point else 1.0).to(dtype)
+    path = tmp_path / "lora.safetensors"
+    prefix = "transformer.blocks.0.self_attn.q"  # diffusers style: the message names the stored key
+    save_file({f"{prefix}.lora_A.weight": down, f"{prefix}.lora_B.weight": up}, str(path))
+    model = tiny_model()
+    before = model.blocks[0].self_attn.q.weight.clone()
+    problem = r"A\.weight is int8" if dtype == torch.int8 else r"B\.weight has 64 NaN/inf"
+    with pytest.raises(CheckpointError, match=rf"lora\.safetensors: tensor {prefix}\.lora_{problem}"):
+        merge_lora(model, path)
+    assert torch.equal(model.blocks[0].self_attn.q.weight, before)

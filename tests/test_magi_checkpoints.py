@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.config import MagiConfig
-from engine.models.checkpoints.wan import CheckpointError
 from engine.models.checkpoints.magi import load_magi_weights, read_magi_checkpoint, save_magi_checkpoint
+from engine.models.checkpoints.wan import CheckpointError
 from engine.models.magi import MagiModel
 
 # head_dim 32 holds the 6 * rope_bands = 24 rotary channels; 3 layers so that fp8 touches layer 1
@@ -159,6 +159,46 @@ def test_malformed_fp8_weight_is_reported(weights, tmp_path):
         read_magi_checkpoint(folder)
 
 
+def _fp8_shard(weights, tmp_path):
+    folder = save_magi_checkpoint(weights, tmp_path / "inference_weight.fp8", shards=1, fp8=True)
+    shard = folder / "model-00001-of-00001.safetensors"
+    return folder, shard, load_file(str(shard))
+
+
+FC2 = "videodit_blocks.layers.1.mlp.linear_fc2."
+
+
+@pytest.mark.parametrize("scale", ["weight_scale", "smooth_scale"])
+def test_bad_fp8_scale_is_caught_after_dequantising(weights, tmp_path, scale):
+    folder, shard, state = _fp8_shard(weights, tmp_path)
+    state[FC2 + scale] = (
+        torch.zeros_like(state[FC2 + scale]) if scale == "smooth_scale" else state[FC2 + scale] * torch.nan
+    )
+    save_file(state, str(shard))  # a zero smooth_scale divides into inf; a NaN scale spreads
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: tensor {FC2}weight has .* NaN/inf"):
+        load_magi_weights(meta_model(), folder)
+
+
+def test_fp8_weight_without_its_scales_is_refused(weights, tmp_path):
+    folder, shard, state = _fp8_shard(weights, tmp_path)
+    for suffix in ("weight_scale", "input_scale", "smooth_scale"):
+        del state[FC2 + suffix]
+    state[FC2 + "weight"] = state[FC2 + "weight"][0]  # the dense shape, still fp8
+    single = tmp_path / "single"
+    single.mkdir()
+    save_file(state, str(single / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor {FC2}weight is float8_e4m3fn.*weight_scale"):
+        load_magi_weights(meta_model(), single)
+
+
+def test_int8_beside_a_weight_scale_is_refused(weights, tmp_path):
+    folder, shard, state = _fp8_shard(weights, tmp_path)
+    state[FC2 + "weight"] = state[FC2 + "weight"].float().to(torch.int8)
+    save_file(state, str(shard))
+    with pytest.raises(CheckpointError, match=rf"{FC2}weight is int8 beside a weight_scale"):
+        read_magi_checkpoint(folder)
+
+
 # -- compressed shards --------------------------------------------------------------------------------
 
 
@@ -259,6 +299,21 @@ def _wrong_shape(variant):
     return r"shape mismatches: rope\.bands \(16,\) vs model \(4,\)"
 
 
+FC1 = "videodit_blocks.layers.0.mlp.linear_fc1.weight"
+
+
+def _int8_of_the_right_shape(variant):
+    shard = _set_tensor(variant, FC1, torch.ones(CFG.ffn_dim, CFG.dim, dtype=torch.int8))
+    return rf"{shard}: tensor {FC1} is int8, not float32, bfloat16, float16; .*unquantised"
+
+
+def _nan_weight(variant):
+    shard = _set_tensor(variant, FC1, torch.full((CFG.ffn_dim, CFG.dim), float("nan")))
+    return (
+        rf"{shard}: tensor {FC1} has {CFG.ffn_dim * CFG.dim:,} NaN/inf values of {CFG.ffn_dim * CFG.dim:,}; .*download"
+    )
+
+
 def _empty_folder(variant):
     for path in variant.iterdir():
         path.unlink()
@@ -266,13 +321,15 @@ def _empty_folder(variant):
 
 
 BROKEN = [_truncate, _bad_json, _missing_shard, _phantom_key, _missing_key, _unexpected_key, _wrong_shape]
+BROKEN += [_int8_of_the_right_shape, _nan_weight]
 
 
 @pytest.mark.parametrize("breakage", BROKEN + [_empty_folder], ids=lambda f: f.__name__.strip("_"))
 def test_malformed_checkpoints_raise_with_the_path(variant, breakage):
     message = breakage(variant)
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(CheckpointError, match=message) as info:
         load_magi_weights(meta_model(), variant)
+    assert "\n" not in str(info.value)
 
 
 def test_bad_paths(variant, tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from engine.models.checkpoints.validate import check_tensors
 from engine.models.checkpoints.wan import CheckpointError, normalize_keys, read_safetensors, read_torch
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
@@ -22,11 +23,16 @@ def read_lora(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     path = Path(path)
     raw = read_safetensors(path) if path.name.endswith(".safetensors") else read_torch(path)
     raw = raw.get("generator_lora", raw)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a dict of LoRA tensors, found {type(raw).__name__}")
+    tensors = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    state, file_keys = normalize_keys(tensors), normalize_keys({k: k for k in tensors})
+    adapters = {key: tensor for key, tensor in state.items() if _LORA_KEY.match(key)}
+    check_tensors(adapters, path, file_keys=file_keys)  # an int8 or NaN adapter would corrupt W
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in normalize_keys({k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}).items():
+    for key, tensor in adapters.items():
         match = _LORA_KEY.match(key)
-        if match:
-            pairs.setdefault(match["module"], {})[match["part"]] = tensor
+        pairs.setdefault(match["module"], {})[match["part"]] = tensor
     incomplete = sorted(m for m, p in pairs.items() if len(p) != 2)
     if incomplete or not pairs:
         raise CheckpointError(f"{path}: no complete lora_A/lora_B pairs (incomplete: {incomplete[:8]})")

@@ -20,7 +20,9 @@ same dense model as a bf16 one and `MagiModel.cast` treats both alike:
 into W's input columns is exact). `input_scale` only quantises activations and is dropped. The
 result carries the fp8 rounding of the weights, not of the activations.
 
-Anything that does not fit the model exactly raises `CheckpointError` naming the file and keys.
+Anything that does not fit the model exactly raises `CheckpointError` naming the file and keys;
+`check_fit` also refuses dtypes that are not floating point (fp8 left without its scales included)
+and NaN/inf values, after dequantisation, so a bad scale is caught too.
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
+from engine.models.checkpoints.validate import FP8_DTYPES
 from engine.models.checkpoints.wan import (
     Checkpoint,
     CheckpointError,
     _read_index,
     check_fit,
+    first_line,
     read_safetensors,
 )
 
@@ -141,7 +145,7 @@ def read_shard(path: Path) -> dict[str, torch.Tensor]:
     except CheckpointError:
         raise
     except Exception as err:  # safetensors' own errors for a corrupt payload
-        raise CheckpointError(f"{packed}: cannot read safetensors payload ({err})") from err
+        raise CheckpointError(f"{packed}: cannot read safetensors payload ({first_line(err)})") from err
 
 
 def _read_shards(index: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
@@ -169,6 +173,11 @@ def _dequantized(state: dict[str, torch.Tensor], base: str, source: Path) -> tor
     if weight is None or weight.dim() != 3 or weight.shape[0] != 1 or scale.numel() != 1:
         shape = None if weight is None else tuple(weight.shape)
         raise CheckpointError(f"{source}: {base}weight {shape} is not an fp8 weight [1, out, in] with one scale")
+    if weight.dtype not in FP8_DTYPES:  # the only place fp8 is allowed, and only fp8
+        raise CheckpointError(
+            f"{source}: {base}weight is {str(weight.dtype).removeprefix('torch.')} beside a weight_scale; "
+            "MAGI-1's fp8 release stores float8_e4m3fn there: use that release or the bf16 one"
+        )
     if smooth is not None and tuple(smooth.shape) != (1, weight.shape[2]):
         raise CheckpointError(f"{source}: {base}smooth_scale {tuple(smooth.shape)} should be [1, {weight.shape[2]}]")
     dense = weight[0].float() * scale.float()
@@ -204,11 +213,13 @@ def read_magi_checkpoint(path: str | Path, variant: str | None = None) -> Checkp
         raw, files = read_shard(plain), [_stored(plain)]
     else:
         raise CheckpointError(f"{target}: expected a folder, {INDEX} or a .safetensors file")
-    state = {key.removeprefix("module."): value for key, value in raw.items()}
+    file_keys = {key.removeprefix("module."): key for key in raw}
+    state = {ours: raw[key] for ours, key in file_keys.items()}
     quantized = any(key.endswith(".weight_scale") for key in state)
     if quantized:
         state = dequantize_fp8(state, target)
-    return Checkpoint(source=source, layout="magi-fp8" if quantized else "magi", files=files, state=state)
+    layout = "magi-fp8" if quantized else "magi"
+    return Checkpoint(source=source, layout=layout, files=files, state=state, file_keys=file_keys)
 
 
 def load_magi_weights(model: torch.nn.Module, path: str | Path, variant: str | None = None) -> Checkpoint:

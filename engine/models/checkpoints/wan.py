@@ -10,20 +10,24 @@ Layouts (detected from the path and the keys, not from file names alone):
   `_fsdp_wrapped_module.` segments.
 
 Every key ends up in Wan-native names (our model's names). Anything that does not fit exactly
-(missing, unexpected, wrong shape, unreadable file) raises `CheckpointError` naming the file and
-the keys.
+(missing, unexpected, wrong shape, unreadable file, a dtype that is not floating point, NaN/inf
+values) raises `CheckpointError` in one line naming the file and the keys.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
+
+from engine.models.checkpoints.validate import CheckpointError, first_problem
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Wrapper prefixes seen in released files: ComfyUI/Wan repacks, torch.compile, DDP, the
@@ -78,10 +82,6 @@ _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.*)$")
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<total>\d+)\.safetensors$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit the model."""
-
-
 @dataclass
 class Checkpoint:
     """Weights in Wan-native names, with where they came from."""
@@ -90,9 +90,23 @@ class Checkpoint:
     layout: str  # "diffusers", "wan" or "self-forcing:<key>"
     files: list[Path]
     state: dict[str, torch.Tensor]
+    file_keys: dict[str, str] = field(default_factory=dict)
+    """Our key -> the key as stored in the file (for messages)."""
 
     def describe(self) -> str:
         return f"{self.source} ({self.layout}, {len(self.files)} file(s), {len(self.state)} tensors)"
+
+    def file_of(self, stored_key: str) -> Path:
+        """The file holding `stored_key`: the only file, the shard whose header lists it, else
+        the path the user gave. Only for messages (reads shard headers, not tensors)."""
+        if len(self.files) == 1:
+            return self.files[0]
+        for shard in self.files:
+            if shard.name.endswith(".safetensors"):
+                with safe_open(str(shard), framework="pt") as f:
+                    if stored_key in f.keys():
+                        return shard
+        return self.source
 
 
 # -- key maps ----------------------------------------------------------------------------------
@@ -153,19 +167,51 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for truncation/corruption
-        raise CheckpointError(f"{path}: cannot read safetensors file ({err})") from err
+        raise CheckpointError(
+            f"{path}: cannot read safetensors file ({first_line(err)}); the file is damaged or not "
+            "safetensors: download it again"
+        ) from err
+
+
+def first_line(err: BaseException, limit: int = 160) -> str:
+    """The informative line of an exception's text (torch's can run to a dozen lines)."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch")
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(boilerplate)] or lines or [type(err).__name__]
+    line = lines[0].split(". This is an internal")[0]  # miniz's zip errors append a paragraph
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _torch_load(path: Path):
+    # The weights-only unpickler warns about the pickle protocol before failing on foreign files.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._weights_only_unpickler")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) files
+
+
+def _unreadable(path: Path, err: Exception) -> CheckpointError:
+    detail = first_line(err)
+    if "global" in detail.lower():
+        return CheckpointError(
+            f"{path}: holds pickled Python objects, not only tensors ({detail}); arcade never runs code "
+            "from a checkpoint: save the state dict alone (torch.save(model.state_dict())) or as .safetensors"
+        )
+    return CheckpointError(
+        f"{path}: cannot read torch checkpoint ({type(err).__name__}: {detail}); the file is damaged "
+        "or of another format: download it again"
+    )
 
 
 def read_torch(path: Path) -> dict:
     try:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            data = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) files
+        data = _torch_load(path)
     except Exception as err:
-        raise CheckpointError(f"{path}: cannot read torch checkpoint ({type(err).__name__}: {err})") from err
+        raise _unreadable(path, err) from err
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
     return data
@@ -278,9 +324,10 @@ def _checkpoint(source: Path, raw: dict, files: list[Path], layout: str) -> Chec
     if non_tensors:
         raise CheckpointError(f"{files[0]}: entries that are not tensors: {non_tensors[:MAX_LISTED_KEYS]}")
     state = normalize_keys(raw)
+    file_keys = normalize_keys({key: key for key in raw})  # the same renames, applied to the names
     if layout == "wan" and is_diffusers_layout(raw):
         layout = "diffusers"
-    return Checkpoint(source=source, layout=layout, files=files, state=state)
+    return Checkpoint(source=source, layout=layout, files=files, state=state, file_keys=file_keys)
 
 
 # -- loading into the model ---------------------------------------------------------------------
@@ -292,7 +339,16 @@ def _listed(keys: list[str]) -> str:
 
 
 def check_fit(model: torch.nn.Module, ckpt: Checkpoint) -> None:
-    """Raise CheckpointError unless the checkpoint has exactly the model's keys and shapes."""
+    """The pass every transformer checkpoint goes through before it is assigned: exactly the
+    model's keys and shapes, floating-point dtypes, finite values. Raises CheckpointError."""
+    _check_keys_and_shapes(model, ckpt)
+    found = first_problem(ckpt.state, file_keys=ckpt.file_keys)
+    if found is not None:
+        key, problem = found
+        raise CheckpointError(f"{ckpt.file_of(key)}: {problem}")
+
+
+def _check_keys_and_shapes(model: torch.nn.Module, ckpt: Checkpoint) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(ckpt.state))
     unexpected = sorted(set(ckpt.state) - set(expected))

@@ -1,0 +1,93 @@
+"""The value check every loaded state dict passes: floating-point tensors with finite values.
+
+Shapes and keys are checked against the model by `wan.check_fit`; this module checks what shapes
+cannot show. An int8 export of the right shapes, or weights from a diverged run, would otherwise
+load silently and fail deep inside a forward (or render noise). Each failure is one line naming the
+file, the key and what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_NAMES = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES[:3])
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_hint(dtype: torch.dtype) -> str:
+    if dtype in FP8_DTYPES:
+        return "fp8 weights load only from MAGI-1's fp8 release, where each has a weight_scale"
+    if dtype.is_floating_point:
+        return f"convert it to one of {_NAMES}"
+    if dtype.is_complex or dtype == torch.bool:
+        return "this is not a weight tensor; check that the file is a model checkpoint"
+    return "an integer-quantised export cannot be loaded: use the unquantised (bf16 or fp32) release"
+
+
+def is_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf. aminmax propagates NaN and shows +-inf, and is ~10x faster than isfinite()."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor.detach())
+    return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
+def _more(count: int, what: str) -> str:
+    return f" ({count} more {what})" if count else ""
+
+
+def check_tensors(
+    state: Mapping[str, torch.Tensor],
+    source: str | Path,
+    *,
+    allowed: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+    file_keys: Mapping[str, str] | None = None,
+) -> None:
+    """Raise CheckpointError unless every value is a tensor of an `allowed` dtype with finite values.
+
+    `source`: the file (or folder) named in the message; `file_keys`: our key -> the key as stored
+    in the file, so the message names what the user can find in it.
+    """
+    found = first_problem(state, allowed=allowed, file_keys=file_keys)
+    if found is not None:
+        raise CheckpointError(f"{source}: {found[1]}")
+
+
+def first_problem(
+    state: Mapping[str, torch.Tensor],
+    *,
+    allowed: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+    file_keys: Mapping[str, str] | None = None,
+) -> tuple[str, str] | None:
+    """(stored key, what is wrong and what to do) for the first bad value, else None. Dtypes are
+    checked for every tensor before any value is read: a wrong dtype is found without a pass."""
+    stored = (lambda key: file_keys.get(key, key)) if file_keys else (lambda key: key)
+    odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        return stored(odd[0]), f"entry {stored(odd[0])} is not a tensor{_more(len(odd) - 1, 'such')}"
+    wrong = [k for k, v in state.items() if v.dtype not in allowed]
+    if wrong:
+        key, dtype = stored(wrong[0]), state[wrong[0]].dtype
+        more = _more(len(wrong) - 1, "tensors of other dtypes")
+        return key, f"tensor {key} is {_name(dtype)}, not {_NAMES}{more}; {_dtype_hint(dtype)}"
+    bad = [k for k, v in state.items() if v.dtype.is_floating_point and v.dtype not in FP8_DTYPES and not is_finite(v)]
+    if bad:
+        key, tensor = stored(bad[0]), state[bad[0]]
+        count = int((~torch.isfinite(tensor)).sum())
+        return key, (
+            f"tensor {key} has {count:,} NaN/inf values of {tensor.numel():,}{_more(len(bad) - 1, 'tensors too')}; "
+            "the file is damaged or comes from a diverged run: download or export it again"
+        )
+    return None
