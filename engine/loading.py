@@ -81,9 +81,36 @@ def bundled_weights_dir(name: str) -> Path:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto`, `cpu`, `cuda`, `cuda:1`, ...: a device this machine has, or SetupError saying why not
+    (checked here, before anything is built, so the message is not torch's deep inside a load)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise SetupError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        _check_cuda(name, device)
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise SetupError(f"--device {name}: this machine or torch build has no MPS support; use --device cpu")
+    elif device.type not in ("cpu", "mps"):
+        raise SetupError(f"--device {name}: arcade runs on cpu, cuda or mps")
+    return device
+
+
+def _check_cuda(name: str, device: torch.device) -> None:
+    if torch.version.cuda is None and torch.version.hip is None:
+        raise SetupError(
+            f"--device {name}: this torch build ({torch.__version__}) has no CUDA support; "
+            "use --device cpu, or install a CUDA build of torch"
+        )
+    if not torch.cuda.is_available():
+        raise SetupError(
+            f"--device {name}: no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES?); use --device cpu"
+        )
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise SetupError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

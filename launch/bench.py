@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from launch.benchmarks import adherence, cache, cascade, cascade_model, selective, speed, switch
+from launch.cli import USER_ERRORS
 from launch.report import table, write_json
 
 BENCHMARKS = {
@@ -40,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         child.add_argument("--json", type=Path, default=Path(f"out/bench-{name}.json"), help="where to write results")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    rows, columns, settings = BENCHMARKS[args.name].run(args)
+    try:
+        rows, columns, settings = BENCHMARKS[args.name].run(args)
+    except USER_ERRORS as err:  # a typo in --preset or --device is one line, as in generate/stream
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(table(rows, columns))
     write_json(args.json, args.name, rows, settings)
     print(f"wrote {args.json}")

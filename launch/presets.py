@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from collections.abc import Callable
 
 import torch
 
 from engine.config import (
+    ConfigError,
     MagiConfig,
     MagiGuidance,
     PlanConfig,
@@ -263,9 +265,16 @@ PRESETS: dict[str, Callable[[], Preset]] = {
 }
 
 
+class UnknownPreset(ConfigError, KeyError):
+    """A preset name that is not in PRESETS: a user error (ConfigError), and still the KeyError a
+    failed lookup is, for callers that catch that."""
+
+    __str__ = ConfigError.__str__  # KeyError's would print the sentence in quotes
+
+
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; choose from: {', '.join(PRESETS)}")
+        raise UnknownPreset(f"unknown preset {name!r}; choose from: {', '.join(PRESETS)}")
     return PRESETS[name]()
 
 
@@ -294,20 +303,25 @@ def _print_counts(names: list[str]) -> None:
         print(f"{name:<20} {params:>14,} {preset.tokens_per_frame:>13} {kv:>8.2f} G")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.presets", description="List presets and their sizes.")
     parser.add_argument("--counts", action="store_true", help="print parameter counts (meta device) and KV memory")
     parser.add_argument("names", nargs="*", help="presets to show (default: all)")
     args = parser.parse_args(argv)
     names = args.names or list(PRESETS)
-    for name in names:
-        get_preset(name)  # fail early on a typo
+    try:
+        for name in names:
+            get_preset(name)  # fail early on a typo
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.counts:
         _print_counts(names)
     else:
         for name in names:
             print(f"{name:<20} {get_preset(name).description}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
