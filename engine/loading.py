@@ -1,21 +1,27 @@
 """Build the parts of a pipeline from a preset: weights (or seeded random ones), KV caches.
 
 Each builder raises `SetupError` with the flag to pass when something it needs is missing, before
-anything heavy is loaded where possible.
+anything heavy is loaded where possible. Every part loaded from files goes through the same value
+check as the transformer's checkpoint (floating-point dtypes, finite values: `CheckpointError`);
+the transformer's size and KV cache are checked against the free memory before it is allocated.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from engine.config import ModelConfig, Preset, TinyTextEncoder
-from engine.demo.pixels import PatchCodec, PatchDecoder
+from engine.demo.pixels import CODEC_KEYS, PatchCodec, PatchDecoder
 from engine.demo.vocab import VocabEncoder
+from engine.footprint import Footprint, available_bytes, count, size, too_big_hint
 from engine.models.checkpoints.lora import merge_lora
+from engine.models.checkpoints.validate import check_file_dtypes, check_tensors
 from engine.models.checkpoints.wan import load_weights
 from engine.models.magi import LayerNorm1p, MagiModel, initial_bands
 from engine.models.magi_rope import MagiRope
@@ -75,6 +81,24 @@ BUNDLED_FILES = {
 }
 
 
+PATH_FLAGS = {
+    "checkpoint": "--checkpoint",
+    "base": "--base",
+    "text_encoder": "--text-encoder",
+    "tokenizer": "--tokenizer",
+    "vae": "--vae",
+    "lora": "--lora",
+}
+
+
+def check_paths(weights: WeightPaths) -> None:
+    """Every path given must exist: said before anything loads, not after the transformer has."""
+    for field, flag in PATH_FLAGS.items():
+        path = getattr(weights, field)
+        if path is not None and not Path(path).exists():
+            raise SetupError(f"{flag} {path}: no such file or folder")
+
+
 def bundled_weights_dir(name: str) -> Path:
     """Weights shipped inside the package (engine/weights/<name>)."""
     return Path(__file__).resolve().parent / "weights" / name
@@ -127,7 +151,7 @@ def init_random_(model: torch.nn.Module, seed: int) -> None:
     """Seeded weights shaped like PyTorch's defaults: U(+-1/sqrt(fan_in)), norms 1, modulation N/sqrt(dim)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    for name, param in model.named_parameters():
+    for name, param in _with_progress(model.named_parameters()):
         if "norm" in name:
             param.fill_(1.0 if name.endswith("weight") else 0.0)
         elif "modulation" in name:
@@ -138,32 +162,74 @@ def init_random_(model: torch.nn.Module, seed: int) -> None:
             param.uniform_(-bound, bound, generator=generator)
 
 
+def _with_progress(named: Iterable[tuple[str, torch.Tensor]], steps: int = 10) -> Iterator[tuple[str, torch.Tensor]]:
+    """`named`, logging every 1/steps of the parameters for big models (minutes on a CPU)."""
+    named = list(named)
+    total = sum(p.numel() for _, p in named)
+    if total < SMALL_MODEL_PARAMS:
+        yield from named
+        return
+    done, reported, start = 0, 0, time.perf_counter()
+    for name, param in named:
+        yield name, param
+        done += param.numel()
+        if done * steps >= (reported + 1) * total:
+            reported = done * steps // total
+            elapsed = time.perf_counter() - start
+            log.info("random weights: %d%% of %s parameters (%.0f s)", 100 * done // total, count(total), elapsed)
+
+
 def new_model(cfg: ModelConfig) -> WanModel | MagiModel:
     """The network of a model family (on the current default device; meta for counting)."""
     return MagiModel(cfg) if cfg.family == "magi" else WanModel(cfg)
 
 
 def build_model(preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> WanModel | MagiModel:
+    check_paths(weights)
     with torch.device("meta"):
         model = new_model(preset.model)
     magi = preset.model.family == "magi"
     checkpoint = weights.resolved("transformer", preset)
-    if checkpoint is not None and not weights.random:
+    load = checkpoint is not None and not weights.random
+    if not load and not (preset.random_init or weights.random):
+        raise SetupError(f"preset {preset.name} needs transformer weights: pass --checkpoint PATH (or --base DIR)")
+    params = sum(p.numel() for p in model.parameters())
+    check_memory(preset, Footprint(params, dtype, stream_kv_bytes(preset, dtype), random_init=not load), device)
+    if load:
         if magi:
             ckpt = _load_magi(model, preset, Path(checkpoint))
         else:
             ckpt = load_weights(model, checkpoint, ema=weights.ema)
         log.info("transformer: %s", ckpt.describe())
-    elif preset.random_init or weights.random:
-        small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS
-        model.to_empty(device="cpu" if small else device)
-        (init_magi_random_ if magi else init_random_)(model, weights.seed)
     else:
-        raise SetupError(f"preset {preset.name} needs transformer weights: pass --checkpoint PATH (or --base DIR)")
+        model.to_empty(device="cpu" if params < SMALL_MODEL_PARAMS else device)
+        (init_magi_random_ if magi else init_random_)(model, weights.seed)
     if weights.lora is not None:
         merged = merge_lora(model, weights.lora, alpha=weights.lora_alpha)
         log.info("merged %d LoRA adapters from %s", merged, weights.lora)
     return model.to(device).cast(dtype).eval()
+
+
+def check_memory(preset: Preset, footprint: Footprint, device: torch.device) -> None:
+    """Say what is about to be allocated; refuse (SetupError) what cannot fit in the free memory."""
+    free = available_bytes(device)
+    known = f"{size(free)} free" if free is not None else "free memory unknown"
+    log.info("%s on %s: %s; %s", preset.name, device, footprint.describe(), known)
+    if free is not None and footprint.needed > free:
+        raise SetupError(
+            f"preset {preset.name} needs {footprint.describe()} on {device}, but {size(free)} is free; "
+            + too_big_hint(device, footprint.dtype)
+        )
+
+
+def stream_kv_bytes(preset: Preset, dtype: torch.dtype) -> int:
+    """One stream's KV cache, measured on the meta device (0 when the plan reruns the window)."""
+    if preset.plan.compute != "selective":
+        return 0
+    sampling = preset.sampling
+    # the two-branch batch [cond, uncond], as the executors' guidance builds it
+    guided = sampling.magi.passes == 3 if sampling.magi is not None else sampling.guided
+    return build_kv_cache(preset, dtype, "meta", batch=2 if guided else 1).nbytes
 
 
 def _load_magi(model: MagiModel, preset: Preset, path: Path):
@@ -199,6 +265,8 @@ def _owner(model: torch.nn.Module, name: str) -> torch.nn.Module:
 
 
 def build_text_encoder(preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> PromptEncoder:
+    check_paths(weights)
+    _warn_unused_tokenizer(preset, weights)
     if preset.text.vocab is not None:
         encoder = _vocab_encoder(preset, weights, device)
     else:
@@ -208,11 +276,29 @@ def build_text_encoder(preset: Preset, weights: WeightPaths, device: torch.devic
     return encoder
 
 
+def _warn_unused_tokenizer(preset: Preset, weights: WeightPaths) -> None:
+    """--tokenizer only goes with a umT5 folder; anywhere else it would be ignored without a word."""
+    if weights.tokenizer is None:
+        return
+    if preset.text.vocab is not None:
+        why = f"preset {preset.name} encodes prompts with its own word vocabulary"
+    elif weights.random:
+        why = "random weights use a byte-level tokenizer"
+    elif weights.resolved("text_encoder") is None:
+        why = "it goes with a umT5 text encoder folder (--text-encoder or --base)"
+    else:
+        return
+    log.warning("--tokenizer %s is not used: %s", weights.tokenizer, why)
+
+
 def _vocab_encoder(preset: Preset, weights: WeightPaths, device: torch.device) -> VocabEncoder:
     vocab, text_len = preset.text.vocab, preset.text.text_len
     path = weights.resolved("text_encoder", preset)
     if path is not None and not weights.random:
-        return VocabEncoder.load(path, vocab, text_len, device)
+        check_file_dtypes(path)  # before the load, which would cast int8 to float
+        encoder = VocabEncoder.load(path, vocab, text_len, device)
+        check_tensors(encoder.module.state_dict(), path)
+        return encoder
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(weights.seed)
         return VocabEncoder.create(vocab, text_len, preset.model.text_dim, device)
@@ -221,7 +307,7 @@ def _vocab_encoder(preset: Preset, weights: WeightPaths, device: torch.device) -
 def _umt5_encoder(preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> TextEncoder:
     folder = weights.resolved("text_encoder")
     if folder is not None and not weights.random:
-        encoder = TextEncoder.from_folder(
+        encoder = TextEncoder.from_folder(  # checks the values itself
             folder, text_len=preset.text.text_len, device=device, dtype=dtype, tokenizer_dir=weights.tokenizer
         )
     elif preset.text.tiny is not None or weights.random:
@@ -260,7 +346,10 @@ def build_decoder(
         return MissingDecoder(preset)
     path = weights.resolved("vae")
     if path is not None and not weights.random:
+        source = path / "vae" if (path / "vae").is_dir() else path  # a pipeline root holds vae/
+        check_file_dtypes(source)  # before the load, which would cast int8 to float
         vae = load_vae(preset.vae, path)
+        check_tensors(vae.state_dict(), source)
     elif preset.random_init or weights.random:
         vae = random_vae(preset.vae, weights.seed)
     else:
@@ -274,7 +363,10 @@ def build_patch_codec(preset: Preset, weights: WeightPaths) -> PatchCodec:
     path = weights.resolved("vae", preset)
     if weights.random or path is None:
         return PatchCodec.random(preset.vae.patch, preset.vae.z_dim, weights.seed)
-    return PatchCodec.load(path, preset.vae.patch)
+    check_file_dtypes(path)
+    codec = PatchCodec.load(path, preset.vae.patch)
+    check_tensors({key: getattr(codec, key) for key in CODEC_KEYS}, path)
+    return codec
 
 
 def build_rope(preset: Preset, device, model: WanModel | MagiModel | None = None) -> Rope | MagiRope:

@@ -5,8 +5,10 @@ pytest tests/test_text.py
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from engine.config import TinyTextEncoder
+from engine.models.checkpoints.validate import CheckpointError
 from engine.models.text_encoder import TextEncoder, clean_prompt
 
 SPEC = TinyTextEncoder(d_model=32)
@@ -74,3 +76,31 @@ def test_loads_magis_t5_folder_as_t5(tmp_path):
     tokens = loaded.tokenizer("a red circle", return_tensors="pt")
     expected = reference(input_ids=tokens.input_ids).last_hidden_state[0]
     assert torch.allclose(loaded.encode("a red circle")[0, : expected.shape[0]], expected, atol=1e-5)
+
+
+def test_missing_tokenizer_folder_is_one_line(tmp_path):
+    original = TextEncoder.random(SPEC, text_len=16, device="cpu")
+    original.encoder.save_pretrained(str(tmp_path / "text_encoder"))
+    with pytest.raises(FileNotFoundError, match="nonexistent: no such tokenizer folder") as info:
+        TextEncoder.from_folder(tmp_path, text_len=16, device="cpu", tokenizer_dir=tmp_path / "nonexistent")
+    assert "\n" not in str(info.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: not a tokenizer folder") as info:
+        TextEncoder.from_folder(tmp_path, text_len=16, device="cpu", tokenizer_dir=tmp_path / "empty")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("problem", ["int8", "nan"])
+def test_encoder_weights_go_through_the_value_check(tmp_path, problem):
+    original = TextEncoder.random(SPEC, text_len=16, device="cpu")
+    original.encoder.save_pretrained(str(tmp_path / "text_encoder"))
+    original.tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    path = tmp_path / "text_encoder" / "model.safetensors"
+    state = load_file(str(path))
+    key = "encoder.final_layer_norm.weight"
+    state[key] = state[key].to(torch.int8) if problem == "int8" else state[key] * torch.nan
+    save_file(state, str(path), metadata={"format": "pt"})
+    expected = "is int8, not float32" if problem == "int8" else "has 32 NaN/inf values of 32"
+    # the dtype is read from the file's header, the values from the loaded encoder (its folder)
+    with pytest.raises(CheckpointError, match=rf"text_encoder(/model\.safetensors)?: tensor {key} {expected}"):
+        TextEncoder.from_folder(tmp_path, text_len=16, device="cpu")

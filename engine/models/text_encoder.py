@@ -17,6 +17,7 @@ import torch
 from transformers import AutoTokenizer, ByT5Tokenizer, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
 from engine.config import TinyTextEncoder
+from engine.models.checkpoints.validate import check_file_dtypes, check_tensors
 
 CACHED_PROMPTS = 64
 
@@ -48,6 +49,22 @@ def _check_umt5_folder(folder: Path) -> str:
             "folders of Wan2.1-T2V-1.3B-Diffusers (--text-encoder DIR)"
         )
     return model_type
+
+
+def _load_tokenizer(folder: Path):
+    """A local tokenizer folder. transformers would take a missing path for a Hub name and answer
+    with a paragraph; say which folder and what it should hold instead."""
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{folder}: no such tokenizer folder (pass --tokenizer DIR, e.g. the pipeline's tokenizer/)"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as err:
+        detail = " ".join(str(err).split())[:200]
+        raise FileNotFoundError(
+            f"{folder}: not a tokenizer folder (expected tokenizer.json or spiece.model beside its config: {detail})"
+        ) from err
 
 
 class PromptEncoder:
@@ -104,8 +121,10 @@ class TextEncoder(PromptEncoder):
     ) -> TextEncoder:
         enc, tok = _find_folders(Path(encoder_dir), Path(tokenizer_dir) if tokenizer_dir else None)
         kind = T5EncoderModel if _check_umt5_folder(enc) == "t5" else UMT5EncoderModel
-        tokenizer = AutoTokenizer.from_pretrained(str(tok))
+        tokenizer = _load_tokenizer(tok)
+        check_file_dtypes(enc)  # from_pretrained would cast an int8 tensor to float without a word
         encoder = kind.from_pretrained(str(enc), dtype=dtype)
+        check_tensors(encoder.state_dict(), enc)
         return cls(tokenizer, encoder, text_len, device)
 
     @classmethod

@@ -12,10 +12,17 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _NAMES = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES[:3])
+# safetensors header codes (format spec) of the dtypes a message can name in torch terms
+_HEADER_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BOOL": torch.bool, "U8": torch.uint8,
+    "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "C64": torch.complex64,
+}  # fmt: skip
 
 
 class CheckpointError(RuntimeError):
@@ -44,8 +51,8 @@ def is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
-def _more(count: int, what: str) -> str:
-    return f" ({count} more {what})" if count else ""
+def _more(count: int) -> str:
+    return f" (+{count} more)" if count else ""
 
 
 def check_tensors(
@@ -76,18 +83,38 @@ def first_problem(
     stored = (lambda key: file_keys.get(key, key)) if file_keys else (lambda key: key)
     odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if odd:
-        return stored(odd[0]), f"entry {stored(odd[0])} is not a tensor{_more(len(odd) - 1, 'such')}"
+        return stored(odd[0]), f"entry {stored(odd[0])} is not a tensor{_more(len(odd) - 1)}"
     wrong = [k for k, v in state.items() if v.dtype not in allowed]
     if wrong:
         key, dtype = stored(wrong[0]), state[wrong[0]].dtype
-        more = _more(len(wrong) - 1, "tensors of other dtypes")
+        more = _more(len(wrong) - 1)
         return key, f"tensor {key} is {_name(dtype)}, not {_NAMES}{more}; {_dtype_hint(dtype)}"
     bad = [k for k, v in state.items() if v.dtype.is_floating_point and v.dtype not in FP8_DTYPES and not is_finite(v)]
     if bad:
         key, tensor = stored(bad[0]), state[bad[0]]
         count = int((~torch.isfinite(tensor)).sum())
         return key, (
-            f"tensor {key} has {count:,} NaN/inf values of {tensor.numel():,}{_more(len(bad) - 1, 'tensors too')}; "
+            f"tensor {key} has {count:,} NaN/inf values of {tensor.numel():,}{_more(len(bad) - 1)}; "
             "the file is damaged or comes from a diverged run: download or export it again"
         )
     return None
+
+
+def check_file_dtypes(path: str | Path) -> None:
+    """The dtypes in the headers of `path` (a .safetensors file, or the ones directly in a folder),
+    reading no tensor data. For parts whose loaders copy into float parameters, which would turn
+    an int8 tensor into float values without a word."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    for file in (f for f in files if f.name.endswith(".safetensors") and f.is_file()):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                codes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+        except Exception:  # unreadable: the loader's own read says so
+            continue
+        unknown = [k for k, code in codes.items() if code not in _HEADER_DTYPES]
+        if unknown:
+            raise CheckpointError(f"{file}: tensor {unknown[0]} has dtype {codes[unknown[0]]}, not {_NAMES}")
+        # empty meta tensors: the value pass sees only the dtypes
+        shells = {k: torch.empty(0, dtype=_HEADER_DTYPES[code], device="meta") for k, code in codes.items()}
+        check_tensors(shells, file)
