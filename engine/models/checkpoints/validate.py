@@ -56,27 +56,20 @@ def _more(count: int) -> str:
 
 
 def check_tensors(
-    state: Mapping[str, torch.Tensor],
-    source: str | Path,
-    *,
-    allowed: tuple[torch.dtype, ...] = FLOAT_DTYPES,
-    file_keys: Mapping[str, str] | None = None,
+    state: Mapping[str, torch.Tensor], source: str | Path, *, file_keys: Mapping[str, str] | None = None
 ) -> None:
-    """Raise CheckpointError unless every value is a tensor of an `allowed` dtype with finite values.
+    """Raise CheckpointError unless every value is a floating-point tensor with finite values.
 
     `source`: the file (or folder) named in the message; `file_keys`: our key -> the key as stored
     in the file, so the message names what the user can find in it.
     """
-    found = first_problem(state, allowed=allowed, file_keys=file_keys)
+    found = first_problem(state, file_keys=file_keys)
     if found is not None:
         raise CheckpointError(f"{source}: {found[1]}")
 
 
 def first_problem(
-    state: Mapping[str, torch.Tensor],
-    *,
-    allowed: tuple[torch.dtype, ...] = FLOAT_DTYPES,
-    file_keys: Mapping[str, str] | None = None,
+    state: Mapping[str, torch.Tensor], *, file_keys: Mapping[str, str] | None = None
 ) -> tuple[str, str] | None:
     """(stored key, what is wrong and what to do) for the first bad value, else None. Dtypes are
     checked for every tensor before any value is read: a wrong dtype is found without a pass."""
@@ -84,12 +77,12 @@ def first_problem(
     odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if odd:
         return stored(odd[0]), f"entry {stored(odd[0])} is not a tensor{_more(len(odd) - 1)}"
-    wrong = [k for k, v in state.items() if v.dtype not in allowed]
+    wrong = [k for k, v in state.items() if v.dtype not in FLOAT_DTYPES]
     if wrong:
         key, dtype = stored(wrong[0]), state[wrong[0]].dtype
         more = _more(len(wrong) - 1)
         return key, f"tensor {key} is {_name(dtype)}, not {_NAMES}{more}; {_dtype_hint(dtype)}"
-    bad = [k for k, v in state.items() if v.dtype.is_floating_point and v.dtype not in FP8_DTYPES and not is_finite(v)]
+    bad = [k for k, v in state.items() if not is_finite(v)]
     if bad:
         key, tensor = stored(bad[0]), state[bad[0]]
         count = int((~torch.isfinite(tensor)).sum())
