@@ -15,7 +15,19 @@ from cache.scope import Scope
 from cache.teacache import TeaCache
 from engine.config import CACHE_POLICIES as POLICIES
 
-__all__ = ["POLICIES", "CachePolicy", "CacheStats", "Decision", "StepInfo", "make_policy"]
+__all__ = ["POLICIES", "SUGGESTED_THRESHOLDS", "CachePolicy", "CacheStats", "Decision", "StepInfo", "make_policy"]
+
+SUGGESTED_THRESHOLDS = {
+    "none": 0.0,
+    "teacache": 0.3,
+    "fbcache": 0.1,
+    "bwcache": 0.1,
+    "flowcache": 0.1,
+    "flowcache-skyreels": 0.1,
+    "scope": 0.05,
+}
+"""What `--cache POLICY` uses without --cache-threshold: each policy's best setting of the README's
+caching table (the demo model, 30 steps), a starting point to tune from."""
 
 
 def make_policy(name: str, *, threshold: float, steps: int, dim: int, warmup: int | None = None) -> CachePolicy:

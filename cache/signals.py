@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from cache.view import SparseView
 from engine.models.flops import forward_flops
 from engine.plan.sigmas import TRAIN_TIMESTEPS
+from engine.runtime.views import InFlightView
 
 SUBSAMPLE = 4
 """Keep every 4th token of stored features: enough for a mean relative change, 4x less memory."""
@@ -60,7 +60,10 @@ class Signals:
         latents, _ = self.members[block]
         x = ex.model.embed(latents).expand(self.branches, -1, -1)
         _, e6 = ex.model.time_modulation(self._sigma(block).expand(self.branches, -1), ex.fps)
-        view = SparseView(ex.cache, self.blocks, [block], ex.stored, ex.frames_per_block, ex.attention)
+        # its real context: committed frames and the other blocks' last K/V (blocks never run yet left out)
+        present = [b for b in self.blocks if b == block or b in ex.inflight]
+        fill = lambda layer, _: {b: ex.inflight[b].layer(layer) for b in present if b != block}  # noqa: E731
+        view = InFlightView(ex.cache, present, [block], ex.frames_per_block, ex.attention, fill=fill)
         out = ex.model.blocks[0](x, e6, self.text.keys[0], self.text.values[0], 0, view)
         cfg, tokens = ex.model.cfg, x.shape[1]
         one_layer = forward_flops(cfg, tokens, view.end, self.text.keys[0].shape[1]) // cfg.num_layers

@@ -385,9 +385,20 @@ class PlanConfig:
         _require(self.attention in ATTENTION, f"attention must be one of {ATTENTION}")
         _require(self.compute in COMPUTE, f"compute must be one of {COMPUTE}")
         _require(self.context in CONTEXTS, f"context must be one of {CONTEXTS}")
-        _require(self.context == "joint" or self.compute == "selective", "lagged context needs selective compute")
+        _require(
+            self.context == "joint" or self.compute == "selective",
+            "lagged context needs --compute selective: --compute window has no in-flight K/V to lag",
+        )
         _require(self.switch in SWITCHES, f"switch must be one of {SWITCHES}")
-        _require(self.switch == "next-step" or self.schedule == "sequential", "recache is for sequential plans")
+        _require(
+            self.switch == "next-step" or self.schedule == "sequential",
+            "--switch recache is for sequential plans: it reruns the window at a block boundary, and a "
+            "pyramid or cascade has blocks in flight at every tick (they take a new prompt at their next step)",
+        )
+        _require(
+            self.switch == "next-step" or self.compute == "selective",
+            "--switch recache rewrites the KV cache: --compute window keeps none",
+        )
         _require(self.offset is None or self.offset >= 0, "offset must be >= 0")
         _require(
             self.schedule == "sequential" or self.offset is not None, f"the {self.schedule} schedule needs an offset"
@@ -446,12 +457,17 @@ class Preset:
         )
         if self.text.tiny is not None:
             _require(self.text.tiny.d_model == self.model.text_dim, "tiny text encoder width must equal text_dim")
-        _require(self.plan.switch == "next-step" or self.stream.sink_frames == 0, "recache with sink frames")
+        _require(
+            self.plan.switch == "next-step" or self.stream.sink_frames == 0,
+            "--switch recache reruns the visible window in one forward, which a sink would split: "
+            "use a preset without sink frames",
+        )
         if self.cache.enabled:
-            _require(self.plan.compute == "selective", "feature caching needs --compute selective")
-            _require(self.plan.context == "joint", "feature caching runs with joint context")
-            _require(self.plan.switch == "next-step", "feature caching does not combine with recache")
-            _require(self.plan.schedule != "skyreels", "feature caching runs sequential, pyramid and cascade plans")
+            _require(
+                self.plan.compute == "selective",
+                "feature caching needs --compute selective: "
+                "--compute window reruns every block each tick by definition",
+            )
         if self.model.family == "magi":
             self._check_magi()
         block = self.stream.frames_per_block
@@ -465,11 +481,12 @@ class Preset:
         plan, sampling = self.plan, self.sampling
         _require(sampling.magi is not None, f"{self.name}: MAGI-1 models need sampling.magi (their guidance)")
         _require(plan.schedule != "skyreels", "MAGI-1 runs sequential, pyramid and cascade plans")
-        _require(plan.attention == "causal", "MAGI-1 chunks attend causally")
-        _require(plan.context == "joint", "MAGI-1 runs with joint context")
-        _require(plan.switch == "next-step", "MAGI-1 switches prompts at the next step")
-        _require(self.stream.sink_frames == 0, "MAGI-1 keeps no sink frames")
-        _require(self.cache.policy in ("none", "flowcache"), "MAGI-1 caches with flowcache (its MAGI-1 variant)")
+        _require(plan.attention == "causal", "MAGI-1 chunks attend causally (the model was trained so)")
+        _require(self.stream.sink_frames == 0, "MAGI-1 keeps no sink frames (its KV ranges count recent chunks)")
+        _require(
+            self.cache.policy in ("none", "flowcache"),
+            "MAGI-1 caches with flowcache: the other policies read signals of Wan's layers",
+        )
         if plan.history_reach is not None:
             _require(sampling.steps % len(plan.history_reach) == 0, "steps must split into the history_reach stages")
 

@@ -1,18 +1,23 @@
-"""Command-line flags shared by generate, stream and bench: preset, weights, plan, sampling.
+"""Command-line flags of generate, stream and the benches: one table, flag -> the config it sets.
 
-Flags override fields of the preset's frozen configs through `dataclasses.replace`, so every
-override passes the same validation as the presets themselves (a `ConfigError` says what is
-wrong).
+Every row of `FLAGS` declares a flag, the field it sets (`plan.offset`, `weights.lora`, ...), its
+help, an example the flag-walk test runs, and, where a flag only means something in some
+settings, the check that refuses it elsewhere with the reason. Plan, sampling and cache flags
+override fields of the preset's frozen configs through `dataclasses.replace`, so every override
+passes the same validation as the presets themselves (a `ConfigError` says what is wrong).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from cache import SUGGESTED_THRESHOLDS
 from engine.config import (
     ATTENTION,
     CACHE_POLICIES,
@@ -34,119 +39,384 @@ DEFAULT_PRESET = "demo"
 USER_ERRORS = (SetupError, CheckpointError, ConfigError, TopologyError, OSError)
 """Errors the entry points report as a one-line message (exit code 2), not a traceback."""
 
-# flag -> (config section, field)
-_PLAN_FLAGS = {
-    "schedule": "schedule",
-    "offset": "offset",
-    "window_attention": "attention",
-    "compute": "compute",
-    "segment_frames": "segment_frames",
-    "overlap_frames": "overlap_frames",
-    "addnoise_condition": "addnoise_condition",
-}
-_SAMPLING_FLAGS = {
-    "steps": "num_steps",
-    "shift": "shift",
-    "solver": "solver",
-    "guidance_scale": "guidance_scale",
-    "negative_prompt": "negative_prompt",
-}
+Check = Callable[[argparse.Namespace, Preset], str | None]
+"""Why a given flag does not apply to the resulting settings (None: it does)."""
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    sets: str
+    """`section.field` of the preset (plan, sampling, cache), or weights.* / parallel.*."""
+    help: str
+    example: tuple[str, ...]
+    """Arguments the flag-walk test passes (the flag with a value, and what it needs)."""
+    type: Callable | None = None
+    choices: tuple | None = None
+    action: str | type | None = None
+    applies: Check | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.name.removeprefix("--").replace("-", "_")
+
+    def given(self, args: argparse.Namespace) -> bool:
+        """Whether the command line set this flag (store_true flags are False when absent)."""
+        value = getattr(args, self.dest, None)
+        return value is not None and not (self.action == "store_true" and value is False)
+
+
+def _in_flight_only(flag: str) -> Check:
+    def check(args, preset):
+        if preset.plan.schedule == "sequential":
+            return (
+                f"{flag} changes nothing in a sequential plan (one block in flight): use --schedule pyramid or cascade"
+            )
+        return None
+
+    return check
+
+
+def _skyreels_only(flag: str) -> Check:
+    def check(args, preset):
+        return None if preset.plan.schedule == "skyreels" else f"{flag} needs --schedule skyreels (finite segments)"
+
+    return check
+
+
+def _not_sequential(args, preset):
+    if preset.plan.schedule == "sequential":
+        return "--offset needs --schedule pyramid, cascade or skyreels (sequential runs one block at a time)"
+    return None
+
+
+def _guided(args, preset):
+    if not preset.sampling.guided:
+        return "--negative-prompt needs --guidance-scale > 1 (with guidance off only the prompt is used)"
+    return None
+
+
+def _cache_on(flag: str) -> Check:
+    def check(args, preset):
+        return None if preset.cache.enabled else f"{flag} needs --cache POLICY (no feature cache is on)"
+
+    return check
+
+
+def _with_lora(args, preset):
+    return None if args.lora is not None else "--lora-alpha needs --lora FILE"
+
+
+def _pt_checkpoint(args, preset):
+    if args.checkpoint is None or args.checkpoint.suffix != ".pt":
+        return "--ema/--no-ema choose between the generator and generator_ema of a Self-Forcing-style .pt checkpoint"
+    return None
+
+
+_SEQ = ("--schedule", "pyramid", "--offset", "1")
+FLAGS: tuple[Flag, ...] = (
+    # plan
+    Flag(
+        "--schedule",
+        "plan.schedule",
+        "sequential, pyramid, cascade (over ranks) or skyreels",
+        ("--schedule", "pyramid", "--offset", "2"),
+        choices=SCHEDULES,
+    ),
+    Flag(
+        "--offset",
+        "plan.offset",
+        "ticks between block starts (SkyReels ar_step; 0 = synchronous)",
+        _SEQ,
+        type=int,
+        applies=_not_sequential,
+    ),
+    Flag(
+        "--context",
+        "plan.context",
+        "in-flight blocks see current (joint) or last tick's (lagged) K/V",
+        (*_SEQ, "--context", "lagged"),
+        choices=CONTEXTS,
+        applies=_in_flight_only("--context"),
+    ),
+    Flag(
+        "--switch",
+        "plan.switch",
+        "prompt switch: next-step, or recache (LongLive; sequential)",
+        ("--switch", "recache"),
+        choices=SWITCHES,
+    ),
+    Flag(
+        "--window-attention",
+        "plan.attention",
+        "attention among the blocks of one forward",
+        (*_SEQ, "--window-attention", "bidirectional"),
+        choices=ATTENTION,
+        applies=_in_flight_only("--window-attention"),
+    ),
+    Flag(
+        "--compute",
+        "plan.compute",
+        "selective (blocks with work, KV cache) or window (rerun all)",
+        ("--compute", "window"),
+        choices=COMPUTE,
+    ),
+    Flag(
+        "--segment-frames",
+        "plan.segment_frames",
+        "skyreels: latent frames per segment (base_num_frames)",
+        ("--schedule", "skyreels", "--offset", "1", "--segment-frames", "6"),
+        type=int,
+        applies=_skyreels_only("--segment-frames"),
+    ),
+    Flag(
+        "--overlap-frames",
+        "plan.overlap_frames",
+        "skyreels: latent frames carried into the next segment",
+        ("--schedule", "skyreels", "--offset", "1", "--segment-frames", "9", "--overlap-frames", "3"),
+        type=int,
+        applies=_skyreels_only("--overlap-frames"),
+    ),
+    Flag(
+        "--addnoise-condition",
+        "plan.addnoise_condition",
+        "skyreels: noise put back on the clean prefix (0-1000)",
+        ("--schedule", "skyreels", "--offset", "1", "--addnoise-condition", "20"),
+        type=float,
+        applies=_skyreels_only("--addnoise-condition"),
+    ),
+    # sampling
+    Flag(
+        "--steps",
+        "sampling.num_steps",
+        "number of evenly spaced flow steps (replaces explicit timesteps)",
+        ("--steps", "8"),
+        type=int,
+    ),
+    Flag("--shift", "sampling.shift", "flow shift", ("--shift", "3"), type=float),
+    Flag("--solver", "sampling.solver", "the per-block solver", ("--solver", "euler"), choices=SOLVERS),
+    Flag(
+        "--guidance-scale",
+        "sampling.guidance_scale",
+        "classifier-free guidance (1 = off)",
+        ("--guidance-scale", "3"),
+        type=float,
+    ),
+    Flag(
+        "--negative-prompt",
+        "sampling.negative_prompt",
+        "prompt of the unconditional branch",
+        ("--guidance-scale", "3", "--negative-prompt", "blurry"),
+        applies=_guided,
+    ),
+    # feature caching
+    Flag("--cache", "cache.policy", "per-block feature cache policy", ("--cache", "flowcache"), choices=CACHE_POLICIES),
+    Flag(
+        "--cache-threshold",
+        "cache.threshold",
+        "reuse threshold; 0 never reuses (default with --cache: the policy's suggested one)",
+        ("--cache", "teacache", "--cache-threshold", "0.7"),
+        type=float,
+        applies=_cache_on("--cache-threshold"),
+    ),
+    Flag(
+        "--cache-warmup",
+        "cache.warmup",
+        "steps each block always computes first",
+        ("--cache", "flowcache", "--cache-warmup", "2"),
+        type=int,
+        applies=_cache_on("--cache-warmup"),
+    ),
+    # weights
+    Flag(
+        "--checkpoint",
+        "weights.checkpoint",
+        "transformer weights: diffusers folder, Wan .safetensors/.pth, Self-Forcing .pt",
+        ("--checkpoint", "model.pt"),
+        type=Path,
+    ),
+    Flag(
+        "--base",
+        "weights.base",
+        "Wan2.1 diffusers folder with text_encoder/, tokenizer/, vae/",
+        ("--base", "wan"),
+        type=Path,
+    ),
+    Flag(
+        "--text-encoder",
+        "weights.text_encoder",
+        "umT5 transformers folder (overrides --base)",
+        ("--text-encoder", "t5"),
+        type=Path,
+    ),
+    Flag(
+        "--tokenizer",
+        "weights.tokenizer",
+        "tokenizer folder (default: beside the text encoder)",
+        ("--tokenizer", "tok"),
+        type=Path,
+    ),
+    Flag(
+        "--vae",
+        "weights.vae",
+        "VAE: diffusers folder or Wan2.1_VAE.pth (overrides --base)",
+        ("--vae", "vae.pth"),
+        type=Path,
+    ),
+    Flag(
+        "--lora",
+        "weights.lora",
+        "LoRA adapter merged into the transformer (LongLive's lora.pt)",
+        ("--lora", "lora.pt"),
+        type=Path,
+    ),
+    Flag(
+        "--lora-alpha",
+        "weights.lora_alpha",
+        "LoRA alpha (default: the rank, i.e. scale 1)",
+        ("--lora", "lora.pt", "--lora-alpha", "8"),
+        type=float,
+        applies=_with_lora,
+    ),
+    Flag(
+        "--ema",
+        "weights.ema",
+        "Self-Forcing .pt: use generator_ema (default when present) or generator",
+        ("--checkpoint", "m.pt", "--no-ema"),
+        action=argparse.BooleanOptionalAction,
+        applies=_pt_checkpoint,
+    ),
+    Flag(
+        "--random-weights",
+        "weights.random",
+        "seeded random weights for every part (timing runs)",
+        ("--random-weights",),
+        action="store_true",
+    ),
+    # ranks
+    Flag(
+        "--decode-rank",
+        "parallel.decode_rank",
+        "under torchrun: the last rank only decodes and writes",
+        ("--decode-rank",),
+        action="store_true",
+    ),
+    Flag(
+        "--timeout",
+        "parallel.timeout_s",
+        "under torchrun: seconds before a silent peer ends the job",
+        ("--timeout", "30"),
+        type=float,
+    ),
+)
+GROUPS = {"plan": "plan", "sampling": "plan", "cache": "feature caching (cache/)", "weights": "weights",
+          "parallel": "ranks (under torchrun)"}  # fmt: skip
+FLAG_BY_DEST = {flag.dest: flag for flag in FLAGS}
+PARALLEL_DEFAULTS = ParallelConfig()
+
+
+def _default_text(flag: Flag, preset: Preset) -> str:
+    section, field = flag.sets.split(".")
+    if section in ("plan", "sampling", "cache"):
+        value = preset.sampling.steps if field == "num_steps" else getattr(getattr(preset, section), field)
+        return f"the preset's; {preset.name}: {value!r}"
+    if section == "parallel":
+        return str(getattr(PARALLEL_DEFAULTS, field))
+    return "the preset's bundled weights" if field in ("checkpoint", "text_encoder", "vae") else "none"
+
+
+def add_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
+    """Declare the table's flags of `sections` (defaults shown from the default preset)."""
+    preset, groups = get_preset(DEFAULT_PRESET), {}
+    for flag in FLAGS:
+        section = flag.sets.split(".")[0]
+        if section not in sections:
+            continue
+        title = GROUPS[section]
+        group = groups.setdefault(title, parser.add_argument_group(title))
+        kwargs = {"help": f"{flag.help} (default: {_default_text(flag, preset)})", "default": None}
+        if flag.action is not None:
+            kwargs["action"] = flag.action
+        if flag.action == "store_true":
+            kwargs["default"] = False
+        if flag.type is not None:
+            kwargs["type"] = flag.type
+        if flag.choices is not None:
+            kwargs["choices"] = flag.choices
+        group.add_argument(flag.name, **kwargs)
 
 
 def add_preset_arguments(parser: argparse.ArgumentParser, default: str = DEFAULT_PRESET) -> None:
-    parser.add_argument("--preset", default=default, choices=sorted(PRESETS), help=f"model preset (default {default})")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16")
+    parser.add_argument("--preset", default=default, help=f"model preset, one of {', '.join(sorted(PRESETS))} "
+                        f"(default: {default})")  # fmt: skip
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: %(default)s)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="auto: bf16 on GPU, float32 on CPU (default: %(default)s)")  # fmt: skip
 
 
 def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("weights")
-    group.add_argument(
-        "--checkpoint", type=Path, help="transformer weights: diffusers folder, Wan .safetensors/.pth, Self-Forcing .pt"
-    )
-    group.add_argument("--base", type=Path, help="Wan2.1 diffusers folder with text_encoder/, tokenizer/, vae/")
-    group.add_argument("--text-encoder", type=Path, help="umT5 transformers folder (overrides --base)")
-    group.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: beside the text encoder)")
-    group.add_argument("--vae", type=Path, help="VAE: diffusers folder or Wan2.1_VAE.pth (overrides --base)")
-    group.add_argument("--lora", type=Path, help="LoRA adapter merged into the transformer (LongLive's lora.pt)")
-    group.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
-    group.add_argument(
-        "--ema",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="Self-Forcing .pt: use generator_ema (default when present) or generator",
-    )
-    group.add_argument("--random-weights", action="store_true", help="seeded random weights for every part")
+    add_flags(parser, ("weights",))
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("plan and sampling (default: the preset's)")
-    group.add_argument("--schedule", choices=SCHEDULES, help="sequential, pyramid, cascade (over ranks) or skyreels")
-    group.add_argument("--offset", type=int, help="ticks between block starts (SkyReels ar_step; 0 = synchronous)")
-    group.add_argument("--context", choices=CONTEXTS, help="in-flight blocks see current (joint) or last tick's K/V")
-    group.add_argument("--switch", choices=SWITCHES, help="prompt switch: next-step, or recache (LongLive)")
-    group.add_argument("--window-attention", choices=ATTENTION, help="attention among the blocks of one forward")
-    group.add_argument(
-        "--compute", choices=COMPUTE, help="selective (blocks with work, KV cache) or window (rerun all)"
-    )
-    group.add_argument("--segment-frames", type=int, help="skyreels: latent frames per segment (base_num_frames)")
-    group.add_argument("--overlap-frames", type=int, help="skyreels: latent frames carried into the next segment")
-    group.add_argument("--addnoise-condition", type=float, help="skyreels: noise put back on the clean prefix (0-1000)")
-    group.add_argument("--steps", type=int, help="number of evenly spaced flow steps (replaces explicit timesteps)")
-    group.add_argument("--shift", type=float, help="flow shift")
-    group.add_argument("--solver", choices=SOLVERS, help="self-forcing, euler or unipc")
-    group.add_argument("--guidance-scale", type=float, help="classifier-free guidance (1 = off)")
-    group.add_argument("--negative-prompt", help="prompt of the unconditional branch")
-    group = parser.add_argument_group("feature caching (cache/)")
-    group.add_argument("--cache", choices=CACHE_POLICIES, help="per-block cache policy (default none)")
-    group.add_argument("--cache-threshold", type=float, help="reuse threshold (0 = never reuse)")
-    group.add_argument("--cache-warmup", type=int, help="steps each block always computes first")
+    add_flags(parser, ("plan", "sampling", "cache"))
 
 
-def _chosen(args: argparse.Namespace, flags: dict[str, str]) -> dict:
-    return {field: getattr(args, flag) for flag, field in flags.items() if getattr(args, flag, None) is not None}
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    add_flags(parser, ("parallel",))
+
+
+def _given(args: argparse.Namespace, section: str) -> dict:
+    """{field: value} of the flags of `section` that were given."""
+    return {flag.sets.split(".")[1]: getattr(args, flag.dest) for flag in FLAGS
+            if flag.sets.split(".")[0] == section and flag.given(args)}  # fmt: skip
 
 
 def preset_from_args(args: argparse.Namespace) -> Preset:
-    """The preset named by --preset with the plan/sampling flags applied (validated)."""
+    """The preset named by --preset with the plan/sampling/cache flags applied (validated), after
+    refusing flags that would change nothing in the resulting settings."""
     preset = get_preset(args.preset)
-    plan = _chosen(args, _PLAN_FLAGS)
-    sampling = _chosen(args, _SAMPLING_FLAGS)
+    sampling = _given(args, "sampling")
     if "num_steps" in sampling:
         sampling["timesteps"] = None
-    cache = _chosen(args, {"cache": "policy", "cache_threshold": "threshold", "cache_warmup": "warmup"})
-    return dataclasses.replace(
+    cache = _given(args, "cache")
+    if cache.get("policy", "none") != "none" and "threshold" not in cache:
+        cache["threshold"] = SUGGESTED_THRESHOLDS[cache["policy"]]
+    preset = dataclasses.replace(
         preset,
-        plan=dataclasses.replace(preset.plan, **plan),
+        plan=dataclasses.replace(preset.plan, **_given(args, "plan")),
         sampling=dataclasses.replace(preset.sampling, **sampling),
         cache=dataclasses.replace(preset.cache, **cache),
     )
+    refuse_inapplicable(args, preset)
+    return preset
+
+
+def refuse_inapplicable(args: argparse.Namespace, preset: Preset) -> None:
+    for flag in FLAGS:
+        if flag.applies is not None and flag.given(args):
+            reason = flag.applies(args, preset)
+            if reason:
+                raise ConfigError(reason)
 
 
 def weights_from_args(args: argparse.Namespace) -> WeightPaths:
-    return WeightPaths(
-        checkpoint=args.checkpoint,
-        base=args.base,
-        text_encoder=args.text_encoder,
-        tokenizer=args.tokenizer,
-        vae=args.vae,
-        lora=args.lora,
-        lora_alpha=args.lora_alpha,
-        ema=args.ema,
-        random=args.random_weights,
-    )
+    given = _given(args, "weights")
+    return WeightPaths(**{**given, "random": bool(getattr(args, "random_weights", False))})
+
+
+def parallel_from_args(args: argparse.Namespace) -> ParallelConfig:
+    return dataclasses.replace(PARALLEL_DEFAULTS, **_given(args, "parallel"))
+
+
+def single_process_notes(args: argparse.Namespace, topology: Topology) -> list[str]:
+    """Rank flags given to one process: said, not silently dropped."""
+    if topology.distributed:
+        return []
+    given = [FLAG_BY_DEST[dest] for dest in ("decode_rank", "timeout") if FLAG_BY_DEST[dest].given(args)]
+    return [f"{flag.name} applies to runs under torchrun; this is one process" for flag in given]
 
 
 def rank_device(args: argparse.Namespace, topology: Topology) -> torch.device:
     """The device a rank runs on: its own under torchrun, else --device."""
     return topology.device if topology.distributed else resolve_device(args.device)
-
-
-def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("ranks (under torchrun)")
-    group.add_argument("--decode-rank", action="store_true", help="the last rank only decodes and writes")
-    group.add_argument("--timeout", type=float, default=120.0, help="seconds before a silent peer ends the job")
-
-
-def parallel_from_args(args: argparse.Namespace) -> ParallelConfig:
-    return ParallelConfig(decode_rank=args.decode_rank, timeout_s=args.timeout)

@@ -12,17 +12,14 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from engine.config import Preset
-from engine.loading import build_decoder, resolve_dtype
+from engine.loading import resolve_dtype
 from engine.models.vae import to_uint8
-from engine.runtime.session import Pipeline
 from engine.serving.video import Mp4Writer
 from launch.cli import (
     USER_ERRORS,
@@ -33,45 +30,36 @@ from launch.cli import (
     parallel_from_args,
     preset_from_args,
     rank_device,
+    single_process_notes,
     weights_from_args,
 )
-from parallel.cascade import decode_rank_plan
+from launch.run import RankRun
 from parallel.runtime import RankFailure, launched
-from parallel.topology import Topology, TopologyError
+from parallel.topology import Topology
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__.split("\n\n")[0])
     add_preset_arguments(parser)
-    parser.add_argument("--prompt", default="a red circle moving left", help="text prompt")
+    parser.add_argument("--prompt", default="a red circle moving left", help="text prompt (default: %(default)s)")
     parser.add_argument(
         "--blocks", type=int, help="blocks to generate (default: about 5 seconds of video at the preset's fps)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="fixes the whole video")
-    parser.add_argument("--out", type=Path, default=Path("out.mp4"), help="output MP4 path")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what gets loaded")
+    parser.add_argument("--seed", type=int, default=0, help="fixes the whole video (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("out.mp4"), help="output MP4 path (default: %(default)s)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what gets loaded (default: off)")
     add_weight_arguments(parser)
     add_plan_arguments(parser)
     add_parallel_arguments(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.blocks is not None and args.blocks < 1:
         parser.error("--blocks must be >= 1")
     return args
-
-
-def _frames(
-    args: argparse.Namespace, preset: Preset, topology: Topology
-) -> tuple[Iterator[np.ndarray], Pipeline | None]:
-    """Decoded frames of each block, in order, on the rank that writes (nothing on the others),
-    and the pipeline on compute ranks."""
-    device = rank_device(args, topology)
-    weights = weights_from_args(args)
-    if topology.is_compute:
-        pipeline = Pipeline.build(preset, weights, device, resolve_dtype(args.dtype, device), topology)
-        return (frames for _, frames in pipeline.generate(args.prompt, blocks=args.blocks, seed=args.seed)), pipeline
-    decoder = build_decoder(preset, weights, device)  # a dedicated decode rank
-    blocks = decode_rank_plan(preset, topology, args.blocks)
-    return (to_uint8(decoder.decode(block.latents)) for block in blocks), None
 
 
 def default_blocks(preset: Preset, seconds: float = 5.0) -> int:
@@ -83,10 +71,12 @@ def default_blocks(preset: Preset, seconds: float = 5.0) -> int:
 def run(args: argparse.Namespace, topology: Topology) -> dict | None:
     preset = preset_from_args(args)
     args.blocks = args.blocks or default_blocks(preset)
-    if topology.distributed and preset.plan.schedule != "cascade":
-        raise TopologyError(f"{topology.world_size} processes need --schedule cascade (got {preset.plan.schedule})")
+    for note in single_process_notes(args, topology):
+        print(f"note: {note}", file=sys.stderr)
+    device = rank_device(args, topology)
     start = time.perf_counter()
-    blocks, pipeline = _frames(args, preset, topology)
+    rank = RankRun(preset, weights_from_args(args), device, resolve_dtype(args.dtype, device), topology)
+    blocks = rank.blocks(args.prompt, blocks=args.blocks, seed=args.seed)
     if not topology.is_decoder:
         for _ in blocks:  # compute ranks without output just run their share
             pass
@@ -94,25 +84,22 @@ def run(args: argparse.Namespace, topology: Topology) -> dict | None:
     stream, first_frame_s = preset.stream, None
     with Mp4Writer(args.out, fps=stream.fps, width=stream.width, height=stream.height) as writer:
         progress = tqdm(total=args.blocks, unit="block", disable=None, file=sys.stderr)
-        for frames in blocks:
+        rank.decoder.reset()
+        for block in blocks:
+            frames = to_uint8(rank.decoder.decode(block.latents))
             first_frame_s = first_frame_s or time.perf_counter() - start
             writer.write(frames)
             progress.update(1)
         progress.close()
     seconds = time.perf_counter() - start
-    frames_written = writer.frames_written
+    stats = rank.stats()
     return {
-        "frames": frames_written,
+        "frames": writer.frames_written,
         "seconds": seconds,
-        "fps": frames_written / seconds,
+        "fps": writer.frames_written / seconds,
         "first_frame_s": first_frame_s,
-        "cache": _cache_summary(pipeline),
+        "cache": None if stats is None else stats.skip_summary(),
     }
-
-
-def _cache_summary(pipeline: Pipeline | None) -> dict | None:
-    stats = getattr(pipeline.executors[-1], "cache_stats", None) if pipeline and pipeline.executors else None
-    return None if stats is None else stats.summary()
 
 
 def main(argv: list[str] | None = None) -> int:

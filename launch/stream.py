@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from engine.config import Preset
-from engine.loading import build_decoder, resolve_dtype
-from engine.runtime.session import Pipeline
+from engine.loading import resolve_dtype
 from engine.serving.live import Controls, LiveStream
 from engine.serving.server import StreamServer, needs_token
 from engine.serving.video import Mp4Writer
@@ -33,11 +32,12 @@ from launch.cli import (
     parallel_from_args,
     preset_from_args,
     rank_device,
+    single_process_notes,
     weights_from_args,
 )
-from parallel.cascade import decode_rank_plan
+from launch.run import RankRun
 from parallel.runtime import RankFailure, launched
-from parallel.topology import Topology, TopologyError
+from parallel.topology import Topology
 
 log = logging.getLogger("launch.stream")
 
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine.stream", description=__doc__.split("\n\n")[0])
     add_preset_arguments(parser)
     parser.add_argument("--prompt", default="a red circle moving left", help="the prompt the stream starts with")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="fixes the stream's noise (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to serve on (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--token", help="required from viewers; needed when --host is not a loopback address")
@@ -62,27 +62,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _cache_hits(pipeline: Pipeline):
-    """The share of this rank's block-steps a feature cache skipped so far (None without one)."""
-
-    def hits() -> float | None:
-        stats = getattr(pipeline.executors[-1], "cache_stats", None) if pipeline.executors else None
-        return None if stats is None else round(stats.hit_rate, 3)
-
-    return hits
-
-
 def _source(args: argparse.Namespace, preset: Preset, topology: Topology):
     """(block source, decoder, cache hit rate) for this rank: the plan on compute ranks, receiving
     on a decode rank."""
     device = rank_device(args, topology)
-    weights = weights_from_args(args)
-    if topology.is_compute:
-        pipeline = Pipeline.build(preset, weights, device, resolve_dtype(args.dtype, device), topology)
-        source = lambda prompt_for: pipeline.latents(prompt_for, blocks=None, seed=args.seed)  # noqa: E731
-        return source, pipeline.decoder, _cache_hits(pipeline)
-    receive = lambda prompt_for: decode_rank_plan(preset, topology, None, on_tick=prompt_for)  # noqa: E731
-    return receive, build_decoder(preset, weights, device), lambda: None
+    rank = RankRun(preset, weights_from_args(args), device, resolve_dtype(args.dtype, device), topology)
+    source = lambda prompt_for: rank.blocks(prompt_for, blocks=None, seed=args.seed)  # noqa: E731
+
+    def cache_hits() -> float | None:
+        """The share of this rank's block-steps a feature cache skipped so far (None without one)."""
+        stats = rank.stats()
+        return None if stats is None or stats.hit_rate is None else round(stats.hit_rate, 3)
+
+    return source, rank.decoder, cache_hits
 
 
 def _stop_on_signals(controls: Controls, serving: bool) -> None:
@@ -101,8 +93,8 @@ def _stop_on_signals(controls: Controls, serving: bool) -> None:
 
 def serve(args: argparse.Namespace, topology: Topology) -> None:
     preset = preset_from_args(args)
-    if topology.distributed and preset.plan.schedule != "cascade":
-        raise TopologyError(f"{topology.world_size} processes need --schedule cascade (got {preset.plan.schedule})")
+    for note in single_process_notes(args, topology):
+        print(f"note: {note}", file=sys.stderr)
     source, decoder, cache_hits = _source(args, preset, topology)
     controls = Controls(args.prompt)
     serving = topology.is_decoder

@@ -20,7 +20,7 @@ import torch
 
 from engine.config import CacheConfig
 from engine.loading import WeightPaths
-from engine.runtime.session import Pipeline
+from launch.build import build_session
 from launch.presets import get_preset
 from parallel.runtime import RankFailure, launched
 from parallel.topology import ParallelConfig
@@ -72,8 +72,8 @@ def main() -> int:
         with launched(ParallelConfig(timeout_s=args.timeout)) as topology:
             for run in args.runs:
                 preset = run_preset(args.preset, run)
-                pipeline = Pipeline.build(preset, WeightPaths(seed=3), torch.device("cpu"), torch.float32, topology)
-                blocks = list(pipeline.latents(prompt_for(args, topology.rank), blocks=args.blocks, seed=args.seed))
+                pipeline = build_session(preset, WeightPaths(seed=3), torch.device("cpu"), torch.float32, topology)
+                blocks = list(pipeline.run(prompt_for(args, topology.rank), blocks=args.blocks, seed=args.seed))
                 if topology.is_decoder:
                     args.out.mkdir(parents=True, exist_ok=True)
                     latents = torch.cat([b.latents for b in blocks], dim=2)

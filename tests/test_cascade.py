@@ -16,8 +16,8 @@ import torch
 from cascade_worker import run_preset
 
 from engine.loading import WeightPaths
-from engine.runtime.session import Pipeline
 from helpers import assert_close
+from launch.build import build_session
 from launch.presets import get_preset
 from parallel.topology import ParallelConfig, Topology, TopologyError, _layout
 
@@ -37,21 +37,21 @@ def _prompt(tick):
 
 
 def _one_device(run: str, preset: str = "tiny-wan") -> torch.Tensor:
-    pipeline = Pipeline.build(run_preset(preset, run), WeightPaths(seed=3), torch.device("cpu"), torch.float32)
+    pipeline = build_session(run_preset(preset, run), WeightPaths(seed=3), torch.device("cpu"), torch.float32)
     with torch.no_grad():
-        return torch.cat([b.latents for b in pipeline.latents(_prompt, blocks=BLOCKS, seed=0)], dim=2)
+        return torch.cat([b.latents for b in pipeline.run(_prompt, blocks=BLOCKS, seed=0)], dim=2)
 
 
 def _sequential() -> torch.Tensor:
-    pipeline = Pipeline.build(get_preset("tiny-wan"), WeightPaths(seed=3), torch.device("cpu"), torch.float32)
+    pipeline = build_session(get_preset("tiny-wan"), WeightPaths(seed=3), torch.device("cpu"), torch.float32)
     with torch.no_grad():
-        return torch.cat([b.latents for b in pipeline.latents(_prompt, blocks=BLOCKS, seed=0)], dim=2)
+        return torch.cat([b.latents for b in pipeline.run(_prompt, blocks=BLOCKS, seed=0)], dim=2)
 
 
 @pytest.mark.parametrize(
     "ranks, runs",
     [
-        (2, ["joint:causal:1", "lagged:bidirectional:1", f"joint:causal:{STEPS + 1}"]),
+        (2, ["joint:causal:1", "lagged:bidirectional:1", f"joint:causal:{STEPS + 1}", "lagged:causal:1:flowcache:0.5"]),
         (3, ["joint:bidirectional:1", "joint:causal:2", "lagged:causal:1", "joint:causal:1:flowcache:0.5"]),
         (5, ["joint:causal:1", "joint:bidirectional:1", "joint:causal:1:scope:0.3"]),
     ],
@@ -72,8 +72,8 @@ def test_cascade_equals_one_device(tmp_path, ranks, runs):
 
 def test_magi_cascade_equals_one_device(tmp_path):
     """MAGI-1 (tiny): its chunk window over 3 ranks, three-pass guidance, per-stage KV ranges, and
-    with FlowCache, equals one device."""
-    runs = ["joint:causal:2", "joint:causal:2:flowcache:0.3"]
+    with FlowCache, equals one device; so does lagged context (with and without FlowCache)."""
+    runs = ["joint:causal:2", "joint:causal:2:flowcache:0.3", "lagged:causal:2", "lagged:causal:2:flowcache:0.3"]
     result = _launch(3, tmp_path, "--preset", "magi-1-tiny", "--runs", *runs)
     assert result.returncode == 0, result.stderr[-3000:]
     for run in runs:
@@ -99,7 +99,7 @@ def test_a_failing_rank_stops_every_rank_with_its_name(tmp_path, kind, cause):
 def test_generate_under_torchrun_with_a_decode_rank(tmp_path):
     out = tmp_path / "cascade.mp4"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m",
-               "launch.generate", "--preset", "tiny-wan", "--schedule", "cascade", "--offset", "2", "--decode-rank",
+               "engine.generate", "--preset", "tiny-wan", "--schedule", "cascade", "--offset", "2", "--decode-rank",
                "--blocks", "4",
                "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)

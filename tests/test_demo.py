@@ -25,12 +25,12 @@ from engine.demo.vocab import VocabEncoder
 from engine.eval.adherence import adherence, blocks_to_follow, read_motion, read_video
 from engine.eval.metrics import psnr, ssim
 from engine.loading import WeightPaths, bundled_weights_dir
+from engine.models.attention import LocalView
 from engine.models.checkpoints.wan import CheckpointError
 from engine.models.rope import Rope
 from engine.models.wan import TextKV, WanModel
-from engine.runtime.kv import LocalView
-from engine.runtime.session import Pipeline
 from launch.benchmarks.adherence import eval_prompts
+from launch.build import build_session
 from launch.presets import DEMO_VOCAB, get_preset
 
 DEMO = get_preset("demo")
@@ -181,10 +181,10 @@ def test_the_shipped_weights_follow_their_prompts():
     """The committed weights load through the same path as real checkpoints and generate video
     whose color and motion match the prompt far more often than chance (1/8 and 1/9). (Shape
     is only a little above chance for the shipped model: see its model card.)"""
-    pipeline = Pipeline.build(DEMO, WeightPaths(), torch.device("cpu"), torch.float32)
+    pipeline = build_session(DEMO, WeightPaths(), torch.device("cpu"), torch.float32)
     scores = []
     for i, desc in enumerate(eval_prompts(8)):  # every color once
-        video = np.concatenate([frames for _, frames in pipeline.generate(desc.prompt, blocks=4, seed=i)])
+        video = np.concatenate([frames for _, frames in pipeline.run(desc.prompt, blocks=4, seed=i).frames()])
         assert video.shape == (DEMO.pixel_frames(4), 64, 64, 3)
         scores.append(adherence(video, desc))
     color, motion = (np.mean([s[key] for s in scores]) for key in ("color", "motion"))

@@ -12,24 +12,25 @@ from engine.loading import WeightPaths
 from engine.models.rope import Rope
 from engine.plan.sigmas import build_schedule
 from engine.plan.timeline import Tick, make_work
-from engine.runtime.executor import Executor
-from engine.runtime.session import Pipeline
+from engine.runtime.executor import Executor, StreamSetup
+from engine.runtime.session import Session
 from engine.sampling.noise import NoiseSource
 from engine.sampling.solvers import SelfForcingSolver
 from helpers import TINY, assert_close, tiny_cache, tiny_model
+from launch.build import build_session
 from launch.presets import get_preset
 
 CPU = torch.device("cpu")
 
 
-def _pipeline(name: str, **changes) -> Pipeline:
+def _pipeline(name: str, **changes) -> Session:
     preset = get_preset(name)
     parts = {k: dataclasses.replace(getattr(preset, k), **v) for k, v in changes.items()}
-    return Pipeline.build(dataclasses.replace(preset, **parts), WeightPaths(seed=3), CPU, torch.float32)
+    return build_session(dataclasses.replace(preset, **parts), WeightPaths(seed=3), CPU, torch.float32)
 
 
-def _video(pipeline: Pipeline, blocks: int, prompt="a red circle moving left", seed=0) -> torch.Tensor:
-    return torch.cat([b.latents for b in pipeline.latents(prompt, blocks=blocks, seed=seed)], dim=2)
+def _video(pipeline: Session, blocks: int, prompt="a red circle moving left", seed=0) -> torch.Tensor:
+    return torch.cat([b.latents for b in pipeline.run(prompt, blocks=blocks, seed=seed)], dim=2)
 
 
 @torch.no_grad()
@@ -38,7 +39,7 @@ def test_sequential_plan_reproduces_self_forcings_loop():
     pipeline = _pipeline("tiny-wan")
     preset, model = pipeline.preset, pipeline.model
     schedule, noise, F = pipeline.schedule, NoiseSource(5), preset.stream.frames_per_block
-    cache, text = pipeline.executor(noise, blocks_in_forward=1).cache, pipeline.conditioning("a blue square")
+    cache, text = pipeline.executors(noise, blocks_in_forward=1).cache, pipeline.prompts.conditioning("a blue square")
     expected = []
     for b in range(4):  # Self-Forcing's loop, written out
         x = noise.noise(preset.latent_shape(F), b, 0)
@@ -55,9 +56,9 @@ def test_sequential_plan_reproduces_self_forcings_loop():
             )
         view = cache.view(first_frame=b * F, frames=F, block_frames=F, mode="causal", commit_frames=F)
         model(x0, torch.zeros(1, F, dtype=torch.float64), text, view)
-        view.finish()
+        view.commit()
         expected.append(x0)
-    actual = [b.latents for b in pipeline.latents("a blue square", blocks=4, seed=5)]
+    actual = [b.latents for b in pipeline.run("a blue square", blocks=4, seed=5)]
     for b, (a, e) in enumerate(zip(actual, expected)):
         assert_close(a, e, 1e-6, f"block {b}")
 
@@ -105,7 +106,7 @@ def test_batched_guidance_equals_two_forwards():
         ):
             view = caches[name].view(first_frame=b * F, frames=F, block_frames=F, mode="causal", commit_frames=F)
             flows[name] = model(*inputs, text, view)
-            view.finish()
+            view.commit()
         assert_close(flows["both"], torch.cat([flows["cond"], flows["uncond"]]), 1e-5, f"block {b}")
 
 
@@ -116,7 +117,7 @@ def test_prompt_switch_takes_effect_at_the_next_tick():
     switched = torch.cat(
         [
             b.latents
-            for b in pipeline.latents(
+            for b in pipeline.run(
                 lambda tick: "a red circle" if tick.index < switch_tick else "a green triangle", blocks=4, seed=0
             )
         ],
@@ -129,8 +130,8 @@ def test_prompt_switch_takes_effect_at_the_next_tick():
 
 def test_blocks_are_yielded_as_soon_as_done():
     pipeline = _pipeline("skyreels-v2-df-tiny", plan=dict(schedule="pyramid", offset=1, compute="selective"))
-    executor = pipeline.executor(NoiseSource(0), blocks_in_forward=pipeline.schedule.steps + 1)
-    finished_at = [executor.stats.forwards for _ in executor.run(pipeline.plan(4), pipeline.conditioning("x"))]
+    executor = pipeline.executors(NoiseSource(0), blocks_in_forward=pipeline.schedule.steps + 1)
+    finished_at = [executor.stats.forwards for _ in executor.run(pipeline.plan(4), pipeline.prompts.conditioning("x"))]
     steps = pipeline.schedule.steps
     assert finished_at == [steps + b for b in range(4)]  # block b's last step is at tick b + steps - 1
 
@@ -138,16 +139,16 @@ def test_blocks_are_yielded_as_soon_as_done():
 def _bare_executor(compute="selective") -> Executor:
     schedule = build_schedule(get_preset("tiny-wan").sampling)
     noise = NoiseSource(0)
-    return Executor(
-        tiny_model(),
+    setup = StreamSetup(
         schedule=schedule,
         solver=SelfForcingSolver(schedule, noise),
         noise=noise,
         block_shape=(1, 4, 3, 4, 4),
         rope=Rope(TINY, (2, 2)),
         compute=compute,
-        cache=tiny_cache(TINY, (2, 2), sink=0, ring=9, scratch=9) if compute == "selective" else None,
     )
+    cache = tiny_cache(TINY, (2, 2), sink=0, ring=9, scratch=9) if compute == "selective" else None
+    return Executor(tiny_model(), setup, cache)
 
 
 def test_malformed_plans_are_refused():
@@ -162,14 +163,11 @@ def test_malformed_plans_are_refused():
     with pytest.raises(ValueError, match="outside the window"):
         list(_bare_executor("window").run([outside], text))
     with pytest.raises(ValueError, match="needs a KV cache"):
+        rope = Rope(TINY, (2, 2))
         Executor(
             tiny_model(),
-            schedule=schedule,
-            solver=None,
-            noise=None,
-            block_shape=(1, 4, 3, 4, 4),
-            rope=Rope(TINY, (2, 2)),
-            compute="selective",
+            StreamSetup(schedule=schedule, solver=None, noise=None, block_shape=(1, 4, 3, 4, 4), rope=rope),
+            None,
         )
 
 
@@ -197,18 +195,18 @@ def test_recache_rewrites_the_window_as_fresh_commits_would():
     """After a recache the window's K/V equal committing the same clean latents block by block
     under the new prompt from an empty cache starting at the window."""
     pipeline = _pipeline("tiny-wan", stream=dict(sink_frames=0), plan=dict(switch="recache"))
-    F, old, new = 3, pipeline.conditioning("a red circle"), pipeline.conditioning("a blue square")
-    executor = pipeline.executor(NoiseSource(0), blocks_in_forward=1)
+    F, old, new = 3, pipeline.prompts.conditioning("a red circle"), pipeline.prompts.conditioning("a blue square")
+    executor = pipeline.executors(NoiseSource(0), blocks_in_forward=1)
     list(executor.run(pipeline.plan(4), old))
     frames = executor.cache.visible_frame_ids()
     assert frames == list(range(6, 12))
-    executor.recache(new)
-    reference = pipeline.executor(NoiseSource(0), blocks_in_forward=1).cache
+    executor.switch.recache(executor, new)
+    reference = pipeline.executors(NoiseSource(0), blocks_in_forward=1).cache
     reference.reset(origin=6)
     for block in (2, 3):
         view = reference.view(first_frame=block * F, frames=F, block_frames=F, mode="causal", commit_frames=F)
-        pipeline.model(executor.history[block], torch.zeros(1, F, dtype=torch.float64), new, view)
-        view.finish()
+        pipeline.model(executor.switch.history[block], torch.zeros(1, F, dtype=torch.float64), new, view)
+        view.commit()
     T = reference.T
     for cache in (executor.cache, reference):
         assert cache.visible_frame_ids() == frames
@@ -221,8 +219,8 @@ def test_recache_waits_for_the_next_block():
     plan = dict(switch="recache")
     pipeline = _pipeline("tiny-wan", stream=dict(sink_frames=0), plan=plan)
     before = _video(pipeline, 4, prompt="a red circle")
-    switched = torch.cat([b.latents for b in pipeline.latents(
-        lambda tick: "a red circle" if tick.index < 12 else "a blue square", blocks=4, seed=0)], dim=2)  # fmt: skip
+    run = pipeline.run(lambda tick: "a red circle" if tick.index < 12 else "a blue square", blocks=4, seed=0)
+    switched = torch.cat([b.latents for b in run], dim=2)
     assert torch.equal(switched[:, :, :9], before[:, :, :9]), "block 2 started under the old prompt and keeps it"
     assert not torch.allclose(switched[:, :, 9:], before[:, :, 9:])
-    assert pipeline.stats[-1].forwards == 4 * 5 + 1, "one recache forward"
+    assert run.stats.forwards == 4 * 5 + 1 and run.stats.recaches == 1, "one recache forward"

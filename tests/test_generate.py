@@ -10,18 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from engine.generate import main
+from launch.generate import main
 from engine.loading import WeightPaths
-from engine.runtime.session import Pipeline
+from engine.runtime.session import Session
 from engine.serving.video import read_frames
 from helpers import write_diffusers_folder, write_self_forcing_pt, write_wan_safetensors
+from launch.build import build_session
 from launch.presets import get_preset
 
 
 def _generate(tmp_path, name, *extra):
     out = tmp_path / f"{name}.mp4"
     result = subprocess.run(
-        [sys.executable, "-m", "launch.generate", "--preset", "tiny-wan", "--blocks", "3", "--out", str(out), *extra],
+        [sys.executable, "-m", "engine.generate", "--preset", "tiny-wan", "--blocks", "3", "--out", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=300,
@@ -57,13 +58,13 @@ def test_bad_checkpoint_is_reported_not_raised(tmp_path, capsys):
     assert not (tmp_path / "x.mp4").exists(), "no output file for a run that never started"
 
 
-def _frames(pipeline: Pipeline, prompt: str, blocks: int, seed: int) -> np.ndarray:
-    return np.concatenate([frames for _, frames in pipeline.generate(prompt, blocks=blocks, seed=seed)])
+def _frames(pipeline: Session, prompt: str, blocks: int, seed: int) -> np.ndarray:
+    return np.concatenate([frames for _, frames in pipeline.run(prompt, blocks=blocks, seed=seed).frames()])
 
 
 def test_three_checkpoint_formats_give_identical_videos(tmp_path):
     preset = get_preset("tiny-wan")
-    source = Pipeline.build(preset, WeightPaths(seed=5), torch.device("cpu"), torch.float32)
+    source = build_session(preset, WeightPaths(seed=5), torch.device("cpu"), torch.float32)
     paths = [
         write_diffusers_folder(source.model, tmp_path / "diffusers", "40KB"),
         write_wan_safetensors(source.model, tmp_path / "wan.safetensors"),
@@ -71,14 +72,14 @@ def test_three_checkpoint_formats_give_identical_videos(tmp_path):
     ]
     expected = _frames(source, "a red circle moving left", 3, seed=2)
     for path in paths:
-        loaded = Pipeline.build(preset, WeightPaths(checkpoint=path, seed=5), torch.device("cpu"), torch.float32)
+        loaded = build_session(preset, WeightPaths(checkpoint=path, seed=5), torch.device("cpu"), torch.float32)
         assert np.array_equal(_frames(loaded, "a red circle moving left", 3, seed=2), expected), path.name
 
 
 @pytest.mark.parametrize("prompt", ["a red circle moving left", "a blue square moving up"])
 def test_pipeline_streams_blocks_in_order(prompt):
-    pipeline = Pipeline.build(get_preset("tiny-wan"), WeightPaths(), torch.device("cpu"), torch.float32)
-    blocks = [block for block, _ in pipeline.generate(prompt, blocks=4, seed=0)]
+    pipeline = build_session(get_preset("tiny-wan"), WeightPaths(), torch.device("cpu"), torch.float32)
+    blocks = [block for block, _ in pipeline.run(prompt, blocks=4, seed=0).frames()]
     assert [b.index for b in blocks] == [0, 1, 2, 3]
     assert [b.first_frame for b in blocks] == [0, 3, 6, 9]
 

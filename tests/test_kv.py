@@ -6,9 +6,9 @@ pytest tests/test_kv.py
 import pytest
 import torch
 
+from engine.models.attention import LocalView
 from engine.models.rope import Rope, apply_rope
 from engine.models.wan import WanModel
-from engine.runtime.kv import AttentionView, LocalView
 from helpers import TINY, assert_close, tiny_cache, tiny_model
 
 BLOCK = 3
@@ -43,7 +43,7 @@ def test_cached_blocks_equal_one_block_causal_forward():
         assert_close(actual, expected[:, :, frames], 1e-5, f"block {b}")
         commit = cache.view(first_frame=b * BLOCK, frames=BLOCK, block_frames=BLOCK, mode="causal", commit_frames=BLOCK)
         model(x, s, text, commit)
-        commit.finish()
+        commit.commit()
 
 
 @torch.no_grad()
@@ -60,7 +60,7 @@ def test_causal_mask_hides_later_blocks():
         assert torch.equal(a, b) is same, f"{mode}: block 0 {'changed' if same else 'did not change'}"
 
 
-class NaiveWindowView(AttentionView):
+class NaiveWindowView:
     """Reference semantics, written plainly: un-rotated K/V per frame in lists, the visible set is
     the sink plus the last `ring` frames, and every call re-rotates all keys at positions re-based
     so the sink sits right before the window: [sink 0..S-1, recent S.., in-flight ...]."""
@@ -69,7 +69,8 @@ class NaiveWindowView(AttentionView):
         self.store, self.sink, self.ring, self.commit_frame = store, sink, ring, first_frame if commit else None
         committed = len(store["k"][0])
         self.visible = list(range(min(committed, sink))) + list(range(max(sink, committed - ring), committed))
-        super().__init__(rope, len(self.visible), frames, frames, "bidirectional")
+        self.rope, self.frames = rope, frames
+        self.rotation = rope.tables(len(self.visible), frames)
         self.context_rotation = rope.tables(0, len(self.visible))
         self.pending = {}
 
@@ -84,7 +85,7 @@ class NaiveWindowView(AttentionView):
         assert keys.shape[1] == (len(self.visible) + self.frames) * T
         return apply_rope(q, self.rotation), keys, values, None
 
-    def finish(self):
+    def commit(self):
         if self.commit_frame is None:
             return
         T = self.rope.tokens_per_frame
@@ -117,7 +118,7 @@ def test_long_stream_with_eviction_matches_reference(sink, ring):
             )
             naive = NaiveWindowView(store, rope, sink, ring, b * BLOCK, BLOCK, commit)
             actual, expected = model(x, sigma, text, ours), model(x, sigma, text, naive)
-            ours.finish(), naive.finish()
+            ours.commit(), naive.commit()
             if b % 25 == 0 or b == blocks - 1:
                 assert_close(actual, expected, 2e-5, f"block {b} (frames {b * BLOCK}..), commit={commit}")
     assert cache.committed == blocks * BLOCK > 1024

@@ -14,15 +14,16 @@ import torch
 
 from engine.config import CacheConfig, MagiConfig, MagiGuidance, SamplingConfig
 from engine.loading import MissingDecoder, SetupError, WeightPaths, init_magi_random_
+from engine.models.attention import LocalView
 from engine.models.magi import CaptionKV, MagiModel, MagiText, interleave_heads
 from engine.models.magi_rope import MagiRope
 from engine.plan.sigmas import build_schedule, magi_times
 from engine.plan.timeline import pyramid
-from engine.runtime.kv import LocalView
-from engine.runtime.session import Pipeline
 from engine.sampling.magi_guidance import MagiGuidance as Guidance
 from engine.sampling.magi_guidance import step_size
+from engine.sampling.noise import NoiseSource
 from helpers import assert_close
+from launch.build import build_session
 from launch.presets import get_preset, parameter_count
 
 TINY = get_preset("magi-1-tiny")
@@ -112,9 +113,9 @@ def _distilled(preset, **plan):
 
 
 def _latents(preset, blocks=6, prompt="a red circle") -> torch.Tensor:
-    pipeline = Pipeline.build(preset, WeightPaths(seed=2), torch.device("cpu"), torch.float32)
+    pipeline = build_session(preset, WeightPaths(seed=2), torch.device("cpu"), torch.float32)
     with torch.no_grad():
-        return torch.cat([b.latents for b in pipeline.latents(prompt, blocks=blocks, seed=0)], dim=2)
+        return torch.cat([b.latents for b in pipeline.run(prompt, blocks=blocks, seed=0)], dim=2)
 
 
 def test_committed_clean_chunks_equal_recomputing_the_history_every_step():
@@ -128,11 +129,14 @@ def test_committed_clean_chunks_equal_recomputing_the_history_every_step():
 
 
 def test_base_guidance_runs_three_passes_and_keeps_the_null_pass_kv():
-    pipeline = Pipeline.build(TINY, WeightPaths(seed=2), torch.device("cpu"), torch.float32)
+    pipeline = build_session(TINY, WeightPaths(seed=2), torch.device("cpu"), torch.float32)
     with torch.no_grad():
-        blocks = list(pipeline.latents("a red circle", blocks=5, seed=0))
-    executor = pipeline.executors[0]
-    assert executor.cache.k.shape[1] == 2 and executor.cache.commit_from == 1
+        blocks = list(pipeline.run("a red circle", blocks=5, seed=0))
+    cache = pipeline.executors(NoiseSource(0), blocks_in_forward=1).cache  # as the run's, empty
+    assert cache.k.shape[1] == 2 and cache.commit_from == 1
+    executor = pipeline.executors(NoiseSource(0), blocks_in_forward=5)
+    with torch.no_grad():
+        list(executor.run(pipeline.plan(5), pipeline.prompts.conditioning("a red circle")))
     committed = executor.cache.k[:, :, : executor.cache.visible_frames * executor.cache.T]
     assert torch.equal(committed[:, 0], committed[:, 1]), "both conditioned passes read the null pass's clean K/V"
     assert len(blocks) == 5 and all(torch.isfinite(b.latents).all() for b in blocks)
@@ -258,17 +262,18 @@ def test_flowcache_on_magi():
     off = _latents(dataclasses.replace(TINY, cache=CacheConfig(policy="flowcache", threshold=0.0)), blocks=4)
     assert torch.equal(off, plain), "threshold 0 never reuses"
     preset = dataclasses.replace(TINY, cache=CacheConfig(policy="flowcache", threshold=0.3))
-    pipeline = Pipeline.build(preset, WeightPaths(seed=2), torch.device("cpu"), torch.float32)
+    pipeline = build_session(preset, WeightPaths(seed=2), torch.device("cpu"), torch.float32)
     with torch.no_grad():
-        cached = torch.cat([b.latents for b in pipeline.latents("a red circle", blocks=4, seed=0)], dim=2)
-    stats = pipeline.executors[0].cache_stats
+        run = pipeline.run("a red circle", blocks=4, seed=0)
+        cached = torch.cat([b.latents for b in run], dim=2)
+    stats = run.stats
     assert stats.hit_rate > 0, "a loose threshold skips some chunk-steps"
     assert (cached - plain).abs().mean() < plain.abs().mean()
 
 
 def test_generate_cli_runs_the_tiny_preset(tmp_path):
     out = tmp_path / "magi.mp4"
-    command = [sys.executable, "-m", "launch.generate", "--preset", "magi-1-tiny", "--blocks", "3", "--out", str(out)]
+    command = [sys.executable, "-m", "engine.generate", "--preset", "magi-1-tiny", "--blocks", "3", "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     from engine.serving.video import read_frames

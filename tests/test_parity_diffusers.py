@@ -6,10 +6,10 @@ pytest tests/test_parity_diffusers.py
 import pytest
 import torch
 
+from engine.models.attention import LocalView
 from engine.models.checkpoints.wan import load_weights
 from engine.models.rope import Rope
 from engine.models.wan import WanModel
-from engine.runtime.kv import LocalView
 from helpers import TINY, assert_close, diffusers_twin, tiny_model, write_diffusers_folder
 
 FRAMES, LATENT_H, LATENT_W = 3, 8, 12  # one 3-frame block; a non-square grid catches h/w mix-ups

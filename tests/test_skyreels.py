@@ -17,14 +17,14 @@ from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from engine.config import ConfigError, PlanConfig
 from engine.loading import WeightPaths
+from engine.models.attention import LocalView
 from engine.models.checkpoints.wan import CheckpointError, load_weights
 from engine.models.rope import Rope
 from engine.models.text_encoder import TextEncoder
 from engine.models.wan import WanModel
 from engine.plan.skyreels import plan_segments
-from engine.runtime.kv import LocalView
-from engine.runtime.session import Pipeline
 from helpers import assert_close, twin_dimensions, write_wan_shards
+from launch.build import build_session
 from launch.presets import get_preset
 
 TINY_SKYREELS = get_preset("skyreels-v2-df-tiny")
@@ -171,10 +171,10 @@ def _run_ours(pipe, folder, latent_frames, ar_step, block, compute, segment=None
             overlap_frames=overlap or 0,
         ),
     )
-    pipeline = Pipeline.build(preset, WeightPaths(checkpoint=folder), torch.device("cpu"), torch.float32)
-    pipeline.text = TextEncoder(pipe.tokenizer, pipe.text_encoder, TEXT_LEN, "cpu")
+    pipeline = build_session(preset, WeightPaths(checkpoint=folder), torch.device("cpu"), torch.float32)
+    pipeline.prompts.encoder = TextEncoder(pipe.tokenizer, pipe.text_encoder, TEXT_LEN, "cpu")
     noise = _replayed_noise(latent_frames, frames_per_block, segment, overlap)
-    blocks = pipeline.latents(PROMPT, blocks=latent_frames // frames_per_block, seed=0, initial=noise.__getitem__)
+    blocks = pipeline.run(PROMPT, blocks=latent_frames // frames_per_block, seed=0, initial=noise.__getitem__)
     return torch.cat([b.latents for b in blocks], dim=2)
 
 

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import MagiConfig
+from engine.models.attention import AttentionView
 from engine.models.layers import linear
-from engine.runtime.kv import AttentionView
 
 CLEAN_T = 0.9999
 """MAGI-1's time of a committed (clean) chunk's K/V pass."""

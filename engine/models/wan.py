@@ -6,7 +6,7 @@ mapped in `checkpoints.py`.
 
 Streaming differences from the reference network:
 * timesteps are per latent frame: `sigma [B, F]` -> modulation `[B, F, 6, dim]`;
-* self-attention asks an `AttentionView` (engine/kv.py) for rotated queries and for the keys and
+* self-attention asks an `AttentionView` (engine/models/attention.py) for rotated queries and for the keys and
   values to attend to: committed frames from the KV cache plus this call's in-flight frames;
 * cross-attention keys/values are computed once per prompt (`embed_text` -> `TextKV`).
 
@@ -25,8 +25,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.config import WanConfig
+from engine.models.attention import AttentionView
 from engine.models.layers import linear
-from engine.runtime.kv import AttentionView
 
 # Parameters kept in float32 when the model is cast to bf16 (small, numerically sensitive).
 FLOAT32_PARAMS = ("time_embedding", "time_projection", "fps_", "modulation", "norm")

@@ -1,34 +1,39 @@
-"""Run any plan on one device: one forward per tick, blocks side by side along the frame axis.
+"""The one tick loop: run any plan for one stream, its behaviour composed from parts.
 
-Per tick: gather the inputs of the blocks in the forward (each frame at its own noise level), run
-the denoiser once (cond and uncond batched when guided), apply each working block's solver, write
-committed blocks' clean K/V, and yield blocks the moment they finish, in order.
+Per tick: settle (lagged context takes in last tick's K/V) -> the prompt the tick runs under
+(switch part) -> the tick's members this process computes (placement) -> which of them run
+(skip part) -> the forward(s) (context part: one joint forward, or one per block with lagged
+K/V) -> each working block's solver step -> finished blocks out, in order (placement delivers
+them where the output is).
 
-Two ways to choose what goes into the forward:
+    Executor(model, setup, cache, Parts(context=Lagged(), placement=cascade_rank, skip=cache_skip))
+
+Two ways to choose what goes into the forward (`setup.compute`):
 * `selective` (SCOPE-style selective computation): only blocks with work this tick. Finished
   blocks are seen through their committed K/V; blocks that have not started are not run.
 * `window` (what SkyReels-V2's pipelines do): every block of the tick's window, each tick:
   finished blocks at the commit level (t = 0), unstarted blocks as pure noise at `noise_t`,
-  no KV cache. This is the reference the selective mode is measured against.
-With causal attention among blocks the two give the same result; with bidirectional attention
-(SkyReels-V2's released weights) selective is an approximation (launch/bench.py measures it).
+  no KV cache. The reference the selective mode is measured against; it takes no other parts.
 
 Rules for this file: no model math, no host syncs in the per-tick path, plain per-block state.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from engine.models.rope import Rope
-from engine.models.wan import TextKV, WanModel
+from engine.models.attention import LocalView
 from engine.plan.sigmas import TRAIN_TIMESTEPS, Schedule
 from engine.plan.timeline import Tick, Work
-from engine.runtime.kv import AttentionView, KVCache, LocalView
+from engine.runtime.context import Joint, Lagged
+from engine.runtime.kv import KVCache
+from engine.runtime.outputs import Block, BlockKV, RunStats
+from engine.runtime.placement import Local, Placement
+from engine.runtime.skip import Member, NoSkip, Skip
+from engine.runtime.switch import NextStep, Recache
 from engine.sampling.guidance import ClassifierFree, Guidance
 from engine.sampling.noise import NoiseSource
 from engine.sampling.solvers import Solver
@@ -36,60 +41,60 @@ from engine.sampling.solvers import Solver
 PREFIX_NOISE_STEP = 1_000_000  # noise stream of re-noised clean prefixes: (block, PREFIX_NOISE_STEP + tick)
 
 
+@dataclass(frozen=True, kw_only=True)
+class StreamSetup:
+    """What the loop needs besides the model and its parts: one stream's sampling and geometry."""
+
+    schedule: Schedule
+    solver: Solver
+    noise: NoiseSource
+    block_shape: tuple[int, ...]
+    """[B, C, F, H, W] of one block."""
+    rope: object
+    """The model family's rotary tables (engine.models.rope / magi_rope)."""
+    guidance: Guidance = field(default_factory=ClassifierFree)
+    attention: str = "causal"
+    compute: str = "selective"
+    fps: int | None = None
+    """Passed to models with an fps embedding (SkyReels-V2); None otherwise."""
+    prefix_noise_t: float = 0.0
+    """SkyReels-V2's addnoise_condition: noise put back on a clean prefix (0-1000 units)."""
+    history_reach: tuple[int, ...] | None = None
+    commit_reach: int = 1
+
+
 @dataclass
-class Block:
-    """A finished block: index, first latent frame, clean latents `[B, C, F, H, W]` (float32)."""
+class Parts:
+    """The executor's behaviour: one choice per axis, each a small object with its own state."""
 
-    index: int
-    first_frame: int
-    latents: torch.Tensor
-
-
-@dataclass
-class ExecutorStats:
-    forwards: int = 0
-    frames: int = 0
-    """Latent frames run through the model (per branch), summed over forwards."""
-    calls: Counter[tuple[int, int]] = field(default_factory=Counter)
-    """How many forwards ran with each (query frames, key frames): what their cost depends on.
-    A count per shape, so an endless stream's statistics stay bounded."""
+    context: Joint | Lagged = field(default_factory=Joint)
+    placement: Placement = field(default_factory=Local)
+    skip: Skip = field(default_factory=NoSkip)
+    switch: NextStep | Recache = field(default_factory=NextStep)
 
 
 class Executor:
-    """Runs plans on one device for one stream."""
+    """Runs plans for one stream (on this process, or its share of a cascade)."""
 
-    def __init__(
-        self,
-        model: WanModel,
-        *,
-        schedule: Schedule,
-        solver: Solver,
-        noise: NoiseSource,
-        block_shape: tuple[int, ...],
-        rope: Rope,
-        attention: str = "causal",
-        compute: str = "selective",
-        cache: KVCache | None = None,
-        guidance_scale: float = 1.0,
-        fps: int | None = None,
-        prefix_noise_t: float = 0.0,
-        guidance: Guidance | None = None,
-        history_reach: tuple[int, ...] | None = None,
-        commit_reach: int = 1,
-    ):
-        if compute == "selective" and cache is None:
+    def __init__(self, model, setup: StreamSetup, cache: KVCache | None, parts: Parts | None = None):
+        parts = parts or Parts()
+        if setup.compute == "selective" and cache is None:
             raise ValueError("selective computation needs a KV cache")
-        self.model, self.schedule, self.solver, self.noise = model, schedule, solver, noise
-        self.block_shape = tuple(block_shape)  # [B, C, F, H, W] of one block
-        self.frames_per_block = block_shape[2]
-        self.rope, self.attention, self.compute, self.cache = rope, attention, compute, cache
-        self.fps, self.prefix_noise_t = fps, prefix_noise_t
-        self.guidance = guidance or ClassifierFree(guidance_scale)
-        self.history_reach, self.commit_reach = history_reach, commit_reach
+        plain = (Joint, Local, NoSkip, NextStep)
+        if setup.compute == "window" and not all(map(isinstance, vars(parts).values(), plain)):
+            raise ValueError("whole-window computation runs with joint context on one process and nothing else")
+        self.model, self.setup, self.cache = model, setup, cache
+        self.context, self.placement, self.skip, self.switch = parts.context, parts.placement, parts.skip, parts.switch
+        self.schedule, self.solver, self.noise = setup.schedule, setup.solver, setup.noise
+        self.guidance, self.rope, self.attention, self.fps = setup.guidance, setup.rope, setup.attention, setup.fps
+        self.block_shape = tuple(setup.block_shape)
+        self.frames_per_block = self.block_shape[2]
+        self.records = self.skip.records or self.context.records
         self.noisy: dict[int, torch.Tensor] = {}  # started (or, in window mode, waiting) blocks
         self.clean: dict[int, torch.Tensor] = {}  # finished blocks not yet committed / still in view
+        self.inflight: dict[int, BlockKV] = {}  # K/V of in-flight blocks' last computed step (when kept)
         self.pre_ready: set[int] = set()
-        self.stats = ExecutorStats()
+        self.stats = RunStats()
         self._initial: Callable[[int], torch.Tensor] = self._noise_block
 
     @property
@@ -104,24 +109,22 @@ class Executor:
     def run(
         self,
         ticks: Iterable[Tick],
-        text: TextKV | Callable[[Tick], TextKV],
+        text,
         *,
         initial: Callable[[int], torch.Tensor] | None = None,
         prefix: dict[int, torch.Tensor] | None = None,
     ) -> Iterator[Block]:
-        """Execute `ticks`; yield each block once its last step is done.
+        """Execute `ticks`; yield each block once its last step is done (where the output is).
 
-        `text`: the prompt's K/V (batch 2 = [cond, uncond] when guided), or a function of the tick
-        (a prompt switch takes effect at the next tick). `initial(b)`: block b's starting noise
-        (default: the stream's noise for (b, 0)). `prefix`: clean latents of pre-ready blocks.
+        `text`: the prompt's conditioning, or a function of the tick (a switch lands as the switch
+        part says). `initial(b)`: block b's starting noise (default: the stream's noise for (b, 0)).
+        `prefix`: clean latents of pre-ready blocks.
         """
         self.start(initial=initial, prefix=prefix)
         for tick in ticks:
-            yield from self.step(tick, self._text_for(tick, text(tick) if callable(text) else text))
-
-    def _text_for(self, tick: Tick, requested: TextKV) -> TextKV:
-        """The prompt a tick runs under: the one requested for it (the next step takes it)."""
-        return requested
+            finished = self.step(tick, text(tick) if callable(text) else text)
+            yield from self.placement.deliver(self, tick, finished)
+        self.context.drain(self)
 
     def start(
         self, *, initial: Callable[[int], torch.Tensor] | None = None, prefix: dict[int, torch.Tensor] | None = None
@@ -132,66 +135,58 @@ class Executor:
             self.clean[block] = latents.to(self.device, torch.float32)
             self.pre_ready.add(block)
 
-    def step(self, tick: Tick, text: TextKV) -> list[Block]:
-        """Run one tick; the blocks whose last step it was, in order."""
-        return list(self._run_tick(tick, text))
-
-    def owns(self, block: int) -> bool:
-        """Whether this executor denoises `block` (all of them here; one rank's share in a cascade)."""
-        return True
-
-    def _run_tick(self, tick: Tick, text: TextKV) -> Iterator[Block]:
+    def step(self, tick: Tick, requested) -> list[Block]:
+        """Run one tick; this process's blocks whose last step it was, in order."""
+        self.placement.on_tick(tick)
+        self.context.settle(self)
+        text = self.switch.text_for(self, tick, requested)
         flows = self._compute(tick, text)
-        yield from self._apply(tick, flows)
+        finished = list(self._apply(tick, flows))
+        self.skip.end_tick(self, tick)
         self._forget(tick)
+        self.switch.finished(self, finished)
+        self.stats.ticks += 1
+        self.stats.skip = self.skip.counts()
+        return finished
 
-    def _compute(self, tick: Tick, text: TextKV) -> dict[int, torch.Tensor]:
-        """Flows of the tick's working blocks: here one forward over all of them (joint context)."""
-        selective = self.compute == "selective"
-        members = self._selective_members(tick) if selective else self._window_members(tick)
-        context_frames = self.cache.visible_frames if selective else 0
-        flows = self._forward(members, text, self._view(tick, members[0][0], len(members) * self.frames_per_block))
-        self._count(len(members), context_frames)
+    def _compute(self, tick: Tick, text) -> dict[int, torch.Tensor]:
+        """Flows of the tick's working blocks on this process."""
+        if self.setup.compute == "window":
+            members = self._window_members(tick)
+            frames = len(members) * self.frames_per_block
+            first = members[0][0] * self.frames_per_block
+            view = LocalView(self.rope, first, frames, self.frames_per_block, self.attention,
+                             self.reach(tick, [m[0] for m in members]))  # fmt: skip
+            return self.forward(members, text, view)
+        members = self._selective_members(tick)
+        run = self.skip.choose(self, tick, members, text)
+        flows = self.context.forward(self, tick, run, text)
+        flows.update(self.skip.after(self, tick, run, flows))
         return flows
-
-    def _count(self, blocks: int, context_frames: int) -> None:
-        frames = blocks * self.frames_per_block
-        self.stats.forwards += 1
-        self.stats.frames += frames
-        self.stats.calls[(frames, context_frames + frames)] += 1
-
-    def _view(self, tick: Tick, first_block: int, frames: int) -> AttentionView:
-        first_frame, block_frames = first_block * self.frames_per_block, self.frames_per_block
-        blocks = range(first_block, first_block + frames // block_frames)
-        reach = self.reach(tick, blocks)
-        if self.compute == "window":
-            return LocalView(self.rope, first_frame, frames, block_frames, self.attention, reach)
-        commits = sum(1 for w in tick.work if w.commit)
-        return self.cache.view(
-            first_frame=first_frame,
-            frames=frames,
-            block_frames=block_frames,
-            mode=self.attention,
-            commit_frames=commits * block_frames,
-            reach=reach,
-        )
 
     def reach(self, tick: Tick, blocks: Iterable[int]) -> dict[int, int] | None:
         """How many blocks back (itself included) each block of a forward attends to, or None for
         the whole window. With `history_reach` (MAGI-1) a denoising block's reach depends on its
         stage; committing and already clean blocks see `commit_reach` blocks."""
-        if self.history_reach is None:
+        history = self.setup.history_reach
+        if history is None:
             return None
-        per_stage = self.schedule.steps // len(self.history_reach)
+        per_stage = self.schedule.steps // len(history)
         work = {w.block: w for w in tick.work if not w.commit}
-        return {b: self.history_reach[work[b].step // per_stage] if b in work else self.commit_reach for b in blocks}
+        return {b: history[work[b].step // per_stage] if b in work else self.setup.commit_reach for b in blocks}
+
+    def keep(self, recorded: dict[int, BlockKV]) -> None:
+        """Keep the K/V of blocks still denoising: others attend to them while they are skipped."""
+        for block, kv in recorded.items():
+            if block in self.noisy:
+                self.inflight[block] = kv
 
     # -- choosing the inputs -------------------------------------------------------------------
 
-    def _selective_members(self, tick: Tick) -> list[tuple[int, torch.Tensor, float]]:
-        """(block, input latents, network time) of the tick's blocks this executor owns."""
+    def _selective_members(self, tick: Tick) -> list[Member]:
+        """(block, input latents, network time) of the tick's blocks this process owns."""
         self._check_selective(tick)
-        return [self._input(w, tick) for w in tick.work if self.owns(w.block)]
+        return [self._input(w, tick) for w in tick.work if self.placement.owns(w.block)]
 
     @staticmethod
     def _check_selective(tick: Tick) -> None:
@@ -204,7 +199,7 @@ class Executor:
             if w.commit and seen_work:
                 raise ValueError(f"tick {tick.index}: committing blocks must precede working ones")
 
-    def _window_members(self, tick: Tick) -> list[tuple[int, torch.Tensor, float]]:
+    def _window_members(self, tick: Tick) -> list[Member]:
         start, end = tick.window
         work = {w.block: w for w in tick.work if not w.commit}
         outside = [b for b in work if not start <= b < end]
@@ -221,32 +216,35 @@ class Executor:
                 members.append((block, latents, self.schedule.noise_t))
         return members
 
-    def _input(self, work: Work, tick: Tick) -> tuple[int, torch.Tensor, float]:
+    def _input(self, work: Work, tick: Tick) -> Member:
         if work.commit:
             return self._clean_input(work.block, tick)
         if work.block not in self.noisy:
             self.noisy[work.block] = self._initial(work.block)
         return work.block, self.noisy[work.block], work.t_in
 
-    def _clean_input(self, block: int, tick: Tick) -> tuple[int, torch.Tensor, float]:
-        latents = self.clean[block]
-        if block in self.pre_ready and self.prefix_noise_t > 0:
+    def _clean_input(self, block: int, tick: Tick) -> Member:
+        latents, noise_t = self.clean[block], self.setup.prefix_noise_t
+        if block in self.pre_ready and noise_t > 0:
             # SkyReels-V2's addnoise_condition: put a little noise back on the clean prefix
-            share = self.prefix_noise_t / TRAIN_TIMESTEPS
+            share = noise_t / TRAIN_TIMESTEPS
             fresh = self.noise.noise(self.block_shape, block, PREFIX_NOISE_STEP + tick.index, self.device)
-            return block, latents * (1.0 - share) + fresh * share, self.prefix_noise_t
+            return block, latents * (1.0 - share) + fresh * share, noise_t
         return block, latents, self.schedule.commit_t
 
     # -- the forward ---------------------------------------------------------------------------
 
-    def _forward(self, members, text, view: AttentionView) -> dict[int, torch.Tensor]:
+    def forward(self, members: list[Member], text, view) -> dict[int, torch.Tensor]:
+        """One guided forward over `members` through `view`: {block: flow `[1, C, F, H, W]`}."""
         x = torch.cat([latents for _, latents, _ in members], dim=2)  # [B, C, frames, H, W]
-        with torch.no_grad():
-            flow = self.guidance(self, members, x, self._sigma(members), text, view)
+        with torch.no_grad(), self.skip.observe(self, [b for b, _, _ in members]):
+            flow = self.guidance(self, members, x, self.sigma(members), text, view)
+        frames = x.shape[2]
+        self.stats.count(frames, getattr(view, "key_frames", frames))
         split = flow.split([latents.shape[2] for _, latents, _ in members], dim=2)
         return {block: part for (block, _, _), part in zip(members, split)}
 
-    def _sigma(self, members) -> torch.Tensor:
+    def sigma(self, members: list[Member]) -> torch.Tensor:
         """`[1, frames]` float64 noise levels of the members' frames. float64 keeps the network's
         t = 1000 * sigma exact (SkyReels feeds integer t); filled on the device, so no host-to-device
         copy waits on the stream."""
@@ -259,7 +257,7 @@ class Executor:
 
     def _apply(self, tick: Tick, flows: dict[int, torch.Tensor]) -> Iterator[Block]:
         for work in tick.work:
-            if work.commit or not self.owns(work.block):
+            if work.commit or not self.placement.owns(work.block):
                 continue
             latents = self.solver.step(work, self.noisy[work.block], flows[work.block])
             if work.step + 1 < self.schedule.steps:
@@ -271,11 +269,12 @@ class Executor:
             yield Block(work.block, work.block * self.frames_per_block, latents)
 
     def _forget(self, tick: Tick) -> None:
-        """Drop clean latents nothing will read again."""
-        if self.compute == "selective":
-            for work in tick.work:
-                if work.commit:
-                    self.clean.pop(work.block, None)
-        else:
+        """Drop clean latents and kept K/V nothing will read again."""
+        if self.setup.compute == "window":
             for block in [b for b in self.clean if b < tick.window[0]]:
                 del self.clean[block]
+            return
+        for work in tick.work:
+            if work.commit:
+                self.clean.pop(work.block, None)
+                self.inflight.pop(work.block, None)  # lagged context re-receives it to commit

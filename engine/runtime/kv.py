@@ -26,99 +26,7 @@ from __future__ import annotations
 import torch
 
 from engine.models.rope import Rope
-
-ATTENTION_MODES = ("causal", "bidirectional")
-
-
-def block_mask(
-    context_frames: list[int],
-    blocks: list[int],
-    block_frames: int,
-    tokens_per_frame: int,
-    device: torch.device,
-    reach: dict[int, int] | None = None,
-    queries: list[int] | None = None,
-) -> torch.Tensor | None:
-    """Boolean `[len(queries)*F*T, (len(context_frames) + len(blocks)*F)*T]` mask, or None if all true.
-
-    Keys are the committed `context_frames` (absolute frame indices), then the in-flight `blocks`
-    in order; the queries are those of `queries` (default: every block; a subset when only some
-    blocks are computed). A block sees keys of blocks <= itself; with `reach`, block b sees only
-    blocks b - reach[b] + 1 .. b (MAGI-1's per-chunk KV range, 1 for a committing chunk).
-    Built per frame on the host, then expanded to tokens on the device.
-    """
-    queries = blocks if queries is None else queries
-    key_blocks = torch.tensor(
-        [f // block_frames for f in context_frames] + [b for b in blocks for _ in range(block_frames)]
-    )
-    query_blocks = torch.tensor(queries).repeat_interleave(block_frames)
-    mask = key_blocks[None, :] <= query_blocks[:, None]  # [F_q, F_k]
-    if reach is not None:
-        lowest = torch.tensor([b - reach[b] + 1 for b in queries]).repeat_interleave(block_frames)
-        mask &= key_blocks[None, :] >= lowest[:, None]
-    if bool(mask.all()):
-        return None
-    T = tokens_per_frame
-    return mask.repeat_interleave(T, 0).repeat_interleave(T, 1).to(device)
-
-
-class AttentionView:
-    """What one forward call attends to: its in-flight frames plus (maybe) committed context.
-
-    The model calls `context(layer, q, k, v)` once per layer with un-rotated q/k `[B, N, H, Dh]`
-    and gets back rotated queries, the keys/values to attend to and an optional boolean mask.
-    The caller of the model calls `finish()` after the forward (commits, if the view writes).
-    """
-
-    def __init__(
-        self,
-        rope: Rope,
-        first_frame: int,
-        frames: int,
-        block_frames: int,
-        mode: str,
-        reach: dict[int, int] | None = None,
-    ):
-        if mode not in ATTENTION_MODES:
-            raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
-        if frames % block_frames:
-            raise ValueError(f"{frames} frames do not split into blocks of {block_frames}")
-        self.rope = rope
-        self.first_frame = first_frame
-        self.frames = frames
-        self.block_frames = block_frames
-        self.mode = mode
-        self.reach = reach
-        """Per in-flight block, how many blocks back (itself included) it may see; None: all."""
-        self.rotation = rope.tables(first_frame, frames)  # [N, Dh/2] complex
-        self._mask: torch.Tensor | None = None
-
-    @property
-    def blocks(self) -> list[int]:
-        first = self.first_frame // self.block_frames
-        return list(range(first, first + self.frames // self.block_frames))
-
-    def _mask_for(self, context_frames: list[int]) -> torch.Tensor | None:
-        if self.mode == "bidirectional":
-            return None
-        if self._mask is None:
-            self._mask = block_mask(
-                context_frames, self.blocks, self.block_frames, self.rope.tokens_per_frame, self.rope.device, self.reach
-            )
-        return self._mask
-
-    def context(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        raise NotImplementedError
-
-    def finish(self) -> None:
-        """Called once after the forward; a view that commits writes its frames here."""
-
-
-class LocalView(AttentionView):
-    """No committed context: the call's frames attend among themselves (block-causal or not)."""
-
-    def context(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        return self.rope.apply(q, self.rotation), self.rope.apply(k, self.rotation), v, self._mask_for([])
+from engine.runtime.views import InFlightView
 
 
 class KVCache:
@@ -170,6 +78,11 @@ class KVCache:
         sink = list(range(self.origin, self.origin + min(self.committed - self.origin, self.S)))
         return sink + list(range(self.first_recent_frame(), self.committed))
 
+    def slot_frames(self) -> list[int]:
+        """The committed frame each visible slot holds, in slot order (the order of the keys a view
+        attends to). Once the ring wraps this is not increasing: masks must follow it."""
+        return sorted(self.visible_frame_ids(), key=self.slot_of)
+
     def slot_of(self, frame: int) -> int | None:
         """Buffer slot (in frames) where committed frame `frame` lives; None if it is not kept."""
         relative = frame - self.origin
@@ -198,16 +111,20 @@ class KVCache:
         mode: str,
         commit_frames: int = 0,
         reach: dict[int, int] | None = None,
-    ) -> CachedView:
-        """A call over frames [first_frame, first_frame + frames) whose first `commit_frames` frames
-        (finished blocks) are written to the cache when the call finishes."""
+    ) -> InFlightView:
+        """A call over frames [first_frame, first_frame + frames), all computed here, whose first
+        `commit_frames` frames (finished blocks) `commit()` writes to the cache after the forward."""
         if first_frame != self.committed:
             raise ValueError(f"the call starts at frame {first_frame} but {self.committed} frames are committed")
-        if frames > self.Q:
-            raise ValueError(f"{frames} in-flight frames exceed the cache's scratch of {self.Q}")
         if not 0 <= commit_frames <= frames:
             raise ValueError(f"cannot commit {commit_frames} of {frames} frames")
-        return CachedView(self, first_frame, frames, block_frames, mode, commit_frames, reach)
+        if frames % block_frames or first_frame % block_frames:
+            raise ValueError(f"frames {first_frame}..{first_frame + frames} are not whole blocks of {block_frames}")
+        first = first_frame // block_frames
+        blocks = list(range(first, first + frames // block_frames))
+        return InFlightView(
+            self, blocks, blocks, block_frames, mode, commits=commit_frames // block_frames, reach=reach
+        )
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -221,7 +138,7 @@ class KVCache:
         start = self.visible_frames * self.T
         self.k[:, :, start : start + keys.shape[2]] = keys
         self.v[:, :, start : start + keys.shape[2]] = values
-        self._commit(self.visible_frames, first_frame, frames)
+        self.commit_scratch(self.visible_frames, first_frame, frames)
 
     def _copy_frame(self, src: int, dst: int) -> None:
         T = self.T
@@ -233,7 +150,12 @@ class KVCache:
         self.k[:, :, span] = self.k[:, source : source + 1, span]
         self.v[:, :, span] = self.v[:, source : source + 1, span]
 
-    def _commit(self, scratch_slot: int, first_frame: int, frames: int) -> None:
+    def commit_scratch(self, scratch_slot: int, first_frame: int, frames: int) -> None:
+        """Commit `frames` frames whose K/V a forward wrote to the scratch from `scratch_slot` on:
+        copy them into their ring (and sink) slots. Called by the runtime after the forward, never
+        during it: the forward still attends to the frames these copies evict."""
+        if first_frame != self.committed:
+            raise ValueError(f"committing frame {first_frame} but {self.committed} frames are committed")
         T = self.T
         for j in range(frames):
             frame, src = first_frame + j, scratch_slot + j
@@ -258,37 +180,3 @@ class KVCache:
         for layer in range(self.k.shape[0]):
             self.k[layer, :, :sink_tokens] = self.rope.apply(self.sink_k[layer], shift)
         self._sink_base = base
-
-
-class CachedView(AttentionView):
-    """A call whose frames attend to the cache's visible frames and to each other."""
-
-    def __init__(
-        self,
-        cache: KVCache,
-        first_frame: int,
-        frames: int,
-        block_frames: int,
-        mode: str,
-        commit_frames: int,
-        reach: dict[int, int] | None = None,
-    ):
-        super().__init__(cache.rope, first_frame, frames, block_frames, mode, reach)
-        self.cache = cache
-        self.context_frames = cache.visible_frame_ids()
-        self.commit_frames = commit_frames
-        self.scratch_slot = cache.visible_frames  # the call's frames follow the visible ones
-        self._end = (self.scratch_slot + frames) * cache.T
-
-    def context(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        cache = self.cache
-        start = self.scratch_slot * cache.T
-        cache.k[layer, :, start : self._end] = self.rope.apply(k, self.rotation)
-        cache.v[layer, :, start : self._end] = v
-        keys = cache.k[layer, :, : self._end]  # [B, visible*T + N, H, Dh]
-        values = cache.v[layer, :, : self._end]
-        return self.rope.apply(q, self.rotation), keys, values, self._mask_for(self.context_frames)
-
-    def finish(self) -> None:
-        if self.commit_frames:
-            self.cache._commit(self.scratch_slot, self.first_frame, self.commit_frames)

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from engine.runtime.kv import AttentionView
+from engine.models.attention import AttentionView
 
 
 class Guidance(Protocol):
@@ -22,7 +22,7 @@ class Guidance(Protocol):
         self, executor, members, x: torch.Tensor, sigma: torch.Tensor, text, view: AttentionView
     ) -> torch.Tensor:
         """x `[1, C, F, H, W]`, sigma `[1, F]` float64 -> guided flow `[1, C, F, H, W]` float32.
-        Calls `view.finish()` once the forward that writes the cache is done."""
+        The runtime commits the view's K/V afterwards; guidance only runs the model."""
         ...
 
 
@@ -37,7 +37,6 @@ class ClassifierFree:
         if self.branches == 2:
             x, sigma = torch.cat([x, x]), torch.cat([sigma, sigma])
         flow = executor.model(x, sigma.expand(x.shape[0], -1), text, view, fps=executor.fps)
-        view.finish()
         if self.branches == 1:
             return flow
         cond, uncond = flow.chunk(2)

@@ -24,9 +24,9 @@ import bisect
 import torch
 
 from engine.config import MagiGuidance as MagiGuidanceConfig
+from engine.models.attention import LocalView
 from engine.models.magi import CaptionKV, MagiModel, MagiText
 from engine.plan.sigmas import TRAIN_TIMESTEPS, Schedule
-from engine.runtime.kv import LocalView
 
 BUCKET_MARGIN = 1e-7
 """The reference looks buckets up in t_range - 1e-7 (so t = 0.3 falls in the 0.3 bucket)."""
@@ -108,13 +108,11 @@ class MagiGuidance:
         if self.branches == 2:
             both = MagiText(self._with_null(text), (False, True), text.null, clean)
             out = executor.model(torch.cat([x, x]), sigma.expand(2, -1), both, view)
-            view.finish()
             with_text, with_null = out.chunk(2)
             alone = self._alone(executor, members, MagiText(text.null, (True,), text.null))
             return self._combine(members, with_text, with_null, alone)
         steps = self._step_sizes(executor, members, 1, frames)
         flow = executor.model(x, sigma, text.for_frames(clean), view, step_size=steps)
-        view.finish()
         return self._nearly_clean(executor, members, flow, text)
 
     def _alone(self, executor, members, text: MagiText, only: set[int] | None = None) -> dict[int, torch.Tensor]:
@@ -123,7 +121,7 @@ class MagiGuidance:
         if not chosen:
             return {}
         x = torch.cat([latents for _, latents, _ in chosen])  # [n, C, F_b, H, W]
-        sigma = torch.cat([executor._sigma([m]) for m in chosen])  # [n, F_b]
+        sigma = torch.cat([executor.sigma([m]) for m in chosen])  # [n, F_b]
         block_frames = x.shape[2]
         # RoPE is relative and each chunk sees only itself: every chunk can sit at frame 0
         view = LocalView(executor.rope, 0, block_frames, block_frames, "causal")

@@ -17,9 +17,9 @@ import torch
 
 from engine.demo.scenes import COLORS, MOTIONS, SHAPES, Description
 from engine.eval.adherence import adherence, blocks_to_follow
-from engine.loading import WeightPaths, resolve_device, resolve_dtype
-from engine.models.vae import to_uint8
-from engine.runtime.session import Pipeline
+from engine.loading import WeightPaths, resolve_device
+from engine.runtime.session import Session
+from launch.benchmarks.common import generate_video, session_for
 from launch.presets import get_preset
 
 COLUMNS = ["plan", "videos", "color", "shape", "motion", "all_three", "fps"]
@@ -51,45 +51,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
 
 
-def _pipeline(name: str, plan: str, device, weights: Path | None) -> Pipeline:
+def _session(name: str, plan: str, device, weights: Path | None) -> Session:
     preset = get_preset(name)
     schedule, _, offset = plan.partition(":")
     plan_cfg = dataclasses.replace(preset.plan, schedule=schedule, offset=int(offset) if offset else None)
     preset = dataclasses.replace(preset, plan=plan_cfg)
     paths = WeightPaths() if weights is None else WeightPaths.bundle(weights)
-    return Pipeline.build(preset, paths, device, resolve_dtype("auto", device))
+    return session_for(preset, device, paths)
 
 
-def _video(pipeline: Pipeline, prompt, blocks: int, seed: int) -> np.ndarray:
-    return np.concatenate([frames for _, frames in pipeline.generate(prompt, blocks=blocks, seed=seed)])
+def _video(session: Session, prompt, blocks: int, seed: int) -> np.ndarray:
+    return generate_video(session, prompt, blocks, seed)[0]
 
 
-def _switch_video(pipeline: Pipeline, before: str, after: str, switch_block: int, blocks: int, seed: int) -> np.ndarray:
+def _switch_video(session: Session, before: str, after: str, switch_block: int, blocks: int, seed: int) -> np.ndarray:
     """The prompt changes for every block starting at `switch_block` (at the first tick with such a block)."""
-    pipeline.decoder.reset()
     started = {"switched": False}
 
     def prompt(tick) -> str:
         started["switched"] |= any(w.block >= switch_block and not w.commit for w in tick.work)
         return after if started["switched"] else before
 
-    out = pipeline.latents(prompt, blocks=blocks, seed=seed)
-    return np.concatenate([to_uint8(pipeline.decoder.decode(b.latents)) for b in out])
+    return generate_video(session, prompt, blocks, seed)[0]
 
 
 def _evaluate_plan(args, plan: str, device) -> dict:
-    pipeline = _pipeline(args.preset, plan, device, args.weights)
-    frames_per_block = pipeline.preset.stream.frames_per_block
+    session = _session(args.preset, plan, device, args.weights)
+    frames_per_block = session.preset.stream.frames_per_block
     scores, frames, seconds = [], 0, 0.0
     for i, desc in enumerate(eval_prompts(args.prompts)):
         start = time.perf_counter()
-        video = _video(pipeline, desc.prompt, args.blocks, args.seed + i)
+        video = _video(session, desc.prompt, args.blocks, args.seed + i)
         seconds += time.perf_counter() - start  # generation and decode, one stream at a time
         scores.append(adherence(video, desc))
         frames += len(video)
     delays = []
     for i, (before, after) in enumerate(switch_pairs(args.switches)):
-        video = _switch_video(pipeline, before.prompt, after.prompt, args.switch_block, args.blocks, args.seed + i)
+        video = _switch_video(session, before.prompt, after.prompt, args.switch_block, args.blocks, args.seed + i)
         delays.append(blocks_to_follow(video, after, args.switch_block * frames_per_block, frames_per_block))
     followed = [d for d in delays if d is not None]
     return {

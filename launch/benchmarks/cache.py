@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
+from dataclasses import replace
 
 import numpy as np
 
 from engine.config import CacheConfig, PlanConfig
 from engine.eval.adherence import adherence
 from engine.eval.metrics import psnr, ssim
-from engine.loading import WeightPaths, resolve_device, resolve_dtype
-from engine.runtime.session import Pipeline
+from engine.loading import resolve_device
+from engine.runtime.session import Session
 from launch.benchmarks.adherence import eval_prompts
+from launch.benchmarks.common import generate_video, session_for
 from launch.presets import get_preset
 
 COLUMNS = ["plan", "policy", "threshold", "speedup", "skipped", "flops_saved", "psnr_db", "ssim", "adherence"]
@@ -57,17 +58,19 @@ def plan_preset(name: str, plan: str, steps: int, offset: int):
     return dataclasses.replace(preset, sampling=sampling, plan=PlanConfig(schedule="pyramid", offset=offset))
 
 
-def _generate(pipeline: Pipeline, prompts, blocks: int, seed: int) -> tuple[list[np.ndarray], float, list]:
-    videos, stats, start = [], [], time.perf_counter()
+def _generate(session: Session, prompts, blocks: int, seed: int) -> tuple[list[np.ndarray], float, list]:
+    videos, stats, seconds = [], [], 0.0
     for i, desc in enumerate(prompts):
-        videos.append(np.concatenate([f for _, f in pipeline.generate(desc.prompt, blocks=blocks, seed=seed + i)]))
-        stats.append(getattr(pipeline.executors[-1], "cache_stats", None))
-    return videos, time.perf_counter() - start, stats
+        frames, run_stats, took = generate_video(session, desc.prompt, blocks, seed + i)
+        videos.append(frames)
+        stats.append(run_stats)
+        seconds += took
+    return videos, seconds, stats
 
 
 def _row(plan, policy, threshold, videos, seconds, stats, reference, base_seconds, prompts) -> dict:
-    skipped = [s.hit_rate for s in stats if s is not None]
-    saved = [s.flops_saved_share for s in stats if s is not None]
+    skipped = [s.hit_rate for s in stats if s.hit_rate is not None]
+    saved = [s.flops_saved_share for s in stats if s.hit_rate is not None]
     return {
         "plan": plan,
         "policy": policy,
@@ -90,14 +93,14 @@ def run(args: argparse.Namespace):
     rows = []
     for plan in args.plans:
         preset = plan_preset(args.preset, plan, args.steps, args.offset)
-        pipeline = Pipeline.build(preset, WeightPaths(), device, resolve_dtype("auto", device))
-        _generate(pipeline, prompts[:1], 1, args.seed)  # warm up allocators and kernels
-        reference, base, _ = _generate(pipeline, prompts, args.blocks, args.seed)
-        rows.append(_row(plan, "none", 0.0, reference, base, [None], reference, base, prompts))
+        session = session_for(preset, device)
+        _generate(session, prompts[:1], 1, args.seed)  # warm up allocators and kernels
+        reference, base, stats = _generate(session, prompts, args.blocks, args.seed)
+        rows.append(_row(plan, "none", 0.0, reference, base, stats, reference, base, prompts))
         for policy in args.policies:
             for threshold in THRESHOLDS[policy]:
-                pipeline.preset = dataclasses.replace(preset, cache=CacheConfig(policy=policy, threshold=threshold))
-                videos, seconds, stats = _generate(pipeline, prompts, args.blocks, args.seed)
+                cached = session.reconfigured(replace(preset, cache=CacheConfig(policy=policy, threshold=threshold)))
+                videos, seconds, stats = _generate(cached, prompts, args.blocks, args.seed)
                 rows.append(_row(plan, policy, threshold, videos, seconds, stats, reference, base, prompts))
                 print(
                     f"{plan} {policy} {threshold}: {rows[-1]['speedup']:.2f}x, {rows[-1]['psnr_db']:.1f} dB", flush=True

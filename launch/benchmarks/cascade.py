@@ -17,9 +17,9 @@ import torch
 
 from engine.eval.adherence import adherence
 from engine.eval.metrics import psnr, ssim
-from engine.loading import WeightPaths, resolve_device, resolve_dtype
-from engine.runtime.session import Pipeline
+from engine.loading import resolve_device
 from launch.benchmarks.adherence import eval_prompts
+from launch.benchmarks.common import generate_video, session_for
 from launch.presets import get_preset
 
 COLUMNS = ["plan", "context", "attention", "offset", "psnr_db", "ssim", "color", "shape", "motion"]
@@ -44,14 +44,8 @@ def plan_variants(offsets: list[int]) -> list[dict]:
 
 
 def _videos(preset, variant: dict, prompts, blocks: int, seed: int, device) -> list[np.ndarray]:
-    plan = dataclasses.replace(preset.plan, **variant)
-    pipeline = Pipeline.build(
-        dataclasses.replace(preset, plan=plan), WeightPaths(), device, resolve_dtype("auto", device)
-    )
-    return [
-        np.concatenate([frames for _, frames in pipeline.generate(d.prompt, blocks=blocks, seed=seed + i)])
-        for i, d in enumerate(prompts)
-    ]
+    session = session_for(dataclasses.replace(preset, plan=dataclasses.replace(preset.plan, **variant)), device)
+    return [generate_video(session, d.prompt, blocks, seed + i)[0] for i, d in enumerate(prompts)]
 
 
 def run(args: argparse.Namespace):

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from engine.eval.metrics import psnr, ssim
-from engine.loading import WeightPaths, resolve_device, resolve_dtype
+from engine.loading import WeightPaths, resolve_device
 from engine.models.flops import forward_flops
 from engine.models.vae import to_uint8
-from engine.runtime.session import Pipeline
+from engine.runtime.session import Session
+from launch.benchmarks.common import session_for
 from launch.presets import get_preset
 
 COLUMNS = [
@@ -46,18 +47,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
 
 
-def _generate(pipeline: Pipeline, prompt: str, blocks: int, seed: int) -> tuple[np.ndarray, torch.Tensor, float, list]:
+def _generate(session: Session, prompt: str, blocks: int, seed: int) -> tuple[np.ndarray, torch.Tensor, float, list]:
     """(frames, latents, seconds spent generating latents, (query, key) frames of each forward)."""
     start = time.perf_counter()
-    latents = torch.cat([block.latents for block in pipeline.latents(prompt, blocks=blocks, seed=seed)], dim=2)
+    run = session.run(prompt, blocks=blocks, seed=seed)
+    latents = torch.cat([block.latents for block in run], dim=2)
     seconds = time.perf_counter() - start
-    pipeline.decoder.reset()
-    frames = to_uint8(pipeline.decoder.decode(latents))
-    calls = [call for stats in pipeline.stats for call, count in stats.calls.items() for _ in range(count)]
+    session.decoder.reset()
+    frames = to_uint8(session.decoder.decode(latents))
+    calls = [call for call, count in run.stats.calls.items() for _ in range(count)]
     return frames, latents, seconds, calls
 
 
-def _pipeline(base, attention: str, offset: int, compute: str, device) -> Pipeline:
+def _session(base, attention: str, offset: int, compute: str, device) -> Session:
     plan = dataclasses.replace(
         base.plan,
         schedule="skyreels",
@@ -69,7 +71,7 @@ def _pipeline(base, attention: str, offset: int, compute: str, device) -> Pipeli
     )
     preset = dataclasses.replace(base, plan=plan)
     shipped = base.random_init or base.bundled_weights is not None  # else: no weights here, draw random ones
-    return Pipeline.build(preset, WeightPaths(random=not shipped), device, resolve_dtype("auto", device))
+    return session_for(preset, device, WeightPaths(random=not shipped))
 
 
 def _flops(preset, calls) -> int:
@@ -84,8 +86,8 @@ def run(args: argparse.Namespace):
         for offset in args.offsets:
             runs = {}
             for compute in ("window", "selective"):
-                pipeline = _pipeline(base, attention, offset, compute, device)
-                runs[compute] = _generate(pipeline, args.prompt, args.blocks, args.seed)
+                session = _session(base, attention, offset, compute, device)
+                runs[compute] = _generate(session, args.prompt, args.blocks, args.seed)
             (win_frames, win_lat, win_s, win_calls), (sel_frames, sel_lat, sel_s, sel_calls) = (
                 runs["window"],
                 runs["selective"],

@@ -24,7 +24,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from engine.loading import WeightPaths, resolve_device, resolve_dtype
 from engine.models.flops import forward_flops
-from engine.runtime.session import Pipeline
+from engine.runtime.session import Session
+from launch.build import build_session
 from launch.presets import get_preset
 
 COLUMNS = ["preset", "device", "dtype", "fps", "forward_ms", "attention", "linear", "rest", "tflops", "peak", "kv_gib"]
@@ -59,11 +60,11 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int = 204
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def time_split(pipeline: Pipeline, device: torch.device) -> dict[str, float]:
+def time_split(session: Session, device: torch.device) -> dict[str, float]:
     """Shares of one block's forward time spent in attention, linear layers and the rest."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        for _ in pipeline.latents("a red circle moving left", blocks=1, seed=1):
+        for _ in session.run("a red circle moving left", blocks=1, seed=1):
             pass
         _sync(device)
     shares = {"attention": 0.0, "linear": 0.0, "rest": 0.0}
@@ -82,27 +83,27 @@ def time_split(pipeline: Pipeline, device: torch.device) -> dict[str, float]:
 
 def measure(preset_name: str, device: torch.device, dtype: torch.dtype, weights: WeightPaths, warmup: int, blocks: int):
     preset = get_preset(preset_name)
-    pipeline = Pipeline.build(preset, weights, device, dtype)
-    stream = iter(pipeline.latents("a red circle moving left", blocks=warmup + blocks, seed=0))
+    session = build_session(preset, weights, device, dtype)
+    stream = session.run("a red circle moving left", blocks=warmup + blocks, seed=0)
     for _ in range(warmup):
         next(stream)
     _sync(device)
-    executor = pipeline.executors[-1]
-    forwards_before, calls_before = executor.stats.forwards, dict(executor.stats.calls)
+    forwards_before, calls_before = stream.stats.forwards, dict(stream.stats.calls)
     start = time.perf_counter()
     for _ in stream:
         pass
     _sync(device)
     seconds = time.perf_counter() - start
-    forwards = executor.stats.forwards - forwards_before
+    stats = stream.stats
+    forwards = stats.forwards - forwards_before
     T, branches = preset.tokens_per_frame, 2 if preset.sampling.guided else 1
     flops = sum(
         (n - calls_before.get(shape, 0)) * forward_flops(preset.model, shape[0] * T, shape[1] * T, preset.text.text_len)
-        for shape, n in executor.stats.calls.items()
+        for shape, n in stats.calls.items()
     ) * branches  # fmt: skip
     frames = preset.pixel_frames(warmup + blocks) - preset.pixel_frames(warmup)
-    kv = executor.cache.nbytes if executor.cache is not None else 0
-    return pipeline, {
+    kv = stream.kv_bytes
+    return session, {
         "fps": frames / seconds,
         "forward_ms": 1000 * seconds / max(forwards, 1),
         "tflops": flops / seconds / 1e12,
@@ -115,8 +116,8 @@ def run(args: argparse.Namespace):
     dtype = resolve_dtype(args.dtype, device)
     weights = WeightPaths(random=args.random_weights)
     with torch.no_grad():
-        pipeline, row = measure(args.preset, device, dtype, weights, args.warmup, args.blocks)
-        row |= time_split(pipeline, device)
+        session, row = measure(args.preset, device, dtype, weights, args.warmup, args.blocks)
+        row |= time_split(session, device)
         row["peak"] = matmul_peak_tflops(device, dtype)
     row |= {"preset": args.preset, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
     settings = {k: getattr(args, k) for k in ("preset", "device", "dtype", "random_weights", "warmup", "blocks")}

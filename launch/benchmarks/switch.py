@@ -17,9 +17,10 @@ import time
 
 import torch
 
-from engine.loading import WeightPaths, resolve_device, resolve_dtype
-from engine.runtime.session import Pipeline
+from engine.loading import resolve_device
+from engine.runtime.session import Session
 from engine.sampling.noise import NoiseSource
+from launch.benchmarks.common import session_for
 from launch.presets import get_preset
 
 COLUMNS = ["plan", "first_touched_ticks", "first_touched_ms", "first_full_ticks", "first_full_ms", "recache_ms"]
@@ -64,26 +65,26 @@ class _Switch:
 
 def _latency(preset, plan: dict, blocks: int, switch_tick: int, device) -> dict:
     preset = dataclasses.replace(preset, plan=dataclasses.replace(preset.plan, **plan))
-    pipeline = Pipeline.build(preset, WeightPaths(), device, resolve_dtype("auto", device))
+    session = session_for(preset, device)
     switch = _Switch(switch_tick, plan.get("switch") == "recache")
     steps = preset.sampling.steps
     row = {}
-    for block in pipeline.latents(switch, blocks=blocks, seed=0):
+    for block in session.run(switch, blocks=blocks, seed=0):
         new = switch.new_steps.get(block.index, set())
         for label, done in (("first_touched", steps - 1 in new), ("first_full", len(new) == steps)):
             if done and f"{label}_ticks" not in row:
                 row[f"{label}_ticks"] = switch.tick - switch_tick
                 row[f"{label}_ms"] = 1000 * (time.perf_counter() - switch.requested_at)
-    row["recache_ms"] = _recache_ms(pipeline) if plan.get("switch") == "recache" else 0.0
+    row["recache_ms"] = _recache_ms(session) if plan.get("switch") == "recache" else 0.0
     return row
 
 
-def _recache_ms(pipeline: Pipeline) -> float:
+def _recache_ms(session: Session) -> float:
     """One recache forward over a full window, timed on its own."""
-    executor = pipeline.executor(NoiseSource(0), blocks_in_forward=1)
-    list(executor.run(pipeline.plan(4), pipeline.conditioning(OLD)))
+    executor = session.executors(NoiseSource(0), blocks_in_forward=1)
+    list(executor.run(session.plan(4), session.prompts.conditioning(OLD)))
     start = time.perf_counter()
-    executor.recache(pipeline.conditioning(NEW))
+    executor.switch.recache(executor, session.prompts.conditioning(NEW))
     return 1000 * (time.perf_counter() - start)
 
 

@@ -1,0 +1,79 @@
+"""What a model's self-attention asks of the runtime: the only runtime type the models see.
+
+A model calls `view.context(layer, q, k, v)` once per layer with its un-rotated queries and keys
+`[B, N, H, Dh]` and gets back the rotated queries, the keys and values to attend to (committed
+frames, other in-flight blocks, its own) and an optional boolean mask `[N, N_keys]`. Where the
+keys come from (a KV cache, a peer rank, a stored step) is the view's business, not the model's.
+`LocalView` (no committed context) lives here because sampling and training use it as well as
+the runtime; the cache-backed views are in engine/runtime/views.py.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class AttentionView(Protocol):
+    def context(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(rotated q `[B, N, H, Dh]`, keys `[B, M, H, Dh]`, values `[B, M, H, Dh]`, mask `[N, M]` or None)."""
+        ...
+
+
+ATTENTION_MODES = ("causal", "bidirectional")
+
+def block_mask(
+    context_frames: list[int],
+    blocks: list[int],
+    block_frames: int,
+    tokens_per_frame: int,
+    device: torch.device,
+    reach: dict[int, int] | None = None,
+    queries: list[int] | None = None,
+) -> torch.Tensor | None:
+    """Boolean `[len(queries)*F*T, (len(context_frames) + len(blocks)*F)*T]` mask, or None if all true.
+
+    Keys are the committed `context_frames` (absolute frame indices, in the order the keys are
+    laid out), then the in-flight `blocks` in order; the queries are those of `queries` (default:
+    every block). A block sees keys of blocks <= itself; with `reach`, block b sees only blocks
+    b - reach[b] + 1 .. b (MAGI-1's per-chunk KV range, 1 for a committing chunk).
+    Built per frame on the host, then expanded to tokens on the device.
+    """
+    queries = blocks if queries is None else queries
+    key_blocks = torch.tensor(
+        [f // block_frames for f in context_frames] + [b for b in blocks for _ in range(block_frames)]
+    )
+    query_blocks = torch.tensor(queries).repeat_interleave(block_frames)
+    mask = key_blocks[None, :] <= query_blocks[:, None]  # [F_q, F_k]
+    if reach is not None:
+        lowest = torch.tensor([b - reach[b] + 1 for b in queries]).repeat_interleave(block_frames)
+        mask &= key_blocks[None, :] >= lowest[:, None]
+    if bool(mask.all()):
+        return None
+    T = tokens_per_frame
+    return mask.repeat_interleave(T, 0).repeat_interleave(T, 1).to(device)
+
+
+def check_mode(mode: str) -> None:
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
+
+
+class LocalView:
+    """No committed context: the call's frames attend among themselves (block-causal or not)."""
+
+    def __init__(self, rope, first_frame: int, frames: int, block_frames: int, mode: str, reach=None):
+        check_mode(mode)
+        if frames % block_frames:
+            raise ValueError(f"{frames} frames do not split into blocks of {block_frames}")
+        self.rope, self.rotation = rope, rope.tables(first_frame, frames)  # [N, Dh/2] complex
+        first = first_frame // block_frames
+        blocks = list(range(first, first + frames // block_frames))
+        causal = mode == "causal"
+        self.mask = block_mask([], blocks, block_frames, rope.tokens_per_frame, rope.device, reach) if causal else None
+
+    def context(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        return self.rope.apply(q, self.rotation), self.rope.apply(k, self.rotation), v, self.mask

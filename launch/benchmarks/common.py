@@ -1,0 +1,27 @@
+"""What the benchmarks share: a session for a preset on a device, and one timed video."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from engine.config import Preset
+from engine.loading import WeightPaths, resolve_dtype
+from engine.runtime.outputs import RunStats
+from engine.runtime.session import Session
+from launch.build import build_session
+
+
+def session_for(preset: Preset, device: torch.device, weights: WeightPaths | None = None) -> Session:
+    """The preset's session with its default weights (or `weights`), at the device's default dtype."""
+    return build_session(preset, weights or WeightPaths(), device, resolve_dtype("auto", device))
+
+
+def generate_video(session: Session, prompt, blocks: int, seed: int) -> tuple[np.ndarray, RunStats, float]:
+    """Decoded frames `[N, H, W, 3]` uint8 of one run, its stats, and its wall-clock seconds."""
+    start = time.perf_counter()
+    run = session.run(prompt, blocks=blocks, seed=seed)
+    frames = np.concatenate([f for _, f in run.frames()])
+    return frames, run.stats, time.perf_counter() - start

@@ -1,0 +1,135 @@
+"""The composition root: a preset (+ weights, device, ranks) becomes a runnable session.
+
+engine/ holds the loop and its pure parts and never imports cache/ or parallel/; this is the one
+place that chooses among them. For every stream it builds an executor from the preset:
+
+    context   = Joint | Lagged                 plan.context
+    placement = Local | CascadeRank(topology)  plan.schedule == "cascade" under torchrun
+    skip      = NoSkip | CacheSkip(policy)     cache.policy
+    switch    = NextStep | Recache             plan.switch
+
+Combinations that mean nothing are refused by the config (engine/config.py) with the reason.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cache import make_policy
+from cache.skip import CacheSkip
+from engine.config import Preset
+from engine.loading import (
+    WeightPaths,
+    build_decoder,
+    build_kv_cache,
+    build_model,
+    build_rope,
+    build_text_encoder,
+)
+from engine.plan.sigmas import build_schedule
+from engine.runtime.context import Joint, Lagged
+from engine.runtime.executor import Executor, Parts, StreamSetup
+from engine.runtime.kv import KVCache
+from engine.runtime.placement import Local
+from engine.runtime.prompts import Prompts
+from engine.runtime.session import Session
+from engine.runtime.skip import NoSkip
+from engine.runtime.switch import NextStep, Recache
+from engine.sampling.guidance import ClassifierFree, Guidance
+from engine.sampling.magi_guidance import WINDOW as MAGI_WINDOW
+from engine.sampling.magi_guidance import MagiGuidance
+from engine.sampling.noise import NoiseSource
+from engine.sampling.solvers import make_solver
+from parallel.cascade import CascadeRank
+from parallel.topology import Topology
+
+
+def build_session(
+    preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype, topology: Topology | None = None
+) -> Session:
+    """Load (or seed) the model, text encoder and decoder once; streams get their executors here."""
+    model = build_model(preset, weights, device, dtype)
+    prompts = Prompts(preset, model, build_text_encoder(preset, weights, device, dtype), device)
+    decoder = build_decoder(preset, weights, device)
+    return Session(preset, model, prompts, decoder, device, Assembly(preset, model, device, topology))
+
+
+class Assembly:
+    """Makes each stream's executor from the preset (the session's `ExecutorFactory`)."""
+
+    def __init__(self, preset: Preset, model, device: torch.device, topology: Topology | None = None):
+        self.preset, self.model, self.device = preset, model, device
+        self.topology = topology or Topology.single()
+        self.schedule = build_schedule(preset.sampling)
+        self.rope = build_rope(preset, device, model)
+
+    def for_preset(self, preset: Preset) -> Assembly:
+        return Assembly(preset, self.model, self.device, self.topology)
+
+    @property
+    def cascaded(self) -> bool:
+        """A cascade across ranks (one process runs the same plan as a pyramid)."""
+        return self.preset.plan.schedule == "cascade" and self.topology.distributed
+
+    def __call__(self, noise: NoiseSource, *, blocks_in_forward: int, ring_frames: int | None = None) -> Executor:
+        preset, plan = self.preset, self.preset.plan
+        frames = preset.stream.frames_per_block
+        guidance = self.guidance()
+        if plan.switch == "recache":  # a recache reruns the whole visible window in one forward
+            blocks_in_forward = max(blocks_in_forward, -(-preset.stream.context_frames // frames))
+        cache = None if plan.compute == "window" else self._cache(guidance, blocks_in_forward, ring_frames)
+        setup = StreamSetup(
+            schedule=self.schedule,
+            solver=make_solver(preset.sampling.solver, self.schedule, noise),
+            noise=noise,
+            block_shape=preset.latent_shape(frames),
+            rope=self.rope,
+            guidance=guidance,
+            attention=plan.attention,
+            compute=plan.compute,
+            fps=preset.stream.fps if preset.model.fps_embedding else None,
+            prefix_noise_t=plan.addnoise_condition,
+            history_reach=plan.history_reach,
+            commit_reach=plan.commit_reach,
+        )
+        return Executor(self.model, setup, cache, self.parts(cache, blocks_in_forward))
+
+    def parts(self, cache: KVCache | None, blocks_in_forward: int) -> Parts:
+        preset, plan = self.preset, self.preset.plan
+        return Parts(
+            context=Lagged() if plan.context == "lagged" else Joint(),
+            placement=self._placement(cache, blocks_in_forward),
+            skip=CacheSkip(self._policy()) if preset.cache.enabled else NoSkip(),
+            switch=Recache() if plan.switch == "recache" else NextStep(),
+        )
+
+    def _placement(self, cache: KVCache | None, blocks_in_forward: int):
+        if not self.cascaded:
+            return Local()
+        self.topology.check_plan(blocks_in_forward, self.schedule.steps, self.preset.plan.offset)
+        return CascadeRank(self.topology, cache, self.preset.stream.frames_per_block)
+
+    def _policy(self):
+        cache = self.preset.cache
+        return make_policy(
+            cache.policy, threshold=cache.threshold, steps=self.schedule.steps, dim=self.preset.model.dim,
+            warmup=cache.warmup,
+        )  # fmt: skip
+
+    def _cache(self, guidance: Guidance, blocks_in_forward: int, ring_frames: int | None) -> KVCache:
+        preset = self.preset
+        cache = build_kv_cache(
+            preset, self.model.dtype, self.device, batch=guidance.branches,
+            scratch_frames=blocks_in_forward * preset.stream.frames_per_block, ring_frames=ring_frames, rope=self.rope,
+        )  # fmt: skip
+        if guidance.branches == 2 and preset.model.family == "magi":
+            cache.commit_from = 1  # the null-caption pass writes the clean K/V both passes read
+        return cache
+
+    def guidance(self) -> Guidance:
+        """The model family's guidance: classifier-free (Wan) or MAGI-1's."""
+        sampling = self.preset.sampling
+        if sampling.magi is None:
+            return ClassifierFree(sampling.guidance_scale)
+        reach = self.preset.plan.history_reach
+        return MagiGuidance(sampling.magi, self.schedule, len(reach) if reach else MAGI_WINDOW, sampling.shortcut)

@@ -1,0 +1,151 @@
+"""The Python API: load a preset once, generate videos, stream with live prompt changes.
+
+    from launch.pipeline import StreamingPipeline
+
+    pipe = StreamingPipeline.from_preset("demo")                 # the shipped demo model
+    video = pipe.generate("a red circle moving left", blocks=8, seed=0)
+    video.frames.shape, video.stats.forwards                     # [N, 64, 64, 3] uint8
+    video.save("out/circle.mp4")
+
+    pipe.enable_cache("flowcache", threshold=0.1)               # feature caching on
+    pipe.set_plan(schedule="pyramid", offset=1)                  # blocks in flight at once
+    stream = pipe.stream("a red circle moving left", seed=0)     # endless
+    for chunk in stream:                                         # one block of frames at a time
+        if chunk.index == 4:
+            stream.set_prompt("a blue square moving up")         # lands at the next tick
+        if chunk.index == 8:
+            break
+
+Settings change through calls, not by editing frozen presets; the model is loaded once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cache import SUGGESTED_THRESHOLDS
+from engine.config import CacheConfig, Preset
+from engine.loading import WeightPaths, resolve_device, resolve_dtype
+from engine.models.vae import to_uint8
+from engine.runtime.outputs import RunStats
+from engine.runtime.session import Run, Session
+from engine.serving.video import Mp4Writer
+from launch.build import build_session
+from launch.presets import get_preset
+from parallel.topology import Topology
+
+
+@dataclass
+class Video:
+    frames: np.ndarray
+    """`[N, H, W, 3]` uint8."""
+    fps: int
+    stats: RunStats
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        with Mp4Writer(path, fps=self.fps, width=self.frames.shape[2], height=self.frames.shape[1]) as writer:
+            writer.write(self.frames)
+        return path
+
+
+@dataclass
+class Chunk:
+    index: int
+    """The block's index in the stream."""
+    frames: np.ndarray
+    """`[F, H, W, 3]` uint8: this block's frames."""
+    prompt: str
+    """The prompt in force when the block finished."""
+
+
+class Stream:
+    """An endless stream; iterate for chunks, `set_prompt` to switch while it runs."""
+
+    def __init__(self, session: Session, prompt: str, seed: int):
+        self.prompt = prompt
+        self._run: Run = session.run(lambda tick: self.prompt, blocks=None, seed=seed)
+        self._frames = self._run.frames()
+
+    def set_prompt(self, prompt: str) -> None:
+        """In-flight blocks take it at their next step (or, with the recache switch, at the next block)."""
+        self.prompt = prompt
+
+    @property
+    def stats(self) -> RunStats:
+        return self._run.stats
+
+    def __iter__(self) -> Iterator[Chunk]:
+        while True:
+            with torch.no_grad():  # the generator's body runs here, between the caller's steps
+                block, frames = next(self._frames)
+            yield Chunk(block.index, frames, self.prompt)
+
+
+class StreamingPipeline:
+    def __init__(self, session: Session):
+        self.session = session
+
+    @classmethod
+    def from_preset(
+        cls,
+        name: str = "demo",
+        *,
+        checkpoint: str | Path | None = None,
+        base: str | Path | None = None,
+        lora: str | Path | None = None,
+        random_weights: bool = False,
+        device: str = "auto",
+        dtype: str = "auto",
+        topology: Topology | None = None,
+    ) -> StreamingPipeline:
+        """Load a preset (`python -m launch.presets` lists them) with its weights: the shipped ones
+        for the demo, a checkpoint (+ a Wan2.1 diffusers `base` for text encoder and VAE) for real
+        models, or seeded random weights. Under torchrun pass the topology of `parallel.runtime.launched`."""
+        paths = {"checkpoint": checkpoint, "base": base, "lora": lora}
+        weights = WeightPaths(**{k: Path(v) for k, v in paths.items() if v is not None}, random=random_weights)
+        torch_device = resolve_device(device)
+        return cls(build_session(get_preset(name), weights, torch_device, resolve_dtype(dtype, torch_device), topology))
+
+    @property
+    def preset(self) -> Preset:
+        return self.session.preset
+
+    def _reconfigure(self, **sections) -> StreamingPipeline:
+        self.session = self.session.reconfigured(dataclasses.replace(self.preset, **sections))
+        return self
+
+    def enable_cache(self, policy: str = "flowcache", threshold: float | None = None, warmup: int | None = None):
+        """Feature caching (cache/): `threshold` None takes the policy's suggested one."""
+        threshold = SUGGESTED_THRESHOLDS[policy] if threshold is None else threshold
+        return self._reconfigure(cache=CacheConfig(policy=policy, threshold=threshold, warmup=warmup))
+
+    def disable_cache(self) -> StreamingPipeline:
+        return self._reconfigure(cache=CacheConfig())
+
+    def set_plan(self, **plan) -> StreamingPipeline:
+        """Plan fields: schedule (sequential, pyramid, cascade), offset, context (joint, lagged),
+        switch (next-step, recache), attention, compute. Validated as presets are."""
+        return self._reconfigure(plan=dataclasses.replace(self.preset.plan, **plan))
+
+    def enable_cascade(self, offset: int = 1, context: str = "joint") -> StreamingPipeline:
+        """Block Cascading: on one process the same pyramid plan; under torchrun one block per rank."""
+        return self.set_plan(schedule="cascade", offset=offset, context=context)
+
+    @torch.no_grad()
+    def generate(self, prompt: str, *, blocks: int, seed: int = 0) -> Video:
+        """A finite video of `blocks` blocks (on a cascade, the frames arrive on the sink rank)."""
+        run = self.session.run(prompt, blocks=blocks, seed=seed)
+        self.session.decoder.reset()
+        parts = [to_uint8(self.session.decoder.decode(block.latents)) for block in run]
+        frames = np.concatenate(parts) if parts else np.zeros((0, 0, 0, 3), np.uint8)
+        return Video(frames, self.preset.stream.fps, run.stats)
+
+    def stream(self, prompt: str, *, seed: int = 0) -> Stream:
+        return Stream(self.session, prompt, seed)

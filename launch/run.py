@@ -1,0 +1,50 @@
+"""One rank's part of a run, shared by generate, stream and the benchmarks.
+
+A compute rank loads the model and runs its session's plan (on one process, the whole stream;
+in a cascade, its share, with every finished block arriving at the sink rank). A dedicated
+decode rank holds only the decoder and receives the finished blocks as the plan says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from engine.config import Preset
+from engine.loading import WeightPaths, build_decoder
+from engine.plan.timeline import Tick
+from engine.runtime.outputs import Block, RunStats
+from engine.runtime.session import Run, Session
+from launch.build import build_session
+from parallel.cascade import decode_rank_plan
+from parallel.topology import Topology, TopologyError
+
+
+class RankRun:
+    def __init__(
+        self, preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype, topology: Topology
+    ):
+        if topology.distributed and preset.plan.schedule != "cascade":
+            raise TopologyError(f"{topology.world_size} processes need --schedule cascade (got {preset.plan.schedule})")
+        self.preset, self.topology = preset, topology
+        self.session: Session | None = None
+        if topology.is_compute:
+            self.session = build_session(preset, weights, device, dtype, topology)
+            self.decoder = self.session.decoder
+        else:
+            self.decoder = build_decoder(preset, weights, device)
+        self.run: Run | None = None
+
+    def blocks(self, prompt: str | Callable[[Tick], str], *, blocks: int | None, seed: int) -> Iterator[Block]:
+        """This rank's finished blocks, in order: every block on the sink rank, none elsewhere.
+        `prompt(tick)` is called once per tick on every rank (live streams broadcast controls there)."""
+        if self.session is not None:
+            self.run = self.session.run(prompt, blocks=blocks, seed=seed)
+            return iter(self.run)
+        on_tick = prompt if callable(prompt) else (lambda tick: None)
+        return decode_rank_plan(self.preset, self.topology, blocks, on_tick=on_tick)
+
+    def stats(self) -> RunStats | None:
+        """The executor's statistics so far (None on a decode rank or before a run)."""
+        return None if self.run is None else self.run.stats

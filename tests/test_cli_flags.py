@@ -1,0 +1,84 @@
+"""Every flag reaches the config it names, or is refused with the reason; --help shows defaults.
+
+pytest tests/test_cli_flags.py
+"""
+
+import argparse
+import dataclasses
+
+import pytest
+
+from engine.config import ConfigError
+from launch.cli import FLAGS, parallel_from_args, preset_from_args, weights_from_args
+from launch.generate import build_parser
+
+PARSER = build_parser()
+
+
+def _resolved(argv: list[str]):
+    args = PARSER.parse_args(argv)
+    return preset_from_args(args), weights_from_args(args), parallel_from_args(args)
+
+
+def _field(configs, sets: str):
+    preset, weights, parallel = configs
+    section, name = sets.split(".")
+    holder = {"weights": weights, "parallel": parallel}.get(section) or getattr(preset, section)
+    if section == "sampling" and name == "num_steps":
+        return preset.sampling.steps
+    return getattr(holder, name)
+
+
+@pytest.mark.parametrize("flag", FLAGS, ids=lambda f: f.name)
+def test_each_flag_sets_its_field(flag):
+    """With its example arguments the flag changes exactly the field it declares (and the run's
+    configuration as a whole), starting from the defaults."""
+    default, changed = _resolved([]), _resolved(list(flag.example))
+    assert _field(changed, flag.sets) != _field(default, flag.sets), f"{flag.name} did not change {flag.sets}"
+    assert changed != default
+
+
+@pytest.mark.parametrize("flag", [f for f in FLAGS if f.applies is not None], ids=lambda f: f.name)
+def test_a_flag_that_would_change_nothing_is_refused(flag):
+    """Alone (without the settings it needs), such a flag is refused with a message naming it."""
+    spelled = [a for a in flag.example if a in (flag.name, flag.name.replace("--", "--no-", 1))][0]
+    value = list(flag.example[flag.example.index(spelled) :][:2])
+    alone = value if len(value) == 2 and not value[1].startswith("--") else value[:1]
+    with pytest.raises(ConfigError) as refused:
+        _resolved(alone)
+    message = str(refused.value)
+    assert "\n" not in message and (flag.name in message or flag.name.replace("--", "--no-") in message), message
+
+
+def test_every_parser_flag_is_in_the_table_or_documents_its_default():
+    """Table flags are walked above; the entry point's own flags must say their default."""
+    table = {f.name for f in FLAGS}
+    for action in PARSER._actions:
+        name = next((o for o in action.option_strings if o.startswith("--")), None)
+        if name is None or isinstance(action, argparse._HelpAction) or name in table:
+            continue
+        assert action.help and "default" in action.help, f"{name}: help must show the default"
+
+
+def test_invalid_combinations_are_refused_with_a_reason():
+    for argv, reason in (
+        (["--schedule", "pyramid", "--offset", "1", "--context", "lagged", "--compute", "window"], "lagged"),
+        (["--switch", "recache", "--schedule", "pyramid", "--offset", "1"], "recache"),
+        (["--cache", "flowcache", "--compute", "window"], "caching"),
+    ):
+        with pytest.raises(ConfigError, match=reason):
+            _resolved(argv)
+
+
+def test_cache_without_threshold_uses_the_policy_suggestion():
+    preset, _, _ = _resolved(["--cache", "flowcache"])
+    assert preset.cache.policy == "flowcache" and preset.cache.threshold > 0, "a cache that never skips is no cache"
+
+
+def test_lagged_caching_and_recache_reach_the_preset():
+    """The two flags that used to be dropped (--context, --switch) now arrive."""
+    preset, _, _ = _resolved(["--schedule", "pyramid", "--offset", "1", "--context", "lagged", "--cache", "scope"])
+    assert (preset.plan.context, preset.cache.policy) == ("lagged", "scope")
+    preset, _, _ = _resolved(["--switch", "recache"])
+    assert preset.plan.switch == "recache"
+    assert dataclasses.replace(preset.plan, switch="next-step") == _resolved([])[0].plan
