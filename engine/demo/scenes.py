@@ -104,7 +104,7 @@ def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, radius: float) 
     return np.max([nx * dx + ny * dy - d for nx, ny, d in edges], axis=0)
 
 
-def _background(index: int, size: int) -> np.ndarray:
+def background_image(index: int, size: int) -> np.ndarray:
     top, bottom = (np.array(c, dtype=np.float32) for c in BACKGROUNDS[index])
     t = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None, None]
     return np.broadcast_to(top * (1 - t) + bottom * t, (size, size, 3)).copy()
@@ -125,15 +125,17 @@ def render(desc: Description, center: tuple[float, float], radius: float, backgr
     dy = (ys - center[1] + size / 2) % size - size / 2
     coverage = np.clip(0.5 - _signed_distance(desc.shape, dx, dy, radius), 0.0, 1.0)[..., None]
     color = np.array(COLORS[desc.color], dtype=np.float32)
-    frame = _background(background, size) * (1 - coverage) + color * coverage
+    frame = background_image(background, size) * (1 - coverage) + color * coverage
     return np.clip(frame.round(), 0, 255).astype(np.uint8)
 
 
-def _velocity(desc: Description) -> np.ndarray:
+def velocity_of(desc: Description) -> np.ndarray:
+    """(dx, dy) pixels per frame of a description's motion (bouncing: its starting direction)."""
     return SPEED * np.array(MOTIONS[desc.motion])
 
 
-def _advance(position: np.ndarray, velocity: np.ndarray, bouncing: bool, radius: float, size: int):
+def advance(position: np.ndarray, velocity: np.ndarray, bouncing: bool, radius: float, size: int):
+    """One frame of motion: the next (position, velocity); bouncing shapes reflect off the edges."""
     position = position + velocity
     if bouncing:  # reflect off the edges, keeping the whole shape in view
         for axis in (0, 1):
@@ -167,23 +169,23 @@ def make_clip(
         position = size / 2 + rng.uniform(-START_JITTER, START_JITTER, size=2)
     else:
         position = rng.uniform(radius, size - radius, size=2)
-    velocity = _velocity(desc)
+    velocity = velocity_of(desc)
     switch_at = -1
     if frames > block_frames and rng.random() < switch_probability:
         switch_at = int(rng.integers(1, frames // block_frames)) * block_frames
     images, prompts, centers = [], [], []
     for f in range(frames):
         if f == switch_at:
-            desc = _switched(desc, rng)
-            velocity = _velocity(desc)
+            desc = switched(desc, rng)
+            velocity = velocity_of(desc)
         images.append(render(desc, tuple(position), radius, background, size))
         prompts.append(desc.prompt)
         centers.append(position.copy())
-        position, velocity = _advance(position, velocity, desc.motion == "bouncing", radius, size)
+        position, velocity = advance(position, velocity, desc.motion == "bouncing", radius, size)
     return Clip(np.stack(images), prompts, np.stack(centers))
 
 
-def _switched(desc: Description, rng: np.random.Generator) -> Description:
+def switched(desc: Description, rng: np.random.Generator) -> Description:
     """Change one, two or all three attributes."""
     other = random_description(rng)
     keep = rng.random(3) < 0.5

@@ -8,13 +8,17 @@ prompt, so clips that switch description mid-way teach the model to follow a pro
 The loss is the flow-matching MSE on blocks that are not clean, weighted up where the shape is
 (in the frame or the frame before): the background is a few percent of the work once it is
 learned, and an unweighted loss is content to copy the shape where it last was instead of moving it.
+
+Diffusion forcing only ever shows the model true context. `engine.demo.rollout` adds blocks made
+on the model's own generated context (exposure bias: errors that compound over a long stream);
+`engine.demo.trainer` runs both in one step and saves everything needed to resume exactly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,38 +27,41 @@ from engine.config import Preset
 from engine.demo.pixels import PatchCodec
 from engine.demo.scenes import foreground, make_clip
 from engine.demo.vocab import VocabEncoder
+from engine.models.attention import LocalView
 from engine.models.rope import Rope
 from engine.models.wan import WanModel
-from engine.runtime.kv import LocalView
+
+
+def _option(default, help: str):
+    """A config field with the help text its command-line flag shows."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    steps: int = 1400
-    batch: int = 12
-    clip_blocks: int = 3
-    """Blocks per training clip; the model never sees more context than this."""
-    lr: float = 8e-4
-    warmup: int = 100
-    weight_decay: float = 0.01
-    clean_share: float = 0.25
-    """Share of blocks given no noise (committed context)."""
-    grid_share: float = 0.5
-    """Share of noisy blocks put exactly on the grid levels; the rest are uniform."""
-    grid: tuple[float, ...] = ()
-    """Noise levels of that share; empty: the levels the preset's sampling visits."""
-    switch_share: float = 0.25
-    """Share of clips whose description changes at a block boundary."""
-    start_share: float = 0.4
-    """Share of clips that are a stream's start (shape centred, first block noisy)."""
-    shape_weight: float = 8.0
-    """Extra loss weight on latent pixels near the shape (0: a plain MSE)."""
-    ema: float = 0.999
-    codec_clips: int = 400
-    """Clips whose patches fit the latent space (PCA)."""
-    seed: int = 0
-    bf16: bool = True
-    """bf16 autocast (AMX on CPUs that have it; tensor cores on GPUs)."""
+    steps: int = _option(1400, "training steps (the learning rate decays over them)")
+    batch: int = _option(12, "diffusion-forcing clips per step (0: rollout streams only)")
+    clip_blocks: int = _option(3, "blocks per diffusion-forcing clip")
+    lr: float = _option(8e-4, "peak AdamW learning rate")
+    warmup: int = _option(100, "linear warm-up steps, then cosine decay to 10%%")
+    weight_decay: float = _option(0.01, "AdamW weight decay")
+    clean_share: float = _option(0.25, "share of diffusion-forcing blocks given no noise (committed context)")
+    grid_share: float = _option(0.5, "share of noisy blocks put exactly on the grid levels; the rest uniform")
+    grid: tuple[float, ...] = _option((), "noise levels of that share (empty: the levels sampling visits)")
+    switch_share: float = _option(0.25, "share of clips whose description changes at a block boundary")
+    start_share: float = _option(0.4, "share of clips that are a stream's start (shape centred, first block noisy)")
+    shape_weight: float = _option(8.0, "extra loss weight on latent pixels near the shape (0: plain MSE)")
+    ema: float = _option(0.999, "EMA decay of the saved weights")
+    codec_clips: int = _option(400, "clips whose patches fit the latent space (PCA), when not --init")
+    seed: int = _option(0, "seed of data, noise and fresh weights")
+    bf16: bool = _option(True, "bf16 autocast (AMX/AVX512-BF16 on CPUs that have it; tensor cores on GPUs)")
+    rollout_streams: int = _option(0, "self-generated streams advanced one block per step (0: none)")
+    rollout_min_blocks: int = _option(4, "shortest rollout stream, in blocks")
+    rollout_max_blocks: int = _option(60, "longest rollout stream, in blocks (the window holds 3)")
+    rollout_weight: float = _option(1.0, "weight of the rollout loss next to the diffusion-forcing loss")
+    own_start: float = _option(0.5, "share of rollout streams whose first block the model makes itself")
+    own_input: float = _option(0.5, "share of rollout blocks trained from the sampler's own noisy input")
+    rollout_switch: float = _option(0.04, "per-block probability of a prompt switch in a rollout stream")
 
 
 def fit_codec(preset: Preset, cfg: TrainConfig) -> PatchCodec:
