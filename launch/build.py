@@ -27,6 +27,7 @@ from engine.loading import (
     build_text_encoder,
 )
 from engine.plan.sigmas import build_schedule
+from engine.plan.timeline import committed_blocks_needed
 from engine.runtime.context import Joint, Lagged
 from engine.runtime.executor import Executor, Parts, StreamSetup
 from engine.runtime.kv import KVCache
@@ -116,8 +117,18 @@ class Assembly:
             warmup=cache.warmup,
         )  # fmt: skip
 
+    def _ring_frames(self) -> int:
+        """The stream's recent window, widened where per-block reaches (MAGI-1) need more history."""
+        plan, stream = self.preset.plan, self.preset.stream
+        if plan.history_reach is None:
+            return stream.ring_frames
+        offset = None if plan.schedule == "sequential" else plan.offset
+        needed = committed_blocks_needed(plan.history_reach, plan.commit_reach, self.schedule.steps, offset)
+        return max(stream.ring_frames, needed * stream.frames_per_block)
+
     def _cache(self, guidance: Guidance, blocks_in_forward: int, ring_frames: int | None) -> KVCache:
         preset = self.preset
+        ring_frames = self._ring_frames() if ring_frames is None else ring_frames
         cache = build_kv_cache(
             preset, self.model.dtype, self.device, batch=guidance.branches,
             scratch_frames=blocks_in_forward * preset.stream.frames_per_block, ring_frames=ring_frames, rope=self.rope,

@@ -118,6 +118,23 @@ def _latents(preset, blocks=6, prompt="a red circle") -> torch.Tensor:
         return torch.cat([b.latents for b in pipeline.run(prompt, blocks=blocks, seed=0)], dim=2)
 
 
+@pytest.mark.parametrize("kept, schedule", [(1, "pyramid"), (2, "pyramid"), (3, "pyramid"), (1, "sequential")])
+def test_cached_history_equals_recomputed_history(kept, schedule):
+    """With the cache keeping `kept` past chunks, its ring wraps and its slots stop being in frame
+    order: the per-chunk KV ranges must still admit exactly the chunks they name. The sequential
+    plan keeps no chunk in flight, so its cache must hold the widest reach (4 committed chunks)
+    whatever the preset's window says."""
+    frames = TINY.stream.frames_per_block
+    stream = dataclasses.replace(TINY.stream, window_frames=(kept + 1) * frames)
+    offset = None if schedule == "sequential" else TINY.plan.offset
+    preset = dataclasses.replace(_distilled(TINY, schedule=schedule, offset=offset), stream=stream)
+    cached = _latents(preset, blocks=8)
+    recomputed = _latents(
+        dataclasses.replace(preset, plan=dataclasses.replace(preset.plan, compute="window")), blocks=8
+    )
+    assert_close(cached, recomputed, 1e-5, f"{schedule}, {kept} kept chunks: cached vs recomputed history")
+
+
 def test_committed_clean_chunks_equal_recomputing_the_history_every_step():
     """Selective (clean chunks' K/V written once, at clean_t with the null caption) against the
     window mode that re-runs the clean history in every forward, with MAGI-1's KV ranges."""

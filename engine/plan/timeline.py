@@ -120,6 +120,21 @@ def blocks_per_tick(schedule: Schedule, offset: int | None, num_blocks: int | No
     return max(schedule.steps // offset + 1, prefix_blocks + 1)
 
 
+def committed_blocks_needed(history_reach: tuple[int, ...], commit_reach: int, steps: int, offset: int | None) -> int:
+    """Committed blocks the KV cache must keep so that every block can see its whole reach.
+
+    Block b at step s attends to blocks b - reach + 1 .. b. Under a pyramid with `offset` the
+    predecessors still in flight (steps s + j * offset <= S, the commit pass included) sit in the
+    forward's scratch; the others must be committed. Sequential plans (offset None) have none in
+    flight, so a 5-chunk reach needs 4 committed chunks (MAGI-1 at its widest stage)."""
+    per_stage = steps // len(history_reach)
+    needed = commit_reach - 1
+    for step in range(steps):
+        in_flight = 0 if offset is None else (steps - step) // offset
+        needed = max(needed, history_reach[step // per_stage] - 1 - in_flight)
+    return needed
+
+
 # -- SkyReels-V2 -------------------------------------------------------------------------------
 
 
