@@ -122,7 +122,7 @@ class Executor:
         """
         self.start(initial=initial, prefix=prefix)
         for tick in ticks:
-            finished = self.step(tick, text(tick) if callable(text) else text)
+            finished = self.step(tick, text)
             yield from self.placement.deliver(self, tick, finished)
         self.context.drain(self)
 
@@ -135,10 +135,13 @@ class Executor:
             self.clean[block] = latents.to(self.device, torch.float32)
             self.pre_ready.add(block)
 
-    def step(self, tick: Tick, requested) -> list[Block]:
-        """Run one tick; this process's blocks whose last step it was, in order."""
+    def step(self, tick: Tick, text) -> list[Block]:
+        """Run one tick; this process's blocks whose last step it was, in order. `text`: the
+        conditioning, or a function of the tick, asked only once the tick has been announced
+        (a rank that hangs there is then named as hanging in this tick)."""
         self.placement.on_tick(tick)
         self.context.settle(self)
+        requested = text(tick) if callable(text) else text
         text = self.switch.text_for(self, tick, requested)
         flows = self._compute(tick, text)
         finished = list(self._apply(tick, flows))

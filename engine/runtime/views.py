@@ -42,7 +42,8 @@ class InFlightView:
 
     `present`: the in-flight blocks attended to, in block order; `computed` (in the same order)
     run in this forward; `fill` supplies the others' K/V per layer (see module docstring). The
-    first `commits` present blocks are computed and get committed by `commit()`. With `record`
+    first `commits` present blocks (committing blocks come first in a tick; computed here or, on
+    a cascade, by their owner rank) are written to the cache by `commit()`. With `record`
     the computed blocks' K/V of every layer are kept (`recorded()`) for later ticks.
     """
 
@@ -62,8 +63,8 @@ class InFlightView:
         check_mode(mode)
         if computed != [b for b in present if b in computed] or len(computed) != len(set(computed)):
             raise ValueError(f"computed blocks {computed} must be among the present {present}, in order")
-        if present[:commits] != computed[:commits]:
-            raise ValueError("committing blocks must come first and be computed")
+        if commits > len(present):
+            raise ValueError(f"cannot commit {commits} of {len(present)} present blocks")
         if fill is None and present != computed:
             raise ValueError(f"blocks {sorted(set(present) - set(computed))} are present but nothing fills them")
         if len(present) * block_frames > cache.Q:
