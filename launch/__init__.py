@@ -1,0 +1,11 @@
+"""Entry points, presets, the composition root and benchmarks.
+
+Importing this package sets OpenMP's wait policy to passive unless the user chose one: it must be
+set before torch loads its OpenMP runtime, and every command (`python -m launch.*`, and the
+`engine.generate` / `engine.stream` entry points that hand over here) imports this first.
+launch/threads.py says why.
+"""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

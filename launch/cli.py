@@ -113,6 +113,13 @@ def _pt_checkpoint(args, preset):
     return None
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 _SEQ = ("--schedule", "pyramid", "--offset", "1")
 FLAGS: tuple[Flag, ...] = (
     # plan
@@ -308,9 +315,23 @@ FLAGS: tuple[Flag, ...] = (
         ("--timeout", "30"),
         type=float,
     ),
+    # this process
+    Flag(
+        "--threads",
+        "process.threads",
+        "CPU threads of this process (launch/threads.py: 1 for small models on a CPU, else torch's)",
+        ("--threads", "2"),
+        type=_positive_int,
+    ),
 )
-GROUPS = {"plan": "plan", "sampling": "plan", "cache": "feature caching (cache/)", "weights": "weights",
-          "parallel": "ranks (under torchrun)"}  # fmt: skip
+GROUPS = {
+    "plan": "plan",
+    "sampling": "plan",
+    "cache": "feature caching (cache/)",
+    "weights": "weights",
+    "parallel": "ranks (under torchrun)",
+    "process": "this process",
+}
 FLAG_BY_DEST = {flag.dest: flag for flag in FLAGS}
 PARALLEL_DEFAULTS = ParallelConfig()
 
@@ -322,6 +343,8 @@ def _default_text(flag: Flag, preset: Preset) -> str:
         return f"the preset's; {preset.name}: {value!r}"
     if section == "parallel":
         return str(getattr(PARALLEL_DEFAULTS, field))
+    if section == "process":
+        return "chosen by the policy"
     return "the preset's bundled weights" if field in ("checkpoint", "text_encoder", "vae") else "none"
 
 
@@ -363,7 +386,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
-    add_flags(parser, ("parallel",))
+    add_flags(parser, ("parallel", "process"))
 
 
 def _given(args: argparse.Namespace, section: str) -> dict:
@@ -407,6 +430,11 @@ def weights_from_args(args: argparse.Namespace) -> WeightPaths:
 
 def parallel_from_args(args: argparse.Namespace) -> ParallelConfig:
     return dataclasses.replace(PARALLEL_DEFAULTS, **_given(args, "parallel"))
+
+
+def process_from_args(args: argparse.Namespace) -> dict:
+    """Settings of this process only (not of the stream): {"threads": N} when given."""
+    return _given(args, "process")
 
 
 def single_process_notes(args: argparse.Namespace, topology: Topology) -> list[str]:

@@ -29,6 +29,7 @@ from launch.cli import (
     add_weight_arguments,
     parallel_from_args,
     preset_from_args,
+    process_from_args,
     rank_device,
     single_process_notes,
     weights_from_args,
@@ -75,7 +76,8 @@ def run(args: argparse.Namespace, topology: Topology) -> dict | None:
         print(f"note: {note}", file=sys.stderr)
     device = rank_device(args, topology)
     start = time.perf_counter()
-    rank = RankRun(preset, weights_from_args(args), device, resolve_dtype(args.dtype, device), topology)
+    threads = process_from_args(args).get("threads")
+    rank = RankRun(preset, weights_from_args(args), device, resolve_dtype(args.dtype, device), topology, threads)
     blocks = rank.blocks(args.prompt, blocks=args.blocks, seed=args.seed)
     if not topology.is_decoder:
         for _ in blocks:  # compute ranks without output just run their share

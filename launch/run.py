@@ -17,13 +17,20 @@ from engine.plan.timeline import Tick
 from engine.runtime.outputs import Block, RunStats
 from engine.runtime.session import Run, Session
 from launch.build import build_session
+from launch.threads import configure_threads
 from parallel.cascade import decode_rank_plan
 from parallel.topology import Topology, TopologyError
 
 
 class RankRun:
     def __init__(
-        self, preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype, topology: Topology
+        self,
+        preset: Preset,
+        weights: WeightPaths,
+        device: torch.device,
+        dtype: torch.dtype,
+        topology: Topology,
+        threads: int | None = None,
     ):
         if topology.distributed and preset.plan.schedule != "cascade":
             raise TopologyError(f"{topology.world_size} processes need --schedule cascade (got {preset.plan.schedule})")
@@ -31,6 +38,7 @@ class RankRun:
         self.session: Session | None = None
         if topology.is_compute:
             self.session = build_session(preset, weights, device, dtype, topology)
+            configure_threads(threads, self.session.model, device)
             self.decoder = self.session.decoder
         else:
             self.decoder = build_decoder(preset, weights, device)

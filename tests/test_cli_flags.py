@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from engine.config import ConfigError
-from launch.cli import FLAGS, parallel_from_args, preset_from_args, weights_from_args
+from launch.cli import FLAGS, parallel_from_args, preset_from_args, process_from_args, weights_from_args
 from launch.generate import build_parser
 
 PARSER = build_parser()
@@ -17,12 +17,14 @@ PARSER = build_parser()
 
 def _resolved(argv: list[str]):
     args = PARSER.parse_args(argv)
-    return preset_from_args(args), weights_from_args(args), parallel_from_args(args)
+    return preset_from_args(args), weights_from_args(args), parallel_from_args(args), process_from_args(args)
 
 
 def _field(configs, sets: str):
-    preset, weights, parallel = configs
+    preset, weights, parallel, process = configs
     section, name = sets.split(".")
+    if section == "process":
+        return process.get(name)
     holder = {"weights": weights, "parallel": parallel}.get(section) or getattr(preset, section)
     if section == "sampling" and name == "num_steps":
         return preset.sampling.steps
@@ -71,14 +73,14 @@ def test_invalid_combinations_are_refused_with_a_reason():
 
 
 def test_cache_without_threshold_uses_the_policy_suggestion():
-    preset, _, _ = _resolved(["--cache", "flowcache"])
+    preset, *_ = _resolved(["--cache", "flowcache"])
     assert preset.cache.policy == "flowcache" and preset.cache.threshold > 0, "a cache that never skips is no cache"
 
 
 def test_lagged_caching_and_recache_reach_the_preset():
     """The two flags that used to be dropped (--context, --switch) now arrive."""
-    preset, _, _ = _resolved(["--schedule", "pyramid", "--offset", "1", "--context", "lagged", "--cache", "scope"])
+    preset, *_ = _resolved(["--schedule", "pyramid", "--offset", "1", "--context", "lagged", "--cache", "scope"])
     assert (preset.plan.context, preset.cache.policy) == ("lagged", "scope")
-    preset, _, _ = _resolved(["--switch", "recache"])
+    preset, *_ = _resolved(["--switch", "recache"])
     assert preset.plan.switch == "recache"
     assert dataclasses.replace(preset.plan, switch="next-step") == _resolved([])[0].plan

@@ -12,11 +12,15 @@ from engine.loading import WeightPaths, resolve_dtype
 from engine.runtime.outputs import RunStats
 from engine.runtime.session import Session
 from launch.build import build_session
+from launch.threads import configure_threads
 
 
 def session_for(preset: Preset, device: torch.device, weights: WeightPaths | None = None) -> Session:
-    """The preset's session with its default weights (or `weights`), at the device's default dtype."""
-    return build_session(preset, weights or WeightPaths(), device, resolve_dtype("auto", device))
+    """The preset's session with its default weights (or `weights`), at the device's default dtype,
+    with the CPU thread policy the commands use (launch/threads.py)."""
+    session = build_session(preset, weights or WeightPaths(), device, resolve_dtype("auto", device))
+    configure_threads(None, session.model, device)
+    return session
 
 
 def generate_video(session: Session, prompt, blocks: int, seed: int) -> tuple[np.ndarray, RunStats, float]:
