@@ -99,6 +99,8 @@ class StreamingPipeline:
         *,
         checkpoint: str | Path | None = None,
         base: str | Path | None = None,
+        text_encoder: str | Path | None = None,
+        vae: str | Path | None = None,
         lora: str | Path | None = None,
         random_weights: bool = False,
         device: str = "auto",
@@ -108,7 +110,7 @@ class StreamingPipeline:
         """Load a preset (`python -m launch.presets` lists them) with its weights: the shipped ones
         for the demo, a checkpoint (+ a Wan2.1 diffusers `base` for text encoder and VAE) for real
         models, or seeded random weights. Under torchrun pass the topology of `parallel.runtime.launched`."""
-        paths = {"checkpoint": checkpoint, "base": base, "lora": lora}
+        paths = {"checkpoint": checkpoint, "base": base, "text_encoder": text_encoder, "vae": vae, "lora": lora}
         weights = WeightPaths(**{k: Path(v) for k, v in paths.items() if v is not None}, random=random_weights)
         torch_device = resolve_device(device)
         return cls(build_session(get_preset(name), weights, torch_device, resolve_dtype(dtype, torch_device), topology))
