@@ -39,15 +39,23 @@ THRESHOLDS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="demo")
-    parser.add_argument("--prompts", type=int, default=6)
-    parser.add_argument("--blocks", type=int, default=6)
+    parser.add_argument("--preset", default="demo", help="model preset")
+    parser.add_argument("--prompts", type=int, default=6, help="videos per setting (prompts of the adherence set)")
+    parser.add_argument("--blocks", type=int, default=6, help="blocks per video")
     parser.add_argument("--steps", type=int, default=30, help="steps of the many-step plan")
     parser.add_argument("--offset", type=int, default=5, help="pyramid offset of the many-step plan (ar_step)")
-    parser.add_argument("--plans", nargs="+", default=["many", "self-forcing"], choices=["many", "self-forcing"])
-    parser.add_argument("--policies", nargs="+", default=list(THRESHOLDS), choices=list(THRESHOLDS))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--plans",
+        nargs="+",
+        default=["many", "self-forcing"],
+        choices=["many", "self-forcing"],
+        help="many: a 30-step Euler pyramid; self-forcing: the preset's own 4-step plan",
+    )
+    parser.add_argument(
+        "--policies", nargs="+", default=list(THRESHOLDS), choices=list(THRESHOLDS), help="policies to measure"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="first video's seed")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
 
 
 def plan_preset(name: str, plan: str, steps: int, offset: int):

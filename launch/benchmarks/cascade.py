@@ -26,12 +26,12 @@ COLUMNS = ["plan", "context", "attention", "offset", "psnr_db", "ssim", "color",
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="demo")
-    parser.add_argument("--prompts", type=int, default=12)
-    parser.add_argument("--blocks", type=int, default=8)
-    parser.add_argument("--offsets", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--preset", default="demo", help="model preset")
+    parser.add_argument("--prompts", type=int, default=12, help="videos per plan")
+    parser.add_argument("--blocks", type=int, default=8, help="blocks per video")
+    parser.add_argument("--offsets", type=int, nargs="+", default=[1, 2, 3], help="cascade offsets")
+    parser.add_argument("--seed", type=int, default=0, help="first video's seed")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
 
 
 def plan_variants(offsets: list[int]) -> list[dict]:

@@ -49,12 +49,14 @@ LINKS = (Link("NVLink (H100, 450 GB/s per direction)", 450.0, 10.0), Link("PCIe 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--presets", nargs="+", default=list(ANCHOR_FPS))
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3, 4, 5, 8])
-    parser.add_argument("--offsets", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--presets", nargs="+", default=list(ANCHOR_FPS), help="presets to model (those with a published anchor)"
+    )
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3, 4, 5, 8], help="GPU counts to model")
+    parser.add_argument("--offsets", type=int, nargs="+", default=[1, 2], help="cascade offsets to model")
     parser.add_argument("--forward-ms", nargs="*", default=[], help="PRESET=MS measured per-block forward times")
     parser.add_argument("--measure", action="store_true", help="also measure 1 vs 2 ranks on this machine")
-    parser.add_argument("--measure-blocks", type=int, default=16)
+    parser.add_argument("--measure-blocks", type=int, default=16, help="blocks per measured run")
     parser.add_argument("--measure-cache", help="POLICY:THRESHOLD: also measure caching with the cascade")
 
 

@@ -38,13 +38,15 @@ COLUMNS = [
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="skyreels-v2-df-tiny")
+    parser.add_argument("--preset", default="skyreels-v2-df-tiny", help="model preset")
     parser.add_argument("--blocks", type=int, default=8, help="blocks in the video (one segment)")
     parser.add_argument("--offsets", type=int, nargs="+", default=[1, 2, 3], help="ar_step values")
-    parser.add_argument("--attention", nargs="+", default=["bidirectional", "causal"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompt", default="a red circle moving left")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--attention", nargs="+", default=["bidirectional", "causal"], help="attention among the window's blocks"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the video's seed")
+    parser.add_argument("--prompt", default="a red circle moving left", help="the video's prompt")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
 
 
 def _generate(session: Session, prompt: str, blocks: int, seed: int) -> tuple[np.ndarray, torch.Tensor, float, list]:

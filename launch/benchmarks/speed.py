@@ -34,9 +34,9 @@ LINEAR_OPS = ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="self-forcing-1.3b")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--preset", default="self-forcing-1.3b", help="model preset")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16")
     parser.add_argument("--random-weights", action="store_true", help="seeded random weights (timing only)")
     parser.add_argument("--warmup", type=int, default=2, help="blocks run before timing")
     parser.add_argument("--blocks", type=int, default=4, help="blocks timed")

@@ -34,10 +34,10 @@ OLD, NEW = "a red circle moving left", "a blue square moving up"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="demo")
-    parser.add_argument("--blocks", type=int, default=10)
-    parser.add_argument("--switch-tick", type=int, default=12)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--preset", default="demo", help="model preset")
+    parser.add_argument("--blocks", type=int, default=10, help="blocks per run")
+    parser.add_argument("--switch-tick", type=int, default=12, help="tick at which the switch is requested")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
 
 
 class _Switch:
