@@ -219,6 +219,9 @@ class TextConfig:
         _require(self.tiny is None or self.vocab is None, "choose a tiny umT5 or a vocabulary, not both")
 
 
+SINK_MODES = ("fixed", "rebased")
+
+
 @dataclass(frozen=True, kw_only=True)
 class StreamConfig:
     """Geometry of the stream and of its attention window."""
@@ -231,12 +234,17 @@ class StreamConfig:
     """Latent frames one block may attend to, counting itself and the sink (Self-Forcing: 21)."""
     sink_frames: int = 0
     """The first frames of the stream that are never evicted (LongLive: 3)."""
+    sink_mode: str = "fixed"
+    """Where the sink's keys sit once the window slides: fixed (at their original positions 0..S-1,
+    as Self-Forcing's and LongLive v1's released code keeps them) or rebased (moved to sit right
+    before the oldest visible frame, Rolling Forcing's / LongLive's infinite-length variant)."""
     fps: int = 16
     """Playback rate of the decoded video."""
 
     def __post_init__(self) -> None:
         _require(self.frames_per_block > 0, "frames_per_block must be positive")
         _require(self.sink_frames >= 0, "sink_frames must be >= 0")
+        _require(self.sink_mode in SINK_MODES, f"sink_mode must be one of {SINK_MODES}")
         _require(
             self.window_frames >= self.frames_per_block + self.sink_frames,
             f"window_frames ({self.window_frames}) must hold a block ({self.frames_per_block}) "

@@ -403,6 +403,7 @@ def build_kv_cache(
         heads=cfg.kv_heads,
         head_dim=cfg.head_dim,
         sink_frames=stream.sink_frames,
+        rebase_sink=stream.sink_mode == "rebased",
         ring_frames=stream.ring_frames if ring_frames is None else ring_frames,
         scratch_frames=scratch_frames or stream.frames_per_block,
         dtype=dtype,

@@ -24,6 +24,7 @@ from engine.config import (
     COMPUTE,
     CONTEXTS,
     SCHEDULES,
+    SINK_MODES,
     SOLVERS,
     SWITCHES,
     ConfigError,
@@ -88,6 +89,10 @@ def _not_sequential(args, preset):
     if preset.plan.schedule == "sequential":
         return "--offset needs --schedule pyramid, cascade or skyreels (sequential runs one block at a time)"
     return None
+
+
+def _with_sink(args, preset):
+    return None if preset.stream.sink_frames else "--sink-mode needs a preset with sink frames (e.g. longlive-1.3b)"
 
 
 def _guided(args, preset):
@@ -191,6 +196,14 @@ FLAGS: tuple[Flag, ...] = (
         ("--schedule", "skyreels", "--offset", "1", "--addnoise-condition", "20"),
         type=float,
         applies=_skyreels_only("--addnoise-condition"),
+    ),
+    Flag(
+        "--sink-mode",
+        "stream.sink_mode",
+        "where sink frames' keys sit once the window slides: fixed (0..S-1) or rebased (before the window)",
+        ("--preset", "tiny-wan", "--sink-mode", "rebased"),
+        choices=SINK_MODES,
+        applies=_with_sink,
     ),
     # sampling
     Flag(
@@ -326,6 +339,7 @@ FLAGS: tuple[Flag, ...] = (
 )
 GROUPS = {
     "plan": "plan",
+    "stream": "plan",
     "sampling": "plan",
     "cache": "feature caching (cache/)",
     "weights": "weights",
@@ -338,7 +352,7 @@ PARALLEL_DEFAULTS = ParallelConfig()
 
 def _default_text(flag: Flag, preset: Preset) -> str:
     section, field = flag.sets.split(".")
-    if section in ("plan", "sampling", "cache"):
+    if section in ("plan", "sampling", "cache", "stream"):
         value = preset.sampling.steps if field == "num_steps" else getattr(getattr(preset, section), field)
         return f"the preset's; {preset.name}: {value!r}"
     if section == "parallel":
@@ -382,7 +396,7 @@ def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    add_flags(parser, ("plan", "sampling", "cache"))
+    add_flags(parser, ("plan", "stream", "sampling", "cache"))
 
 
 def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
@@ -408,6 +422,7 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
     preset = dataclasses.replace(
         preset,
         plan=dataclasses.replace(preset.plan, **_given(args, "plan")),
+        stream=dataclasses.replace(preset.stream, **_given(args, "stream")),
         sampling=dataclasses.replace(preset.sampling, **sampling),
         cache=dataclasses.replace(preset.cache, **cache),
     )

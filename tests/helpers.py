@@ -40,8 +40,11 @@ def tiny_model(seed: int = 0, cfg: WanConfig = TINY) -> WanModel:
     return model.eval()
 
 
-def tiny_cache(cfg: WanConfig, grid: tuple[int, int], *, sink: int, ring: int, scratch: int, batch: int = 1) -> KVCache:
+def tiny_cache(
+    cfg: WanConfig, grid: tuple[int, int], *, sink: int, ring: int, scratch: int, batch: int = 1, rebase_sink=False
+) -> KVCache:
     return KVCache(
+        rebase_sink=rebase_sink,
         rope=Rope(cfg, grid),
         layers=cfg.num_layers,
         batch=batch,

@@ -62,16 +62,23 @@ def test_causal_mask_hides_later_blocks():
 
 class NaiveWindowView:
     """Reference semantics, written plainly: un-rotated K/V per frame in lists, the visible set is
-    the sink plus the last `ring` frames, and every call re-rotates all keys at positions re-based
-    so the sink sits right before the window: [sink 0..S-1, recent S.., in-flight ...]."""
+    the sink plus the last `ring` frames, and every call rotates all keys afresh:
+    * rebased: at small positions with the sink right before the window: [sink 0..S-1, recent S..,
+      in-flight ...] (Rolling Forcing / LongLive's infinite variant);
+    * fixed: every frame at its true position, the sink at 0..S-1 forever (Self-Forcing, LongLive
+      v1's released inference)."""
 
-    def __init__(self, store, rope: Rope, sink: int, ring: int, first_frame: int, frames: int, commit: bool):
+    def __init__(self, store, rope: Rope, sink: int, ring: int, first_frame: int, frames: int, commit: bool, mode):
         self.store, self.sink, self.ring, self.commit_frame = store, sink, ring, first_frame if commit else None
         committed = len(store["k"][0])
         self.visible = list(range(min(committed, sink))) + list(range(max(sink, committed - ring), committed))
         self.rope, self.frames = rope, frames
-        self.rotation = rope.tables(len(self.visible), frames)
-        self.context_rotation = rope.tables(0, len(self.visible))
+        if mode == "rebased":
+            self.rotation = rope.tables(len(self.visible), frames)
+            self.context_rotation = rope.tables(0, len(self.visible))
+        else:
+            self.rotation = rope.tables(first_frame, frames)
+            self.context_rotation = torch.cat([rope.tables(f, 1) for f in self.visible] or [rope.tables(0, 1)[:0]])
         self.pending = {}
 
     def context(self, layer, q, k, v):
@@ -95,17 +102,19 @@ class NaiveWindowView:
                 self.store["v"][layer].append(v[:, j * T : (j + 1) * T])
 
 
+@pytest.mark.parametrize("mode", ["rebased", "fixed"])
 @pytest.mark.parametrize("sink,ring", [(3, 6), (2, 5), (0, 4)])
 @torch.no_grad()
-def test_long_stream_with_eviction_matches_reference(sink, ring):
-    """A stream far past 1024 frames (the reference RoPE table) equals the naive re-based window.
+def test_long_stream_with_eviction_matches_reference(sink, ring, mode):
+    """A stream far past 1024 frames (the reference RoPE table) equals the naive window of its sink mode.
 
-    Our cache keeps keys rotated at absolute positions (> 1024 here) and moves the sink by one
-    rotation; the reference re-rotates everything at small re-based positions. RoPE depends only
-    on distances, so the two agree to float rounding at every block. ring=5 wraps mid-block."""
+    Our cache keeps keys rotated at absolute positions (> 1024 here) and, re-basing, moves the sink
+    by one rotation; the rebased reference re-rotates everything at small re-based positions, the
+    fixed one at true positions. RoPE depends only on distances, so each pair agrees to float
+    rounding at every block. ring=5 wraps mid-block."""
     model, grid, blocks = tiny_model(), (2, 2), 350
     rope = Rope(TINY, grid)
-    cache = tiny_cache(TINY, grid, sink=sink, ring=ring, scratch=BLOCK)
+    cache = tiny_cache(TINY, grid, sink=sink, ring=ring, scratch=BLOCK, rebase_sink=mode == "rebased")
     store = {"k": [[] for _ in range(TINY.num_layers)], "v": [[] for _ in range(TINY.num_layers)]}
     text, pointer = _text(model), cache.k.data_ptr()
     generator = torch.Generator().manual_seed(5)
@@ -116,7 +125,7 @@ def test_long_stream_with_eviction_matches_reference(sink, ring):
             ours = cache.view(
                 first_frame=b * BLOCK, frames=BLOCK, block_frames=BLOCK, mode="causal", commit_frames=BLOCK * commit
             )
-            naive = NaiveWindowView(store, rope, sink, ring, b * BLOCK, BLOCK, commit)
+            naive = NaiveWindowView(store, rope, sink, ring, b * BLOCK, BLOCK, commit, mode)
             actual, expected = model(x, sigma, text, ours), model(x, sigma, text, naive)
             ours.commit(), naive.commit()
             if b % 25 == 0 or b == blocks - 1:
@@ -124,6 +133,26 @@ def test_long_stream_with_eviction_matches_reference(sink, ring):
     assert cache.committed == blocks * BLOCK > 1024
     assert cache.visible_frames == sink + ring
     assert cache.k.data_ptr() == pointer, "the cache must not reallocate"
+
+
+@torch.no_grad()
+def test_the_two_sink_modes_part_once_the_window_slides():
+    """Fixed and re-based sinks are the same model until the ring wraps, and differ after."""
+    model, grid = tiny_model(), (2, 2)
+    caches = {mode: tiny_cache(TINY, grid, sink=3, ring=6, scratch=BLOCK, rebase_sink=mode) for mode in (False, True)}
+    text, generator = _text(model), torch.Generator().manual_seed(1)
+    for b in range(6):
+        x, sigma = torch.randn(1, TINY.in_channels, BLOCK, 4, 4, generator=generator), torch.full((1, BLOCK), 0.3)
+        out = {}
+        for rebase, cache in caches.items():
+            view = cache.view(first_frame=b * BLOCK, frames=BLOCK, block_frames=BLOCK, mode="causal",
+                              commit_frames=BLOCK)  # fmt: skip
+            out[rebase] = model(x, sigma, text, view)
+            view.commit()
+        if b * BLOCK <= 3 + 6:  # nothing evicted yet: the sink and the recent frames still touch
+            assert torch.equal(out[False], out[True]), f"block {b}: the sink modes must agree before eviction"
+        else:
+            assert (out[False] - out[True]).abs().max() > 1e-4, f"block {b}: the sink modes should differ"
 
 
 def test_view_rejects_gaps_and_oversized_calls():

@@ -8,11 +8,13 @@ Layout of one layer's buffer, in frames of `T = tokens_per_frame` tokens each:
   rotated once, when they are written. Queries are rotated at their absolute position too; RoPE
   depends only on the distance between the two, and positions are computed on the fly
   (`engine.models.rope`), so a stream runs past any table length.
-* Once the ring wraps, the oldest recent frame is frame `first = committed - R`. The sink frames
-  are then moved, by one extra time rotation from their stored copy, to sit right before it
-  (positions first-S .. first-1), the way LongLive's infinite-length variant re-bases its sink.
-  Before the ring wraps every frame sits at its true position, so a stream shorter than the
-  window is exactly the block-causal model the checkpoints were trained as.
+* The sink frames (the stream's first S) stay where they were written, at positions 0..S-1, as
+  Self-Forcing's and LongLive v1's released code keeps them (`rebase_sink=False`, the default).
+  With `rebase_sink`, once the ring wraps (its oldest frame is `first = committed - R`) they are
+  moved by one extra time rotation from their stored copy to sit right before it (positions
+  first-S .. first-1), the way Rolling Forcing / LongLive's infinite-length variant re-bases it.
+  Before the ring wraps both are the same: every frame sits at its true position, so a stream
+  shorter than the window is exactly the block-causal model the checkpoints were trained as.
 * A call's own K/V go to the scratch slots right after the visible committed frames, so that the
   keys attended to are one contiguous slice (no concatenation of the whole window per layer).
   Committing a call copies those frames into their ring slots after the forward: during the
@@ -45,6 +47,7 @@ class KVCache:
         scratch_frames: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        rebase_sink: bool = False,
     ):
         if min(sink_frames, ring_frames) < 0 or scratch_frames <= 0:
             raise ValueError("sink/ring frames must be >= 0 and scratch frames > 0")
@@ -55,7 +58,10 @@ class KVCache:
         shape = (layers, batch, slots, heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.sink_k = torch.zeros((layers, batch, self.S * self.T, heads, head_dim), dtype=dtype, device=device)
+        self.rebase = rebase_sink and sink_frames > 0
+        # the sink's keys at their true positions, to re-base from (only when it moves)
+        sink_copy = self.S * self.T if self.rebase else 0
+        self.sink_k = torch.zeros((layers, batch, sink_copy, heads, head_dim), dtype=dtype, device=device)
         self.commit_from: int | None = None
         """If set, committed frames keep this batch element's K/V in every element (MAGI-1's base
         guidance: the null-caption pass writes the cache both conditioned passes read)."""
@@ -160,7 +166,7 @@ class KVCache:
         for j in range(frames):
             frame, src = first_frame + j, scratch_slot + j
             sink_slot = frame - self.origin
-            if sink_slot < self.S:  # keep a copy rotated at its true position, to re-base later
+            if sink_slot < self.S and self.rebase:  # keep a copy rotated at its true position, to re-base later
                 self.sink_k[:, :, sink_slot * T : (sink_slot + 1) * T] = self.k[:, :, src * T : (src + 1) * T]
             dst = self.slot_of(frame)
             if dst is not None and dst != src:
@@ -173,7 +179,7 @@ class KVCache:
     def _rebase_sink(self) -> None:
         """Rotate the sink so that it sits right before the oldest visible ring frame."""
         base = self.first_recent_frame() - self.S - self.origin
-        if self.S == 0 or base == self._sink_base:
+        if not self.rebase or base == self._sink_base:
             return
         shift = self.rope.time_shift(base)
         sink_tokens = self.S * self.T
