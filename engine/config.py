@@ -213,10 +213,14 @@ class TextConfig:
     """If set, the preset builds a random tiny encoder instead of loading one from disk."""
     vocab: tuple[str, ...] | None = None
     """If set, prompts are words of this vocabulary, embedded by a learned table (the demo model)."""
+    special_tokens: tuple[str, ...] = ()
+    """MAGI-1: learned tokens prepended to every caption, as its run scripts do ("hq", "duration";
+    engine/models/magi_tokens.py)."""
 
     def __post_init__(self) -> None:
         _require(self.text_len > 0, "text_len must be positive")
         _require(self.tiny is None or self.vocab is None, "choose a tiny umT5 or a vocabulary, not both")
+        _require(set(self.special_tokens) <= {"hq", "duration"}, "special tokens are hq and duration")
 
 
 SINK_MODES = ("fixed", "rebased")
@@ -476,6 +480,7 @@ class Preset:
                 "feature caching needs --compute selective: "
                 "--compute window reruns every block each tick by definition",
             )
+        _require(not self.text.special_tokens or self.model.family == "magi", "special caption tokens are MAGI-1's")
         if self.model.family == "magi":
             self._check_magi()
         block = self.stream.frames_per_block

@@ -25,6 +25,7 @@ from engine.models.checkpoints.validate import check_file_dtypes, check_tensors
 from engine.models.checkpoints.wan import load_weights
 from engine.models.magi import LayerNorm1p, MagiModel, initial_bands
 from engine.models.magi_rope import MagiRope
+from engine.models.magi_tokens import SpecialTokens
 from engine.models.rope import Rope
 from engine.models.text_encoder import PromptEncoder, TextEncoder
 from engine.models.vae import StreamingDecoder, load_vae, random_vae
@@ -54,6 +55,8 @@ class WeightPaths:
     lora: Path | None = None
     lora_alpha: float | None = None
     ema: bool | None = None
+    special_tokens: Path | None = None
+    """MAGI-1's special_tokens.npz (from its code repository's example/assets/)."""
     random: bool = False
     """Seeded random weights for every part (timing runs, smoke tests)."""
     seed: int = 0
@@ -88,6 +91,7 @@ PATH_FLAGS = {
     "tokenizer": "--tokenizer",
     "vae": "--vae",
     "lora": "--lora",
+    "special_tokens": "--special-tokens",
 }
 
 
@@ -274,6 +278,28 @@ def build_text_encoder(preset: Preset, weights: WeightPaths, device: torch.devic
     if encoder.width != preset.model.text_dim:
         raise SetupError(f"text encoder width {encoder.width} != model text_dim {preset.model.text_dim}")
     return encoder
+
+
+def build_special_tokens(preset: Preset, weights: WeightPaths) -> SpecialTokens | None:
+    """The caption tokens a MAGI-1 preset prepends (None for presets without any)."""
+    if not preset.text.special_tokens:
+        return None
+    if weights.random or preset.random_init:
+        return SpecialTokens.random(preset.model.text_dim, weights.seed)
+    if weights.special_tokens is None:
+        raise SetupError(
+            f"{preset.name}: MAGI-1's run scripts prepend special caption tokens: pass --special-tokens "
+            "special_tokens.npz (example/assets/ in the MAGI-1 repository)"
+        )
+    try:
+        tokens = SpecialTokens.load(Path(weights.special_tokens))
+    except (OSError, ValueError) as err:
+        raise SetupError(f"--special-tokens: {err}") from err
+    if tokens.width != preset.model.text_dim:
+        raise SetupError(
+            f"--special-tokens {weights.special_tokens}: width {tokens.width}, text_dim is {preset.model.text_dim}"
+        )
+    return tokens
 
 
 def _warn_unused_tokenizer(preset: Preset, weights: WeightPaths) -> None:

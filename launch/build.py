@@ -24,6 +24,7 @@ from engine.loading import (
     build_kv_cache,
     build_model,
     build_rope,
+    build_special_tokens,
     build_text_encoder,
 )
 from engine.plan.sigmas import build_schedule
@@ -50,7 +51,8 @@ def build_session(
 ) -> Session:
     """Load (or seed) the model, text encoder and decoder once; streams get their executors here."""
     model = build_model(preset, weights, device, dtype)
-    prompts = Prompts(preset, model, build_text_encoder(preset, weights, device, dtype), device)
+    special = build_special_tokens(preset, weights)
+    prompts = Prompts(preset, model, build_text_encoder(preset, weights, device, dtype), device, special)
     decoder = build_decoder(preset, weights, device)
     return Session(preset, model, prompts, decoder, device, Assembly(preset, model, device, topology))
 

@@ -95,6 +95,10 @@ def _with_sink(args, preset):
     return None if preset.stream.sink_frames else "--sink-mode needs a preset with sink frames (e.g. longlive-1.3b)"
 
 
+def _magi_tokens(args, preset):
+    return None if preset.text.special_tokens else "--special-tokens goes with MAGI-1 presets (their caption tokens)"
+
+
 def _guided(args, preset):
     if not preset.sampling.guided:
         return "--negative-prompt needs --guidance-scale > 1 (with guidance off only the prompt is used)"
@@ -305,6 +309,14 @@ FLAGS: tuple[Flag, ...] = (
         ("--checkpoint", "m.pt", "--no-ema"),
         action=argparse.BooleanOptionalAction,
         applies=_pt_checkpoint,
+    ),
+    Flag(
+        "--special-tokens",
+        "weights.special_tokens",
+        "MAGI-1: special_tokens.npz of its code repository (the caption tokens its run scripts prepend)",
+        ("--preset", "magi-1-4.5b", "--special-tokens", "special_tokens.npz"),
+        type=Path,
+        applies=_magi_tokens,
     ),
     Flag(
         "--random-weights",

@@ -175,6 +175,7 @@ MAGI_24B = MagiConfig(
 MAGI_BASE = MagiGuidance(passes=3)
 MAGI_DISTILL = MagiGuidance(passes=1, nearly_clean_t=0.3)
 MAGI_REACH = (5, 4, 3, 2)
+MAGI_SPECIAL = ("hq", "duration")  # PAD_HQ=1 PAD_DURATION=1, as MAGI-1's run scripts set them
 
 
 def _magi(name: str, model: MagiConfig, steps: int, guidance: MagiGuidance, size: tuple[int, int], what: str) -> Preset:
@@ -183,7 +184,7 @@ def _magi(name: str, model: MagiConfig, steps: int, guidance: MagiGuidance, size
         description=what,
         model=dataclasses.replace(model, distill=guidance.passes == 1),
         vae=VaeConfig(kind="magi"),
-        text=TextConfig(text_len=800),  # T5-XXL states, 800 tokens per caption
+        text=TextConfig(text_len=800, special_tokens=MAGI_SPECIAL),  # T5-XXL states, 800 tokens per caption
         stream=StreamConfig(height=size[0], width=size[1], frames_per_block=6, window_frames=12, fps=24),
         sampling=SamplingConfig(timesteps=None, num_steps=steps, spacing="magi", solver="euler", magi=guidance),
         plan=PlanConfig(schedule="pyramid", offset=steps // 4, history_reach=MAGI_REACH),
@@ -239,7 +240,7 @@ def magi_1_tiny() -> Preset:
             rope_bands=4,
         ),  # fmt: skip
         vae=TINY_VAE,
-        text=TINY_TEXT,
+        text=dataclasses.replace(TINY_TEXT, special_tokens=MAGI_SPECIAL),
         stream=StreamConfig(height=64, width=64, frames_per_block=2, window_frames=4, fps=24),
         sampling=SamplingConfig(timesteps=None, num_steps=8, spacing="magi", solver="euler", magi=MAGI_BASE),
         plan=PlanConfig(schedule="pyramid", offset=2, history_reach=MAGI_REACH),

@@ -9,14 +9,16 @@ import dataclasses
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from engine.config import CacheConfig, MagiConfig, MagiGuidance, SamplingConfig
-from engine.loading import MissingDecoder, SetupError, WeightPaths, init_magi_random_
+from engine.loading import MissingDecoder, SetupError, WeightPaths, build_special_tokens, init_magi_random_
 from engine.models.attention import LocalView
 from engine.models.magi import CaptionKV, MagiModel, MagiText, interleave_heads
 from engine.models.magi_rope import MagiRope
+from engine.models.magi_tokens import SpecialTokens
 from engine.plan.sigmas import build_schedule, magi_times
 from engine.plan.timeline import pyramid
 from engine.sampling.magi_guidance import MagiGuidance as Guidance
@@ -309,3 +311,41 @@ def test_caption_stack_pads_to_the_longest():
     b = CaptionKV([torch.ones(1, 5, 1, 2)], [torch.ones(1, 5, 1, 2)], (5,))
     both = CaptionKV.stack(a, b)
     assert both.keys[0].shape == (2, 5, 1, 2) and both.lengths == (2, 5) and both.keys[0][0, 3:].abs().sum() == 0
+
+
+# -- special caption tokens ------------------------------------------------------------------------
+
+
+def test_special_tokens_lead_every_caption_as_the_run_scripts_order_them(tmp_path):
+    """The released layout's rows are picked (HQ: other_tokens[1]; duration "7 or more remain":
+    other_tokens[14]) and end up in front as [duration, HQ, prompt ...], cut to the caption length."""
+    width = TINY.model.text_dim
+    rows = np.arange(17 * width, dtype=np.float16).reshape(17, width) / 1000
+    path = tmp_path / "special_tokens.npz"
+    np.savez(path, other_tokens=rows, caption_token=rows[:1], logo_token=rows[:1])
+    tokens = SpecialTokens.load(path)
+    states = torch.ones(1, 6, width)
+    states[:, 4:] = 0  # 4 real tokens
+    out, length = tokens.prepend(states, 4, ("hq", "duration"))
+    assert length == 6 and out.shape == states.shape
+    assert torch.equal(out[0, 0], torch.from_numpy(rows[14]).float()), "the duration token comes first"
+    assert torch.equal(out[0, 1], torch.from_numpy(rows[1]).float()) and torch.equal(out[0, 2:], states[0, :4])
+    full, full_length = tokens.prepend(torch.ones(1, 4, width), 4, ("hq", "duration"))
+    assert full_length == 4 and torch.equal(full[0, 2:], torch.ones(2, width)), "cut to the caption length"
+
+
+def test_a_real_magi_preset_asks_for_its_special_tokens(tmp_path):
+    preset = get_preset("magi-1-4.5b")
+    assert preset.text.special_tokens == ("hq", "duration")
+    with pytest.raises(SetupError, match="--special-tokens"):
+        build_special_tokens(preset, WeightPaths(checkpoint=tmp_path))
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, other_tokens=np.zeros((3, 4096), np.float32))
+    with pytest.raises(SetupError, match="expected"):
+        build_special_tokens(preset, WeightPaths(special_tokens=bad))
+
+
+def test_special_tokens_change_what_the_tiny_model_makes():
+    plain = _latents(dataclasses.replace(TINY, text=dataclasses.replace(TINY.text, special_tokens=())), blocks=3)
+    padded = _latents(TINY, blocks=3)
+    assert (plain - padded).abs().max() > 1e-4, "the caption tokens must reach cross-attention"

@@ -14,6 +14,7 @@ import torch
 
 from engine.config import Preset
 from engine.models.magi import CaptionKV, MagiModel, MagiText
+from engine.models.magi_tokens import SpecialTokens
 from engine.models.text_encoder import PromptEncoder
 from engine.models.wan import TextKV, WanModel
 from engine.sampling.magi_guidance import magi_text
@@ -23,8 +24,15 @@ KEPT = 8
 
 
 class Prompts:
-    def __init__(self, preset: Preset, model: WanModel | MagiModel, encoder: PromptEncoder, device: torch.device):
-        self.preset, self.model, self.encoder, self.device = preset, model, encoder, device
+    def __init__(
+        self,
+        preset: Preset,
+        model: WanModel | MagiModel,
+        encoder: PromptEncoder,
+        device: torch.device,
+        special: SpecialTokens | None = None,
+    ):
+        self.preset, self.model, self.encoder, self.device, self.special = preset, model, encoder, device, special
         self._text_kv: OrderedDict[str, TextKV | MagiText] = OrderedDict()
         self._conditioning: OrderedDict[str, TextKV | MagiText] = OrderedDict()
         self._null_caption: CaptionKV | None = None
@@ -41,6 +49,8 @@ class Prompts:
             if self._null_caption is None:
                 self._null_caption = self.model.null_caption()
             length = max(int((states[0].abs().sum(-1) > 0).sum()), 1)  # real tokens (once per prompt)
+            if self.special is not None:
+                states, length = self.special.prepend(states, length, self.preset.text.special_tokens)
             return magi_text(self.model, states, length, self._null_caption)
 
     def conditioning(self, prompt: str) -> TextKV | MagiText:
