@@ -55,6 +55,13 @@ def _layout(world: int, cfg: ParallelConfig) -> tuple[int, int]:
     return cascade, compute
 
 
+def _group_options(backend: str, timeout: timedelta):
+    """Options that carry `timeout` to groups the device mesh creates."""
+    options = dist.ProcessGroupNCCL.Options() if backend == "nccl" else dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    return options
+
+
 class Topology:
     """The ranks of one run and their groups. `Topology.single()` is the one-process case."""
 
@@ -79,10 +86,14 @@ class Topology:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s))
+        timeout = timedelta(seconds=cfg.timeout_s)
+        dist.init_process_group(backend, timeout=timeout)
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         ranks = torch.arange(compute).view(cascade, cfg.sp)
-        mesh = DeviceMesh(device_type, ranks, mesh_dim_names=("cascade", "sp"))
+        # the mesh's own groups (compute ranks only, with a decode rank) get the job's timeout,
+        # not torch's default of 30 minutes
+        groups = ((backend, _group_options(backend, timeout)),) * 2
+        mesh = DeviceMesh(device_type, ranks, mesh_dim_names=("cascade", "sp"), backend_override=groups)
         return cls(cfg, rank, world, local_rank, mesh)
 
     # -- roles -------------------------------------------------------------------------------
@@ -115,6 +126,11 @@ class Topology:
         """Cascade rank that denoises `block`: round robin, so neighbours sit on different ranks."""
         return block % self.cascade_size
 
+    def broadcast_control(self, packet: torch.Tensor) -> None:
+        """The serving rank's control packet to every rank, in place (engine/serving/controls.py)."""
+        if self.distributed:
+            dist.broadcast(packet, src=self.sink)
+
     def check_plan(self, in_flight: int, steps: int, offset: int) -> None:
         """Refuse a cascade whose ranks the plan could never all keep busy. One block in flight
         (offset >= steps + 1) is allowed: blocks then take turns over the ranks, which is
@@ -127,5 +143,6 @@ class Topology:
             )
 
     def close(self) -> None:
+        self.faults.close()
         if dist.is_initialized():
             dist.destroy_process_group()

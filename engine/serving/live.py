@@ -2,8 +2,9 @@
 
 `LiveStream.run()` drives the pipeline's plan forever (every rank runs it). What viewers ask for
 (prompt, pause, stop) lands in `Controls` on the serving rank; at every tick the serving rank
-broadcasts it to all ranks, so every rank switches prompts, pauses and stops at the same tick.
-A prompt takes effect at the next tick (for a cascade: at the in-flight blocks' next step).
+shares it with all ranks (engine/serving/controls.py), so every rank switches prompts, pauses and
+stops at the same tick. A prompt takes effect at the next tick (for a cascade: at the in-flight
+blocks' next step).
 
 Stats: FPS over the last seconds, time to first frame, and the last switch latency, from the
 switch request to the first frame whose block finished its last step under the new prompt.
@@ -11,25 +12,22 @@ switch request to the first frame whose block finished its last step under the n
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 from engine.models.vae import to_uint8
 from engine.plan.timeline import Tick
 from engine.runtime.executor import Block
-from engine.serving.protocol import MAX_PROMPT_CHARS
-from parallel.topology import Topology
+from engine.serving.controls import Controls, ControlState, OneProcess, Ranks, share
+
+__all__ = ["Controls", "LiveStream", "OneProcess", "Playout", "Stats", "StopStream"]
 
 PAUSE_POLL_S = 0.05
 FPS_WINDOW_S = 3.0
-_PACKET_BYTES = 8 + 4 * MAX_PROMPT_CHARS  # flags, version, length, UTF-8 prompt
 
 
 class StopStream(Exception):
@@ -52,54 +50,22 @@ class Stats:
     """Share of block computations a feature cache skipped (None without a cache)."""
 
 
-class Controls:
-    """What viewers asked for; thread-safe; read by the engine once per tick."""
+class Playout:
+    """Paces a live stream to its playback rate: after a block of n frames leaves, the next may
+    leave n/fps later. Time lost (a pause, a slow block) is made up by at most one block: a
+    stream further behind its schedule forgets the rest rather than bursting to catch up, which
+    would only overflow the viewers' queues."""
 
-    def __init__(self, prompt: str):
-        self._lock = threading.Lock()
-        self.prompt, self.version, self.paused, self.stopped = prompt, 0, False, False
-        self.requested_at: dict[int, float] = {}
+    def __init__(self, fps: int):
+        self.fps = fps
+        self.end: float | None = None  # when the last block finishes playing, on schedule
 
-    def request_prompt(self, text: str) -> int:
-        with self._lock:
-            self.version += 1
-            self.prompt = text
-            self.requested_at[self.version] = time.perf_counter()
-            return self.version
-
-    def set_paused(self, paused: bool) -> None:
-        with self._lock:
-            self.paused = paused
-
-    def stop(self) -> None:
-        with self._lock:
-            self.stopped = True
-
-    def snapshot(self) -> tuple[str, int, bool, bool]:
-        with self._lock:
-            return self.prompt, self.version, self.paused, self.stopped
-
-    def settle(self, version: int) -> float | None:
-        """When prompt `version` was requested (None if already settled); forgets older requests."""
-        with self._lock:
-            requested = self.requested_at.get(version)
-            self.requested_at = {v: t for v, t in self.requested_at.items() if v > version}
-            return requested
-
-
-def _pack(prompt: str, version: int, paused: bool, stopped: bool) -> torch.Tensor:
-    data = prompt.encode("utf-8")
-    packet = torch.zeros(_PACKET_BYTES, dtype=torch.uint8)
-    header = np.array([int(paused) | 2 * int(stopped), version, len(data)], dtype=np.uint32).view(np.uint8)
-    packet[: header.size] = torch.from_numpy(header.copy())
-    packet[header.size : header.size + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return packet
-
-
-def _unpack(packet: torch.Tensor) -> tuple[str, int, bool, bool]:
-    flags, version, length = np.frombuffer(packet[:12].numpy().tobytes(), dtype=np.uint32)
-    prompt = bytes(packet[12 : 12 + int(length)].tolist()).decode("utf-8")
-    return prompt, int(version), bool(flags & 1), bool(flags & 2)
+    def wait_after(self, frames: int, now: float) -> float:
+        """Seconds to wait after a block of `frames` frames left at `now`."""
+        duration = frames / self.fps
+        start = now if self.end is None else max(self.end, now - duration)
+        self.end = start + duration
+        return max(self.end - now, 0.0)
 
 
 BlockSource = Callable[[Callable[[Tick], str]], Iterator[Block]]
@@ -117,7 +83,7 @@ class LiveStream:
         source: BlockSource,
         decoder,
         controls: Controls,
-        topology: Topology,
+        ranks: Ranks | None = None,
         *,
         steps: int,
         fps: int,
@@ -125,10 +91,12 @@ class LiveStream:
         on_frames: Callable,
         cache_hits: Callable[[], float | None] = lambda: None,
     ):
-        self.source, self.decoder, self.controls, self.topology = source, decoder, controls, topology
+        self.source, self.decoder, self.controls = source, decoder, controls
+        self.ranks = ranks if ranks is not None else OneProcess()
         self.steps, self.fps, self.pace, self.on_frames = steps, fps, pace, on_frames
         self.cache_hits = cache_hits
-        self.stats = Stats(prompt=controls.prompt, ranks=topology.world_size, stream_fps=fps)
+        self.stats = Stats(prompt=controls.prompt, ranks=self.ranks.world_size, stream_fps=fps)
+        self.playout = Playout(fps)
         self._state = controls.snapshot()
         self._last_step_version: dict[int, int] = {}  # block -> prompt version of its last step
         self._recent: deque[tuple[float, int]] = deque()
@@ -136,29 +104,25 @@ class LiveStream:
 
     # -- control, once per tick, on every rank -------------------------------------------------
 
-    def sync(self) -> tuple[str, int, bool, bool]:
+    def sync(self) -> ControlState:
         """The serving rank's controls, on every rank."""
-        state = self.controls.snapshot() if self.topology.is_decoder else None
-        if self.topology.distributed:
-            packet = _pack(*state) if state is not None else torch.zeros(_PACKET_BYTES, dtype=torch.uint8)
-            dist.broadcast(packet, src=self.topology.sink)
-            state = _unpack(packet)
-        return state
+        return share(self.controls, self.ranks)
 
     def _prompt_for(self, tick: Tick) -> str:
         state = self.sync()
-        while state[2] and not state[3]:  # paused: keep ticking the controls, not the model
+        while state.paused and not state.stopped:  # paused: keep ticking the controls, not the model
             self.stats.paused = True
             time.sleep(PAUSE_POLL_S)
             state = self.sync()
         self.stats.paused = False
-        if state[3]:
+        if state.stopped:
             raise StopStream()
         self._state = state
+        self.controls.running(state.version)
         for work in tick.work:
             if work.step == self.steps - 1:
-                self._last_step_version[work.block] = state[1]
-        return state[0]
+                self._last_step_version[work.block] = state.version
+        return state.prompt
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -179,11 +143,17 @@ class LiveStream:
     def _emit(self, frames: np.ndarray, version: int) -> None:
         now = time.perf_counter()
         elapsed = now - self._started
-        first_index = self.stats.frames
-        self.on_frames(frames, first_index, version, elapsed)
+        self.on_frames(frames, self.stats.frames, version, elapsed)
+        self._count(frames, version, now, elapsed)
+        if self.pace:  # a live stream runs no faster than it plays
+            wait = self.playout.wait_after(len(frames), now)
+            if wait > 0:
+                time.sleep(wait)
+
+    def _count(self, frames: np.ndarray, version: int, now: float, elapsed: float) -> None:
         stats = self.stats
         stats.frames += len(frames)
-        stats.prompt, stats.version = self._state[0], self._state[1]
+        stats.prompt, stats.version = self._state.prompt, self._state.version
         stats.cache_hits = self.cache_hits()
         stats.first_frame_s = stats.first_frame_s if stats.first_frame_s is not None else elapsed
         requested = self.controls.settle(version)
@@ -194,10 +164,6 @@ class LiveStream:
             self._recent.popleft()
         span = now - self._recent[0][0] if len(self._recent) > 1 else 0.0
         stats.fps = sum(n for _, n in list(self._recent)[1:]) / span if span > 0 else 0.0
-        if self.pace:  # a live stream runs no faster than it plays
-            ahead = stats.frames / self.fps - (time.perf_counter() - self._started)
-            if ahead > 0:
-                time.sleep(ahead)
 
     def snapshot(self) -> dict:
         return asdict(self.stats)

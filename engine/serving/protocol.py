@@ -9,15 +9,18 @@ Frame (server -> viewer), one WebSocket binary message per video frame:
     16      4     prompt version, uint32 little-endian (which accepted prompt shaped this frame)
     20      -     the frame as a JPEG image
 
-Control (viewer -> server), one JSON object per text message, at most MAX_MESSAGE_BYTES (longer
-ones get an error; over 16 times that, the server closes the connection with code 1009):
+Control (viewer -> server), one JSON object per text message, at most MAX_MESSAGE_BYTES of UTF-8
+(longer ones get an error; over 16 times that, the server closes the connection with code 1009):
 
-    {"type": "prompt", "text": "a red circle moving left"}   -> {"type": "ack", "of": "prompt", "version": 3}
+    {"type": "prompt", "text": "a red circle moving left"}
+        -> {"type": "ack", "of": "prompt", "version": 3, "text": "...", "ignored": ["words", ...]}
     {"type": "pause"} / {"type": "resume"}                   -> {"type": "ack", "of": "pause"}
     {"type": "stats"}                                        -> {"type": "stats", ...}
 
-Anything else - not JSON, not an object, an unknown type, a missing or overlong prompt, bytes
-that are not UTF-8 - is answered with {"type": "error", "error": "..."} and changes nothing.
+Anything else - a binary message, not JSON, not an object, an unknown type, a missing or bad
+prompt - is answered with {"type": "error", "error": "..."} and changes nothing. A prompt is
+accepted if `clean_prompt` accepts it: that one function is also what the engine's control packet
+is sized by (engine/serving/live.py), so every accepted prompt reaches every rank intact.
 The server also pushes {"type": "stats", ...} about once a second.
 """
 
@@ -34,7 +37,8 @@ from PIL import Image
 MAGIC = b"ARC1"
 HEADER = struct.Struct("<4sIdI")  # magic, frame index, timestamp, prompt version
 MAX_MESSAGE_BYTES = 4096
-MAX_PROMPT_CHARS = 500
+MAX_PROMPT_BYTES = 2000
+"""A prompt's limit in UTF-8 bytes (2000 ASCII characters, or 500 emoji): what ranks exchange."""
 JPEG_QUALITY = 85
 CONTROL_TYPES = ("prompt", "pause", "resume", "stats")
 
@@ -75,14 +79,11 @@ class Control:
 
 
 def parse_control(message: str | bytes) -> Control:
-    """Validate one control message; raise ProtocolError with what is wrong."""
-    if len(message) > MAX_MESSAGE_BYTES:
+    """Validate one control message (a text message's str); raise ProtocolError with what is wrong."""
+    if not isinstance(message, str):
+        raise ProtocolError("control messages are JSON text messages, not binary")
+    if _utf8_size(message) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message longer than {MAX_MESSAGE_BYTES} bytes")
-    if isinstance(message, bytes):
-        try:
-            message = message.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ProtocolError("message is not valid UTF-8") from err
     try:
         data = json.loads(message)
     except (ValueError, RecursionError) as err:
@@ -94,14 +95,32 @@ def parse_control(message: str | bytes) -> Control:
         raise ProtocolError(f"unknown message type {kind[:40]!r}; known: {', '.join(CONTROL_TYPES)}")
     if kind != "prompt":
         return Control(kind)
-    text = data.get("text")
+    return Control("prompt", clean_prompt(data.get("text")))
+
+
+def clean_prompt(text: object) -> str:
+    """The prompt as every rank will get it (runs of whitespace made one space), or ProtocolError.
+
+    The one definition of an acceptable prompt: the control packet that carries it to every rank
+    holds MAX_PROMPT_BYTES of UTF-8, so the limit is in those bytes, and text that has no UTF-8
+    form (a lone surrogate, which JSON can spell as "\\ud800") is refused here, not on a rank.
+    """
     if not isinstance(text, str) or not text.strip():
         raise ProtocolError('a prompt message needs a non-empty string "text"')
-    if len(text) > MAX_PROMPT_CHARS:
-        raise ProtocolError(f"prompt longer than {MAX_PROMPT_CHARS} characters")
     if any(ord(c) < 32 and c not in "\t\n" for c in text):
         raise ProtocolError("prompt contains control characters")
-    return Control("prompt", " ".join(text.split()))
+    text = " ".join(text.split())
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as err:
+        raise ProtocolError("prompt is not valid Unicode (it contains a lone surrogate)") from err
+    if size > MAX_PROMPT_BYTES:
+        raise ProtocolError(f"prompt longer than {MAX_PROMPT_BYTES} bytes of UTF-8 (it has {size})")
+    return text
+
+
+def _utf8_size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))  # a lone surrogate is 3 bytes on the wire too
 
 
 def reply(kind: str, **fields) -> str:
