@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 from engine.config import Preset
+from engine.demo.vocab import ignored_words
 from engine.loading import resolve_dtype
+from engine.serving import flags
 from engine.serving.live import Controls, LiveStream
 from engine.serving.server import StreamServer, needs_token
 from engine.serving.video import Mp4Writer
@@ -45,11 +47,15 @@ log = logging.getLogger("launch.stream")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine.stream", description=__doc__.split("\n\n")[0])
     add_preset_arguments(parser)
-    parser.add_argument("--prompt", default="a red circle moving left", help="the prompt the stream starts with")
+    parser.add_argument("--prompt", type=flags.prompt, default="a red circle moving left",
+                        help="the prompt the stream starts with (default: %(default)s)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="fixes the stream's noise (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to serve on (default: this machine only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=flags.port, default=8000, help="0: any free one (default: %(default)s)")
     parser.add_argument("--token", help="required from viewers; needed when --host is not a loopback address")
+    parser.add_argument("--allow-origin", type=flags.origin, action="append", default=[], metavar="ORIGIN",
+                        help="also accept viewers' WebSockets from pages of this origin, e.g. https://stream.example "
+                        "(repeatable; * for any; default: only the server's own page)")  # fmt: skip
     parser.add_argument("--record", type=Path, help="also write the stream to this MP4")
     parser.add_argument("--no-pace", dest="pace", action="store_false", help="generate as fast as possible")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -95,19 +101,24 @@ def serve(args: argparse.Namespace, topology: Topology) -> None:
     preset = preset_from_args(args)
     for note in single_process_notes(args, topology):
         print(f"note: {note}", file=sys.stderr)
-    source, decoder, cache_hits = _source(args, preset, topology)
     controls = Controls(args.prompt)
     serving = topology.is_decoder
     stream, recorder, server = None, None, None
     try:
+        if serving:  # listen before any weights load: a port in use is said at once
+            text = preset.text  # a vocabulary model's ack lists the words it will ignore
+            ignored = (lambda p: ignored_words(p, text.vocab, text.text_len)) if text.vocab else (lambda p: [])
+            server = StreamServer(controls, host=args.host, port=args.port, token=args.token,
+                                  allow_origins=tuple(args.allow_origin), ignored_words=ignored).start()  # fmt: skip
+        source, decoder, cache_hits = _source(args, preset, topology)
         stream = LiveStream(source, decoder, controls, topology, steps=preset.sampling.steps, fps=preset.stream.fps,
                             pace=args.pace, on_frames=lambda *a: None, cache_hits=cache_hits)  # fmt: skip
         if serving:
-            server = StreamServer(controls, stream.snapshot, host=args.host, port=args.port, token=args.token).start()
+            server.stats = stream.snapshot
             recorder = args.record and Mp4Writer(args.record, fps=preset.stream.fps, width=preset.stream.width,
                                                  height=preset.stream.height)  # fmt: skip
             stream.on_frames = _fan_out(server, recorder)
-            print(f"serving http://{server.address[0]}:{server.address[1]}/", flush=True)
+            print(f"serving {server.url}", flush=True)
         _stop_on_signals(controls, serving)
         stream.run()
     finally:

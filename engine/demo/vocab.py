@@ -22,6 +22,13 @@ log = logging.getLogger(__name__)
 _WORD = re.compile(r"[a-z]+")
 
 
+def ignored_words(prompt: str, vocab: tuple[str, ...], text_len: int) -> list[str]:
+    """The words of `prompt` the model does not use: unknown ones, and known ones past `text_len`."""
+    words = _WORD.findall(prompt.lower())
+    known = [w for w in words if w in vocab]
+    return [w for w in words if w not in vocab] + known[text_len:]
+
+
 class WordEmbedding(nn.Module):
     """ids `[B, L]` (0 = padding) -> states `[B, L, width]`, zero at padding."""
 

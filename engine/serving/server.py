@@ -5,22 +5,26 @@ an encoder thread turns them into JPEG frame messages (engine/protocol.py) and h
 viewer's own bounded queue on the event loop. A queue that is full drops its oldest frame and
 counts the drop, so a viewer that reads slowly, or not at all, loses frames and slows no one.
 
-Access: the server binds to 127.0.0.1 unless told otherwise; binding elsewhere needs a token,
-which the page and the WebSocket then require as `?token=...`.
+Access (engine/serving/access.py): the server binds to 127.0.0.1 unless told otherwise; binding
+elsewhere needs a token, which the page and the WebSocket then require as `?token=...`. Browsers'
+WebSockets are accepted from this server's own page or allowed origins only, and without a token
+only requests that name the server by an address or localhost are answered (DNS rebinding).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import logging
+import os
 import queue
+import socket
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import urlsplit
 
 import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
@@ -28,16 +32,24 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from engine.serving.live import Controls
+from engine.serving.access import AccessPolicy
+from engine.serving.controls import Controls
+from engine.serving.live import Stats
 from engine.serving.protocol import MAX_MESSAGE_BYTES, ProtocolError, encode_frame, parse_control, reply
 
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("viewer.html")
 VIEWER_QUEUE = 48  # frames a viewer may fall behind before its oldest ones are dropped
+VIEWER_SEND_BUFFER = 128 * 1024
+"""Kernel send buffer per viewer (Linux doubles it). Left to autotuning it grows to tcp_wmem's
+maximum (4 MiB by default) for a viewer that stops reading: memory per connection, and thousands
+of stale frames held before the viewer's own queue, which drops the oldest, comes into play."""
 ENCODER_QUEUE = 8  # blocks waiting for JPEG encoding before the oldest is dropped
 STATS_EVERY_S = 1.0
 CLOSE_ABOVE_BYTES = 16 * MAX_MESSAGE_BYTES
 """Messages over MAX_MESSAGE_BYTES get an error reply; over this, the connection is closed (1009)."""
+PAGE_PATHS = ("/", "/index.html")
+FAVICON = b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><circle cx="8" cy="8" r="6" fill="#2a4"/></svg>'
 
 
 def needs_token(host: str) -> bool:
@@ -64,6 +76,7 @@ class Hub:
         self.loop = loop
         self.viewers: set[Viewer] = set()
         self.encoder_dropped = 0
+        self.viewers_dropped = 0  # by every viewer's queue, since the start
         self._blocks: queue.Queue = queue.Queue(ENCODER_QUEUE)
         self._thread = threading.Thread(target=self._encode_forever, name="frame-encoder", daemon=True)
         self._thread.start()
@@ -97,30 +110,59 @@ class Hub:
             if viewer.frames.full():
                 viewer.frames.get_nowait()
                 viewer.dropped += 1
+                self.viewers_dropped += 1
             viewer.frames.put_nowait(message)
 
 
 class StreamServer:
-    """HTTP + WebSocket front of one stream (run on the serving rank, in its own thread)."""
+    """HTTP + WebSocket front of one stream (run on the serving rank, in its own thread).
 
-    def __init__(self, controls: Controls, stats, *, host: str, port: int, token: str | None):
+    `start()` listens at once (before a model loads, so that a port in use fails fast); until
+    `stats` is set to the stream's, viewers see the starting prompt and no frames.
+    `ignored_words(prompt)` lists the words of an accepted prompt the model will not use (the ack
+    tells the viewer).
+    """
+
+    def __init__(
+        self,
+        controls: Controls,
+        stats: Callable[[], dict] | None = None,
+        *,
+        host: str,
+        port: int,
+        token: str | None,
+        allow_origins: tuple[str, ...] = (),
+        ignored_words: Callable[[str], list[str]] = lambda prompt: [],
+    ):
         if needs_token(host) and not token:
             raise ValueError(f"binding to {host!r} exposes the stream: pass --token")
-        self.controls, self.stats, self.host, self.port, self.token = controls, stats, host, port, token
+        self.controls, self.host, self.port = controls, host, port
+        self.stats = stats or (lambda: asdict(Stats(prompt=controls.prompt)))
+        self.access = AccessPolicy(token, tuple(allow_origins))
+        self.ignored_words = ignored_words
         self.loop = asyncio.new_event_loop()
         self.hub = Hub(self.loop)
         self.ready = threading.Event()
         self.address: tuple[str, int] | None = None
+        self._error: BaseException | None = None
         self._stop: asyncio.Future | None = None
         self._thread = threading.Thread(target=self._run, name="stream-server", daemon=True)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> StreamServer:
+        """Listen; OSError with one line saying what to change if that is not possible."""
         self._thread.start()
         if not self.ready.wait(timeout=30) or self.address is None:
-            raise RuntimeError(f"the server did not start on {self.host}:{self.port}")
+            self.stop()
+            reason = _reason(self._error)
+            raise OSError(f"cannot serve on {self.host}:{self.port}: {reason}; choose another --port (0: any free one)")
         return self
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
     def stop(self) -> None:
         self.hub.close()
@@ -132,8 +174,8 @@ class StreamServer:
         asyncio.set_event_loop(self.loop)
         try:
             self.loop.run_until_complete(self._serve())
-        except OSError as err:
-            log.error("cannot serve on %s:%s: %s", self.host, self.port, err)
+        except Exception as err:  # a taken port, a bad port number or host: start() reports it
+            self._error = err
             self.ready.set()
 
     async def _serve(self) -> None:
@@ -148,28 +190,25 @@ class StreamServer:
 
     # -- HTTP ----------------------------------------------------------------------------------
 
-    def _authorized(self, request: Request) -> bool:
-        if not self.token:
-            return True
-        given = parse_qs(urlparse(request.path).query).get("token", [""])[0]
-        return hmac.compare_digest(given.encode(), self.token.encode())
-
     def _route(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = urlparse(request.path).path
-        if not self._authorized(request):
-            return connection.respond(HTTPStatus.UNAUTHORIZED, "a valid ?token= is required\n")
+        path = urlsplit(request.path).path
+        refusal = self.access.refusal(request, websocket=path == "/ws")
+        if refusal is not None:
+            return connection.respond(refusal[0], refusal[1] + "\n")
         if path == "/ws":
-            return None  # go on with the WebSocket handshake
-        if path in ("/", "/index.html"):
-            body = PAGE.read_bytes()
-            headers = Headers([("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body))),
-                               ("Cache-Control", "no-store")])  # fmt: skip
-            return Response(HTTPStatus.OK, "OK", headers, body)
+            return None if request.method == "GET" else _not_allowed(connection, "GET")  # the handshake goes on
+        if path in PAGE_PATHS:
+            return _resource(connection, request, PAGE.read_bytes(), "text/html; charset=utf-8")
+        if path == "/favicon.ico":
+            return _resource(connection, request, FAVICON, "image/svg+xml")
         return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
 
     # -- WebSocket -------------------------------------------------------------------------------
 
     async def _handle(self, connection: ServerConnection) -> None:
+        sock = connection.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, VIEWER_SEND_BUFFER)
         viewer = Viewer(connection)
         self.hub.viewers.add(viewer)
         tasks = [asyncio.create_task(self._send_frames(viewer)), asyncio.create_task(self._push_stats(viewer))]
@@ -196,14 +235,16 @@ class StreamServer:
             pass
 
     def _stats_message(self, viewer: Viewer) -> str:
-        return reply("stats", **self.stats(), viewers=len(self.hub.viewers), you_dropped=viewer.dropped,
-                     encoder_dropped=self.hub.encoder_dropped)  # fmt: skip
+        hub = self.hub
+        return reply("stats", **self.stats(), viewers=len(hub.viewers), you_dropped=viewer.dropped,
+                     viewers_dropped=hub.viewers_dropped, encoder_dropped=hub.encoder_dropped)  # fmt: skip
 
     async def _receive(self, viewer: Viewer) -> None:
         try:
             while True:
-                # raw bytes even for text frames: bad UTF-8 gets an error reply, not a closed socket
-                message = await viewer.connection.recv(decode=False)
+                # str for a text message, bytes for a binary one (refused: control is JSON text);
+                # a text message that is not UTF-8 closes the connection (1007), as RFC 6455 says
+                message = await viewer.connection.recv()
                 await viewer.connection.send(self._answer(message, viewer))
         except ConnectionClosed:
             pass
@@ -211,11 +252,36 @@ class StreamServer:
     def _answer(self, message: str | bytes, viewer: Viewer) -> str:
         try:
             control = parse_control(message)
+            if control.type == "prompt":
+                version = self.controls.request_prompt(control.text)
+                return reply("ack", of="prompt", version=version, text=control.text,
+                             ignored=self.ignored_words(control.text))  # fmt: skip
         except ProtocolError as err:
             return reply("error", error=str(err))
-        if control.type == "prompt":
-            return reply("ack", of="prompt", version=self.controls.request_prompt(control.text), text=control.text)
         if control.type in ("pause", "resume"):
             self.controls.set_paused(control.type == "pause")
             return reply("ack", of=control.type)
         return self._stats_message(viewer)
+
+
+def _reason(error: BaseException | None) -> str:
+    """What went wrong in a few words ("Address already in use", not asyncio's sentence about it)."""
+    if error is None:
+        return "no answer within 30 s"
+    errno = getattr(error, "errno", None)
+    return os.strerror(errno) if isinstance(errno, int) and errno > 0 else str(error)
+
+
+def _resource(connection: ServerConnection, request: Request, body: bytes, kind: str) -> Response:
+    """GET: the body; HEAD: the same headers, no body; anything else: 405."""
+    if request.method not in ("GET", "HEAD"):
+        return _not_allowed(connection, "GET, HEAD")
+    headers = Headers([("Content-Type", kind), ("Content-Length", str(len(body))), ("Cache-Control", "no-store"),
+                       ("Connection", "close")])  # fmt: skip
+    return Response(HTTPStatus.OK, "OK", headers, body if request.method == "GET" else b"")
+
+
+def _not_allowed(connection: ServerConnection, allow: str) -> Response:
+    response = connection.respond(HTTPStatus.METHOD_NOT_ALLOWED, f"only {allow} here\n")
+    response.headers["Allow"] = allow
+    return response
