@@ -1,6 +1,12 @@
-"""`python -m engine.client`: watch a stream from a script (engine/serving/client.py)."""
+"""`python -m engine.client`: watch a stream from a script (engine/serving/client.py).
+
+`from engine.client import StreamClient` is the Python entry point (see the README)."""
 
 import sys
+
+from engine.serving.client import StreamClient
+
+__all__ = ["StreamClient"]
 
 if __name__ == "__main__":
     from engine.serving.client import main

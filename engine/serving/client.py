@@ -102,6 +102,7 @@ async def watch(args: argparse.Namespace) -> dict:
     end to end, the time from connecting to the first frame and from each prompt message to the
     first frame made under it."""
     versions, sent, seen, frames, writer, first_frame_s = {}, {}, {}, 0, None, None
+    switched = not args.prompt2
     start = time.monotonic()
     async with StreamClient.connect(args.url, args.token) as client:
         if args.prompt:
@@ -113,7 +114,8 @@ async def watch(args: argparse.Namespace) -> dict:
             first_frame_s = first_frame_s if first_frame_s is not None else now - start
             if frame.prompt_version in sent and frame.prompt_version not in seen:
                 seen[frame.prompt_version] = now - sent[frame.prompt_version]
-            if args.prompt2 and now - start >= args.switch_after and len(versions) < 2:
+            if not switched and now - start >= args.switch_after:
+                switched = True
                 version = await client.set_prompt(args.prompt2)
                 versions[version], sent[version] = args.prompt2, now
             if args.save:
@@ -129,16 +131,25 @@ async def watch(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine.client", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default="ws://127.0.0.1:8000/ws")
-    parser.add_argument("--token")
-    parser.add_argument("--prompt", help="switch to this prompt on connecting")
-    parser.add_argument("--prompt2", help="a second prompt, sent after --switch-after seconds")
-    parser.add_argument("--switch-after", type=float, default=5.0)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--save", type=Path, help="write the frames received to this MP4")
-    parser.add_argument("--fps", type=int, default=16, help="frame rate of the saved MP4")
-    return parser.parse_args(argv)
+    parser.add_argument("--url", default="ws://127.0.0.1:8000/ws", help="the stream's WebSocket (default: %(default)s)")
+    parser.add_argument("--token", help="the server's --token (default: none)")
+    parser.add_argument("--prompt", help="switch to this prompt on connecting (default: keep the stream's)")
+    parser.add_argument("--prompt2", help="switch to this prompt once, --switch-after seconds in (default: no switch)")
+    parser.add_argument(
+        "--switch-after",
+        type=float,
+        default=5.0,
+        help="seconds after connecting to send --prompt2 (default: %(default)s)",
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long to watch (default: %(default)s)")
+    parser.add_argument("--save", type=Path, help="write the frames received to this MP4 (default: save nothing)")
+    parser.add_argument("--fps", type=int, default=16, help="frame rate of the saved MP4 (default: %(default)s)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
