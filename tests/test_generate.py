@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from launch.generate import main
 from engine.loading import WeightPaths
 from engine.runtime.session import Session
 from engine.serving.video import read_frames
 from helpers import write_diffusers_folder, write_self_forcing_pt, write_wan_safetensors
 from launch.build import build_session
+from launch.generate import main
 from launch.presets import get_preset
 
 

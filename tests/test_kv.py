@@ -92,6 +92,9 @@ class NaiveWindowView:
         assert keys.shape[1] == (len(self.visible) + self.frames) * T
         return apply_rope(q, self.rotation), keys, values, None
 
+    def output(self, layer, out):
+        return out
+
     def commit(self):
         if self.commit_frame is None:
             return

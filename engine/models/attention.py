@@ -2,7 +2,9 @@
 
 A model calls `view.context(layer, q, k, v)` once per layer with its un-rotated queries and keys
 `[B, N, H, Dh]` and gets back the rotated queries, the keys and values to attend to (committed
-frames, other in-flight blocks, its own) and an optional boolean mask `[N, N_keys]`. Where the
+frames, other in-flight blocks, its own) and an optional boolean mask `[N, N_keys]`; it hands the
+attention output to `view.output(layer, out)` before its output projection (a sequence-parallel
+view returns heads and tokens to where they were). Where the
 keys come from (a KV cache, a peer rank, a stored step) is the view's business, not the model's.
 `LocalView` (no committed context) lives here because sampling and training use it as well as
 the runtime; the cache-backed views are in engine/runtime/views.py.
@@ -22,8 +24,14 @@ class AttentionView(Protocol):
         """(rotated q `[B, N, H, Dh]`, keys `[B, M, H, Dh]`, values `[B, M, H, Dh]`, mask `[N, M]` or None)."""
         ...
 
+    def output(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        """The attention output `[B, N, H, Dh]` back in the layout the model's tokens are in (the
+        identity, unless the view split tokens and heads differently around attention: Ulysses)."""
+        ...
+
 
 ATTENTION_MODES = ("causal", "bidirectional")
+
 
 def block_mask(
     context_frames: list[int],
@@ -77,3 +85,6 @@ class LocalView:
 
     def context(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         return self.rope.apply(q, self.rotation), self.rope.apply(k, self.rotation), v, self.mask
+
+    def output(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        return out

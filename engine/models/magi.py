@@ -204,7 +204,7 @@ class SelfAndCrossAttention(nn.Module):
         q = self.q_layernorm(linear(qkv.q, h).unflatten(-1, (self.heads, -1))).to(h.dtype)
         k = self.k_layernorm(linear(qkv.k, h).unflatten(-1, (self.kv_heads, -1))).to(h.dtype)
         v = linear(qkv.v, h).unflatten(-1, (self.kv_heads, -1))
-        core = _attend(*view.context(layer, q, k, v))  # [B, N, H, Dh]
+        core = view.output(layer, _attend(*view.context(layer, q, k, v)))  # [B, N, H, Dh]
         qx = self.q_layernorm_xattn(linear(qkv.qx, h).unflatten(-1, (self.heads, -1))).to(h.dtype)
         cross = _cross_attend(qx, layer, text, clean)  # [B, N, H, Dh]
         return linear(self.linear_proj, interleave_heads(core, cross))

@@ -97,12 +97,16 @@ class Attention(nn.Module):
         self.norm_q = RMSNorm(cfg.dim, cfg.eps)
         self.norm_k = RMSNorm(cfg.dim, cfg.eps)
 
-    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask=None) -> torch.Tensor:
-        # q: [B, N, H, Dh]; keys/values: [B, M, H, Dh]; mask: bool [N, M] or None -> [B, N, dim]
+    @staticmethod
+    def core(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask=None) -> torch.Tensor:
+        # q: [B, N, H, Dh]; keys/values: [B, M, H, Dh]; mask: bool [N, M] or None -> [B, N, H, Dh]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask
         )
-        return linear(self.o, out.transpose(1, 2).flatten(2))
+        return out.transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask=None) -> torch.Tensor:
+        return linear(self.o, self.core(q, keys, values, mask).flatten(2))  # [B, N, dim]
 
     def attend_short(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """`attend` for few keys (a prompt): on CPUs the plain kernel is faster than the flash one
@@ -119,7 +123,8 @@ class SelfAttention(Attention):
         q = self.norm_q(linear(self.q, x)).unflatten(-1, (self.heads, -1))
         k = self.norm_k(linear(self.k, x)).unflatten(-1, (self.heads, -1))
         v = linear(self.v, x).unflatten(-1, (self.heads, -1))
-        return self.attend(*kv.context(layer, q, k, v))
+        out = self.core(*kv.context(layer, q, k, v))
+        return linear(self.o, kv.output(layer, out).flatten(2))
 
 
 class CrossAttention(Attention):
