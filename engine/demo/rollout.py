@@ -60,6 +60,9 @@ class RolloutView:
         values = torch.cat([self.values[layer].to(v.dtype), v], dim=1)
         return self.rope.apply(q, self.rotation), keys, values, self.mask
 
+    def output(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        return out
+
 
 @dataclass
 class RolloutConfig:
