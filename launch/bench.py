@@ -2,6 +2,8 @@
 
 python -m launch.bench selective            # selective computation vs whole window
 python -m launch.bench adherence            # the demo model's prompt adherence, sequential and pyramid
+python -m launch.bench adherence --horizons 0-8 50-60 300-320   # ... and how it holds up on long streams
+python -m launch.bench soak --minutes 10     # one stream: resident memory and FPS over time
 python -m launch.bench cascade              # cascade fidelity vs sequential (offsets, joint/lagged)
 python -m launch.bench switch               # prompt-switch latency: cascade vs sequential + recache
 python -m launch.bench cascade-model --measure   # throughput model; 1 vs 2 ranks measured here
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from launch.benchmarks import adherence, cache, cascade, cascade_model, selective, speed, switch
+from launch.benchmarks import adherence, cache, cascade, cascade_model, selective, soak, speed, switch
 from launch.cli import USER_ERRORS
 from launch.report import table, write_json
 
@@ -29,6 +31,7 @@ BENCHMARKS = {
     "cascade-model": cascade_model,
     "cache": cache,
     "speed": speed,
+    "soak": soak,
 }
 
 

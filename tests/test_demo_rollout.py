@@ -108,3 +108,11 @@ def test_training_resumes_bit_for_bit(tmp_path):
     assert straight.rng.random() == resumed.rng.random()
     fresh = Trainer(TINY, TINY_CFG, torch.device("cpu"))
     assert not all(torch.equal(a, b) for a, b in zip(fresh.params, straight.params)), "training changed nothing"
+
+
+def test_the_training_command_never_writes_the_shipped_weights_by_default():
+    from launch.train_demo import parse_args
+
+    args = parse_args([])
+    assert args.out.as_posix() == "out/demo-train" and not args.resume
+    assert "engine/weights" not in args.out.as_posix()

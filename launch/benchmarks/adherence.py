@@ -3,6 +3,10 @@
 A fixed set of prompts (cycling through every color, shape and motion) is generated under each
 plan; `engine.eval.adherence` reads the frames. Prompt switches: videos whose prompt changes at a
 block boundary, measured in blocks until the video matches the new prompt.
+
+With `--horizons 0-8 50-60 300-320` each prompt makes one long video instead, read per stretch
+of blocks (`engine.eval.horizons`): adherence, the share of frames showing an object, and the
+background's brightness and its drift from the first `--baseline-seconds` of the same video.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 from engine.demo.scenes import COLORS, MOTIONS, SHAPES, Description
 from engine.eval.adherence import adherence, blocks_to_follow
+from engine.eval.horizons import background_brightness, horizon_scores, parse_horizon, summarize
 from engine.loading import WeightPaths, resolve_device
 from engine.runtime.session import Session
 from launch.benchmarks.common import generate_video, session_for
@@ -24,6 +29,8 @@ from launch.presets import get_preset
 
 COLUMNS = ["plan", "videos", "color", "shape", "motion", "all_three", "fps"]
 COLUMNS += ["switches", "within_2", "followed", "blocks_to_follow"]
+HORIZON_COLUMNS = ["plan", "horizon", "videos", "color", "shape", "motion", "all_three", "present", "brightness"]
+HORIZON_COLUMNS += ["drift", "abs_drift", "fps"]
 
 
 def eval_prompts(count: int) -> list[Description]:
@@ -49,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights", type=Path, default=None, help="a folder from launch.train_demo (default: shipped)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--horizons", nargs="+", default=None, help="block ranges FIRST-END of one video per prompt, e.g. 0-8 50-60"
+    )
+    parser.add_argument(
+        "--baseline-seconds", type=float, default=5.0, help="drift is measured from this start of each video"
+    )
 
 
 def _session(name: str, plan: str, device, weights: Path | None) -> Session:
@@ -106,9 +119,37 @@ def _evaluate_plan(args, plan: str, device) -> dict:
     }
 
 
+def _evaluate_horizons(args, plan: str, device) -> list[dict]:
+    """One video per prompt, as long as the last horizon; one row per horizon."""
+    session = _session(args.preset, plan, device, args.weights)
+    stream = session.preset.stream
+    horizons = [parse_horizon(h) for h in args.horizons]
+    baseline_frames = max(1, round(args.baseline_seconds * stream.fps))
+    scores, frames, seconds = {h: [] for h in horizons}, 0, 0.0
+    for i, desc in enumerate(eval_prompts(args.prompts)):
+        start = time.perf_counter()
+        video = _video(session, desc.prompt, max(end for _, end in horizons), args.seed + i)
+        seconds += time.perf_counter() - start
+        frames += len(video)
+        baseline = float(background_brightness(video[:baseline_frames]).mean())
+        for first, end in horizons:
+            stretch = video[first * stream.frames_per_block : end * stream.frames_per_block]
+            scores[(first, end)].append(horizon_scores(stretch, desc, baseline))
+    return [
+        {"plan": plan, "horizon": f"{first}-{end}", "videos": len(per_video), **summarize(per_video),
+         "fps": frames / seconds, "per_video": per_video}
+        for (first, end), per_video in scores.items()
+    ]  # fmt: skip
+
+
 def run(args: argparse.Namespace):
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
+    if args.horizons:
+        rows = [row for plan in args.plans for row in _evaluate_horizons(args, plan, device)]
+        settings = {k: getattr(args, k) for k in ("preset", "prompts", "horizons", "baseline_seconds", "seed")}
+        settings["weights"] = "shipped" if args.weights is None else args.weights.as_posix()
+        return rows, HORIZON_COLUMNS, settings
     rows = [_evaluate_plan(args, plan, device) for plan in args.plans]
     settings = {k: getattr(args, k) for k in ("preset", "prompts", "blocks", "switches", "switch_block", "seed")}
     settings["weights"] = "shipped" if args.weights is None else args.weights.as_posix()
