@@ -419,6 +419,7 @@ def build_kv_cache(
     scratch_frames: int | None = None,
     ring_frames: int | None = None,
     rope: Rope | MagiRope | None = None,
+    head_shards: int = 1,
 ) -> KVCache:
     """The KV cache of one stream of `preset` (on the meta device to measure it without memory)."""
     cfg, stream = preset.model, preset.stream
@@ -426,7 +427,7 @@ def build_kv_cache(
         rope=rope or build_rope(preset, device),
         layers=cfg.num_layers,
         batch=batch,
-        heads=cfg.kv_heads,
+        heads=cfg.kv_heads // head_shards,  # sequence parallelism: each rank keeps its group of heads
         head_dim=cfg.head_dim,
         sink_frames=stream.sink_frames,
         rebase_sink=stream.sink_mode == "rebased",

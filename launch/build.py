@@ -17,7 +17,7 @@ import torch
 
 from cache import make_policy
 from cache.skip import CacheSkip
-from engine.config import Preset
+from engine.config import ConfigError, Preset
 from engine.loading import (
     WeightPaths,
     build_decoder,
@@ -35,6 +35,7 @@ from engine.runtime.kv import KVCache
 from engine.runtime.placement import Local
 from engine.runtime.prompts import Prompts
 from engine.runtime.session import Session
+from engine.runtime.sharding import ShardedModel, Ulysses
 from engine.runtime.skip import NoSkip
 from engine.runtime.switch import NextStep, Recache
 from engine.sampling.guidance import ClassifierFree, Guidance
@@ -44,30 +45,56 @@ from engine.sampling.noise import NoiseSource
 from engine.sampling.solvers import make_solver
 from parallel.cascade import CascadeRank
 from parallel.topology import Topology
+from parallel.ulysses import GroupExchange
 
 
 def build_session(
-    preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype, topology: Topology | None = None
+    preset: Preset,
+    weights: WeightPaths,
+    device: torch.device,
+    dtype: torch.dtype,
+    topology: Topology | None = None,
+    sharding: Ulysses | None = None,
 ) -> Session:
-    """Load (or seed) the model, text encoder and decoder once; streams get their executors here."""
+    """Load (or seed) the model, text encoder and decoder once; streams get their executors here.
+    `sharding`: Ulysses over an sp group (default: the topology's, when it has sp > 1)."""
     model = build_model(preset, weights, device, dtype)
     special = build_special_tokens(preset, weights)
     prompts = Prompts(preset, model, build_text_encoder(preset, weights, device, dtype), device, special)
     decoder = build_decoder(preset, weights, device)
-    return Session(preset, model, prompts, decoder, device, Assembly(preset, model, device, topology))
+    assembly = Assembly(preset, model, device, topology, sharding or ulysses_for(topology, preset))
+    return Session(preset, model, prompts, decoder, device, assembly)
+
+
+def ulysses_for(topology: Topology | None, preset: Preset, backend: str = "auto") -> Ulysses | None:
+    """Sequence parallelism over the topology's sp group (None with sp 1)."""
+    if topology is None or topology.cfg.sp == 1 or not topology.is_compute:
+        return None
+    return Ulysses(GroupExchange(topology.sp_group(), topology.cfg.sp_backend), preset.model.patch_size[1])
 
 
 class Assembly:
     """Makes each stream's executor from the preset (the session's `ExecutorFactory`)."""
 
-    def __init__(self, preset: Preset, model, device: torch.device, topology: Topology | None = None):
-        self.preset, self.model, self.device = preset, model, device
+    def __init__(self, preset: Preset, model, device: torch.device, topology: Topology | None = None, sharding=None):
+        self.preset, self.model, self.device, self.sharding = preset, model, device, sharding
         self.topology = topology or Topology.single()
+        self.runner = model if sharding is None else self._sharded(model, sharding)
         self.schedule = build_schedule(preset.sampling)
         self.rope = build_rope(preset, device, model)
 
     def for_preset(self, preset: Preset) -> Assembly:
-        return Assembly(preset, self.model, self.device, self.topology)
+        return Assembly(preset, self.model, self.device, self.topology, self.sharding)
+
+    def _sharded(self, model, sharding: Ulysses) -> ShardedModel:
+        cfg, preset = self.preset.model, self.preset
+        sharding.check(preset.latent_hw[0], cfg.num_heads, cfg.kv_heads)
+        if preset.cache.policy in ("fbcache", "bwcache"):
+            raise ConfigError(
+                f"--cache {preset.cache.policy} reads layer features of each rank's own token stripe, so the "
+                "sp ranks of a stage would decide differently: use teacache, flowcache or scope with --sp"
+            )
+        return ShardedModel(model, sharding, preset.tokens_per_frame)
 
     @property
     def cascaded(self) -> bool:
@@ -95,7 +122,7 @@ class Assembly:
             history_reach=plan.history_reach,
             commit_reach=plan.commit_reach,
         )
-        return Executor(self.model, setup, cache, self.parts(cache, blocks_in_forward))
+        return Executor(self.runner, setup, cache, self.parts(cache, blocks_in_forward))
 
     def parts(self, cache: KVCache | None, blocks_in_forward: int) -> Parts:
         preset, plan = self.preset, self.preset.plan
@@ -134,6 +161,7 @@ class Assembly:
         cache = build_kv_cache(
             preset, self.model.dtype, self.device, batch=guidance.branches,
             scratch_frames=blocks_in_forward * preset.stream.frames_per_block, ring_frames=ring_frames, rope=self.rope,
+            head_shards=1 if self.sharding is None else self.sharding.size,
         )  # fmt: skip
         if guidance.branches == 2 and preset.model.family == "magi":
             cache.commit_from = 1  # the null-caption pass writes the clean K/V both passes read
