@@ -42,3 +42,14 @@ def test_a_video_that_fades_to_grey_drifts_and_loses_its_object():
     late = horizon_scores(grey[-12:], desc, baseline)
     assert late["drift"] > 50
     assert late["present"] < 0.5 < presence(grey[:12])
+
+
+def test_the_soak_summary_leaves_out_the_warmup():
+    from launch.benchmarks.soak import summarize as soak_summary
+
+    rows = [
+        {"seconds": s, "fps": fps, "rss_mb": rss} for s, fps, rss in ((10, 5.0, 300), (40, 18.0, 400), (70, 20.0, 410))
+    ]
+    summary = soak_summary(rows, warmup=30)
+    assert summary["samples"] == 2 and summary["rss_growth_mb"] == 10
+    assert abs(summary["fps_spread"] - 2 / 19) < 1e-9
