@@ -340,6 +340,20 @@ FLAGS: tuple[Flag, ...] = (
         ("--timeout", "30"),
         type=float,
     ),
+    Flag(
+        "--sp",
+        "parallel.sp",
+        "under torchrun: Ulysses sequence-parallel ranks sharing each forward of a cascade stage",
+        ("--sp", "2"),
+        type=_positive_int,
+    ),
+    Flag(
+        "--sp-backend",
+        "parallel.sp_backend",
+        "the sp all-to-all: yunchang's, torch's, or auto (yunchang when installed)",
+        ("--sp-backend", "torch"),
+        choices=("auto", "yunchang", "torch"),
+    ),
     # this process
     Flag(
         "--threads",
@@ -468,7 +482,7 @@ def single_process_notes(args: argparse.Namespace, topology: Topology) -> list[s
     """Rank flags given to one process: said, not silently dropped."""
     if topology.distributed:
         return []
-    given = [FLAG_BY_DEST[dest] for dest in ("decode_rank", "timeout") if FLAG_BY_DEST[dest].given(args)]
+    given = [FLAG_BY_DEST[d] for d in ("decode_rank", "timeout", "sp", "sp_backend") if FLAG_BY_DEST[d].given(args)]
     return [f"{flag.name} applies to runs under torchrun; this is one process" for flag in given]
 
 

@@ -7,6 +7,7 @@ decode rank holds only the decoder and receives the finished blocks as the plan 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 
 import torch
@@ -20,6 +21,7 @@ from launch.build import build_session
 from launch.threads import configure_threads
 from parallel.cascade import decode_rank_plan
 from parallel.topology import Topology, TopologyError
+from parallel.ulysses import resolve_backend
 
 
 class RankRun:
@@ -39,6 +41,10 @@ class RankRun:
         if topology.is_compute:
             self.session = build_session(preset, weights, device, dtype, topology)
             configure_threads(threads, self.session.model, device)
+            if topology.cfg.sp > 1 and topology.rank == 0:
+                backend = resolve_backend(topology.cfg.sp_backend)
+                print(f"sequence parallelism: cascade {topology.cascade_size} x sp {topology.cfg.sp}, "
+                      f"all-to-all: {backend}", file=sys.stderr)  # fmt: skip
             self.decoder = self.session.decoder
         else:
             self.decoder = build_decoder(preset, weights, device)

@@ -121,18 +121,18 @@ def _move_finished(tick: Tick, produced: dict[int, Block], executor, topology: T
     for work in tick.work:
         if work.commit or work.step != last:
             continue
-        owner = topology.owner(work.block)
-        if owner == topology.rank and topology.is_decoder:
+        sender = topology.stage_leader(topology.owner(work.block))  # its sp ranks all hold the block
+        if sender == topology.rank and topology.is_decoder:
             yield produced[work.block]
-        elif owner == topology.rank:
+        elif sender == topology.rank:
             dist.send(produced[work.block].latents.contiguous(), dst=topology.sink)
         elif topology.is_decoder:
-            yield receive_block(work.block, executor.block_shape, executor.frames_per_block, owner, executor.device)
+            yield receive_block(work.block, executor.block_shape, executor.frames_per_block, sender, executor.device)
 
 
-def receive_block(block: int, shape, frames_per_block: int, owner: int, device) -> Block:
+def receive_block(block: int, shape, frames_per_block: int, sender: int, device) -> Block:
     latents = torch.empty(shape, dtype=torch.float32, device=device)
-    dist.recv(latents, src=owner)
+    dist.recv(latents, src=sender)
     return Block(block, block * frames_per_block, latents)
 
 
@@ -163,4 +163,5 @@ def decode_rank_blocks(
         topology.faults.heartbeat(tick.index, "waiting")
         for work in tick.work:
             if not work.commit and work.step == steps - 1:
-                yield receive_block(work.block, shape, frames_per_block, topology.owner(work.block), "cpu")
+                leader = topology.stage_leader(topology.owner(work.block))
+                yield receive_block(work.block, shape, frames_per_block, leader, "cpu")

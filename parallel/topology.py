@@ -31,7 +31,9 @@ class ParallelConfig:
     cascade: int | None = None
     """Ranks in the cascade dimension; None = every compute rank."""
     sp: int = 1
-    """Sequence-parallel ranks per block (only 1 is implemented)."""
+    """Sequence-parallel (Ulysses) ranks sharing each forward of a cascade stage."""
+    sp_backend: str = "auto"
+    """The sp all-to-all: yunchang's, torch's all_to_all_single, or auto (yunchang when installed)."""
     decode_rank: bool = False
     """Reserve the last rank for decoding and serving."""
     timeout_s: float = 120.0
@@ -43,8 +45,8 @@ def _layout(world: int, cfg: ParallelConfig) -> tuple[int, int]:
     compute = world - (1 if cfg.decode_rank else 0)
     if compute < 1:
         raise TopologyError(f"a decode rank needs at least 2 processes, got {world}")
-    if cfg.sp != 1:
-        raise TopologyError("sequence parallelism (sp > 1) is not implemented yet; use sp = 1")
+    if cfg.sp < 1 or compute % cfg.sp:
+        raise TopologyError(f"--sp {cfg.sp} must divide the {compute} compute processes")
     cascade = cfg.cascade or compute // cfg.sp
     if cascade * cfg.sp != compute:
         extra = " + 1 decode rank" if cfg.decode_rank else ""
@@ -122,6 +124,14 @@ class Topology:
     def cascade_group(self):
         return self.mesh.get_group("cascade") if self.mesh is not None and self.is_compute else None
 
+    def sp_group(self):
+        """The ranks sharing this rank's forwards (the same cascade stage)."""
+        return self.mesh.get_group("sp") if self.mesh is not None and self.is_compute else None
+
+    def stage_leader(self, stage: int) -> int:
+        """The global rank that speaks for cascade stage `stage` (its first sp rank)."""
+        return stage * self.cfg.sp
+
     def owner(self, block: int) -> int:
         """Cascade rank that denoises `block`: round robin, so neighbours sit on different ranks."""
         return block % self.cascade_size
@@ -136,10 +146,11 @@ class Topology:
         (offset >= steps + 1) is allowed: blocks then take turns over the ranks, which is
         sequential generation spread over processes (a check of the cascade, not a speedup)."""
         if in_flight > 1 and self.cascade_size > in_flight:
+            fixes = [f"use at most {in_flight} cascade ranks"] + (["lower --offset"] if offset > 1 else [])
+            fixes.append(f"more steps (--steps): {steps} steps keep at most {steps + 1} blocks in flight")
             raise TopologyError(
                 f"the plan keeps at most {in_flight} blocks in flight ({steps} steps, offset {offset}), so "
-                f"{self.cascade_size} cascade ranks cannot all work: "
-                f"lower --offset or use {in_flight} compute processes"
+                f"{self.cascade_size} cascade ranks cannot all work: {'; or '.join(fixes)}"
             )
 
     def close(self) -> None:

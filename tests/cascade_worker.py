@@ -34,6 +34,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--fault", default="")
+    parser.add_argument("--sp", type=int, default=1, help="Ulysses ranks per cascade stage")
     parser.add_argument("--out", type=Path, required=True)
     return parser.parse_args()
 
@@ -69,7 +70,7 @@ def main() -> int:
     args = parse()
     torch.set_grad_enabled(False)
     try:
-        with launched(ParallelConfig(timeout_s=args.timeout)) as topology:
+        with launched(ParallelConfig(timeout_s=args.timeout, sp=args.sp)) as topology:
             for run in args.runs:
                 preset = run_preset(args.preset, run)
                 pipeline = build_session(preset, WeightPaths(seed=3), torch.device("cpu"), torch.float32, topology)

@@ -70,6 +70,17 @@ def test_cascade_equals_one_device(tmp_path, ranks, runs):
             assert_close(actual, _sequential(), 1e-5, f"{ranks} ranks, offset {offset} vs sequential")
 
 
+def test_cascade_2_by_sp_2_equals_one_device(tmp_path):
+    """4 ranks as a cascade of 2 stages with 2 Ulysses ranks each (sp groups inside a stage, K/V
+    exchanged between stages per head group): joint, lagged and with feature caching, one device."""
+    runs = ["joint:causal:1", "lagged:causal:1", "joint:causal:1:flowcache:0.5"]
+    result = _launch(4, tmp_path, "--sp", "2", "--runs", *runs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for run in runs:
+        actual = torch.load(tmp_path / f"{run.replace(':', '-')}.pt")
+        assert_close(actual, _one_device(run), 1e-5, f"cascade 2 x sp 2, {run}")
+
+
 def test_magi_cascade_equals_one_device(tmp_path):
     """MAGI-1 (tiny): its chunk window over 3 ranks, three-pass guidance, per-stage KV ranges, and
     with FlowCache, equals one device; so does lagged context (with and without FlowCache)."""
@@ -96,11 +107,13 @@ def test_a_failing_rank_stops_every_rank_with_its_name(tmp_path, kind, cause):
     assert not leftover, f"processes left behind: {leftover}"
 
 
-def test_generate_under_torchrun_with_a_decode_rank(tmp_path):
+@pytest.mark.parametrize("ranks, sp", [(3, 1), (5, 2)])
+def test_generate_under_torchrun_with_a_decode_rank(tmp_path, ranks, sp):
+    """The decode rank receives every block from the stage that made it (with sp, its first rank)."""
     out = tmp_path / "cascade.mp4"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m",
                "engine.generate", "--preset", "tiny-wan", "--schedule", "cascade", "--offset", "2", "--decode-rank",
-               "--blocks", "4",
+               "--blocks", "4", "--sp", str(sp),
                "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -108,13 +121,16 @@ def test_generate_under_torchrun_with_a_decode_rank(tmp_path):
 
     assert read_frames(out).shape[0] == get_preset("tiny-wan").pixel_frames(4)
     assert result.stdout.count("wrote") == 1, "only the decode rank writes"
+    assert (f"cascade 2 x sp {sp}, all-to-all: " in result.stderr) is (sp > 1), "sp is reported at start-up"
 
 
 def test_layouts_that_do_not_fit_fail_clearly():
     assert _layout(4, ParallelConfig()) == (4, 4)
     assert _layout(4, ParallelConfig(decode_rank=True)) == (3, 3)
-    with pytest.raises(TopologyError, match="not implemented"):
-        _layout(4, ParallelConfig(sp=2))
+    assert _layout(4, ParallelConfig(sp=2)) == (2, 4)  # cascade 2 x sp 2
+    assert _layout(5, ParallelConfig(sp=2, decode_rank=True)) == (2, 4)
+    with pytest.raises(TopologyError, match="must divide"):
+        _layout(4, ParallelConfig(sp=3))
     with pytest.raises(TopologyError, match="torchrun started 4"):
         _layout(4, ParallelConfig(cascade=3))
     with pytest.raises(TopologyError, match="at least 2"):
