@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,16 @@ DEFAULT_PRESET = "demo"
 """What the entry points run when no --preset is given: the shipped demo model."""
 USER_ERRORS = (SetupError, CheckpointError, ConfigError, TopologyError, OSError)
 """Errors the entry points report as a one-line message (exit code 2), not a traceback."""
+ALIKE_ON_EVERY_RANK = (ConfigError, TopologyError)
+"""User errors of the settings, which every rank of a job meets alike: said once, by rank 0."""
+
+
+def say_user_error(err: BaseException) -> int:
+    """Print a user error as one line (under torchrun, a settings error only from rank 0); exit code 2."""
+    if not isinstance(err, ALIKE_ON_EVERY_RANK) or os.environ.get("RANK", "0") == "0":
+        print(f"error: {err}", file=sys.stderr)
+    return 2
+
 
 Check = Callable[[argparse.Namespace, Preset], str | None]
 """Why a given flag does not apply to the resulting settings (None: it does)."""

@@ -22,6 +22,7 @@ from engine.loading import resolve_dtype
 from engine.models.vae import to_uint8
 from engine.serving.video import Mp4Writer
 from launch.cli import (
+    ALIKE_ON_EVERY_RANK,
     USER_ERRORS,
     add_parallel_arguments,
     add_plan_arguments,
@@ -31,6 +32,7 @@ from launch.cli import (
     preset_from_args,
     process_from_args,
     rank_device,
+    say_user_error,
     single_process_notes,
     weights_from_args,
 )
@@ -108,11 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        with launched(parallel_from_args(args)) as topology:
+        with launched(parallel_from_args(args), alike=ALIKE_ON_EVERY_RANK) as topology:
             stats = run(args, topology)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return say_user_error(err)
     except RankFailure as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ from engine.serving.live import Controls, LiveStream
 from engine.serving.server import StreamServer, needs_token
 from engine.serving.video import Mp4Writer
 from launch.cli import (
+    ALIKE_ON_EVERY_RANK,
     USER_ERRORS,
     add_parallel_arguments,
     add_plan_arguments,
@@ -34,6 +35,7 @@ from launch.cli import (
     parallel_from_args,
     preset_from_args,
     rank_device,
+    say_user_error,
     single_process_notes,
     weights_from_args,
 )
@@ -141,11 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        with launched(parallel_from_args(args)) as topology:
+        with launched(parallel_from_args(args), alike=ALIKE_ON_EVERY_RANK) as topology:
             serve(args, topology)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return say_user_error(err)
     except RankFailure as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

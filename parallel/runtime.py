@@ -26,14 +26,16 @@ def _terminate(signum, frame):
 
 
 @contextmanager
-def launched(cfg: ParallelConfig) -> Iterator[Topology]:
+def launched(cfg: ParallelConfig, alike: tuple[type[BaseException], ...] = ()) -> Iterator[Topology]:
+    """`alike`: errors every rank raises the same way (a plan the ranks cannot run, a bad flag):
+    re-raised as they are, so that the entry point says them once instead of once per rank."""
     previous = signal.signal(signal.SIGTERM, _terminate)
     topology = Topology.from_env(cfg)
     topology.faults.register()
     try:
         yield topology
     except (Exception, SystemExit) as err:
-        if not topology.distributed:
+        if not topology.distributed or isinstance(err, alike):
             raise
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish the report; torchrun's SIGKILL still bounds it
         raise RankFailure(topology.faults.report(err)) from err
