@@ -35,11 +35,17 @@ BENCHMARKS = {
 }
 
 
+class HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """A benchmark's docstring as written, and every flag's default."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="name", required=True)
     for name, module in BENCHMARKS.items():
-        child = sub.add_parser(name, help=module.__doc__.split("\n")[0])
+        summary = module.__doc__.split("\n")[0]
+        child = sub.add_parser(name, help=summary, description=module.__doc__,
+                               formatter_class=HelpFormat)  # fmt: skip
         module.add_arguments(child)
         child.add_argument("--json", type=Path, default=Path(f"out/bench-{name}.json"), help="where to write results")
     args = parser.parse_args(argv)
