@@ -9,6 +9,7 @@ python -m launch.bench switch               # prompt-switch latency: cascade vs 
 python -m launch.bench cascade-model --measure   # throughput model; 1 vs 2 ranks measured here
 python -m launch.bench cache                # feature caching policies: speedup and fidelity
 python -m launch.bench speed --preset self-forcing-1.3b --device cuda --random-weights   # one-device speed
+python -m launch.bench ranks                # this CPU: 1 process vs cascade vs sp, ranks pinned to cores
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from launch.benchmarks import adherence, cache, cascade, cascade_model, selective, soak, speed, switch
+from launch.benchmarks import adherence, cache, cascade, cascade_model, ranks, selective, soak, speed, switch
 from launch.cli import USER_ERRORS
 from launch.report import table, write_json
 
@@ -31,6 +32,7 @@ BENCHMARKS = {
     "cascade-model": cascade_model,
     "cache": cache,
     "speed": speed,
+    "ranks": ranks,
     "soak": soak,
 }
 

@@ -86,6 +86,20 @@ def tiny_wan() -> Preset:
     )
 
 
+def mid_wan() -> Preset:
+    """A mid-size random Wan (15M parameters, 128x128): for CPU measurements where a 2-layer model
+    is all overhead and a 1.3B one does not fit the time."""
+    return Preset(
+        name="mid-wan",
+        description="6-layer random Wan (dim 384, 6 heads), 128x128, 3-frame blocks, window 9",
+        model=WanConfig(dim=384, ffn_dim=1536, num_heads=6, num_layers=6, in_channels=4, out_channels=4, text_dim=32),
+        vae=TINY_VAE,
+        text=TINY_TEXT,
+        stream=StreamConfig(height=128, width=128, frames_per_block=3, window_frames=9),
+        random_init=True,
+    )
+
+
 def skyreels_v2_df_tiny() -> Preset:
     """SkyReels-V2 DF's recipe on a 2-layer random Wan with the fps embedding: for tests."""
     return Preset(
@@ -251,6 +265,7 @@ def magi_1_tiny() -> Preset:
 PRESETS: dict[str, Callable[[], Preset]] = {
     "demo": demo,
     "tiny-wan": tiny_wan,
+    "mid-wan": mid_wan,
     "self-forcing-1.3b": self_forcing_1_3b,
     "longlive-1.3b": longlive_1_3b,
     "causvid-1.3b": causvid_1_3b,
