@@ -16,6 +16,13 @@ The per-forward time comes from a measurement (`--forward-ms PRESET=MS`, e.g. fr
 from a published single-GPU throughput (Self-Forcing 1.3B: 16.5 FPS on one H100; the 14B
 Self-Forcing-style model of the Block Cascading paper: 4.5 FPS): t = frames / (FPS * (S + 1)).
 
+Splits (launch/throughput.py, launch/split.py). Each cascade stage may be a Ulysses sequence-
+parallel group of N ranks, and one rank may only decode. Printed first: the all-to-all bytes per
+layer, every cascade x sp (+ decode rank) split of `--gpus` on each of `--links`, ideal and
+modelled; two machines (NVLink inside, InfiniBand between) with either dimension crossing; and
+the split launch/split.py picks for each count and link. The rows below them are the cascade
+alone (sp 1, decoding left out) as above; sp 1 in the split model reproduces them exactly.
+
 Measured. `--measure` runs the demo model here: one process (sequential and pyramid) against
 `torchrun --nproc_per_node=2` (cascade, joint and lagged), FPS as printed by launch.generate.
 """
@@ -23,29 +30,28 @@ Measured. `--measure` runs the demo model here: one process (sequential and pyra
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 
-from engine.models.flops import forward_flops
+from launch.benchmarks import split_table
 from launch.presets import get_preset
+from launch.report import table
+from launch.throughput import (
+    ANCHOR_FPS,
+    DECODE_S,
+    LINKS,
+    NVLINK,
+    PCIE,
+    PUBLISHED,
+    block_forward_s,
+    cascade_tick,
+    context_cost,  # noqa: F401  (the cascade model's primitives, re-exported)
+    kv_bytes_per_layer,  # noqa: F401
+)
 
 COLUMNS = ["preset", "link", "ranks", "offset", "context", "tick_ms", "comm_ms", "fps", "speedup"]
-ANCHOR_FPS = {"self-forcing-1.3b": 16.5, "wan-14b-causal": 4.5}  # one H100, published
-PUBLISHED = {"self-forcing-1.3b": "16-17 FPS on 1 H100; Block Cascading: 30 FPS on 5 GPUs",
-             "wan-14b-causal": "4.5 FPS on 1 H100; Block Cascading: 12.5 FPS on 5 GPUs"}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Link:
-    name: str
-    gbytes_per_s: float
-    latency_us: float
-
-
-LINKS = (Link("NVLink (H100, 450 GB/s per direction)", 450.0, 10.0), Link("PCIe 5.0 x16 (~50 GB/s)", 50.0, 25.0))
+CASCADE_LINKS = (NVLINK, PCIE)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,46 +64,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--measure", action="store_true", help="also measure 1 vs 2 ranks on this machine")
     parser.add_argument("--measure-blocks", type=int, default=16, help="blocks per measured run")
     parser.add_argument("--measure-cache", help="POLICY:THRESHOLD: also measure caching with the cascade")
+    split = parser.add_argument_group("splits: cascade x sequence parallelism (+ decode rank)")
+    split.add_argument("--gpus", type=int, nargs="+", default=[4, 5, 8], help="GPU counts for the split table")
+    split.add_argument("--sp", type=int, nargs="+", help="sp sizes for the split table; none = every factorisation")
+    split.add_argument("--links", nargs="+", choices=list(LINKS), default=list(LINKS), help="links for the splits")
+    split.add_argument("--split-offset", type=int, default=1, help="cascade offset (one stage runs sequentially)")
+    split.add_argument("--split-context", choices=["joint", "lagged"], default="joint", help="cascade context")
+    split.add_argument("--decode-ms", type=float, default=round(1000 * DECODE_S, 1),
+                       help="one block's VAE decode (12 frames, 480x832); 0 leaves decoding out")  # fmt: skip
+    split.add_argument("--sp-efficiency", choices=["waves", "ideal"], default="waves",
+                       help="small shards: charge waves of tiles on 132 SMs, or assume perfect 1/N")  # fmt: skip
+    split.add_argument("--sp-overhead-ms", type=float, default=0.0,
+                       help="fixed extra per sp forward beyond bytes / bandwidth (a measured overhead)")  # fmt: skip
+    split.add_argument("--node-gpus", type=int, default=4, help="GPUs per machine in the two-machine table")
+    split.add_argument("--objective", choices=["fps", "latency"], default="fps", help="what the split chooser ranks")
 
 
-def block_forward_s(preset_name: str, measured: dict[str, float]) -> float:
-    if preset_name in measured:
-        return measured[preset_name] / 1000
-    preset = get_preset(preset_name)
-    frames = preset.vae.temporal_stride * preset.stream.frames_per_block  # steady-state frames per block
-    return frames / (ANCHOR_FPS[preset_name] * (preset.sampling.steps + 1))
-
-
-def kv_bytes_per_layer(preset) -> int:
-    """K and V of one block for one layer, bf16."""
-    return 2 * preset.stream.frames_per_block * preset.tokens_per_frame * preset.model.dim * 2
-
-
-def context_cost(preset, in_flight: int) -> float:
-    """Forward cost of a cascaded block relative to a sequential one (more keys to attend to)."""
-    T, block = preset.tokens_per_frame, preset.stream.frames_per_block
-    window = preset.stream.window_frames
-    sequential = forward_flops(preset.model, block * T, window * T, preset.text.text_len)
-    cascaded = forward_flops(preset.model, block * T, (window + (in_flight - 1) * block) * T, preset.text.text_len)
-    return cascaded / sequential
-
-
-def tick_time(preset, forward_s: float, ranks: int, offset: int, context: str, link: Link) -> tuple[float, float]:
-    """(tick seconds, communication seconds) of a cascade tick."""
-    steps = preset.sampling.steps
-    in_flight = steps // offset + 1 if offset else steps + 1
-    ranks = min(ranks, in_flight)  # more ranks than blocks in flight would idle
-    compute = math.ceil(in_flight / ranks) * forward_s * context_cost(preset, in_flight)
-    if ranks == 1:
-        return compute, 0.0
-    per_block = kv_bytes_per_layer(preset) * math.ceil(in_flight / ranks)
-    hop = lambda size: size / (link.gbytes_per_s * 1e9) + link.latency_us * 1e-6  # noqa: E731
-    layers = preset.model.num_layers
-    if context == "joint":
-        comm = layers * (ranks - 1) * hop(per_block)
-        return compute + comm, comm
-    comm = (ranks - 1) * hop(per_block * layers)
-    return max(compute, comm), comm
+def tick_time(preset, forward_s: float, ranks: int, offset: int, context: str, link) -> tuple[float, float]:
+    """(tick seconds, communication seconds) of a cascade tick: throughput.cascade_tick at sp 1."""
+    tick, _, _, comm = cascade_tick(preset, forward_s, ranks, 1, offset, context, link)
+    return tick, comm
 
 
 def model_rows(args: argparse.Namespace) -> list[dict]:
@@ -110,7 +96,7 @@ def model_rows(args: argparse.Namespace) -> list[dict]:
         rows.append({"preset": name, "link": "-", "ranks": 1, "offset": "sequential", "context": "-",
                      "tick_ms": 1000 * forward_s, "comm_ms": 0.0, "fps": sequential_fps, "speedup": 1.0,
                      "published": PUBLISHED.get(name, "")})  # fmt: skip
-        for link in LINKS:
+        for link in CASCADE_LINKS:
             for ranks in [r for r in args.ranks if r > 1]:
                 for offset in [o for o in args.offsets if ranks <= preset.sampling.steps // o + 1]:
                     for context in ("joint", "lagged"):
@@ -162,9 +148,34 @@ def measured_rows(blocks: int, cache: str | None = None) -> list[dict]:
             for n, v in fps.items()]  # fmt: skip
 
 
+def split_tables(args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Print the split tables (launch/benchmarks/split_table.py); return them for the JSON."""
+    measured = {k: float(v) for k, v in (item.split("=") for item in args.forward_ms)}
+    forward = {name: block_forward_s(name, measured) for name in args.presets}
+    tables = {
+        "bytes": split_table.bytes_rows(args.presets, args.sp or [2, 4, 5, 8]),
+        "splits": split_table.split_rows(args, forward),
+        "two_machines": split_table.node_rows(args, forward),
+        "choices": split_table.choice_rows(args, forward),
+    }
+    print("Ulysses bytes per layer and rank (bf16), and sp communication per forward:")
+    print(table(tables["bytes"], split_table.BYTES_COLUMNS) + "\n")
+    print(f"Splits of {', '.join(map(str, args.gpus))} GPUs (modelled; a 'note' means the launcher refuses it):")
+    print(table(tables["splits"], split_table.SPLIT_COLUMNS) + "\n")
+    print(f"Two machines of {args.node_gpus} GPUs (NVLink inside, InfiniBand between):")
+    print(table(tables["two_machines"], split_table.NODE_COLUMNS) + "\n")
+    print("Split chooser (launch/split.py):")
+    print("\n".join(row["reason"] for row in tables["choices"]) + "\n")
+    print("Cascade only (sp 1; decoding left out), as before:")
+    return tables
+
+
 def run(args: argparse.Namespace):
+    tables = split_tables(args)
     rows = model_rows(args)
     if args.measure:
         rows += measured_rows(args.measure_blocks, args.measure_cache)
-    settings = {"anchors_fps": ANCHOR_FPS, "links": [link.__dict__ for link in LINKS]}
+    options = {key: getattr(args, key) for key in ("decode_ms", "split_offset", "split_context", "sp_efficiency")}
+    settings = {"anchors_fps": ANCHOR_FPS, "links": {k: link.__dict__ for k, link in LINKS.items()}, **options,
+                "sp_overhead_ms": args.sp_overhead_ms, "tables": tables}  # fmt: skip
     return rows, COLUMNS, settings
