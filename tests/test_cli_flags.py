@@ -7,8 +7,11 @@ import argparse
 import dataclasses
 
 import pytest
+import torch
 
 from engine.config import ConfigError
+from engine.loading import WeightPaths
+from launch.build import build_session
 from launch.cli import FLAGS, parallel_from_args, preset_from_args, process_from_args, weights_from_args
 from launch.generate import build_parser
 
@@ -84,3 +87,25 @@ def test_lagged_caching_and_recache_reach_the_preset():
     preset, *_ = _resolved(["--switch", "recache"])
     assert preset.plan.switch == "recache"
     assert dataclasses.replace(preset.plan, switch="next-step") == _resolved([])[0].plan
+
+
+def _latents_from_flags(argv: list[str], prompt, preset_name: str = "tiny-wan") -> torch.Tensor:
+    preset = _resolved(["--preset", preset_name, *argv])[0]
+    session = build_session(preset, WeightPaths(seed=3), torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        return torch.cat([b.latents for b in session.run(prompt, blocks=4, seed=0)], dim=2)
+
+
+def test_context_and_switch_flags_change_the_video():
+    """The two flags that used to be dropped on their way to the config now change the output."""
+    pyramid = ["--schedule", "pyramid", "--offset", "1"]
+    joint = _latents_from_flags([*pyramid, "--context", "joint"], "a red circle")
+    lagged = _latents_from_flags([*pyramid, "--context", "lagged"], "a red circle")
+    assert (joint - lagged).abs().max() > 1e-4, "--context lagged must change the video"
+
+    def switch(tick):
+        return "a red circle" if tick.index < 7 else "a blue square"  # mid-block: the two switches part
+
+    next_step = _latents_from_flags(["--switch", "next-step"], switch, "demo")  # recache: a preset without sink
+    recache = _latents_from_flags(["--switch", "recache"], switch, "demo")
+    assert (next_step - recache).abs().max() > 1e-4, "--switch recache must change the video"
