@@ -35,6 +35,7 @@ from engine.config import (
 from engine.loading import SetupError, WeightPaths, resolve_device
 from engine.models.checkpoints.wan import CheckpointError
 from launch.presets import PRESETS, get_preset
+from launch.split import choose_split
 from parallel.topology import ParallelConfig, Topology, TopologyError
 
 DEFAULT_PRESET = "demo"
@@ -109,6 +110,10 @@ def _with_sink(args, preset):
 
 def _magi_tokens(args, preset):
     return None if preset.text.special_tokens else "--special-tokens goes with MAGI-1 presets (their caption tokens)"
+
+
+def _with_auto(args, preset):
+    return None if getattr(args, "parallel", None) == "auto" else "--link goes with --parallel auto"
 
 
 def _guided(args, preset):
@@ -366,6 +371,22 @@ FLAGS: tuple[Flag, ...] = (
         ("--sp-backend", "torch"),
         choices=("auto", "yunchang", "torch"),
     ),
+    Flag(
+        "--parallel",
+        "process.parallel",
+        "under torchrun: auto picks cascade x sp (+ decode rank) for the processes started, by the "
+        "throughput model (launch/split.py), and says why; overrides --sp and --decode-rank",
+        ("--parallel", "auto"),
+        choices=("auto",),
+    ),
+    Flag(
+        "--link",
+        "process.link",
+        "with --parallel auto: the link between GPUs (default: nvlink on one host, ib across hosts)",
+        ("--parallel", "auto", "--link", "pcie"),
+        choices=("nvlink", "pcie", "ib"),
+        applies=_with_auto,
+    ),
     # this process
     Flag(
         "--threads",
@@ -481,8 +502,22 @@ def weights_from_args(args: argparse.Namespace) -> WeightPaths:
     return WeightPaths(**{**given, "random": bool(getattr(args, "random_weights", False))})
 
 
-def parallel_from_args(args: argparse.Namespace) -> ParallelConfig:
-    return dataclasses.replace(PARALLEL_DEFAULTS, **_given(args, "parallel"))
+def parallel_from_args(args: argparse.Namespace, preset: Preset | None = None) -> ParallelConfig:
+    """The ranks' layout: the flags', or with --parallel auto the throughput model's pick for the
+    processes torchrun started (said once, on rank 0)."""
+    given = _given(args, "parallel")
+    if getattr(args, "parallel", None) != "auto" or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return dataclasses.replace(PARALLEL_DEFAULTS, **given)
+    if {"sp", "decode_rank"} & set(given):
+        raise ConfigError("--parallel auto chooses --sp and --decode-rank itself: leave them out")
+    world, local = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    link = args.link or ("nvlink" if local == world else "ib")
+    choice = choose_split(preset or get_preset(args.preset), world, link, offset=(preset.plan.offset or 1) if preset
+                          else 1, context=preset.plan.context if preset else "joint")  # fmt: skip
+    if os.environ.get("RANK", "0") == "0":
+        print(f"--parallel auto: {choice.reason}", file=sys.stderr)
+    split = choice.split
+    return dataclasses.replace(PARALLEL_DEFAULTS, **given, sp=split.sp, decode_rank=split.decode_rank)
 
 
 def process_from_args(args: argparse.Namespace) -> dict:
@@ -494,7 +529,8 @@ def single_process_notes(args: argparse.Namespace, topology: Topology) -> list[s
     """Rank flags given to one process: said, not silently dropped."""
     if topology.distributed:
         return []
-    given = [FLAG_BY_DEST[d] for d in ("decode_rank", "timeout", "sp", "sp_backend") if FLAG_BY_DEST[d].given(args)]
+    rank_flags = ("decode_rank", "timeout", "sp", "sp_backend", "parallel", "link")
+    given = [FLAG_BY_DEST[d] for d in rank_flags if FLAG_BY_DEST[d].given(args)]
     return [f"{flag.name} applies to runs under torchrun; this is one process" for flag in given]
 
 

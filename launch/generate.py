@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        with launched(parallel_from_args(args), alike=ALIKE_ON_EVERY_RANK) as topology:
+        with launched(parallel_from_args(args, preset_from_args(args)), alike=ALIKE_ON_EVERY_RANK) as topology:
             stats = run(args, topology)
     except USER_ERRORS as err:
         return say_user_error(err)
