@@ -133,7 +133,7 @@ def test_requests_by_a_rebound_name_are_refused(open_server):
 
 
 def test_allowed_origins_may_connect():
-    with serving(allow_origins=("https://stream.example:443",)) as (server, _):
+    with serving(allow_origins=("https://Stream.example",)) as (server, _):
         port = _port(server)
         assert _handshake(port, host="stream.example", origin="https://stream.example") == 101
         assert _handshake(port, host="stream.example", origin="https://other.example") == 403

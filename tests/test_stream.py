@@ -102,6 +102,16 @@ def test_every_client_flag_says_what_it_does_and_its_default():
             assert action.help and "default" in action.help, action.option_strings
 
 
+def test_allowed_origins_on_the_command_line():
+    from launch.stream import parse_args
+
+    args = parse_args(["--allow-origin", "https://Stream.example", "--allow-origin", "*"])
+    assert args.allow_origin == ["https://stream.example:443", "*"]
+    for bad in ["stream.example", "https://stream.example/page", "ftp://stream.example", "http://:80"]:
+        with pytest.raises(SystemExit):
+            parse_args(["--allow-origin", bad])
+
+
 def test_stream_start_errors_are_one_line_before_any_model_loads():
     """A taken port (the server listens before weights load) and a port out of range."""
     with socket.socket() as taken:

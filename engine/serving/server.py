@@ -1,7 +1,7 @@
 """Serving one stream to viewers: the page at `/`, frames and control over a WebSocket at `/ws`.
 
 The engine never waits on a viewer. Frames go from the generation thread into a bounded queue;
-an encoder thread turns them into JPEG frame messages (engine/protocol.py) and hands each to every
+an encoder thread turns them into JPEG frame messages (engine/serving/protocol.py) and hands each to every
 viewer's own bounded queue on the event loop. A queue that is full drops its oldest frame and
 counts the drop, so a viewer that reads slowly, or not at all, loses frames and slows no one.
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import logging
 import os
 import queue
 import socket
@@ -32,12 +31,11 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from engine.serving.access import AccessPolicy
+from engine.serving.access import AccessPolicy, parse_origin
 from engine.serving.controls import Controls
 from engine.serving.live import Stats
 from engine.serving.protocol import MAX_MESSAGE_BYTES, ProtocolError, encode_frame, parse_control, reply
 
-log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("viewer.html")
 VIEWER_QUEUE = 48  # frames a viewer may fall behind before its oldest ones are dropped
 VIEWER_SEND_BUFFER = 128 * 1024
@@ -138,7 +136,7 @@ class StreamServer:
             raise ValueError(f"binding to {host!r} exposes the stream: pass --token")
         self.controls, self.host, self.port = controls, host, port
         self.stats = stats or (lambda: asdict(Stats(prompt=controls.prompt)))
-        self.access = AccessPolicy(token, tuple(allow_origins))
+        self.access = AccessPolicy(token, tuple(parse_origin(o) for o in allow_origins))
         self.ignored_words = ignored_words
         self.loop = asyncio.new_event_loop()
         self.hub = Hub(self.loop)
