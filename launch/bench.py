@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from engine.argparsing import OneLineParser
 from launch.benchmarks import adherence, cache, cascade, cascade_model, ranks, selective, soak, speed, switch
 from launch.cli import USER_ERRORS
 from launch.report import table, write_json
@@ -42,7 +43,7 @@ class HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.bench", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m launch.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="name", required=True)
     for name, module in BENCHMARKS.items():
         summary = module.__doc__.split("\n")[0]

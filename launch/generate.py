@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from engine.argparsing import OneLineParser
 from engine.config import Preset
 from engine.loading import resolve_dtype
 from engine.models.vae import to_uint8
@@ -42,7 +43,7 @@ from parallel.topology import Topology
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m engine.generate", description=__doc__.split("\n\n")[0])
     add_preset_arguments(parser)
     parser.add_argument("--prompt", default="a red circle moving left", help="text prompt (default: %(default)s)")
     parser.add_argument(

@@ -6,13 +6,13 @@ python -m launch.presets --counts   # parameter counts and KV memory, built on t
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from collections.abc import Callable
 
 import torch
 
+from engine.argparsing import OneLineParser
 from engine.config import (
     ConfigError,
     MagiConfig,
@@ -320,7 +320,7 @@ def _print_counts(names: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.presets", description="List presets and their sizes.")
+    parser = OneLineParser(prog="python -m launch.presets", description="List presets and their sizes.")
     parser.add_argument("--counts", action="store_true", help="print parameter counts (meta device) and KV memory")
     parser.add_argument("names", nargs="*", help="presets to show (default: all)")
     args = parser.parse_args(argv)

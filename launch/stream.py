@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from engine.argparsing import OneLineParser
 from engine.config import Preset
 from engine.demo.vocab import ignored_words
 from engine.loading import resolve_dtype
@@ -47,7 +48,7 @@ log = logging.getLogger("launch.stream")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m engine.stream", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m engine.stream", description=__doc__.split("\n\n")[0])
     add_preset_arguments(parser)
     parser.add_argument("--prompt", type=flags.prompt, default="a red circle moving left",
                         help="the prompt the stream starts with (default: %(default)s)")  # fmt: skip

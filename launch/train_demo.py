@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from engine.argparsing import OneLineParser
 from engine.demo.trainer import Trainer
 from engine.demo.training import TrainConfig
 from engine.loading import BUNDLED_FILES, resolve_device
@@ -36,7 +37,7 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m launch.train_demo",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -25,6 +25,7 @@ from urllib.parse import urlencode
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
+from engine.argparsing import OneLineParser
 from engine.serving.protocol import Frame, decode_frame
 from engine.serving.video import Mp4Writer
 
@@ -135,7 +136,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m engine.client", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m engine.client", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="ws://127.0.0.1:8000/ws", help="the stream's WebSocket (default: %(default)s)")
     parser.add_argument("--token", help="the server's --token (default: none)")
     parser.add_argument("--prompt", help="switch to this prompt on connecting (default: keep the stream's)")
