@@ -145,8 +145,8 @@ def test_layouts_that_do_not_fit_fail_clearly():
 def test_parallel_auto_picks_a_split_and_says_why(tmp_path):
     out = tmp_path / "auto.mp4"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m",
-               "engine.generate", "--preset", "tiny-wan", "--schedule", "cascade", "--offset", "1", "--parallel", "auto",
-               "--blocks", "3", "--out", str(out)]  # fmt: skip
+               "engine.generate", "--preset", "tiny-wan", "--schedule", "cascade", "--offset", "1",
+               "--parallel", "auto", "--blocks", "3", "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     reasons = [line for line in result.stderr.splitlines() if line.startswith("--parallel auto: 3 GPUs on NVLink")]
