@@ -47,15 +47,19 @@ def switch_pairs(count: int) -> list[tuple[Description, Description]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="demo")
-    parser.add_argument("--prompts", type=int, default=36)
-    parser.add_argument("--blocks", type=int, default=8)
+    parser.add_argument("--preset", default="demo", help="model preset")
+    parser.add_argument(
+        "--prompts", type=int, default=36, help="videos per plan (each color, shape and motion in turn)"
+    )
+    parser.add_argument("--blocks", type=int, default=8, help="blocks per video (without --horizons)")
     parser.add_argument("--plans", nargs="+", default=["sequential", "pyramid:1"], help="sequential or pyramid:OFFSET")
     parser.add_argument("--switches", type=int, default=12, help="prompt-switch videos per plan")
     parser.add_argument("--switch-block", type=int, default=4, help="block at which the prompt switches")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--weights", type=Path, default=None, help="a folder from launch.train_demo (default: shipped)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0, help="first video's seed")
+    parser.add_argument(
+        "--weights", type=Path, default=None, help="a folder from launch.train_demo (none: the shipped weights)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     parser.add_argument(
         "--horizons", nargs="+", default=None, help="block ranges FIRST-END of one video per prompt, e.g. 0-8 50-60"
     )
