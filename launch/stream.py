@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(repeatable; * for any; default: only the server's own page)")  # fmt: skip
     parser.add_argument("--record", type=Path, help="also write the stream to this MP4")
     parser.add_argument("--no-pace", dest="pace", action="store_false", help="generate as fast as possible")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what gets loaded (default: off)")
     add_weight_arguments(parser)
     add_plan_arguments(parser)
     add_parallel_arguments(parser)
