@@ -53,14 +53,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt", type=flags.prompt, default="a red circle moving left",
                         help="the prompt the stream starts with (default: %(default)s)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="fixes the stream's noise (default: %(default)s)")
-    parser.add_argument("--host", default="127.0.0.1", help="interface to serve on (default: this machine only)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface (default: %(default)s, this machine only)")
     parser.add_argument("--port", type=flags.port, default=8000, help="0: any free one (default: %(default)s)")
-    parser.add_argument("--token", help="required from viewers; needed when --host is not a loopback address")
+    parser.add_argument("--token", help="required from viewers; needed off loopback (default: none)")
     parser.add_argument("--allow-origin", type=flags.origin, action="append", default=[], metavar="ORIGIN",
                         help="also accept viewers' WebSockets from pages of this origin, e.g. https://stream.example "
                         "(repeatable; * for any; default: only the server's own page)")  # fmt: skip
-    parser.add_argument("--record", type=Path, help="also write the stream to this MP4")
-    parser.add_argument("--no-pace", dest="pace", action="store_false", help="generate as fast as possible")
+    parser.add_argument("--record", type=Path, help="also write the stream to this MP4 (default: none)")
+    parser.add_argument("--no-pace", dest="pace", action="store_false", help="unpaced (default: paced to the fps)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what gets loaded (default: off)")
     add_weight_arguments(parser)
     add_plan_arguments(parser)
