@@ -23,22 +23,17 @@ from engine.loading import resolve_dtype
 from engine.models.vae import to_uint8
 from engine.serving.video import Mp4Writer
 from launch.cli import (
-    ALIKE_ON_EVERY_RANK,
-    USER_ERRORS,
     add_parallel_arguments,
     add_plan_arguments,
     add_preset_arguments,
     add_weight_arguments,
-    parallel_from_args,
     preset_from_args,
     process_from_args,
     rank_device,
-    say_user_error,
     single_process_notes,
     weights_from_args,
 )
-from launch.run import RankRun
-from parallel.runtime import RankFailure, launched
+from launch.run import RankRun, on_ranks
 from parallel.topology import Topology
 
 
@@ -110,14 +105,9 @@ def run(args: argparse.Namespace, topology: Topology) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    try:
-        with launched(parallel_from_args(args, preset_from_args(args)), alike=ALIKE_ON_EVERY_RANK) as topology:
-            stats = run(args, topology)
-    except USER_ERRORS as err:
-        return say_user_error(err)
-    except RankFailure as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    code, stats = on_ranks(args, lambda topology: run(args, topology))
+    if code:
+        return code
     if stats is not None:
         print(
             f"wrote {args.out}: {stats['frames']} frames in {stats['seconds']:.2f} s "

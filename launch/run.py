@@ -7,8 +7,10 @@ decode rank holds only the decoder and receives the finished blocks as the plan 
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 
@@ -18,10 +20,14 @@ from engine.plan.timeline import Tick
 from engine.runtime.outputs import Block, RunStats
 from engine.runtime.session import Run, Session
 from launch.build import build_session
+from launch.cli import ALIKE_ON_EVERY_RANK, USER_ERRORS, parallel_from_args, preset_from_args, say_user_error
 from launch.threads import configure_threads
 from parallel.cascade import decode_rank_plan
+from parallel.runtime import RankFailure, launched
 from parallel.topology import Topology, TopologyError
 from parallel.ulysses import resolve_backend
+
+T = TypeVar("T")
 
 
 class RankRun:
@@ -62,3 +68,17 @@ class RankRun:
     def stats(self) -> RunStats | None:
         """The executor's statistics so far (None on a decode rank or before a run)."""
         return None if self.run is None else self.run.stats
+
+
+def on_ranks(args: argparse.Namespace, body: Callable[[Topology], T]) -> tuple[int, T | None]:
+    """An entry point's run on this rank: (exit code, what `body(topology)` returned). A user error
+    is one line and exit code 2 (a settings error every rank meets, said once); a failed rank is
+    named, exit code 1."""
+    try:
+        with launched(parallel_from_args(args, preset_from_args(args)), alike=ALIKE_ON_EVERY_RANK) as topology:
+            return 0, body(topology)
+    except USER_ERRORS as err:
+        return say_user_error(err), None
+    except RankFailure as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1, None

@@ -27,21 +27,16 @@ from engine.serving.live import Controls, LiveStream
 from engine.serving.server import StreamServer, needs_token
 from engine.serving.video import Mp4Writer
 from launch.cli import (
-    ALIKE_ON_EVERY_RANK,
-    USER_ERRORS,
     add_parallel_arguments,
     add_plan_arguments,
     add_preset_arguments,
     add_weight_arguments,
-    parallel_from_args,
     preset_from_args,
     rank_device,
-    say_user_error,
     single_process_notes,
     weights_from_args,
 )
-from launch.run import RankRun
-from parallel.runtime import RankFailure, launched
+from launch.run import RankRun, on_ranks
 from parallel.topology import Topology
 
 log = logging.getLogger("launch.stream")
@@ -143,15 +138,7 @@ def _fan_out(server: StreamServer, recorder: Mp4Writer | None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    try:
-        with launched(parallel_from_args(args, preset_from_args(args)), alike=ALIKE_ON_EVERY_RANK) as topology:
-            serve(args, topology)
-    except USER_ERRORS as err:
-        return say_user_error(err)
-    except RankFailure as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return on_ranks(args, lambda topology: serve(args, topology))[0]
 
 
 def entry() -> int:

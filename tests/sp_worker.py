@@ -58,6 +58,7 @@ def main() -> int:
             if dist.get_rank() == 0:
                 args.out.mkdir(parents=True, exist_ok=True)
                 torch.save({"latents": latents, "kv_bytes": kv_bytes}, args.out / f"{run.replace(':', '-')}.pt")
+        dist.barrier()  # leave together: a rank tearing gloo down while a peer still talks to it aborts
     finally:
         dist.destroy_process_group()
     return 0
