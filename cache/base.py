@@ -84,20 +84,12 @@ class CacheStats:
         done = t.computed + t.reused + t.predicted
         return (t.reused + t.predicted) / done if done else 0.0
 
-    @property
-    def flops_saved_share(self) -> float:
-        spent = self.flops_computed + self.probe_flops
-        return self.flops_saved / (spent + self.flops_saved) if spent + self.flops_saved else 0.0
-
-    def summary(self) -> dict:
+    def counts(self) -> dict[str, int]:
+        """Decisions and FLOPs so far, as the runtime reports them (RunStats.skip derives the shares)."""
         t = self.totals()
-        return {
-            "computed": t.computed,
-            "reused": t.reused,
-            "predicted": t.predicted,
-            "hit_rate": round(self.hit_rate, 4),
-            "flops_saved_share": round(self.flops_saved_share, 4),
-        }
+        return {"computed": t.computed, "reused": t.reused, "predicted": t.predicted,
+                "flops_computed": self.flops_computed, "flops_saved": self.flops_saved,
+                "probe_flops": self.probe_flops}  # fmt: skip
 
 
 def _sum(entries: list[BlockStats]) -> BlockStats:

@@ -101,7 +101,4 @@ class CacheSkip:
         self.stats.flops_saved += forward_flops(cfg, skipped * tokens, keys, text.tokens) * branches
 
     def counts(self) -> dict[str, int]:
-        t = self.stats.totals()
-        return {"computed": t.computed, "reused": t.reused, "predicted": t.predicted,
-                "flops_computed": self.stats.flops_computed, "flops_saved": self.stats.flops_saved,
-                "probe_flops": self.stats.probe_flops}  # fmt: skip
+        return self.stats.counts()

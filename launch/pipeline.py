@@ -32,7 +32,6 @@ import torch
 from cache import SUGGESTED_THRESHOLDS
 from engine.config import CacheConfig, Preset
 from engine.loading import WeightPaths, resolve_device, resolve_dtype
-from engine.models.vae import to_uint8
 from engine.runtime.outputs import RunStats
 from engine.runtime.session import Run, Session
 from engine.serving.video import Mp4Writer
@@ -144,8 +143,7 @@ class StreamingPipeline:
     def generate(self, prompt: str, *, blocks: int, seed: int = 0) -> Video:
         """A finite video of `blocks` blocks (on a cascade, the frames arrive on the sink rank)."""
         run = self.session.run(prompt, blocks=blocks, seed=seed)
-        self.session.decoder.reset()
-        parts = [to_uint8(self.session.decoder.decode(block.latents)) for block in run]
+        parts = [frames for _, frames in run.frames()]
         frames = np.concatenate(parts) if parts else np.zeros((0, 0, 0, 3), np.uint8)
         return Video(frames, self.preset.stream.fps, run.stats)
 
