@@ -519,3 +519,35 @@ class Preset:
 
     def pixel_frames(self, blocks: int) -> int:
         return self.vae.pixel_frames(blocks * self.stream.frames_per_block)
+
+
+COMPILE_MODES = ("off", "default", "graphs")
+KV_STORAGES = ("model", "fp8")
+ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpeedConfig:
+    """How fast the same math runs on a device: not part of a Preset (the video does not depend on
+    it beyond float rounding), chosen per process (engine/runtime/compiled.py, backends.py)."""
+
+    compile: str = "off"
+    """off (eager), default (torch.compile of the denoiser's forward, whole-graph) or graphs (the
+    same with mode="reduce-overhead": CUDA graphs; CUDA only)."""
+    kv_cache: str = "model"
+    """Storage of the committed K/V: the model's dtype, or fp8 (half the memory of bf16)."""
+    attention: str = "auto"
+    """SDPA backend: auto (the fastest exact one the device has, chosen once and reported), or
+    math, flash, efficient, cudnn."""
+
+    def __post_init__(self) -> None:
+        _require(self.compile in COMPILE_MODES, f"compile must be one of {COMPILE_MODES}")
+        _require(self.kv_cache in KV_STORAGES, f"kv_cache must be one of {KV_STORAGES}")
+        _require(self.attention in ATTENTION_BACKENDS, f"attention must be one of {ATTENTION_BACKENDS}")
+
+    def check_device(self, device_type: str) -> None:
+        """Refuse choices the device cannot run (one line, with the fix)."""
+        _require(
+            self.compile != "graphs" or device_type == "cuda",
+            f"--compile graphs captures CUDA graphs; this run is on {device_type}: use --compile default",
+        )

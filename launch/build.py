@@ -9,15 +9,19 @@ place that chooses among them. For every stream it builds an executor from the p
     switch    = NextStep | Recache             plan.switch
 
 Combinations that mean nothing are refused by the config (engine/config.py) with the reason.
+How fast the same math runs (`SpeedConfig`: compiled forward, attention kernel, KV storage) is
+chosen here too, once per session, and said in one line (`Assembly.speed_line`).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
 from cache import make_policy
 from cache.skip import CacheSkip
-from engine.config import ConfigError, Preset
+from engine.config import ConfigError, Preset, SpeedConfig
 from engine.loading import (
     WeightPaths,
     build_decoder,
@@ -29,6 +33,8 @@ from engine.loading import (
 )
 from engine.plan.sigmas import build_schedule
 from engine.plan.timeline import committed_blocks_needed
+from engine.runtime.backends import choose_attention, device_caps
+from engine.runtime.compiled import FastForward
 from engine.runtime.context import Joint, Lagged
 from engine.runtime.executor import Executor, Parts, StreamSetup
 from engine.runtime.kv import KVCache
@@ -47,6 +53,9 @@ from parallel.cascade import CascadeRank
 from parallel.topology import Topology
 from parallel.ulysses import GroupExchange
 
+EAGER = SpeedConfig()
+"""The default speed settings: eager forward, torch's attention kernels, K/V in the model's dtype."""
+
 
 def build_session(
     preset: Preset,
@@ -55,14 +64,17 @@ def build_session(
     dtype: torch.dtype,
     topology: Topology | None = None,
     sharding: Ulysses | None = None,
+    speed: SpeedConfig = EAGER,
 ) -> Session:
     """Load (or seed) the model, text encoder and decoder once; streams get their executors here.
-    `sharding`: Ulysses over an sp group (default: the topology's, when it has sp > 1)."""
+    `sharding`: Ulysses over an sp group (default: the topology's, when it has sp > 1). `speed`:
+    compiled forward, attention kernel and KV storage (checked against the device first)."""
+    speed.check_device(device.type)
     model = build_model(preset, weights, device, dtype)
     special = build_special_tokens(preset, weights)
     prompts = Prompts(preset, model, build_text_encoder(preset, weights, device, dtype), device, special)
     decoder = build_decoder(preset, weights, device)
-    assembly = Assembly(preset, model, device, topology, sharding or ulysses_for(topology, preset))
+    assembly = Assembly(preset, model, device, topology, sharding or ulysses_for(topology, preset), speed)
     return Session(preset, model, prompts, decoder, device, assembly)
 
 
@@ -76,15 +88,45 @@ def ulysses_for(topology: Topology | None, preset: Preset, backend: str = "auto"
 class Assembly:
     """Makes each stream's executor from the preset (the session's `ExecutorFactory`)."""
 
-    def __init__(self, preset: Preset, model, device: torch.device, topology: Topology | None = None, sharding=None):
-        self.preset, self.model, self.device, self.sharding = preset, model, device, sharding
+    def __init__(
+        self,
+        preset: Preset,
+        model,
+        device: torch.device,
+        topology: Topology | None = None,
+        sharding=None,
+        speed: SpeedConfig = EAGER,
+        fast: FastForward | None = None,
+    ):
+        self.preset, self.model, self.device, self.sharding, self.speed = preset, model, device, sharding, speed
         self.topology = topology or Topology.single()
-        self.runner = model if sharding is None else self._sharded(model, sharding)
+        self._check_speed()
+        self.fast = fast or FastForward(model, speed, choose_attention(speed.attention, device_caps(device)))
+        self.runner = self.fast if sharding is None else self._sharded(self.fast, sharding)
         self.schedule = build_schedule(preset.sampling)
         self.rope = build_rope(preset, device, model)
 
     def for_preset(self, preset: Preset) -> Assembly:
-        return Assembly(preset, self.model, self.device, self.topology, self.sharding)
+        """Executors for another plan: same model, same (already compiled) forward."""
+        return Assembly(preset, self.model, self.device, self.topology, self.sharding, self.speed, self.fast)
+
+    @property
+    def speed_line(self) -> str:
+        """How the forward runs here, in one line (entry points say it at start-up)."""
+        return self.fast.line()
+
+    def _check_speed(self) -> None:
+        """Refuse a compiled forward where this runtime would break its graph."""
+        if self.speed.compile == "off":
+            return
+        if self.sharding is not None:
+            raise ConfigError("--compile with --sp: the all-to-all runs inside the forward; use --compile off")
+        if self.preset.cache.policy in ("fbcache", "bwcache"):
+            raise ConfigError(f"--cache {self.preset.cache.policy} reads layer outputs through hooks a compiled "
+                              "forward does not run: use teacache, flowcache or scope with --compile")  # fmt: skip
+        if self.cascaded and self.preset.plan.context == "joint":
+            raise ConfigError("--compile with a joint cascade: ranks exchange K/V inside every layer of the "
+                              "forward; use --context lagged (one exchange per tick) or --compile off")  # fmt: skip
 
     def _sharded(self, model, sharding: Ulysses) -> ShardedModel:
         cfg, preset = self.preset.model, self.preset
@@ -122,6 +164,7 @@ class Assembly:
             history_reach=plan.history_reach,
             commit_reach=plan.commit_reach,
         )
+        self.fast.prepare_cache(cache)
         return Executor(self.runner, setup, cache, self.parts(cache, blocks_in_forward))
 
     def parts(self, cache: KVCache | None, blocks_in_forward: int) -> Parts:
@@ -161,11 +204,19 @@ class Assembly:
         cache = build_kv_cache(
             preset, self.model.dtype, self.device, batch=guidance.branches,
             scratch_frames=blocks_in_forward * preset.stream.frames_per_block, ring_frames=ring_frames, rope=self.rope,
-            head_shards=1 if self.sharding is None else self.sharding.size,
+            head_shards=1 if self.sharding is None else self.sharding.size, **self._storage(),
         )  # fmt: skip
         if guidance.branches == 2 and preset.model.family == "magi":
             cache.commit_from = 1  # the null-caption pass writes the clean K/V both passes read
         return cache
+
+    def _storage(self) -> dict:
+        """The KV storage argument, where the KV cache takes one (fp8 storage is newer than this)."""
+        if "storage" in inspect.signature(build_kv_cache).parameters:
+            return {"storage": self.speed.kv_cache}
+        if self.speed.kv_cache != "model":
+            raise ConfigError(f"--kv-cache {self.speed.kv_cache} is not available in this build: use --kv-cache model")
+        return {}
 
     def guidance(self) -> Guidance:
         """The model family's guidance: classifier-free (Wan) or MAGI-1's."""

@@ -22,15 +22,19 @@ import torch
 from cache import SUGGESTED_THRESHOLDS
 from engine.config import (
     ATTENTION,
+    ATTENTION_BACKENDS,
     CACHE_POLICIES,
+    COMPILE_MODES,
     COMPUTE,
     CONTEXTS,
+    KV_STORAGES,
     SCHEDULES,
     SINK_MODES,
     SOLVERS,
     SWITCHES,
     ConfigError,
     Preset,
+    SpeedConfig,
 )
 from engine.loading import SetupError, WeightPaths, resolve_device
 from engine.models.checkpoints.wan import CheckpointError
@@ -387,6 +391,28 @@ FLAGS: tuple[Flag, ...] = (
         choices=("nvlink", "pcie", "ib"),
         applies=_with_auto,
     ),
+    # speed (the same math, faster on this device)
+    Flag(
+        "--compile",
+        "speed.compile",
+        "compile the denoiser's forward whole-graph: default (torch.compile) or graphs (CUDA graphs)",
+        ("--compile", "default"),
+        choices=COMPILE_MODES,
+    ),
+    Flag(
+        "--kv-cache",
+        "speed.kv_cache",
+        "storage of the committed K/V: the model's dtype, or fp8",
+        ("--kv-cache", "fp8"),
+        choices=KV_STORAGES,
+    ),
+    Flag(
+        "--attention-backend",
+        "speed.attention",
+        "SDPA backend; auto: the fastest exact one the device has (said at start)",
+        ("--attention-backend", "math"),
+        choices=ATTENTION_BACKENDS,
+    ),
     # this process
     Flag(
         "--threads",
@@ -403,10 +429,12 @@ GROUPS = {
     "cache": "feature caching (cache/)",
     "weights": "weights",
     "parallel": "ranks (under torchrun)",
+    "speed": "speed (the same math on this device)",
     "process": "this process",
 }
 FLAG_BY_DEST = {flag.dest: flag for flag in FLAGS}
 PARALLEL_DEFAULTS = ParallelConfig()
+SPEED_DEFAULTS = SpeedConfig()
 
 
 def _default_text(flag: Flag, preset: Preset) -> str:
@@ -416,6 +444,8 @@ def _default_text(flag: Flag, preset: Preset) -> str:
         return f"the preset's; {preset.name}: {value!r}"
     if section == "parallel":
         return str(getattr(PARALLEL_DEFAULTS, field))
+    if section == "speed":
+        return str(getattr(SPEED_DEFAULTS, field))
     if section == "process":
         return "chosen by the policy"
     return "the preset's bundled weights" if field in ("checkpoint", "text_encoder", "vae") else "none"
@@ -460,6 +490,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     add_flags(parser, ("parallel", "process"))
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    add_flags(parser, ("speed",))
 
 
 def _given(args: argparse.Namespace, section: str) -> dict:
@@ -518,6 +552,11 @@ def parallel_from_args(args: argparse.Namespace, preset: Preset | None = None) -
         print(f"--parallel auto: {choice.reason}", file=sys.stderr)
     split = choice.split
     return dataclasses.replace(PARALLEL_DEFAULTS, **given, sp=split.sp, decode_rank=split.decode_rank)
+
+
+def speed_from_args(args: argparse.Namespace) -> SpeedConfig:
+    """The speed flags given (validated; device checks come when the session is built)."""
+    return dataclasses.replace(SPEED_DEFAULTS, **_given(args, "speed"))
 
 
 def process_from_args(args: argparse.Namespace) -> dict:

@@ -26,11 +26,13 @@ from launch.cli import (
     add_parallel_arguments,
     add_plan_arguments,
     add_preset_arguments,
+    add_speed_arguments,
     add_weight_arguments,
     preset_from_args,
     process_from_args,
     rank_device,
     single_process_notes,
+    speed_from_args,
     weights_from_args,
 )
 from launch.run import RankRun, on_ranks
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_weight_arguments(parser)
     add_plan_arguments(parser)
     add_parallel_arguments(parser)
+    add_speed_arguments(parser)
     return parser
 
 
@@ -75,7 +78,8 @@ def run(args: argparse.Namespace, topology: Topology) -> dict | None:
     device = rank_device(args, topology)
     start = time.perf_counter()
     threads = process_from_args(args).get("threads")
-    rank = RankRun(preset, weights_from_args(args), device, resolve_dtype(args.dtype, device), topology, threads)
+    dtype = resolve_dtype(args.dtype, device)
+    rank = RankRun(preset, weights_from_args(args), device, dtype, topology, threads, speed_from_args(args))
     blocks = rank.blocks(args.prompt, blocks=args.blocks, seed=args.seed)
     if not topology.is_decoder:
         for _ in blocks:  # compute ranks without output just run their share

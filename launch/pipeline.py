@@ -3,6 +3,7 @@
     from launch.pipeline import StreamingPipeline
 
     pipe = StreamingPipeline.from_preset("demo")                 # the shipped demo model
+    fast = StreamingPipeline.from_preset("demo", compile="default")  # compiled forward (SpeedConfig)
     video = pipe.generate("a red circle moving left", blocks=8, seed=0)
     video.frames.shape, video.stats.forwards                     # [N, 64, 64, 3] uint8
     video.save("out/circle.mp4")
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from cache import SUGGESTED_THRESHOLDS
-from engine.config import CacheConfig, Preset
+from engine.config import CacheConfig, Preset, SpeedConfig
 from engine.loading import WeightPaths, resolve_device, resolve_dtype
 from engine.runtime.outputs import RunStats
 from engine.runtime.session import Run, Session
@@ -105,14 +106,26 @@ class StreamingPipeline:
         device: str = "auto",
         dtype: str = "auto",
         topology: Topology | None = None,
+        compile: str = "off",
+        kv_cache: str = "model",
+        attention: str = "auto",
     ) -> StreamingPipeline:
         """Load a preset (`python -m launch.presets` lists them) with its weights: the shipped ones
         for the demo, a checkpoint (+ a Wan2.1 diffusers `base` for text encoder and VAE) for real
-        models, or seeded random weights. Under torchrun pass the topology of `parallel.runtime.launched`."""
+        models, or seeded random weights. Under torchrun pass the topology of `parallel.runtime.launched`.
+        Speed (the same math): `compile` off | default | graphs (CUDA), `kv_cache` model | fp8,
+        `attention` auto | math | flash | efficient | cudnn (see `speed_line`)."""
         paths = {"checkpoint": checkpoint, "base": base, "text_encoder": text_encoder, "vae": vae, "lora": lora}
         weights = WeightPaths(**{k: Path(v) for k, v in paths.items() if v is not None}, random=random_weights)
         torch_device = resolve_device(device)
-        return cls(build_session(get_preset(name), weights, torch_device, resolve_dtype(dtype, torch_device), topology))
+        speed = SpeedConfig(compile=compile, kv_cache=kv_cache, attention=attention)
+        dtype_ = resolve_dtype(dtype, torch_device)
+        return cls(build_session(get_preset(name), weights, torch_device, dtype_, topology, speed=speed))
+
+    @property
+    def speed_line(self) -> str:
+        """How the forward runs: compiled or eager, the attention kernels, the KV storage."""
+        return self.session.executors.speed_line
 
     @property
     def preset(self) -> Preset:

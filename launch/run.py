@@ -14,12 +14,12 @@ from typing import TypeVar
 
 import torch
 
-from engine.config import Preset
+from engine.config import Preset, SpeedConfig
 from engine.loading import WeightPaths, build_decoder
 from engine.plan.timeline import Tick
 from engine.runtime.outputs import Block, RunStats
 from engine.runtime.session import Run, Session
-from launch.build import build_session
+from launch.build import EAGER, build_session
 from launch.cli import ALIKE_ON_EVERY_RANK, USER_ERRORS, parallel_from_args, preset_from_args, say_user_error
 from launch.threads import configure_threads
 from parallel.cascade import decode_rank_plan
@@ -39,14 +39,17 @@ class RankRun:
         dtype: torch.dtype,
         topology: Topology,
         threads: int | None = None,
+        speed: SpeedConfig = EAGER,
     ):
         if topology.distributed and preset.plan.schedule != "cascade":
             raise TopologyError(f"{topology.world_size} processes need --schedule cascade (got {preset.plan.schedule})")
         self.preset, self.topology = preset, topology
         self.session: Session | None = None
         if topology.is_compute:
-            self.session = build_session(preset, weights, device, dtype, topology)
+            self.session = build_session(preset, weights, device, dtype, topology, speed=speed)
             configure_threads(threads, self.session.model, device)
+            if topology.rank == 0:
+                print(self.session.executors.speed_line, file=sys.stderr)
             if topology.cfg.sp > 1 and topology.rank == 0:
                 backend = resolve_backend(topology.cfg.sp_backend)
                 print(f"sequence parallelism: cascade {topology.cascade_size} x sp {topology.cfg.sp}, "

@@ -30,10 +30,12 @@ from launch.cli import (
     add_parallel_arguments,
     add_plan_arguments,
     add_preset_arguments,
+    add_speed_arguments,
     add_weight_arguments,
     preset_from_args,
     rank_device,
     single_process_notes,
+    speed_from_args,
     weights_from_args,
 )
 from launch.run import RankRun, on_ranks
@@ -60,6 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_weight_arguments(parser)
     add_plan_arguments(parser)
     add_parallel_arguments(parser)
+    add_speed_arguments(parser)
     args = parser.parse_args(argv)
     if needs_token(args.host) and not args.token:
         parser.error(f"--host {args.host} makes the stream reachable from other machines: pass --token")
@@ -70,7 +73,8 @@ def _source(args: argparse.Namespace, preset: Preset, topology: Topology):
     """(block source, decoder, cache hit rate) for this rank: the plan on compute ranks, receiving
     on a decode rank."""
     device = rank_device(args, topology)
-    rank = RankRun(preset, weights_from_args(args), device, resolve_dtype(args.dtype, device), topology)
+    dtype = resolve_dtype(args.dtype, device)
+    rank = RankRun(preset, weights_from_args(args), device, dtype, topology, speed=speed_from_args(args))
     source = lambda prompt_for: rank.blocks(prompt_for, blocks=None, seed=args.seed)  # noqa: E731
 
     def cache_hits() -> float | None:

@@ -12,7 +12,14 @@ import torch
 from engine.config import ConfigError
 from engine.loading import WeightPaths
 from launch.build import build_session
-from launch.cli import FLAGS, parallel_from_args, preset_from_args, process_from_args, weights_from_args
+from launch.cli import (
+    FLAGS,
+    parallel_from_args,
+    preset_from_args,
+    process_from_args,
+    speed_from_args,
+    weights_from_args,
+)
 from launch.generate import build_parser
 
 PARSER = build_parser()
@@ -20,15 +27,21 @@ PARSER = build_parser()
 
 def _resolved(argv: list[str]):
     args = PARSER.parse_args(argv)
-    return preset_from_args(args), weights_from_args(args), parallel_from_args(args), process_from_args(args)
+    return (
+        preset_from_args(args),
+        weights_from_args(args),
+        parallel_from_args(args),
+        process_from_args(args),
+        speed_from_args(args),
+    )
 
 
 def _field(configs, sets: str):
-    preset, weights, parallel, process = configs
+    preset, weights, parallel, process, speed = configs
     section, name = sets.split(".")
     if section == "process":
         return process.get(name)
-    holder = {"weights": weights, "parallel": parallel}.get(section) or getattr(preset, section)
+    holder = {"weights": weights, "parallel": parallel, "speed": speed}.get(section) or getattr(preset, section)
     if section == "sampling" and name == "num_steps":
         return preset.sampling.steps
     return getattr(holder, name)
@@ -109,3 +122,17 @@ def test_context_and_switch_flags_change_the_video():
     next_step = _latents_from_flags(["--switch", "next-step"], switch, "demo")  # recache: a preset without sink
     recache = _latents_from_flags(["--switch", "recache"], switch, "demo")
     assert (next_step - recache).abs().max() > 1e-4, "--switch recache must change the video"
+
+
+def test_speed_flags_reach_the_session_or_are_refused_for_the_device():
+    """--compile graphs needs CUDA (one line saying so on CPU); the other speed choices reach the
+    session's forward and are said in its start-up line."""
+    tiny = ["--preset", "tiny-wan"]
+    graphs = _resolved([*tiny, "--compile", "graphs"])
+    with pytest.raises(ConfigError, match="--compile graphs") as refused:
+        build_session(graphs[0], WeightPaths(seed=3), torch.device("cpu"), torch.float32, speed=graphs[4])
+    assert "\n" not in str(refused.value)
+    chosen = _resolved([*tiny, "--compile", "default", "--attention-backend", "math"])
+    session = build_session(chosen[0], WeightPaths(seed=3), torch.device("cpu"), torch.float32, speed=chosen[4])
+    line = session.executors.speed_line
+    assert "compiled" in line and "math" in line, line
