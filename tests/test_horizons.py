@@ -47,9 +47,9 @@ def test_a_video_that_fades_to_grey_drifts_and_loses_its_object():
 def test_the_soak_summary_leaves_out_the_warmup():
     from launch.benchmarks.soak import summarize as soak_summary
 
-    rows = [
-        {"seconds": s, "fps": fps, "rss_mb": rss} for s, fps, rss in ((10, 5.0, 300), (40, 18.0, 400), (70, 20.0, 410))
-    ]
+    samples = ((10, 5.0, 30.0, 300), (40, 18.0, 40.0, 400), (70, 20.0, 40.0, 410))
+    rows = [{"seconds": s, "fps": fps, "cpu_fps": cpu, "rss_mb": rss} for s, fps, cpu, rss in samples]
     summary = soak_summary(rows, warmup=30)
     assert summary["samples"] == 2 and summary["rss_growth_mb"] == 10
     assert abs(summary["fps_spread"] - 2 / 19) < 1e-9
+    assert summary["cpu_fps_mean"] == 40.0 and summary["cpu_fps_spread"] == 0.0

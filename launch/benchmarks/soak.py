@@ -25,7 +25,7 @@ from engine.loading import WeightPaths, resolve_device
 from launch.benchmarks.common import session_for
 from launch.presets import get_preset
 
-COLUMNS = ["seconds", "frames", "fps", "rss_mb", "kv_mb"]
+COLUMNS = ["seconds", "frames", "fps", "cpu_fps", "rss_mb", "kv_mb"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,13 +51,12 @@ def rss_mb() -> float:
 def summarize(rows: list[dict], warmup: float) -> dict:
     """RSS growth and FPS spread over the rows after `warmup` seconds (all rows if none are)."""
     steady = [r for r in rows if r["seconds"] >= warmup] or rows
-    fps = np.array([r["fps"] for r in steady])
-    return {
-        "samples": len(steady),
-        "rss_growth_mb": steady[-1]["rss_mb"] - steady[0]["rss_mb"],
-        "fps_mean": float(fps.mean()),
-        "fps_spread": float((fps.max() - fps.min()) / fps.mean()),
-    }
+    summary = {"samples": len(steady), "rss_growth_mb": steady[-1]["rss_mb"] - steady[0]["rss_mb"]}
+    for key in ("fps", "cpu_fps"):
+        fps = np.array([r[key] for r in steady])
+        summary[f"{key}_mean"] = float(fps.mean())
+        summary[f"{key}_spread"] = float((fps.max() - fps.min()) / fps.mean())
+    return summary
 
 
 def run(args: argparse.Namespace):
@@ -67,14 +66,17 @@ def run(args: argparse.Namespace):
     stream = session.run(args.prompt, blocks=None, seed=args.seed)
     rows, frames, interval_frames = [], 0, 0
     start = last = time.perf_counter()
+    last_cpu = time.process_time()
     for _, decoded in stream.frames():
         frames += len(decoded)
         interval_frames += len(decoded)
         now = time.perf_counter()
         if now - last >= args.every or now - start >= 60 * args.minutes:
+            cpu = time.process_time()
             rows.append({"seconds": round(now - start, 1), "frames": frames, "fps": interval_frames / (now - last),
+                         "cpu_fps": interval_frames / max(cpu - last_cpu, 1e-9),
                          "rss_mb": rss_mb(), "kv_mb": stream.kv_bytes / 2**20})  # fmt: skip
-            last, interval_frames = now, 0
+            last, last_cpu, interval_frames = now, cpu, 0
         if now - start >= 60 * args.minutes:
             break
     summary = summarize(rows, args.warmup)
@@ -83,4 +85,5 @@ def run(args: argparse.Namespace):
     settings["weights"] = "shipped" if args.weights is None else args.weights.as_posix()
     settings["summary"] = summary
     settings["torch_threads"] = torch.get_num_threads()
+    settings["load_1min"] = os.getloadavg()[0]
     return rows, COLUMNS, settings
