@@ -31,6 +31,7 @@ class CacheSkip:
 
     def __init__(self, policy: CachePolicy):
         self.policy = policy
+        self.configured = policy.threshold
         self.stats = CacheStats()
         self._infos: list[StepInfo] = []
         self._chosen: dict[int, Decision] = {}
@@ -102,3 +103,8 @@ class CacheSkip:
 
     def counts(self) -> dict[str, int]:
         return self.stats.counts()
+
+    def set_fidelity(self, threshold: float | None) -> None:
+        """Raising the threshold skips more block-steps (lower fidelity, less compute); the session
+        scheduler sets it per stream and round within a measured quality floor."""
+        self.policy.threshold = self.configured if threshold is None else threshold

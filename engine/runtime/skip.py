@@ -43,6 +43,11 @@ class Skip(Protocol):
         """Decision and FLOP counts so far (RunStats.skip); empty when nothing is skipped."""
         ...
 
+    def set_fidelity(self, threshold: float | None) -> None:
+        """Per-stream, per-tick fidelity knob (the session scheduler's): decide from the next tick
+        with this reuse threshold instead of the configured one (None: the configured one again)."""
+        ...
+
 
 class NoSkip:
     records = False
@@ -61,3 +66,6 @@ class NoSkip:
 
     def counts(self) -> dict[str, int]:
         return {}
+
+    def set_fidelity(self, threshold: float | None) -> None:
+        pass  # nothing is skipped at any fidelity

@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--policies", nargs="+", default=list(THRESHOLDS), choices=list(THRESHOLDS), help="policies to measure"
     )
+    parser.add_argument(
+        "--thresholds", nargs="+", type=float, default=None, help="thresholds for every policy (default: its own pair)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="first video's seed")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
 
@@ -106,12 +109,12 @@ def run(args: argparse.Namespace):
         reference, base, stats = _generate(session, prompts, args.blocks, args.seed)
         rows.append(_row(plan, "none", 0.0, reference, base, stats, reference, base, prompts))
         for policy in args.policies:
-            for threshold in THRESHOLDS[policy]:
+            for threshold in args.thresholds or THRESHOLDS[policy]:
                 cached = session.reconfigured(replace(preset, cache=CacheConfig(policy=policy, threshold=threshold)))
                 videos, seconds, stats = _generate(cached, prompts, args.blocks, args.seed)
                 rows.append(_row(plan, policy, threshold, videos, seconds, stats, reference, base, prompts))
                 print(
                     f"{plan} {policy} {threshold}: {rows[-1]['speedup']:.2f}x, {rows[-1]['psnr_db']:.1f} dB", flush=True
                 )
-    settings = {k: getattr(args, k) for k in ("preset", "prompts", "blocks", "steps", "offset", "seed")}
+    settings = {k: getattr(args, k) for k in ("preset", "prompts", "blocks", "steps", "offset", "seed", "thresholds")}
     return rows, COLUMNS, settings

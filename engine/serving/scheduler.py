@@ -1,0 +1,190 @@
+"""Which sessions run in a round and at what fidelity (playout slack), and how many sessions fit.
+
+Every session has a viewer whose playout clock runs at the stream's fps from its first frame; its
+*slack* is the video generated but not yet played. A round steps at most `batch` sessions by one
+tick, in one coalesced call where their shapes allow (engine/runtime/coalesce.py).
+
+* **Order.** `slack`: the least slack first; sessions holding more than `target_slack_s` wait
+  (their viewers have video enough), and a session below the target that has not been served for
+  `max_wait_rounds` rounds goes first, so none starves: with n sessions below the target, each is
+  served at least once every `max_wait_rounds + ceil(n / batch)` rounds. `fifo` (a baseline):
+  the sessions below the target in the order they were last served, no slack priority.
+* **Fidelity.** When a session's predicted slack at its next block (slack now minus the ticks it
+  still needs, at the measured round time and its share of the rounds) falls below
+  `degrade_below_s`, its feature-cache threshold goes one rung up the ladder, never past the
+  quality floor; above `recover_above_s` it comes one rung down. Sessions that have not shown a
+  frame yet have no clock to miss and keep full fidelity.
+* **Admission.** A new session needs its KV bytes under the memory budget and the measured
+  throughput (`Throughput`: seconds per round at each batch size) to cover every running session
+  at the stream's fps: n sessions fit when n * fps <= min(n, batch) * frames_per_tick / round_s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+# The demo model's fidelity ladder: flowcache threshold -> PSNR (dB) of whole videos made with it
+# against the same videos uncached, on the preset's own 4-step plan (8 prompts x 8 blocks):
+#   python -m launch.bench cache --plans self-forcing --policies flowcache \
+#       --thresholds 0 1.25 1.5 1.75 2 2.5 3 4 --prompts 8 --blocks 8
+# 0 -> inf (identical), 1.25 -> inf (nothing skipped), 1.5 / 1.75 / 2 / 2.5 -> 28.2 dB (a quarter of
+# the block-steps skipped: one of the two middle steps), 3 / 4 -> 23.7 dB (both middle steps).
+# A degraded chunk alone loses less than a whole video degraded throughout (errors compound).
+DEMO_LADDER: tuple[tuple[float, float], ...] = ((0.0, math.inf), (2.0, 28.2), (4.0, 23.7))
+DEFAULT_FLOOR_DB = 25.0
+
+ORDERS = ("slack", "fifo")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the session manager may do: memory, batch, slack targets, fidelity floor, timeouts."""
+
+    kv_budget_bytes: int
+    """Device memory for the running sessions' KV caches."""
+    batch: int = 4
+    """Sessions per round (one coalesced forward where shapes allow)."""
+    target_slack_s: float = 2.0
+    max_wait_rounds: int = 4
+    order: str = "slack"
+    degrade: bool = True
+    degrade_below_s: float = 0.5
+    recover_above_s: float = 1.0
+    ladder: tuple[tuple[float, float], ...] = DEMO_LADDER
+    """(cache threshold, PSNR dB) rungs, exact first."""
+    floor_db: float = DEFAULT_FLOOR_DB
+    """No rung below this PSNR is used."""
+    throughput_admission: bool = True
+    headroom: float = 0.9
+    """Share of the measured throughput that admission hands out."""
+    queue: int = 8
+    """Waiting places for connections beyond capacity."""
+    retry_s: float = 2.0
+    """Retry-after per place in the queue."""
+    ticket_s: float = 30.0
+    """A queued place not asked for again within this long is given up."""
+    grace_s: float = 10.0
+    """A session without viewers keeps its device state this long, then is suspended."""
+    expire_s: float = 120.0
+    """... and is freed this long after suspension."""
+
+    def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"scheduler order must be one of {ORDERS}, got {self.order!r}")
+        if self.batch < 1 or self.max_wait_rounds < 1 or self.queue < 0 or self.kv_budget_bytes <= 0:
+            raise ValueError("batch and max_wait_rounds must be >= 1, queue >= 0 and the KV budget > 0")
+        if not self.ladder or self.ladder[0][0] != 0.0:
+            raise ValueError("the fidelity ladder starts with the exact rung (threshold 0)")
+
+    @property
+    def rungs(self) -> tuple[float, ...]:
+        """The thresholds within the floor, exact first (only the exact one without degradation)."""
+        usable = tuple(t for t, db in self.ladder if db >= self.floor_db)
+        return usable if self.degrade else usable[:1]
+
+
+@dataclass(frozen=True)
+class Standing:
+    """One session's place at the start of a round."""
+
+    id: str
+    slack_s: float
+    waited: int
+    """Rounds since it was last served while it wanted service."""
+    ticks_to_frames: int
+    """Ticks until its next block is out (this one included)."""
+    started: bool
+    """Its viewer has had a frame (its playout clock runs)."""
+    served_at: int = 0
+    """The round it was last served (fifo order); ties keep arrival order."""
+
+
+def choose(standings: list[Standing], limits: Limits) -> list[Standing]:
+    """The sessions to step this round, at most `limits.batch`, most urgent first."""
+    due = [s for s in standings if s.slack_s < limits.target_slack_s]
+    if limits.order == "fifo":
+        return sorted(due, key=lambda s: s.served_at)[: limits.batch]
+    starving = sorted((s for s in due if s.waited >= limits.max_wait_rounds), key=lambda s: -s.waited)
+    rest = sorted((s for s in due if s.waited < limits.max_wait_rounds), key=lambda s: (s.slack_s, -s.waited))
+    return (starving + rest)[: limits.batch]
+
+
+def predicted_slack(standing: Standing, round_s: float, due: int, batch: int) -> float:
+    """Slack when its next block is out, if it gets its share (batch / due) of the rounds."""
+    rounds_per_tick = max(1.0, due / batch)
+    return standing.slack_s - standing.ticks_to_frames * round_s * rounds_per_tick
+
+
+def next_rung(level: int, standing: Standing, round_s: float | None, due: int, limits: Limits) -> int:
+    """The session's rung (index into `limits.rungs`) for this round."""
+    top = len(limits.rungs) - 1
+    if not standing.started or round_s is None:
+        return min(level, top)
+    predicted = predicted_slack(standing, round_s, due, limits.batch)
+    if predicted < limits.degrade_below_s:
+        return min(level + 1, top)
+    if predicted > limits.recover_above_s:
+        return max(level - 1, 0)
+    return min(level, top)
+
+
+@dataclass
+class Throughput:
+    """Measured seconds per round, per batch size (exponential moving averages)."""
+
+    smoothing: float = 0.2
+    round_s: dict[int, float] = field(default_factory=dict)
+
+    def record(self, batch: int, seconds: float) -> None:
+        if seconds <= 0 or batch <= 0:
+            return
+        old = self.round_s.get(batch)
+        self.round_s[batch] = seconds if old is None else old + self.smoothing * (seconds - old)
+
+    def estimate(self, batch: int) -> float | None:
+        """Seconds per round at `batch`: measured, else a line through the measured sizes (a cost
+        per round plus one per session), else proportional to the one size measured."""
+        if batch in self.round_s:
+            return self.round_s[batch]
+        if not self.round_s:
+            return None
+        sizes = sorted(self.round_s)
+        if len(sizes) == 1:
+            return self.round_s[sizes[0]] * batch / sizes[0]
+        mean_k = sum(sizes) / len(sizes)
+        mean_s = sum(self.round_s[k] for k in sizes) / len(sizes)
+        slope = sum((k - mean_k) * (self.round_s[k] - mean_s) for k in sizes) / sum((k - mean_k) ** 2 for k in sizes)
+        slope = max(slope, 0.0)
+        return max(mean_s + slope * (batch - mean_k), 1e-6)
+
+    def sessions(self, fps: float, frames_per_tick: float, limits: Limits, most: int) -> int | None:
+        """How many sessions the measured speed keeps at `fps` (None: nothing measured yet)."""
+        if not self.round_s:
+            return None
+        fitting = 0
+        for n in range(1, most + 1):
+            served = min(n, limits.batch)
+            round_s = self.estimate(served)
+            if n * fps <= limits.headroom * served * frames_per_tick / round_s:
+                fitting = n
+        return fitting
+
+
+@dataclass(frozen=True)
+class Verdict:
+    admit: bool
+    reason: str = ""
+
+
+def admission(
+    *, running: int, kv_in_use: int, kv_per_session: int, capacity: int | None, limits: Limits
+) -> Verdict:
+    """Whether one more session may run now, and if not, why (one line)."""
+    if kv_in_use + kv_per_session > limits.kv_budget_bytes:
+        fits = limits.kv_budget_bytes // max(kv_per_session, 1)
+        return Verdict(False, f"KV memory is full ({fits} sessions of {kv_per_session / 2**20:.1f} MiB fit the budget)")
+    capacity = None if capacity is None else max(capacity, 1)  # one session always runs, however slow
+    if limits.throughput_admission and capacity is not None and running + 1 > capacity:
+        return Verdict(False, f"the engine keeps {capacity} sessions at full frame rate and runs {running}")
+    return Verdict(True)

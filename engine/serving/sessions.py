@@ -1,0 +1,474 @@
+"""Many sessions on one loaded model: each viewer its own stream, stepped together by playout slack.
+
+    manager = SessionManager(session, Limits(kv_budget_bytes=64 << 20))
+    opened = manager.open("a red circle moving left", seed=0)     # Opened(id) or Refused(...)
+    while serving:
+        for sid, chunks in manager.round().items():                 # one scheduling round
+            send(sid, chunks)                                        # Frames: pixels [F, H, W, 3]
+
+A session is one stream: its own prompt, seed, plan position, KV cache, cache-policy state and
+decoder state. `round()` picks sessions (engine/serving/scheduler.py: least slack first, none
+starved, fidelity lowered for those about to stall), runs one tick of each with their forwards
+coalesced (engine/runtime/coalesce.py), decodes finished blocks and hands the frames out. Nothing
+here opens a socket or sleeps: a server drives it, a benchmark drives it with the real clock, tests
+with a fake one.
+
+Each session's viewer is modelled by a `Playout` clock: it plays at the stream's fps from the first
+frame, stops while the session is paused or has no viewer, and stalls when it reaches the end of
+the video generated so far (it then waits; the seconds waited are stall seconds). A server whose
+viewers report what they have played passes that on with `played(id, seconds)`.
+
+Life of a session: open (or queued with a retry-after) -> running -> viewer_left: idle for
+`grace_s`, device state kept -> suspended: its executor's state moved to host memory -> after
+`expire_s` expired and freed. `viewer_returned` / `join` bring an idle or suspended session back;
+a suspended one resumes bit-exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import secrets
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.config import CacheConfig, ConfigError
+from engine.models.vae import to_uint8
+from engine.plan.timeline import Tick, blocks_per_tick
+from engine.runtime.coalesce import step_together
+from engine.runtime.executor import Executor
+from engine.runtime.session import Session
+from engine.sampling.noise import NoiseSource
+from engine.serving.scheduler import Limits, Standing, Throughput, admission, choose, next_rung
+
+FPS_WINDOW_S = 3.0
+PROMPT_LOG = 1000
+"""Prompt switches kept per session (tick, prompt): enough to replay a session alone."""
+
+
+class SessionError(ValueError):
+    """A request about a session that does not exist (any more)."""
+
+
+@dataclass(frozen=True)
+class Opened:
+    id: str
+    joined: bool = False
+    """True when the viewer joined a session that was already running."""
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: str
+    """One line: why, and what to do."""
+    retry_after_s: float
+    queue_position: int | None
+    """1 = next to be admitted; None when the queue is full too."""
+    ticket: str | None = None
+    """Pass it to `open` again to keep the place in the queue."""
+
+
+@dataclass(frozen=True)
+class Frames:
+    """One finished block of one session, decoded."""
+
+    block: int
+    first_frame: int
+    """Index of its first frame in the session's video."""
+    pixels: np.ndarray
+    """`[F, H, W, 3]` uint8."""
+    version: int
+    """The prompt version in force when the block finished."""
+    threshold: float
+    """The highest feature-cache threshold its ticks ran under (0: full fidelity)."""
+
+
+class Playout:
+    """A viewer's playout clock over one session's video (seconds)."""
+
+    def __init__(self, fps: float):
+        self.fps = fps
+        self.generated_s = self.played_s = self.stall_s = 0.0
+        self.stalls = 0
+        self.stalled = False
+        self.first_at: float | None = None
+        self.last: float | None = None
+        self.holds: set[str] = set()
+
+    def advance(self, now: float) -> None:
+        """Play from the last update to `now`; stall where the generated video runs out."""
+        if self.last is None:  # nothing shown yet: the clock has not started
+            return
+        if self.holds:  # paused or no viewer: time passes, the video does not
+            self.last = now
+            return
+        elapsed, left = now - self.last, self.generated_s - self.played_s
+        self.last = now
+        if elapsed <= left:
+            self.played_s += elapsed
+            return
+        self.played_s = self.generated_s
+        self.stall_s += elapsed - left
+        if not self.stalled:
+            self.stalls += 1
+            self.stalled = True
+
+    def add(self, frames: int, now: float) -> None:
+        self.advance(now)
+        if self.first_at is None:
+            self.first_at = self.last = now
+        self.generated_s += frames / self.fps
+        self.stalled = False
+
+    def hold(self, reason: str, now: float) -> None:
+        self.advance(now)
+        self.holds.add(reason)
+
+    def release(self, reason: str, now: float) -> None:
+        self.advance(now)
+        self.holds.discard(reason)
+        if self.last is not None:
+            self.last = now
+
+    def report(self, played_s: float, now: float) -> None:
+        """The viewer says how far it has played: that replaces the model's guess."""
+        self.advance(now)
+        self.played_s = min(max(played_s, 0.0), self.generated_s)
+
+    def slack(self, now: float) -> float:
+        self.advance(now)
+        return self.generated_s - self.played_s
+
+
+@dataclass
+class Live:
+    """One session's state in the manager."""
+
+    id: str
+    seed: int
+    prompt: str
+    text: object
+    executor: Executor
+    decoder: object
+    ticks: object
+    next_tick: Tick
+    playout: Playout
+    opened_at: float
+    viewers: int = 1
+    state: str = "running"
+    """running, idle (no viewer, within the grace period) or suspended."""
+    paused: bool = False
+    since: float = 0.0
+    """When it became idle or suspended."""
+    version: int = 1
+    rung: int = 0
+    block_rung: float = 0.0
+    waited: int = 0
+    served_at: int = 0
+    most_waited: int = 0
+    frames: int = 0
+    degraded_blocks: int = 0
+    recent: deque = field(default_factory=deque)
+    """(time, frames) of recent blocks, for its FPS."""
+    prompt_log: list = field(default_factory=list)
+    """(tick index, prompt) of every prompt it ran under, first at tick 0."""
+
+    @property
+    def wants_ticks(self) -> bool:
+        return self.state == "running" and not self.paused
+
+
+class SessionManager:
+    def __init__(self, session: Session, limits: Limits, clock: Callable[[], float] = time.monotonic):
+        plan = session.preset.plan
+        if plan.schedule == "skyreels":
+            raise ConfigError("sessions run endless plans (sequential, pyramid): the skyreels schedule is finite")
+        if len(limits.rungs) > 1 and not session.preset.cache.enabled:
+            # threshold 0 is exactly no caching; the scheduler raises it per session and round
+            session = session.reconfigured(dataclasses.replace(session.preset, cache=CacheConfig(policy="flowcache")))
+        self.session, self.limits, self.clock = session, limits, clock
+        self.fps = session.preset.stream.fps
+        steps = session.schedule.steps
+        self.offset = steps + 1 if plan.schedule == "sequential" else plan.offset
+        self.in_forward = blocks_per_tick(session.schedule, None if plan.schedule == "sequential" else plan.offset, None)
+        self.kv_per_session = self._executor(0).cache.nbytes
+        self.throughput = Throughput()
+        self.sessions: dict[str, Live] = {}
+        self.queue: OrderedDict[str, float] = OrderedDict()
+        self.rounds, self.refused, self.expired = 0, 0, 0
+        self.batches: Counter[int] = Counter()
+        self.recent: deque = deque()
+        self._frames_out = self._ticks_out = 0
+
+    # -- opening and closing ---------------------------------------------------------------------
+
+    def open(self, prompt: str, seed: int, ticket: str | None = None) -> Opened | Refused:
+        """A new session, or a refusal with a retry-after and a place in the queue (`ticket` keeps
+        the place: pass it back when retrying)."""
+        now = self.clock()
+        self._drop_stale_tickets(now)
+        if ticket is not None and ticket in self.queue:
+            self.queue[ticket] = now
+        else:
+            ticket = None  # unknown or given up: a new request, at the back
+        if next(iter(self.queue), ticket) != ticket or not self._verdict().admit:
+            return self._queued(now, ticket)
+        self.queue.pop(ticket, None)
+        live = self._start(prompt, seed, now)
+        self.sessions[live.id] = live
+        return Opened(live.id)
+
+    def _queued(self, now: float, ticket: str | None = None) -> Refused:
+        self.refused += 1
+        reason = self._verdict().reason or "sessions queued before this one go first"
+        if ticket is None:
+            if len(self.queue) >= self.limits.queue:
+                return Refused(f"server full: {reason}; the queue is full too, try again later",
+                               self.limits.retry_s * (len(self.queue) + 1), None)  # fmt: skip
+            ticket = secrets.token_urlsafe(8)
+            self.queue[ticket] = now
+        position = list(self.queue).index(ticket) + 1
+        return Refused(f"server full: {reason}; you are number {position} in the queue",
+                       self.limits.retry_s * position, position, ticket)  # fmt: skip
+
+    def _drop_stale_tickets(self, now: float) -> None:
+        for ticket in [t for t, asked in self.queue.items() if now - asked > self.limits.ticket_s]:
+            del self.queue[ticket]
+
+    def _verdict(self):
+        """Whether one more session may hold device state and ticks now."""
+        running = sum(1 for s in self.sessions.values() if s.wants_ticks)
+        capacity = self.throughput.sessions(self.fps, self.frames_per_tick, self.limits, most=running + 1)
+        return admission(running=running, kv_in_use=self.kv_bytes, kv_per_session=self.kv_per_session,
+                         capacity=capacity, limits=self.limits)  # fmt: skip
+
+    def _executor(self, seed: int) -> Executor:
+        executor = self.session.executors(NoiseSource(seed), blocks_in_forward=self.in_forward)
+        executor.start()
+        return executor
+
+    def _start(self, prompt: str, seed: int, now: float) -> Live:
+        ticks = self.session.plan(None)
+        decoder = copy.copy(self.session.decoder)  # shares the weights; its own causal state
+        decoder.reset()
+        live = Live(secrets.token_urlsafe(6), seed, prompt, self.session.prompts.conditioning(prompt),
+                    self._executor(seed), decoder, ticks, next(ticks), Playout(self.fps), now)  # fmt: skip
+        live.prompt_log.append((0, prompt))
+        return live
+
+    def close(self, sid: str) -> None:
+        """End a session and free everything it holds."""
+        self._get(sid)
+        del self.sessions[sid]
+
+    def _get(self, sid: str) -> Live:
+        live = self.sessions.get(sid)
+        if live is None:
+            raise SessionError(f"no session {sid!r} (it ended or expired): open a new one")
+        return live
+
+    # -- controls --------------------------------------------------------------------------------
+
+    def set_prompt(self, sid: str, prompt: str) -> int:
+        """Switch the session's prompt from its next tick; returns the new prompt version."""
+        live = self._get(sid)
+        live.prompt, live.text = prompt, self.session.prompts.conditioning(prompt)
+        live.version += 1
+        live.prompt_log.append((live.next_tick.index, prompt))
+        del live.prompt_log[1:-PROMPT_LOG]
+        return live.version
+
+    def pause(self, sid: str) -> None:
+        live = self._get(sid)
+        live.paused = True
+        live.playout.hold("paused", self.clock())
+
+    def resume(self, sid: str) -> None:
+        live = self._get(sid)
+        live.paused = False
+        live.playout.release("paused", self.clock())
+
+    def played(self, sid: str, seconds: float) -> None:
+        """The viewer's report of how much of the video it has played."""
+        self._get(sid).playout.report(seconds, self.clock())
+
+    def join(self, sid: str) -> Opened | Refused:
+        """Another viewer of an existing session: it gets the same frames from now on."""
+        result = self.viewer_returned(sid)
+        return Opened(sid, joined=True) if isinstance(result, Opened) else result
+
+    def viewer_left(self, sid: str) -> None:
+        live = self._get(sid)
+        live.viewers = max(live.viewers - 1, 0)
+        if live.viewers == 0 and live.state == "running":
+            live.state, live.since = "idle", self.clock()
+            live.playout.hold("idle", live.since)
+
+    def viewer_returned(self, sid: str) -> Opened | Refused:
+        """A viewer is back (or joins): an idle session runs again, a suspended one resumes."""
+        live, now = self._get(sid), self.clock()
+        if live.state == "suspended":
+            verdict = self._verdict()
+            if not verdict.admit:
+                self.refused += 1
+                return Refused(f"cannot resume now: {verdict.reason}", self.limits.retry_s, None)
+            live.executor.resume()
+        live.viewers += 1
+        if live.state != "running":
+            live.state = "running"
+            live.playout.release("idle", now)
+        return Opened(sid)
+
+    # -- the round -------------------------------------------------------------------------------
+
+    def round(self) -> dict[str, list[Frames]]:
+        """One scheduling round: each chosen session steps one tick (more while its ticks skip
+        their forward), coalesced; finished blocks are decoded and handed out per session."""
+        start = self.clock()
+        self._housekeep(start)
+        wanting = [s for s in self.sessions.values() if s.wants_ticks]
+        standings = [self._standing(s, start) for s in wanting]
+        chosen = [self.sessions[s.id] for s in choose(standings, self.limits)]
+        if not chosen:
+            return {}
+        self._set_fidelity(chosen, standings)
+        finished = self._step(chosen)
+        end = self.clock()
+        out = {s.id: self._hand_out(s, blocks, end) for s, blocks in zip(chosen, finished)}
+        self._account(chosen, standings, start, end)
+        return {sid: frames for sid, frames in out.items() if frames}
+
+    def _standing(self, live: Live, now: float) -> Standing:
+        started = live.playout.first_at is not None
+        return Standing(live.id, live.playout.slack(now), live.waited, self._ticks_to_frames(live.next_tick.index),
+                        started, live.served_at)  # fmt: skip
+
+    def _ticks_to_frames(self, tick: int) -> int:
+        """Ticks until the next block finishes: block b takes its last step at b * offset + steps - 1."""
+        last = self.session.schedule.steps - 1
+        block = max(0, -(-(tick - last) // self.offset))
+        return block * self.offset + last - tick + 1
+
+    def _set_fidelity(self, chosen: list[Live], standings: list[Standing]) -> None:
+        rungs = self.limits.rungs
+        due = sum(1 for s in standings if s.slack_s < self.limits.target_slack_s)
+        round_s = self.throughput.estimate(min(due, self.limits.batch))
+        by_id = {s.id: s for s in standings}
+        for live in chosen:
+            live.rung = next_rung(live.rung, by_id[live.id], round_s, due, self.limits)
+            live.block_rung = max(live.block_rung, rungs[live.rung])
+            live.executor.skip.set_fidelity(rungs[live.rung])
+
+    def _step(self, chosen: list[Live]) -> list[list]:
+        """One tick each; a session whose tick skipped its forward (feature caching) takes its next
+        tick too, up to a block's worth, so a lower fidelity buys it speed."""
+        finished = [[] for _ in chosen]
+        pending = list(range(len(chosen)))
+        for _ in range(self.offset):
+            before = [chosen[i].executor.stats.forwards for i in pending]
+            results = step_together([(chosen[i].executor, chosen[i].next_tick, chosen[i].text) for i in pending])
+            for i, blocks in zip(pending, results):
+                finished[i].extend(blocks)
+                chosen[i].next_tick = next(chosen[i].ticks)
+                self._ticks_out += 1
+            pending = [i for i, b in zip(pending, before) if chosen[i].executor.stats.forwards == b]
+            if not pending:
+                break
+        return finished
+
+    def _hand_out(self, live: Live, blocks: list, now: float) -> list[Frames]:
+        out = []
+        for block in blocks:
+            pixels = to_uint8(live.decoder.decode(block.latents))
+            out.append(Frames(block.index, live.frames, pixels, live.version, live.block_rung))
+            live.degraded_blocks += live.block_rung > 0
+            live.block_rung = self.limits.rungs[live.rung]
+            live.frames += len(pixels)
+            live.playout.add(len(pixels), now)
+            live.recent.append((now, len(pixels)))
+            self.recent.append((now, len(pixels)))
+            self._frames_out += len(pixels)
+        return out
+
+    def _account(self, chosen: list[Live], standings: list[Standing], start: float, end: float) -> None:
+        self.rounds += 1
+        self.batches[len(chosen)] += 1
+        if all(s.rung == 0 for s in chosen):  # degraded rounds are cheaper than the capacity they measure
+            self.throughput.record(len(chosen), end - start)
+        served = {s.id for s in chosen}
+        for standing in standings:
+            live = self.sessions[standing.id]
+            if standing.id in served:
+                live.waited, live.served_at = 0, self.rounds
+            elif standing.slack_s < self.limits.target_slack_s:
+                live.waited += 1
+                live.most_waited = max(live.most_waited, live.waited)
+
+    def _housekeep(self, now: float) -> None:
+        """Idle sessions past the grace period are suspended; suspended ones past expiry freed."""
+        self._drop_stale_tickets(now)
+        for live in list(self.sessions.values()):
+            if live.state == "idle" and now - live.since >= self.limits.grace_s:
+                live.executor.suspend()
+                live.state, live.since = "suspended", now
+            elif live.state == "suspended" and now - live.since >= self.limits.expire_s:
+                del self.sessions[live.id]
+                self.expired += 1
+
+    # -- stats -----------------------------------------------------------------------------------
+
+    @property
+    def frames_per_tick(self) -> float:
+        """Video frames a session gets per tick it is served (measured; the plan's latent frames
+        per block over ticks per block before anything was measured)."""
+        if self._ticks_out and self._frames_out:
+            return self._frames_out / self._ticks_out
+        return self.session.preset.stream.frames_per_block / self.offset
+
+    @property
+    def kv_bytes(self) -> int:
+        """KV memory of the sessions holding device state (all but the suspended)."""
+        return sum(self.kv_per_session for s in self.sessions.values() if s.state != "suspended")
+
+    def stats(self, sid: str) -> dict:
+        live, now = self._get(sid), self.clock()
+        playout = live.playout
+        hits = live.executor.stats.hit_rate
+        return {
+            "id": sid, "state": live.state, "paused": live.paused, "viewers": live.viewers,
+            "prompt": live.prompt, "version": live.version, "slack_s": round(playout.slack(now), 3),
+            "stalls": playout.stalls, "stall_s": round(playout.stall_s, 3),
+            "fidelity_threshold": self.limits.rungs[live.rung], "fidelity_rung": live.rung,
+            "degraded_blocks": live.degraded_blocks, "cache_hits": None if hits is None else round(hits, 4),
+            "fps": round(_rate(live.recent, now), 2), "frames": live.frames,
+            "first_frame_s": None if playout.first_at is None else round(playout.first_at - live.opened_at, 3),
+            "most_waited_rounds": live.most_waited,
+        }  # fmt: skip
+
+    def server_stats(self) -> dict:
+        now = self.clock()
+        states = Counter(s.state for s in self.sessions.values())
+        running = sum(1 for s in self.sessions.values() if s.state != "suspended")
+        capacity = self.throughput.sessions(self.fps, self.frames_per_tick, self.limits, most=64)
+        return {
+            "sessions_running": states["running"], "sessions_idle": states["idle"],
+            "sessions_suspended": states["suspended"], "sessions_paused": sum(s.paused for s in self.sessions.values()),
+            "queued": len(self.queue), "refused": self.refused, "expired": self.expired,
+            "fps": round(_rate(self.recent, now), 2), "kv_bytes": self.kv_bytes,
+            "kv_budget_bytes": self.limits.kv_budget_bytes, "kv_per_session": self.kv_per_session,
+            "host_kv_bytes": self.kv_per_session * states["suspended"], "rounds": self.rounds,
+            "batch_sizes": dict(sorted(self.batches.items())), "capacity_sessions": capacity,
+            "device_sessions": running,
+            "round_ms": {k: round(v * 1000, 2) for k, v in sorted(self.throughput.round_s.items())},
+        }  # fmt: skip
+
+
+def _rate(recent: deque, now: float) -> float:
+    """Frames per second over the last FPS_WINDOW_S (drops older entries)."""
+    while recent and now - recent[0][0] > FPS_WINDOW_S:
+        recent.popleft()
+    return sum(n for _, n in recent) / FPS_WINDOW_S
