@@ -19,6 +19,12 @@ Layout of one layer's buffer, in frames of `T = tokens_per_frame` tokens each:
   keys attended to are one contiguous slice (no concatenation of the whole window per layer).
   Committing a call copies those frames into their ring slots after the forward: during the
   forward they must not overwrite the frames they evict, which the call still attends to.
+* `storage="fp8"` keeps the committed frames (sink + ring) in float8 e4m3 with per token x head
+  scales (`engine.runtime.fp8`): the buffers above then hold only the scratch, in the model dtype
+  (a block's own fresh K/V stay exact), and a layer's read dequantises its visible frames into a
+  working buffer in front of the in-flight K/V, so the keys are still one contiguous slice. The
+  rebased sink's stored copy stays in the model dtype (it is small): re-basing rotates from it
+  and quantises once.
 
 All bookkeeping is host integers known from the schedule; nothing here reads device memory.
 """
@@ -28,7 +34,10 @@ from __future__ import annotations
 import torch
 
 from engine.models.rope import Rope
+from engine.runtime.fp8 import Fp8Frames
 from engine.runtime.views import InFlightView
+
+STORAGES = ("model", "fp8")
 
 
 class KVCache:
@@ -48,13 +57,21 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
         rebase_sink: bool = False,
+        storage: str = "model",
     ):
         if min(sink_frames, ring_frames) < 0 or scratch_frames <= 0:
             raise ValueError("sink/ring frames must be >= 0 and scratch frames > 0")
-        self.rope = rope
+        if storage not in STORAGES:
+            raise ValueError(f"KV cache storage must be one of {STORAGES}, not {storage!r}")
+        self.rope, self.dtype, self.storage = rope, dtype, storage
         self.T = rope.tokens_per_frame
         self.S, self.R, self.Q = sink_frames, ring_frames, scratch_frames
-        slots = (self.S + self.R + self.Q) * self.T
+        committed = (self.S + self.R) * self.T
+        self.fp8 = None if storage == "model" else Fp8Frames(
+            layers, batch, committed, heads, head_dim, committed + self.Q * self.T, dtype, device
+        )  # fmt: skip
+        # model storage: [committed slots | scratch]; fp8: the scratch alone (committed frames in self.fp8)
+        slots = (0 if self.fp8 else committed) + self.Q * self.T
         shape = (layers, batch, slots, heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -100,7 +117,14 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.sink_k))
+        """Bytes of every buffer the cache holds (fp8: payload, scales and the working buffer too)."""
+        own = sum(t.numel() * t.element_size() for t in (self.k, self.v, self.sink_k))
+        return own + (self.fp8.nbytes if self.fp8 else 0)
+
+    def _scratch_start(self) -> int:
+        """Token slot in `k`/`v` where the in-flight frames go: right after the visible committed
+        frames, or (fp8: the committed frames live elsewhere) at the start."""
+        return 0 if self.fp8 else self.visible_frames * self.T
 
     def reset(self, origin: int = 0) -> None:
         """Forget every committed frame; the next commit is frame `origin` (0: a new stream; later:
@@ -132,6 +156,24 @@ class KVCache:
             self, blocks, blocks, block_frames, mode, commits=commit_frames // block_frames, reach=reach
         )
 
+    # -- a view's reads and writes, per layer ----------------------------------------------
+
+    def write(self, layer: int, offset: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """In-flight K/V `[B, n, H, Dh]` of one layer into the scratch, from its token `offset` on."""
+        start = self._scratch_start() + offset
+        self.k[layer, :, start : start + keys.shape[1]] = keys
+        self.v[layer, :, start : start + keys.shape[1]] = values
+
+    def read(self, layer: int, inflight_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `[B, N, H, Dh]` (model dtype) a view attends to at one layer: the visible
+        committed frames in slot order, then the first `inflight_tokens` of the scratch."""
+        committed = self.visible_frames * self.T
+        if self.fp8 is None:  # already contiguous: a slice, no copy
+            end = committed + inflight_tokens
+            return self.k[layer, :, :end], self.v[layer, :, :end]
+        scratch = slice(0, inflight_tokens)
+        return self.fp8.read(layer, committed, self.k[layer, :, scratch], self.v[layer, :, scratch])
+
     # -- writes ------------------------------------------------------------------------------
 
     def append(self, first_frame: int, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -141,36 +183,42 @@ class KVCache:
         frames = keys.shape[2] // self.T
         if frames > self.Q:
             raise ValueError(f"{frames} frames exceed the cache's scratch of {self.Q}")
-        start = self.visible_frames * self.T
+        start = self._scratch_start()
         self.k[:, :, start : start + keys.shape[2]] = keys
         self.v[:, :, start : start + keys.shape[2]] = values
-        self.commit_scratch(self.visible_frames, first_frame, frames)
+        self.commit_scratch(first_frame, frames)
 
-    def _copy_frame(self, src: int, dst: int) -> None:
-        T = self.T
-        self.k[:, :, dst * T : (dst + 1) * T] = self.k[:, :, src * T : (src + 1) * T]
-        self.v[:, :, dst * T : (dst + 1) * T] = self.v[:, :, src * T : (src + 1) * T]
+    def _store_frame(self, src: int, dst: int) -> None:
+        """Frame `src` of `k`/`v` (a scratch frame) into committed slot `dst`, every layer."""
+        source, target = slice(src * self.T, (src + 1) * self.T), slice(dst * self.T, (dst + 1) * self.T)
+        if self.fp8:
+            self.fp8.put(target, self.k[:, :, source], self.v[:, :, source])
+        elif src != dst:
+            self.k[:, :, target], self.v[:, :, target] = self.k[:, :, source], self.v[:, :, source]
 
     def _share_frame(self, slot: int) -> None:
         span, source = slice(slot * self.T, (slot + 1) * self.T), self.commit_from
+        if self.fp8:
+            self.fp8.share(span, source)
+            return
         self.k[:, :, span] = self.k[:, source : source + 1, span]
         self.v[:, :, span] = self.v[:, source : source + 1, span]
 
-    def commit_scratch(self, scratch_slot: int, first_frame: int, frames: int) -> None:
-        """Commit `frames` frames whose K/V a forward wrote to the scratch from `scratch_slot` on:
-        copy them into their ring (and sink) slots. Called by the runtime after the forward, never
-        during it: the forward still attends to the frames these copies evict."""
+    def commit_scratch(self, first_frame: int, frames: int, offset: int = 0) -> None:
+        """Commit `frames` frames whose K/V a forward wrote to the scratch from its frame `offset`
+        on: copy them into their ring (and sink) slots. Called by the runtime after the forward,
+        never during it: the forward still attends to the frames these copies evict."""
         if first_frame != self.committed:
             raise ValueError(f"committing frame {first_frame} but {self.committed} frames are committed")
-        T = self.T
+        T, scratch = self.T, self._scratch_start() // self.T + offset
         for j in range(frames):
-            frame, src = first_frame + j, scratch_slot + j
+            frame, src = first_frame + j, scratch + j
             sink_slot = frame - self.origin
             if sink_slot < self.S and self.rebase:  # keep a copy rotated at its true position, to re-base later
                 self.sink_k[:, :, sink_slot * T : (sink_slot + 1) * T] = self.k[:, :, src * T : (src + 1) * T]
             dst = self.slot_of(frame)
-            if dst is not None and dst != src:
-                self._copy_frame(src, dst)
+            if dst is not None:
+                self._store_frame(src, dst)
             if dst is not None and self.commit_from is not None:
                 self._share_frame(dst)
         self.committed += frames
@@ -182,7 +230,11 @@ class KVCache:
         if not self.rebase or base == self._sink_base:
             return
         shift = self.rope.time_shift(base)
-        sink_tokens = self.S * self.T
+        sink = slice(0, self.S * self.T)
         for layer in range(self.k.shape[0]):
-            self.k[layer, :, :sink_tokens] = self.rope.apply(self.sink_k[layer], shift)
+            keys = self.rope.apply(self.sink_k[layer], shift)
+            if self.fp8:
+                self.fp8.put_keys(layer, sink, keys)
+            else:
+                self.k[layer, :, sink] = keys
         self._sink_base = base

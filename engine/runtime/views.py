@@ -102,7 +102,7 @@ class InFlightView:
             self.recorded_k.append(k)
             self.recorded_v.append(v)
         self._write(layer, k, v)
-        keys, values = self.cache.k[layer, :, : self.end], self.cache.v[layer, :, : self.end]
+        keys, values = self.cache.read(layer, self.end - self.scratch_slot * self.cache.T)
         return self.rope.apply(q, self.rotation), keys, values, self.mask
 
     def output(self, layer: int, out: torch.Tensor) -> torch.Tensor:
@@ -110,16 +110,14 @@ class InFlightView:
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Put every present block's K/V of this layer into the scratch, in block order."""
-        cache, start = self.cache, self.scratch_slot * self.cache.T
         if self.fill is None:  # all present blocks computed here: one contiguous copy
-            cache.k[layer, :, start : self.end], cache.v[layer, :, start : self.end] = k, v
+            self.cache.write(layer, 0, k, v)
             return
         fresh = {b: (k[:, i * self.tokens : (i + 1) * self.tokens], v[:, i * self.tokens : (i + 1) * self.tokens])
                  for i, b in enumerate(self.computed)}  # fmt: skip
         filled = self.fill(layer, fresh)
         for i, block in enumerate(self.present):
-            span = slice(start + i * self.tokens, start + (i + 1) * self.tokens)
-            cache.k[layer, :, span], cache.v[layer, :, span] = fresh[block] if block in fresh else filled[block]
+            self.cache.write(layer, i * self.tokens, *(fresh[block] if block in fresh else filled[block]))
 
     def exchange_only(self, layers: int, batch: int, heads: int, head_dim: int) -> None:
         """Fill the scratch without a forward: a cascade rank with no block to compute this tick
@@ -140,4 +138,4 @@ class InFlightView:
         """Write the committing blocks' K/V from the scratch into the cache (after the forward)."""
         if self.commits:
             frames = self.commits * self.block_frames
-            self.cache.commit_scratch(self.scratch_slot, self.present[0] * self.block_frames, frames)
+            self.cache.commit_scratch(self.present[0] * self.block_frames, frames)
