@@ -20,9 +20,9 @@ from engine.config import ModelConfig, Preset, TinyTextEncoder
 from engine.demo.pixels import CODEC_KEYS, PatchCodec, PatchDecoder
 from engine.demo.vocab import VocabEncoder
 from engine.footprint import Footprint, available_bytes, count, size, too_big_hint
-from engine.models.checkpoints.lora import merge_lora
+from engine.models.checkpoints.lora import LoraMerge, merge_lora
 from engine.models.checkpoints.validate import check_file_dtypes, check_tensors
-from engine.models.checkpoints.wan import load_weights
+from engine.models.checkpoints.wan import load_opened, load_weights
 from engine.models.magi import LayerNorm1p, MagiModel, initial_bands
 from engine.models.magi_rope import MagiRope
 from engine.models.magi_tokens import SpecialTokens
@@ -200,18 +200,32 @@ def build_model(preset: Preset, weights: WeightPaths, device: torch.device, dtyp
     params = sum(p.numel() for p in model.parameters())
     check_memory(preset, Footprint(params, dtype, stream_kv_bytes(preset, dtype), random_init=not load), device)
     if load:
-        if magi:
-            ckpt = _load_magi(model, preset, Path(checkpoint))
-        else:
-            ckpt = load_weights(model, checkpoint, ema=weights.ema)
-        log.info("transformer: %s", ckpt.describe())
+        _load_streamed(model, preset, weights, Path(checkpoint), device, dtype)
     else:
         model.to_empty(device="cpu" if params < SMALL_MODEL_PARAMS else device)
         (init_magi_random_ if magi else init_random_)(model, weights.seed)
-    if weights.lora is not None:
-        merged = merge_lora(model, weights.lora, alpha=weights.lora_alpha)
-        log.info("merged %d LoRA adapters from %s", merged, weights.lora)
+        if weights.lora is not None:
+            merged = merge_lora(model, weights.lora, alpha=weights.lora_alpha)
+            log.info("merged %d LoRA adapters from %s", merged, weights.lora)
     return model.to(device).cast(dtype).eval()
+
+
+def _load_streamed(
+    model: WanModel | MagiModel, preset: Preset, weights: WeightPaths, path: Path, device: torch.device, dtype
+) -> None:
+    """The checkpoint into the meta `model`, tensor by tensor, straight to `device` in the dtypes
+    `model.cast(dtype)` gives; a LoRA is merged into each weight as it loads (float32, before the
+    cast). Host memory beyond the model: about one tensor (engine/models/checkpoints/streaming.py)."""
+    start = time.perf_counter()
+    model.cast(dtype)  # on the meta device: only sets the dtype each parameter is loaded in
+    lora = LoraMerge(model, weights.lora, alpha=weights.lora_alpha) if weights.lora is not None else None
+    if preset.model.family == "magi":
+        ckpt = _load_magi(model, preset, path, device=device, edit=lora)
+    else:
+        ckpt = load_weights(model, path, ema=weights.ema, device=device, dtypes="model", edit=lora)
+    log.info("transformer: %s, loaded in %.1f s", ckpt.describe(), time.perf_counter() - start)
+    if lora is not None:
+        log.info("merged %d LoRA adapters from %s", lora.merged, weights.lora)
 
 
 def check_memory(preset: Preset, footprint: Footprint, device: torch.device) -> None:
@@ -236,20 +250,20 @@ def stream_kv_bytes(preset: Preset, dtype: torch.dtype) -> int:
     return build_kv_cache(preset, dtype, "meta", batch=2 if guided else 1).nbytes
 
 
-def _load_magi(model: MagiModel, preset: Preset, path: Path):
+def _load_magi(model: MagiModel, preset: Preset, path: Path, *, device: torch.device, edit=None):
     """MAGI-1 weights; a folder with several `inference_weight*` variants gives the preset's."""
-    from engine.models.checkpoints.magi import load_magi_weights
+    from engine.models.checkpoints.magi import open_magi_checkpoint
 
     variant = None
     if path.is_dir() and len(list(path.glob("inference_weight*"))) > 1:
         variant = "inference_weight.distill" if preset.model.distill else "inference_weight"
-    ckpt = load_magi_weights(model, path, variant)
+    ckpt = open_magi_checkpoint(path, variant)
     folder = ckpt.files[0].parent.name  # the released folders say which kind they hold
     distilled = ".distill" in folder
     if folder.startswith("inference_weight") and distilled != preset.model.distill:
         kind = "distilled" if distilled else "base"
         raise SetupError(f"{ckpt.source} holds {kind} MAGI-1 weights but preset {preset.name} is not {kind}")
-    return ckpt
+    return load_opened(model, ckpt, device=device, dtypes="model", edit=edit)
 
 
 @torch.no_grad()

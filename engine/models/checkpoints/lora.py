@@ -39,26 +39,58 @@ def read_lora(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {module: (p["A"], p["B"]) for module, p in pairs.items()}
 
 
+class LoraMerge:
+    """The adapters of a LoRA file, checked against a model's weights (a meta model will do) before
+    any transformer weight is read, then merged into each weight as it loads: an `Edit` for
+    `streaming.stream_into`. Each merge runs in float32 on the weight's device."""
+
+    def __init__(self, model: torch.nn.Module, path: str | Path, *, alpha: float | None = None):
+        shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        self.path = Path(path)
+        self.adapters = read_lora(path)
+        _check_fits(self.adapters, shapes, self.path)
+        self.alpha = alpha
+        self.merged = 0
+
+    def __call__(self, key: str, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` `[out, in]` + scale * B @ A in float32, or `weight` itself without an adapter."""
+        pair = self.adapters.get(key.removesuffix(".weight")) if key.endswith(".weight") else None
+        if pair is None:
+            return weight
+        self.merged += 1
+        return _merged(weight, *pair, self.alpha)
+
+
+def _check_fits(adapters: dict[str, tuple[torch.Tensor, torch.Tensor]], shapes: dict[str, tuple], path: Path) -> None:
+    unknown = sorted(m for m in adapters if f"{m}.weight" not in shapes)
+    if unknown:
+        raise CheckpointError(f"{path}: adapters for modules the model does not have: {unknown[:8]}")
+    for module, (down, up) in adapters.items():
+        rank = down.shape[0]
+        if up.shape[1] != rank or (up.shape[0], down.shape[1]) != shapes[f"{module}.weight"]:
+            raise CheckpointError(
+                f"{path}: {module}: lora shapes A{tuple(down.shape)} B{tuple(up.shape)} "
+                f"do not fit {shapes[f'{module}.weight']}"
+            )
+
+
+def _merged(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, alpha: float | None) -> torch.Tensor:
+    """W + (alpha / rank) * B @ A in float32; alpha defaults to the rank (scale 1)."""
+    rank = down.shape[0]
+    scale = (alpha if alpha is not None else rank) / rank
+    delta = up.to(weight.device).float() @ down.to(weight.device).float()  # [out, in]
+    return weight.float() + scale * delta
+
+
 @torch.no_grad()
 def merge_lora(model: torch.nn.Module, path: str | Path, *, alpha: float | None = None) -> int:
-    """Add the adapter in `path` into `model`'s linear weights; returns the number merged.
+    """Add the adapter in `path` into `model`'s (loaded) linear weights; returns the number merged.
 
     `alpha` defaults to the rank (scale 1), which is how LongLive's adapter was trained.
     """
     params = dict(model.named_parameters())
-    adapters = read_lora(path)
-    unknown = sorted(m for m in adapters if f"{m}.weight" not in params)
-    if unknown:
-        raise CheckpointError(f"{path}: adapters for modules the model does not have: {unknown[:8]}")
-    for module, (down, up) in adapters.items():
+    merge = LoraMerge(model, path, alpha=alpha)
+    for module in merge.adapters:
         weight = params[f"{module}.weight"]
-        rank = down.shape[0]
-        if up.shape[1] != rank or (up.shape[0], down.shape[1]) != tuple(weight.shape):
-            raise CheckpointError(
-                f"{path}: {module}: lora shapes A{tuple(down.shape)} B{tuple(up.shape)} "
-                f"do not fit {tuple(weight.shape)}"
-            )
-        scale = (alpha if alpha is not None else rank) / rank
-        delta = up.float() @ down.float()  # [out, in]
-        weight.copy_((weight.float() + scale * delta.to(weight.device)).to(weight.dtype))
-    return len(adapters)
+        weight.copy_(merge(f"{module}.weight", weight).to(weight.dtype))
+    return merge.merged

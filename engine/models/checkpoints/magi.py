@@ -31,19 +31,21 @@ import json
 import re
 import shutil
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
+from engine.models.checkpoints.streaming import Edit, Entry, Stored, safetensors_entries, value_of
 from engine.models.checkpoints.validate import FP8_DTYPES
 from engine.models.checkpoints.wan import (
     Checkpoint,
     CheckpointError,
     _read_index,
-    check_fit,
     first_line,
+    load_opened,
     read_safetensors,
 )
 
@@ -148,15 +150,39 @@ def read_shard(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{packed}: cannot read safetensors payload ({first_line(err)})") from err
 
 
-def _read_shards(index: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+class _OneShard:
+    """The tensors of the compressed shard read last. Entries are read shard after shard, so each
+    .zst shard is decompressed once more (once for its headers at opening) and one is held at a time."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def get(self, path: Path, key: str) -> torch.Tensor:
+        if path != self.path:
+            self.tensors = {}  # the previous shard goes before the next is decompressed
+            self.tensors, self.path = read_shard(path), path
+        return self.tensors[key]
+
+
+def shard_entries(path: Path, shards: _OneShard) -> dict[str, Entry]:
+    """Shard `path` opened: its header entries, from `path.zst` when only that exists."""
+    packed = _stored(path)
+    if packed == path:
+        return safetensors_entries(path)
+    headers = {key: (t.shape, t.dtype) for key, t in read_shard(path).items()}  # corrupt payloads fail here
+    return {key: Entry(shape, dtype, packed, partial(shards.get, path, key)) for key, (shape, dtype) in headers.items()}
+
+
+def _open_shards(index: Path) -> tuple[dict[str, Stored], list[Path]]:
     """All shards of `index`, each plain or as `.zst` (the shared index reader, with our access)."""
-    return _read_index(index, read_shard, _stored)
+    return _read_index(index, partial(shard_entries, shards=_OneShard()), _stored)
 
 
 # -- fp8 ------------------------------------------------------------------------------------------
 
 
-def _dense_dtype(state: dict[str, torch.Tensor], key: str) -> torch.dtype:
+def _dense_dtype(state: dict[str, Stored], key: str) -> torch.dtype:
     """The dtype of the same weight in layer 0, which is never quantised (bf16 if absent)."""
     match = _LAYER.match(key)
     twin = state.get(f"videodit_blocks.layers.0.{match.group(2)}") if match else None
@@ -165,8 +191,9 @@ def _dense_dtype(state: dict[str, torch.Tensor], key: str) -> torch.dtype:
     return twin.dtype
 
 
-def _dequantized(state: dict[str, torch.Tensor], base: str, source: Path) -> torch.Tensor:
-    """Dense `[out, in]` weight of the fp8 Linear `base` (e.g. `...mlp.linear_fc2.`)."""
+def _fp8_parts(state: dict[str, Stored], base: str, source: Path) -> tuple[Stored, Stored, Stored | None]:
+    """(weight, weight_scale, smooth_scale or None) of the fp8 Linear `base` (e.g.
+    `...mlp.linear_fc2.`), checked from their headers."""
     weight = state.get(base + "weight")  # [1, out, in] float8_e4m3fn
     scale = state[base + "weight_scale"]  # [1]
     smooth = state.get(base + "smooth_scale")  # [1, in], per-channel layers only
@@ -180,18 +207,27 @@ def _dequantized(state: dict[str, torch.Tensor], base: str, source: Path) -> tor
         )
     if smooth is not None and tuple(smooth.shape) != (1, weight.shape[2]):
         raise CheckpointError(f"{source}: {base}smooth_scale {tuple(smooth.shape)} should be [1, {weight.shape[2]}]")
-    dense = weight[0].float() * scale.float()
+    return weight, scale, smooth
+
+
+def _dense(weight: Stored, scale: Stored, smooth: Stored | None, dtype: torch.dtype) -> torch.Tensor:
+    """The dense `[out, in]` weight: weight[0] * scale (/ smooth[0] per input channel)."""
+    dense = value_of(weight)[0].float() * value_of(scale).float()
     if smooth is not None:
-        dense = dense / smooth[0].float()[None, :]
-    return dense.to(_dense_dtype(state, base + "weight"))
+        dense = dense / value_of(smooth)[0].float()[None, :]
+    return dense.to(dtype)
 
 
-def dequantize_fp8(state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
-    """Replace every fp8 Linear (a `.weight_scale` key) by its dense weight and drop its scales.
-    Stray scales without a `.weight_scale` stay, so `check_fit` reports them."""
+def dequantize_fp8(state: dict[str, Stored], source: Path) -> dict[str, Stored]:
+    """Replace every fp8 Linear (a `.weight_scale` key) by an entry that reads its dense weight, and
+    drop its scales. Stray scales without a `.weight_scale` stay, so `check_fit` reports them."""
     out = dict(state)
     for base in [k[: -len("weight_scale")] for k in state if k.endswith(".weight_scale")]:
-        out[base + "weight"] = _dequantized(state, base, source)
+        weight, scale, smooth = _fp8_parts(state, base, source)
+        dtype = _dense_dtype(state, base + "weight")
+        file = weight.file if isinstance(weight, Entry) else source
+        read = partial(_dense, weight, scale, smooth, dtype)
+        out[base + "weight"] = Entry(torch.Size(weight.shape[1:]), dtype, file, read)
         for scale in ("weight_scale", "input_scale", "smooth_scale"):
             out.pop(base + scale, None)
     return out
@@ -204,13 +240,19 @@ def read_magi_checkpoint(path: str | Path, variant: str | None = None) -> Checkp
     """Read MAGI-1 weights: a variant folder, a folder holding `inference_weight*` folders
     (`variant` picks one: "distill", "fp8.distill" or the full folder name), the index, or a
     single `model.safetensors`. FP8 weights come back dense (layout "magi-fp8")."""
+    return open_magi_checkpoint(path, variant).read_all()
+
+
+def open_magi_checkpoint(path: str | Path, variant: str | None = None) -> Checkpoint:
+    """`read_magi_checkpoint` without reading the values (header entries; fp8 checked, dense
+    weights computed as they are read)."""
     source = Path(path)
     target = _weights_file(source, variant)
     if target.name.endswith(".safetensors.index.json"):
-        raw, files = _read_shards(target)
+        raw, files = _open_shards(target)
     elif target.name.endswith(".safetensors") or target.name.endswith(".safetensors.zst"):
         plain = target.with_name(target.name.removesuffix(".zst"))
-        raw, files = read_shard(plain), [_stored(plain)]
+        raw, files = shard_entries(plain, _OneShard()), [_stored(plain)]
     else:
         raise CheckpointError(f"{target}: expected a folder, {INDEX} or a .safetensors file")
     file_keys = {key.removeprefix("module."): key for key in raw}
@@ -222,12 +264,18 @@ def read_magi_checkpoint(path: str | Path, variant: str | None = None) -> Checkp
     return Checkpoint(source=source, layout=layout, files=files, state=state, file_keys=file_keys)
 
 
-def load_magi_weights(model: torch.nn.Module, path: str | Path, variant: str | None = None) -> Checkpoint:
-    """Read `path`, check it fits `model` exactly, and assign its tensors (works on a meta model)."""
-    ckpt = read_magi_checkpoint(path, variant)
-    check_fit(model, ckpt)
-    model.load_state_dict(ckpt.state, strict=True, assign=True)
-    return ckpt
+def load_magi_weights(
+    model: torch.nn.Module,
+    path: str | Path,
+    variant: str | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    dtypes: str = "file",
+    edit: Edit | None = None,
+) -> Checkpoint:
+    """Open `path`, check it fits `model` before reading values, and load it tensor by tensor
+    (as `wan.load_weights`: `device`, `dtypes` "file" or "model", `edit`). Meant for a meta model."""
+    return load_opened(model, open_magi_checkpoint(path, variant), device=device, dtypes=dtypes, edit=edit)
 
 
 # -- writing (tests, conversions) -----------------------------------------------------------------

@@ -18,7 +18,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _NAMES = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES[:3])
 # safetensors header codes (format spec) of the dtypes a message can name in torch terms
-_HEADER_DTYPES = {
+HEADER_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BOOL": torch.bool, "U8": torch.uint8,
     "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "C64": torch.complex64,
@@ -68,13 +68,19 @@ def check_tensors(
         raise CheckpointError(f"{source}: {found[1]}")
 
 
+def _tensor_like(value) -> bool:
+    """A tensor, or a checkpoint entry not read yet (streaming.Entry: its header's dtype)."""
+    return isinstance(value, torch.Tensor) or isinstance(getattr(value, "dtype", None), torch.dtype)
+
+
 def first_problem(
-    state: Mapping[str, torch.Tensor], *, file_keys: Mapping[str, str] | None = None
+    state: Mapping[str, torch.Tensor], *, file_keys: Mapping[str, str] | None = None, values: bool = True
 ) -> tuple[str, str] | None:
     """(stored key, what is wrong and what to do) for the first bad value, else None. Dtypes are
-    checked for every tensor before any value is read: a wrong dtype is found without a pass."""
+    checked for every tensor before any value is read: a wrong dtype is found without a pass.
+    `values=False`: dtypes only (entries not read yet; their values are checked as they load)."""
     stored = (lambda key: file_keys.get(key, key)) if file_keys else (lambda key: key)
-    odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    odd = [k for k, v in state.items() if not _tensor_like(v)]
     if odd:
         return stored(odd[0]), f"entry {stored(odd[0])} is not a tensor{_more(len(odd) - 1)}"
     wrong = [k for k, v in state.items() if v.dtype not in FLOAT_DTYPES]
@@ -82,6 +88,8 @@ def first_problem(
         key, dtype = stored(wrong[0]), state[wrong[0]].dtype
         more = _more(len(wrong) - 1)
         return key, f"tensor {key} is {_name(dtype)}, not {_NAMES}{more}; {_dtype_hint(dtype)}"
+    if not values:
+        return None
     bad = [k for k, v in state.items() if not is_finite(v)]
     if bad:
         key, tensor = stored(bad[0]), state[bad[0]]
@@ -91,6 +99,15 @@ def first_problem(
             "the file is damaged or comes from a diverged run: download or export it again"
         )
     return None
+
+
+def first_line(err: BaseException, limit: int = 160) -> str:
+    """The informative line of an exception's text (torch's can run to a dozen lines)."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch")
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(boilerplate)] or lines or [type(err).__name__]
+    line = lines[0].split(". This is an internal")[0]  # miniz's zip errors append a paragraph
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def check_file_dtypes(path: str | Path) -> None:
@@ -105,9 +122,9 @@ def check_file_dtypes(path: str | Path) -> None:
                 codes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
         except Exception:  # unreadable: the loader's own read says so
             continue
-        unknown = [k for k, code in codes.items() if code not in _HEADER_DTYPES]
+        unknown = [k for k, code in codes.items() if code not in HEADER_DTYPES]
         if unknown:
             raise CheckpointError(f"{file}: tensor {unknown[0]} has dtype {codes[unknown[0]]}, not {_NAMES}")
         # empty meta tensors: the value pass sees only the dtypes
-        shells = {k: torch.empty(0, dtype=_HEADER_DTYPES[code], device="meta") for k, code in codes.items()}
+        shells = {k: torch.empty(0, dtype=HEADER_DTYPES[code], device="meta") for k, code in codes.items()}
         check_tensors(shells, file)

@@ -20,14 +20,23 @@ import json
 import re
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from engine.models.checkpoints.validate import CheckpointError, first_problem
+from engine.models.checkpoints.streaming import (
+    Edit,
+    Entry,
+    Stored,
+    safetensors_entries,
+    stream_into,
+    unreadable_safetensors,
+    value_of,
+)
+from engine.models.checkpoints.validate import CheckpointError, first_line, first_problem
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Wrapper prefixes seen in released files: ComfyUI/Wan repacks, torch.compile, DDP, the
@@ -84,21 +93,29 @@ _SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<total>\d+)\.safet
 
 @dataclass
 class Checkpoint:
-    """Weights in Wan-native names, with where they came from."""
+    """Weights in Wan-native names, with where they came from. Opened, `state` holds entries read
+    on demand (`streaming.Entry`) or mapped tensors; `read_all()` reads every value."""
 
     source: Path
     layout: str  # "diffusers", "wan" or "self-forcing:<key>"
     files: list[Path]
-    state: dict[str, torch.Tensor]
+    state: dict[str, Stored]
     file_keys: dict[str, str] = field(default_factory=dict)
     """Our key -> the key as stored in the file (for messages)."""
 
     def describe(self) -> str:
         return f"{self.source} ({self.layout}, {len(self.files)} file(s), {len(self.state)} tensors)"
 
+    def read_all(self) -> Checkpoint:
+        """This checkpoint with every value read (views of the files where they allow it)."""
+        return replace(self, state={key: value_of(value) for key, value in self.state.items()})
+
     def file_of(self, stored_key: str) -> Path:
         """The file holding `stored_key`: the only file, the shard whose header lists it, else
         the path the user gave. Only for messages (reads shard headers, not tensors)."""
+        ours = next((k for k, v in self.file_keys.items() if v == stored_key), stored_key)
+        if isinstance(self.state.get(ours), Entry):
+            return self.state[ours].file
         if len(self.files) == 1:
             return self.files[0]
         for shard in self.files:
@@ -141,7 +158,7 @@ def is_diffusers_layout(keys) -> bool:
     return any(k.startswith("condition_embedder.") or ".attn1." in k for k in keys)
 
 
-def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def normalize_keys(state: dict[str, Stored]) -> dict[str, Stored]:
     """Strip wrapper prefixes and FSDP segments, drop RoPE tables, map diffusers names."""
     out = {}
     for key, value in state.items():
@@ -164,22 +181,11 @@ def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of `path` at once (small files: LoRA adapters, VAEs)."""
     try:
         return load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for truncation/corruption
-        raise CheckpointError(
-            f"{path}: cannot read safetensors file ({first_line(err)}); the file is damaged or not "
-            "safetensors: download it again"
-        ) from err
-
-
-def first_line(err: BaseException, limit: int = 160) -> str:
-    """The informative line of an exception's text (torch's can run to a dozen lines)."""
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch")
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    lines = [line for line in lines if not line.startswith(boilerplate)] or lines or [type(err).__name__]
-    line = lines[0].split(". This is an internal")[0]  # miniz's zip errors append a paragraph
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+        raise unreadable_safetensors(path, err) from err
 
 
 def _torch_load(path: Path):
@@ -219,12 +225,11 @@ def read_torch(path: Path) -> dict:
 
 def _read_index(
     index: Path,
-    read: Callable[[Path], dict[str, torch.Tensor]] = None,
+    read: Callable[[Path], dict[str, Stored]] = safetensors_entries,
     stored: Callable[[Path], Path] = lambda shard: shard,
-) -> tuple[dict[str, torch.Tensor], list[Path]]:
-    """Every shard an index lists. `stored(shard)`: the file holding it (MAGI-1 may keep
-    `shard.zst`); `read(shard)`: its tensors (default: plain safetensors)."""
-    read = read or read_safetensors
+) -> tuple[dict[str, Stored], list[Path]]:
+    """Every shard an index lists, opened. `stored(shard)`: the file holding it (MAGI-1 may keep
+    `shard.zst`); `read(shard)`: its tensors or entries (default: plain safetensors' headers)."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         shards = sorted({index.parent / str(name) for name in weight_map.values()})
@@ -234,7 +239,7 @@ def _read_index(
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(f"{index}: shard files missing: {missing}")
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, Stored] = {}
     for shard in shards:
         state.update(read(shard))
     absent = sorted(set(weight_map) - set(state))
@@ -293,6 +298,12 @@ def read_checkpoint(path: str | Path, *, ema: bool | None = None) -> Checkpoint:
     `ema`: for Self-Forcing-style dicts, pick `generator_ema` (True) or `generator` (False);
     None prefers the EMA weights when present, as the streaming demos of those projects do.
     """
+    return open_checkpoint(path, ema=ema).read_all()
+
+
+def open_checkpoint(path: str | Path, *, ema: bool | None = None) -> Checkpoint:
+    """`read_checkpoint` without reading: safetensors tensors as header entries, torch files
+    mapped (torch.load(mmap=True)); unreadable files and non-tensor entries fail here."""
     source = Path(path)
     if not source.exists():
         raise CheckpointError(f"{source}: no such file or folder")
@@ -300,14 +311,14 @@ def read_checkpoint(path: str | Path, *, ema: bool | None = None) -> Checkpoint:
     if isinstance(target, list):
         raw = {}
         for shard in target:
-            raw.update(read_safetensors(shard))
+            raw.update(safetensors_entries(shard))
         return _checkpoint(source, raw, target, "wan")
     name = target.name
     if name.endswith(".safetensors.index.json"):
         raw, files = _read_index(target)
         layout = "wan"
     elif name.endswith(".safetensors"):
-        raw, files, layout = read_safetensors(target), [target], "wan"
+        raw, files, layout = safetensors_entries(target), [target], "wan"
     elif name.endswith(TORCH_SUFFIXES):
         raw, layout = _select_generator(read_torch(target), target, ema)
         files = [target]
@@ -320,7 +331,7 @@ def read_checkpoint(path: str | Path, *, ema: bool | None = None) -> Checkpoint:
 
 
 def _checkpoint(source: Path, raw: dict, files: list[Path], layout: str) -> Checkpoint:
-    non_tensors = [k for k, v in raw.items() if not isinstance(v, torch.Tensor)]
+    non_tensors = [k for k, v in raw.items() if not isinstance(v, (torch.Tensor, Entry))]
     if non_tensors:
         raise CheckpointError(f"{files[0]}: entries that are not tensors: {non_tensors[:MAX_LISTED_KEYS]}")
     state = normalize_keys(raw)
@@ -338,11 +349,12 @@ def _listed(keys: list[str]) -> str:
     return ", ".join(keys[:MAX_LISTED_KEYS]) + more
 
 
-def check_fit(model: torch.nn.Module, ckpt: Checkpoint) -> None:
+def check_fit(model: torch.nn.Module, ckpt: Checkpoint, *, values: bool = True) -> None:
     """The pass every transformer checkpoint goes through before it is assigned: exactly the
-    model's keys and shapes, floating-point dtypes, finite values. Raises CheckpointError."""
+    model's keys and shapes, floating-point dtypes, finite values. Raises CheckpointError.
+    `values=False`: all but the values, which `stream_into` checks as it reads them."""
     _check_keys_and_shapes(model, ckpt)
-    found = first_problem(ckpt.state, file_keys=ckpt.file_keys)
+    found = first_problem(ckpt.state, file_keys=ckpt.file_keys, values=values)
     if found is not None:
         key, problem = found
         raise CheckpointError(f"{ckpt.file_of(key)}: {problem}")
@@ -372,7 +384,7 @@ def _check_keys_and_shapes(model: torch.nn.Module, ckpt: Checkpoint) -> None:
         )
 
 
-def _size_hint(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
+def _size_hint(state: dict[str, Stored], expected: dict[str, torch.Tensor]) -> str:
     """'the checkpoint looks like dim 5120, 40 layers; the preset has dim 1536, 30 layers'."""
 
     def size(weights) -> tuple[int, int] | None:
@@ -390,9 +402,32 @@ def _size_hint(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
     )
 
 
-def load_weights(model: torch.nn.Module, path: str | Path, *, ema: bool | None = None) -> Checkpoint:
-    """Read `path`, check it fits `model` exactly, and assign its tensors (works on a meta model)."""
-    ckpt = read_checkpoint(path, ema=ema)
-    check_fit(model, ckpt)
-    model.load_state_dict(ckpt.state, strict=True, assign=True)
+def load_weights(
+    model: torch.nn.Module,
+    path: str | Path,
+    *,
+    ema: bool | None = None,
+    device: torch.device | str = "cpu",
+    dtypes: str = "file",
+    edit: Edit | None = None,
+) -> Checkpoint:
+    """Open `path`, check it fits `model` (keys, shapes, dtypes) before reading any value, then
+    load it tensor by tensor onto `device` (`streaming.stream_into`: values checked as they are
+    read; `dtypes` "file" keeps the stored dtypes, "model" takes the meta model's; `edit` merges
+    LoRA). Meant for a meta model; returns the opened checkpoint."""
+    return load_opened(model, open_checkpoint(path, ema=ema), device=device, dtypes=dtypes, edit=edit)
+
+
+def load_opened(
+    model: torch.nn.Module,
+    ckpt: Checkpoint,
+    *,
+    device: torch.device | str = "cpu",
+    dtypes: str = "file",
+    edit: Edit | None = None,
+) -> Checkpoint:
+    """`ckpt` (opened, any family) checked to fit `model` without reading values, then streamed in."""
+    check_fit(model, ckpt, values=False)
+    where, keys = ckpt.file_of, ckpt.file_keys
+    stream_into(model, ckpt.state, where=where, device=device, dtypes=dtypes, file_keys=keys, edit=edit)
     return ckpt
