@@ -1,0 +1,200 @@
+"""The session manager on the demo model with a fake clock: distinct streams, joins, admission,
+the KV budget, fidelity under load, suspension, expiry and independence of sessions.
+
+pytest tests/test_sessions.py
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+from engine.loading import WeightPaths
+from engine.serving.scheduler import DEMO_LADDER, Limits
+from engine.serving.sessions import Opened, Refused, SessionError, SessionManager
+from launch.build import build_session
+from launch.presets import get_preset
+
+RED, BLUE = "a red circle moving left", "a blue square moving up"
+
+
+class FakeClock:
+    """Time that moves only when told to, plus `per_read` seconds at every read (a round reads it
+    at its start and end: that is how long the round seems to take)."""
+
+    def __init__(self, per_read: float = 0.0):
+        self.t, self.per_read = 0.0, per_read
+
+    def __call__(self) -> float:
+        self.t += self.per_read
+        return self.t
+
+
+@pytest.fixture(scope="module")
+def session():
+    torch.set_grad_enabled(False)
+    return build_session(get_preset("demo"), WeightPaths(), torch.device("cpu"), torch.float32)
+
+
+def manager(session, clock=None, **limits) -> SessionManager:
+    limits.setdefault("kv_budget_bytes", 64 << 20)
+    limits.setdefault("degrade", False)
+    return SessionManager(session, Limits(**limits), clock or FakeClock())
+
+
+def collect(mgr: SessionManager, rounds: int, into: dict | None = None) -> dict[str, list[np.ndarray]]:
+    into = {} if into is None else into
+    for _ in range(rounds):
+        for sid, chunks in mgr.round().items():
+            into.setdefault(sid, []).extend(c.pixels for c in chunks)
+    return into
+
+
+def solo(session, prompt, blocks: int, seed: int) -> list[np.ndarray]:
+    return [frames for _, frames in session.run(prompt, blocks=blocks, seed=seed).frames()]
+
+
+def assert_frames_equal(got: list[np.ndarray], want: list[np.ndarray], what: str, tol: int = 1) -> None:
+    """Pixels of coalesced runs may differ from a solo run by float rounding (<= 1e-5 in latents),
+    which can move a uint8 level by one; anything more is a different stream."""
+    assert len(got) >= len(want), f"{what}: {len(got)} blocks, expected {len(want)}"
+    diff = np.abs(np.stack(got[: len(want)]).astype(int) - np.stack(want).astype(int))
+    assert diff.max() <= tol, f"{what}: max pixel diff {diff.max()} (mean {diff.mean():.4f})"
+
+
+def test_sessions_get_their_own_streams_and_joiners_share_them(session):
+    mgr = manager(session)
+    a, b = mgr.open(RED, seed=1), mgr.open(RED, seed=2)
+    assert isinstance(a, Opened) and isinstance(b, Opened) and a.id != b.id
+    joined = mgr.join(a.id)
+    assert joined == Opened(a.id, joined=True) and mgr.stats(a.id)["viewers"] == 2
+    frames = collect(mgr, 16)  # 5 ticks per block: 3 blocks each
+    assert_frames_equal(frames[a.id], solo(session, RED, 3, seed=1), "session a vs its solo run")
+    assert_frames_equal(frames[b.id], solo(session, RED, 3, seed=2), "session b vs its solo run")
+    assert not np.array_equal(frames[a.id][0], frames[b.id][0]), "different seeds gave the same video"
+    mgr.viewer_left(a.id)  # one of its two viewers leaves: it keeps running
+    assert mgr.stats(a.id)["state"] == "running"
+    with pytest.raises(SessionError, match="open a new one"):
+        mgr.join("nope")
+
+
+def test_admission_refuses_beyond_the_kv_budget_with_a_queue(session):
+    probe = manager(session)
+    per = probe.kv_per_session
+    mgr = manager(session, kv_budget_bytes=int(2.5 * per), queue=2, retry_s=1.5)
+    first, second = mgr.open(RED, 0), mgr.open(RED, 1)
+    third = mgr.open(RED, 2)
+    assert isinstance(third, Refused) and third.queue_position == 1 and third.retry_after_s == 1.5
+    assert "KV memory is full (2 sessions" in third.reason and "\n" not in third.reason
+    fourth = mgr.open(RED, 3)
+    assert fourth.queue_position == 2 and fourth.retry_after_s == 3.0
+    fifth = mgr.open(RED, 4)
+    assert fifth.queue_position is None and fifth.ticket is None and "queue is full" in fifth.reason
+    assert mgr.server_stats()["kv_bytes"] <= mgr.limits.kv_budget_bytes
+    mgr.close(first.id)
+    assert isinstance(mgr.open(RED, 5), Refused), "a newcomer jumped the queue"
+    assert mgr.open(RED, 3, ticket=fourth.ticket).queue_position == 2, "second in the queue went first"
+    admitted = mgr.open(RED, 2, ticket=third.ticket)
+    assert isinstance(admitted, Opened) and second.id in mgr.sessions
+    assert mgr.server_stats()["kv_bytes"] == 2 * per <= mgr.limits.kv_budget_bytes
+
+
+def test_kv_bytes_never_exceed_the_budget(session):
+    clock = FakeClock()
+    mgr = manager(session, clock, kv_budget_bytes=int(3.5 * manager(session).kv_per_session), grace_s=1.0,
+                  expire_s=2.0)  # fmt: skip
+    rng = np.random.default_rng(0)
+    for step in range(60):
+        action, ids = rng.integers(4), list(mgr.sessions)
+        if action == 0 or not ids:
+            mgr.open(RED, seed=step)
+        elif action == 1:
+            mgr.viewer_left(ids[rng.integers(len(ids))])
+        elif action == 2:
+            sid = ids[rng.integers(len(ids))]
+            if mgr.sessions[sid].state != "running":
+                mgr.viewer_returned(sid)
+        clock.t += 0.5
+        mgr.round()
+        device = sum(s.executor.cache.nbytes for s in mgr.sessions.values() if s.state != "suspended")
+        assert device == mgr.kv_bytes <= mgr.limits.kv_budget_bytes, f"step {step}: {device} bytes on the device"
+
+
+def test_fidelity_drops_before_any_stall_and_within_the_floor(session):
+    clock = FakeClock(per_read=0.04)  # every round seems to take 80 ms: 7.5 fps per session, 16 wanted
+    mgr = manager(session, clock, degrade=True, batch=2, ladder=DEMO_LADDER, floor_db=25.0)
+    ids = [mgr.open(RED, seed=i).id for i in range(2)]
+    first_degraded = first_stall = None
+    thresholds = set()
+    for r in range(40):
+        for chunks in mgr.round().values():
+            thresholds.update(c.threshold for c in chunks)
+        live = [mgr.sessions[sid] for sid in ids]  # (stats() would read the clock)
+        if first_degraded is None and any(s.rung > 0 for s in live):
+            first_degraded = r
+        if first_stall is None and any(s.playout.stalls > 0 for s in live):
+            first_stall = r
+    assert first_degraded is not None and first_stall is not None, (first_degraded, first_stall)
+    assert first_degraded < first_stall, f"first degraded round {first_degraded}, first stall {first_stall}"
+    assert thresholds <= {0.0, 2.0} and 2.0 in thresholds, f"thresholds used {thresholds} (floor allows 0, 2)"
+    assert all(mgr.stats(sid)["cache_hits"] > 0 for sid in ids)
+
+
+def test_no_session_starves(session):
+    clock = FakeClock(per_read=0.05)  # overload: 5 sessions, 2 per round
+    mgr = manager(session, clock, batch=2, max_wait_rounds=3)
+    ids = [mgr.open(RED, seed=i).id for i in range(5)]
+    collect(mgr, 40)
+    waits = [mgr.stats(sid)["most_waited_rounds"] for sid in ids]
+    assert max(waits) <= 3 + 3, f"longest waits {waits}"
+    assert all(mgr.stats(sid)["frames"] > 0 for sid in ids)
+
+
+def test_suspended_session_resumes_bit_exactly_and_expired_ones_are_freed(session):
+    clock = FakeClock()
+    mgr = manager(session, clock, grace_s=5.0, expire_s=30.0)
+    paused, steady = mgr.open(RED, seed=7).id, mgr.open(RED, seed=7).id
+    frames = collect(mgr, 7)  # mid-block: tick 7 of the plan
+    mgr.viewer_left(paused)
+    collect(mgr, 3, frames)
+    clock.t += 6.0
+    collect(mgr, 1, frames)
+    assert mgr.stats(paused)["state"] == "suspended"
+    assert mgr.server_stats()["kv_bytes"] == mgr.kv_per_session
+    assert isinstance(mgr.viewer_returned(paused), Opened)
+    collect(mgr, 12, frames)
+    assert len(frames[paused]) >= 3
+    for got, want in zip(frames[paused], frames[steady]):
+        assert np.array_equal(got, want), "a suspended and resumed session left its uninterrupted twin"
+    mgr.viewer_left(paused)
+    executor = weakref.ref(mgr.sessions[paused].executor)
+    clock.t += 6.0
+    mgr.round()
+    clock.t += 31.0
+    mgr.round()
+    gc.collect()
+    assert paused not in mgr.sessions and mgr.server_stats()["expired"] == 1 and executor() is None
+    with pytest.raises(SessionError):
+        mgr.viewer_returned(paused)
+
+
+def test_pause_and_prompt_switch_do_not_change_other_sessions(session):
+    mgr = manager(session)
+    busy, calm = mgr.open(RED, seed=3).id, mgr.open(BLUE, seed=4).id
+    frames = collect(mgr, 6)
+    mgr.pause(busy)
+    frames = collect(mgr, 4, frames)
+    mgr.resume(busy)
+    switched_at = mgr.sessions[busy].next_tick.index
+    mgr.set_prompt(busy, BLUE)
+    frames = collect(mgr, 12, frames)
+    assert_frames_equal(frames[calm], solo(session, BLUE, 4, seed=4), "the calm session")
+    log = mgr.sessions[busy].prompt_log
+    assert log == [(0, RED), (switched_at, BLUE)]
+    replay = solo(session, lambda tick: BLUE if tick.index >= switched_at else RED, 3, seed=3)
+    assert_frames_equal(frames[busy], replay, "the paused and switched session replayed alone")
+    assert mgr.stats(busy)["version"] == 2
