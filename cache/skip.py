@@ -37,6 +37,11 @@ class CacheSkip:
         self._chosen: dict[int, Decision] = {}
         self._features: dict[int, list[torch.Tensor]] = {}
 
+    @property
+    def shares_forward(self) -> bool:
+        """Decisions are made before the forward; only per-layer features are read inside it."""
+        return not self.policy.needs_features
+
     def _info(self, ex, work: Work) -> StepInfo:
         return StepInfo(work.block, work.step, ex.schedule.steps, work.t_in / TRAIN_TIMESTEPS, work.sigma_out)
 

@@ -2,7 +2,9 @@
 
 A model calls `view.context(layer, q, k, v)` once per layer with its un-rotated queries and keys
 `[B, N, H, Dh]` and gets back the rotated queries, the keys and values to attend to (committed
-frames, other in-flight blocks, its own) and an optional boolean mask `[N, N_keys]`; it hands the
+frames, other in-flight blocks, its own) and an optional boolean mask (True: attend), `[N, N_keys]`
+for every sample alike or `[B, 1, N, N_keys]` per sample (one forward of several streams, whose
+key lengths differ: engine/runtime/coalesce.py), which SDPA broadcasts over heads; it hands the
 attention output to `view.output(layer, out)` before its output projection (a sequence-parallel
 view returns heads and tokens to where they were). Where the
 keys come from (a KV cache, a peer rank, a stored step) is the view's business, not the model's.
@@ -21,7 +23,8 @@ class AttentionView(Protocol):
     def context(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(rotated q `[B, N, H, Dh]`, keys `[B, M, H, Dh]`, values `[B, M, H, Dh]`, mask `[N, M]` or None)."""
+        """(rotated q `[B, N, H, Dh]`, keys `[B, M, H, Dh]`, values `[B, M, H, Dh]`, mask `[N, M]`,
+        `[B, 1, N, M]` or None)."""
         ...
 
     def output(self, layer: int, out: torch.Tensor) -> torch.Tensor:

@@ -33,24 +33,33 @@ class Joint:
     def drain(self, ex) -> None:
         pass
 
-    def forward(self, ex, tick: Tick, run: list[Member], text) -> dict[int, torch.Tensor]:
+    def open(self, ex, tick: Tick, run: list[Member]) -> InFlightView:
+        """The view of the tick's one forward over the `run` members (the executor, or a coalesced
+        forward of many streams, runs it; `close` then keeps and commits)."""
         computed = [b for b, _, _ in run]
         plain = not ex.records and not ex.placement.exchanges_every_layer
         present = computed if plain else tick.blocks
         commits = sum(1 for w in tick.work if w.commit)
         fill = None if plain else _gathered(ex, tick.blocks)
-        view = InFlightView(ex.cache, present, computed, ex.frames_per_block, ex.attention, commits=commits,
+        return InFlightView(ex.cache, present, computed, ex.frames_per_block, ex.attention, commits=commits,
                             reach=ex.reach(tick, present), fill=fill, record=ex.records)  # fmt: skip
-        if not computed and not ex.placement.exchanges_every_layer:
+
+    def close(self, ex, view: InFlightView) -> None:
+        """After the forward: keep the K/V skipped blocks are seen through; commit finished blocks."""
+        ex.keep(view.recorded())
+        view.commit()
+
+    def forward(self, ex, tick: Tick, run: list[Member], text) -> dict[int, torch.Tensor]:
+        view = self.open(ex, tick, run)
+        if not run and not ex.placement.exchanges_every_layer:
             return {}
-        if computed:
+        if run:
             flows = ex.forward(run, text, view)
         else:  # a rank with nothing to compute still joins the exchange (and commits)
             cfg = ex.model.cfg
             view.exchange_only(cfg.num_layers, ex.cache.k.shape[1], cfg.kv_heads, cfg.head_dim)
             flows = {}
-        ex.keep(view.recorded())
-        view.commit()
+        self.close(ex, view)
         return flows
 
 

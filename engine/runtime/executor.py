@@ -64,6 +64,21 @@ class StreamSetup:
 
 
 @dataclass
+class Prepared:
+    """One tick of one stream, stopped before its forward (see `Executor.prepare`)."""
+
+    tick: Tick
+    text: object
+    run: list[Member] = field(default_factory=list)
+    """The members the forward computes, in order."""
+    view: object | None = None
+    """Joint context: the forward's attention view (the caller runs the forward; `finish` keeps
+    and commits through it). None when `prepare` ran the tick's forwards itself."""
+    flows: dict[int, torch.Tensor] = field(default_factory=dict)
+    """{block: flow} of the computed members, once the forward has run."""
+
+
+@dataclass
 class Parts:
     """The executor's behaviour: one choice per axis, each a small object with its own state."""
 
@@ -95,6 +110,7 @@ class Executor:
         self.inflight: dict[int, BlockKV] = {}  # K/V of in-flight blocks' last computed step (when kept)
         self.pre_ready: set[int] = set()
         self.stats = RunStats()
+        self.suspended = False
         self._initial: Callable[[int], torch.Tensor] = self._noise_block
 
     @property
@@ -138,12 +154,38 @@ class Executor:
     def step(self, tick: Tick, text) -> list[Block]:
         """Run one tick; this process's blocks whose last step it was, in order. `text`: the
         conditioning, or a function of the tick, asked only once the tick has been announced
-        (a rank that hangs there is then named as hanging in this tick)."""
+        (a rank that hangs there is then named as hanging in this tick).
+
+        The phases, which engine/runtime/coalesce.py runs for many streams at once: `prepare`
+        (everything up to the tick's forward), the forward, `finish` (solver steps and after)."""
+        prepared = self.prepare(tick, text)
+        if prepared.view is not None:
+            prepared.flows = self.forward(prepared.run, prepared.text, prepared.view)
+        return self.finish(prepared)
+
+    def prepare(self, tick: Tick, text) -> Prepared:
+        """The tick up to its forward: settle, the prompt, the members, which of them run. With
+        joint context the forward is left to the caller (`Prepared.view`); otherwise (whole-window
+        computation, lagged context's forward per block) its flows are already computed."""
+        if self.suspended:
+            raise RuntimeError("this stream is suspended: resume() it before its next tick")
         self.placement.on_tick(tick)
         self.context.settle(self)
         requested = text(tick) if callable(text) else text
         text = self.switch.text_for(self, tick, requested)
-        flows = self._compute(tick, text)
+        if self.setup.compute == "window":
+            return Prepared(tick, text, flows=self._window_flows(tick, text))
+        run = self.skip.choose(self, tick, self._selective_members(tick), text)
+        if isinstance(self.context, Joint) and run:
+            return Prepared(tick, text, run, view=self.context.open(self, tick, run))
+        return Prepared(tick, text, run, flows=self.context.forward(self, tick, run, text))
+
+    def finish(self, prepared: Prepared) -> list[Block]:
+        """The tick after its forward: commit, skipped blocks' flows, solver steps, bookkeeping."""
+        tick, flows = prepared.tick, prepared.flows
+        if prepared.view is not None:
+            self.context.close(self, prepared.view)
+        flows.update(self.skip.after(self, tick, prepared.run, flows))
         finished = list(self._apply(tick, flows))
         self.skip.end_tick(self, tick)
         self._forget(tick)
@@ -152,20 +194,14 @@ class Executor:
         self.stats.skip = self.skip.counts()
         return finished
 
-    def _compute(self, tick: Tick, text) -> dict[int, torch.Tensor]:
-        """Flows of the tick's working blocks on this process."""
-        if self.setup.compute == "window":
-            members = self._window_members(tick)
-            frames = len(members) * self.frames_per_block
-            first = members[0][0] * self.frames_per_block
-            view = LocalView(self.rope, first, frames, self.frames_per_block, self.attention,
-                             self.reach(tick, [m[0] for m in members]))  # fmt: skip
-            return self.forward(members, text, view)
-        members = self._selective_members(tick)
-        run = self.skip.choose(self, tick, members, text)
-        flows = self.context.forward(self, tick, run, text)
-        flows.update(self.skip.after(self, tick, run, flows))
-        return flows
+    def _window_flows(self, tick: Tick, text) -> dict[int, torch.Tensor]:
+        """Whole-window computation: every block of the tick's window in one forward, no cache."""
+        members = self._window_members(tick)
+        frames = len(members) * self.frames_per_block
+        first = members[0][0] * self.frames_per_block
+        view = LocalView(self.rope, first, frames, self.frames_per_block, self.attention,
+                         self.reach(tick, [m[0] for m in members]))  # fmt: skip
+        return self.forward(members, text, view)
 
     def reach(self, tick: Tick, blocks: Iterable[int]) -> dict[int, int] | None:
         """How many blocks back (itself included) each block of a forward attends to, or None for
@@ -239,10 +275,19 @@ class Executor:
 
     def forward(self, members: list[Member], text, view) -> dict[int, torch.Tensor]:
         """One guided forward over `members` through `view`: {block: flow `[1, C, F, H, W]`}."""
-        x = torch.cat([latents for _, latents, _ in members], dim=2)  # [B, C, frames, H, W]
+        x = self.inputs(members)
         with torch.no_grad(), self.skip.observe(self, [b for b, _, _ in members]):
             flow = self.guidance(self, members, x, self.sigma(members), text, view)
-        frames = x.shape[2]
+        return self.outputs(members, flow, view)
+
+    @staticmethod
+    def inputs(members: list[Member]) -> torch.Tensor:
+        """The members' latents side by side: `[1, C, frames, H, W]`."""
+        return torch.cat([latents for _, latents, _ in members], dim=2)
+
+    def outputs(self, members: list[Member], flow: torch.Tensor, view) -> dict[int, torch.Tensor]:
+        """Count the forward and split its guided flow `[1, C, frames, H, W]` per member."""
+        frames = flow.shape[2]
         self.stats.count(frames, getattr(view, "key_frames", frames))
         split = flow.split([latents.shape[2] for _, latents, _ in members], dim=2)
         return {block: part for (block, _, _), part in zip(members, split)}

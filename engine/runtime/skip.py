@@ -22,6 +22,10 @@ Member = tuple[int, torch.Tensor, float]
 class Skip(Protocol):
     records: bool
     """Skipped blocks are attended to through their last computed K/V: the executor keeps them."""
+    shares_forward: bool
+    """Its `observe` needs nothing of the forward, so the forward may be one model call with other
+    streams' (engine/runtime/coalesce.py). A part that taps layer features sees the whole batch
+    of such a call, so it says False and its stream runs its forwards alone."""
 
     def choose(self, executor, tick: Tick, members: list[Member], text) -> list[Member]:
         """The members that run this tick (in order); committing members always run."""
@@ -51,6 +55,7 @@ class Skip(Protocol):
 
 class NoSkip:
     records = False
+    shares_forward = True
 
     def choose(self, executor, tick: Tick, members: list[Member], text) -> list[Member]:
         return members

@@ -34,9 +34,18 @@ class ClassifierFree:
         self.branches = 2 if scale > 1.0 else 1
 
     def __call__(self, executor, members, x, sigma, text, view) -> torch.Tensor:
+        x, sigma = self.batched(x, sigma)
+        return self.combine(executor.model(x, sigma, text, view, fps=executor.fps))
+
+    def batched(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's inputs: x `[1, C, F, H, W]`, sigma `[1, F]` -> `[branches, ...]` each (cond, uncond).
+        A forward shared by many streams stacks these along the batch (engine/runtime/coalesce.py)."""
         if self.branches == 2:
             x, sigma = torch.cat([x, x]), torch.cat([sigma, sigma])
-        flow = executor.model(x, sigma.expand(x.shape[0], -1), text, view, fps=executor.fps)
+        return x, sigma.expand(x.shape[0], -1)
+
+    def combine(self, flow: torch.Tensor) -> torch.Tensor:
+        """The model's flow `[branches, C, F, H, W]` -> the guided flow `[1, C, F, H, W]`."""
         if self.branches == 1:
             return flow
         cond, uncond = flow.chunk(2)
