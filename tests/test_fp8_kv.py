@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_kv import NaiveWindowView, _text
 
 from engine.loading import WeightPaths, build_rope
 from engine.models.rope import Rope
@@ -20,7 +21,6 @@ from engine.sampling.noise import NoiseSource
 from helpers import TINY, assert_close, tiny_model
 from launch.build import build_session
 from launch.presets import get_preset
-from test_kv import NaiveWindowView, _text
 
 CPU = torch.device("cpu")
 BLOCK = 3
@@ -101,7 +101,10 @@ def test_attention_over_fp8_context_is_within_the_e4m3_bound():
         outs.append(attend.transpose(1, 2))  # [B, N, H, Dh]
     (keys, values), (fp8_keys, fp8_values) = reads
     committed = 6 * T
-    for name, read, true, scales in (("keys", fp8_keys, keys, fp8.fp8.k_scale), ("values", fp8_values, values, fp8.fp8.v_scale)):
+    for name, read, true, scales in (
+        ("keys", fp8_keys, keys, fp8.fp8.k_scale),
+        ("values", fp8_values, values, fp8.fp8.v_scale),
+    ):
         bound = roundtrip_bound(true[:, :committed], scales[0, :, :committed]) + 1e-6 * true[:, :committed].abs()
         assert ((read[:, :committed] - true[:, :committed]).abs() <= bound).all(), f"{name} read beyond e4m3 rounding"
         assert torch.equal(read[:, committed:], true[:, committed:]), f"in-flight {name} must be exact"
@@ -208,7 +211,8 @@ def test_ring_wrap_and_sink_modes_with_fp8(sink, ring, mode):
             views = [cache.view(first_frame=b * BLOCK, frames=BLOCK, block_frames=BLOCK, mode="causal",
                                 commit_frames=BLOCK * commit) for cache in (fp8, twin.cache)]  # fmt: skip
             naive = NaiveWindowView(store, rope, sink, ring, b * BLOCK, BLOCK, commit, mode)
-            ours, rounded, exact = model(x, sigma, text, views[0]), model(x, sigma, text, views[1]), model(x, sigma, text, naive)
+            ours, rounded = model(x, sigma, text, views[0]), model(x, sigma, text, views[1])
+            exact = model(x, sigma, text, naive)
             views[0].commit(), twin.commit(views[1]), naive.commit()
             assert_close(ours, rounded, 1e-5, f"block {b}, commit={commit}: fp8 vs the same rounding in model dtype")
             worst = max(worst, _differences(ours, exact)[2])
