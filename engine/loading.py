@@ -434,8 +434,10 @@ def build_kv_cache(
     ring_frames: int | None = None,
     rope: Rope | MagiRope | None = None,
     head_shards: int = 1,
+    storage: str = "model",
 ) -> KVCache:
-    """The KV cache of one stream of `preset` (on the meta device to measure it without memory)."""
+    """The KV cache of one stream of `preset` (on the meta device to measure it without memory);
+    `storage`: committed K/V in the model dtype or fp8 (engine/runtime/fp8.py)."""
     cfg, stream = preset.model, preset.stream
     return KVCache(
         rope=rope or build_rope(preset, device),
@@ -449,4 +451,5 @@ def build_kv_cache(
         scratch_frames=scratch_frames or stream.frames_per_block,
         dtype=dtype,
         device=device,
+        storage=storage,
     )
