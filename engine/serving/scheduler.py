@@ -177,9 +177,7 @@ class Verdict:
     reason: str = ""
 
 
-def admission(
-    *, running: int, kv_in_use: int, kv_per_session: int, capacity: int | None, limits: Limits
-) -> Verdict:
+def admission(*, running: int, kv_in_use: int, kv_per_session: int, capacity: int | None, limits: Limits) -> Verdict:
     """Whether one more session may run now, and if not, why (one line)."""
     if kv_in_use + kv_per_session > limits.kv_budget_bytes:
         fits = limits.kv_budget_bytes // max(kv_per_session, 1)

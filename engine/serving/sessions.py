@@ -194,7 +194,9 @@ class SessionManager:
         self.fps = session.preset.stream.fps
         steps = session.schedule.steps
         self.offset = steps + 1 if plan.schedule == "sequential" else plan.offset
-        self.in_forward = blocks_per_tick(session.schedule, None if plan.schedule == "sequential" else plan.offset, None)
+        self.in_forward = blocks_per_tick(
+            session.schedule, None if plan.schedule == "sequential" else plan.offset, None
+        )
         self.kv_per_session = self._executor(0).cache.nbytes
         self.throughput = Throughput()
         self.sessions: dict[str, Live] = {}

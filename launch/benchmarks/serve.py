@@ -1,0 +1,256 @@
+"""Many sessions on one model: Continuous Play Ratio under Poisson load, the engine vs two baselines.
+
+Viewers arrive as a Poisson process (one arrival trace per load, the same for every policy), each
+watches for a random time (uniform in 0.5-1.5x `--watch-s`) and switches its prompt now and then
+(Poisson, `--switch-s` apart on average). A refused viewer retries when told to (keeping its place
+in the queue) until `--patience-s` has passed, then counts as refused. The SessionManager
+(engine/serving/sessions.py) is driven directly on the real clock, in this process, without a
+server or sockets. Offered load = arrival rate x mean watch time, in sessions, as multiples of
+the capacity the engine measures for itself before the runs (rounds per second at each batch size
+x frames per round vs sessions x fps).
+
+Policies, each with the same admission (KV budget and measured throughput):
+* engine: coalesced rounds of up to `--batch` sessions, least playout slack first, sessions above
+  the target slack wait, fidelity lowered (flowcache threshold, within the floor) before a stall;
+* round-robin: one session per forward, in turn, full fidelity;
+* fifo: coalesced rounds in the order sessions were last served, no slack priority, full fidelity.
+
+Per load and policy: Continuous Play Ratio (share of playout time without a stall, admitted
+sessions), time to first frame p50/p99 (from the viewer's first request), stall seconds per
+session-minute, aggregate video FPS, sessions admitted / refused, and the PSNR of the engine's
+degraded chunks against the same session run alone (same seed, same prompt switches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engine.eval.metrics import psnr
+from engine.loading import resolve_device
+from engine.serving.scheduler import Limits, Throughput
+from engine.serving.sessions import Opened, SessionManager
+from launch.benchmarks.adherence import eval_prompts
+from launch.benchmarks.common import session_for
+from launch.presets import get_preset
+
+COLUMNS = ["load", "offered", "policy", "admitted", "refused", "cpr", "ttff_p50_s", "ttff_p99_s",
+           "stall_s_per_min", "video_fps", "batch_mean", "degraded_chunks", "degraded_psnr_db"]  # fmt: skip
+POLICIES = ("engine", "round-robin", "fifo")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="demo", help="model preset")
+    parser.add_argument("--loads", nargs="+", type=float, default=[0.5, 1.0, 2.0],
+                        help="offered loads as multiples of the measured capacity")  # fmt: skip
+    parser.add_argument("--seconds", type=float, default=15.0, help="arrivals per load and policy (wall clock)")
+    parser.add_argument("--watch-s", type=float, default=8.0, help="mean watching time of a viewer")
+    parser.add_argument("--switch-s", type=float, default=4.0, help="mean time between a viewer's prompt switches")
+    parser.add_argument("--patience-s", type=float, default=5.0, help="a refused viewer gives up after this")
+    parser.add_argument("--batch", type=int, default=4, help="sessions per round (engine and fifo)")
+    parser.add_argument("--floor-db", type=float, default=25.0, help="quality floor of degraded chunks")
+    parser.add_argument("--kv-budget-mib", type=float, default=64.0, help="KV memory budget")
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES, help="policies to run")
+    parser.add_argument("--psnr-sessions", type=int, default=2, help="degraded sessions replayed alone per load")
+    parser.add_argument("--psnr-blocks", type=int, default=24, help="blocks replayed per such session at most")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--quick", action="store_true", help="loads 1 and 2, 5 s each, short viewers")
+    parser.add_argument("--seed", type=int, default=0, help="arrival traces' seed")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+
+
+@dataclass
+class Viewer:
+    arrival: float
+    watch_s: float
+    seed: int
+    prompts: list[str]
+    switches: list[float]
+    """Seconds after admission at which it switches to its next prompt."""
+    retry_at: float = 0.0
+    ticket: str | None = None
+    sid: str | None = None
+    admitted_at: float | None = None
+    first_frame_at: float | None = None
+    done: bool = False
+    gave_up: bool = False
+    chunks: list = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+    prompt_log: list = field(default_factory=list)
+    watched_s: float = 0.0
+    switched: int = 0
+
+
+def make_trace(load: float, args, rng: np.random.Generator) -> list[Viewer]:
+    """Poisson arrivals at `load / watch_s` per second over `args.seconds`."""
+    prompts = [d.prompt for d in eval_prompts(36)]
+    rate, t, viewers = load / args.watch_s, 0.0, []
+    while True:
+        t += rng.exponential(1.0 / rate)
+        if t >= args.seconds:
+            return viewers
+        watch = args.watch_s * rng.uniform(0.5, 1.5)
+        switches = np.cumsum(rng.exponential(args.switch_s, size=8))
+        picks = [prompts[i] for i in rng.integers(len(prompts), size=9)]
+        viewers.append(Viewer(t, watch, int(rng.integers(1 << 30)), picks, [s for s in switches if s < watch]))
+
+
+def limits_for(policy: str, args) -> Limits:
+    base = Limits(kv_budget_bytes=int(args.kv_budget_mib * 2**20), batch=args.batch, floor_db=args.floor_db)
+    if policy == "round-robin":
+        return dataclasses.replace(base, batch=1, order="fifo", degrade=False)
+    if policy == "fifo":
+        return dataclasses.replace(base, order="fifo", degrade=False)
+    return base
+
+
+def calibrate(session, args) -> Throughput:
+    """Seconds per round at each batch size 1..batch, every session due, full fidelity."""
+    limits = dataclasses.replace(
+        limits_for("engine", args), degrade=False, target_slack_s=1e9, throughput_admission=False
+    )
+    measured = Throughput()
+    for size in range(1, args.batch + 1):
+        mgr = SessionManager(session, limits)
+        for i in range(size):
+            mgr.open("a red circle moving left", seed=i)
+        for _ in range(6):  # warm-up
+            mgr.round()
+        mgr.throughput = Throughput()
+        start = time.monotonic()
+        while time.monotonic() - start < (1.0 if args.quick else 2.0):
+            mgr.round()
+        measured.round_s[size] = mgr.throughput.round_s[size]
+    return measured
+
+
+def drive(mgr: SessionManager, viewers: list[Viewer], args) -> float:
+    """Run the trace on the real clock; returns the wall seconds it took."""
+    t0 = time.monotonic()
+    while True:
+        now = time.monotonic() - t0
+        if now >= args.seconds + args.watch_s * 0.5:  # arrivals end; the last ones watch a little
+            break
+        for viewer in viewers:
+            _events(mgr, viewer, now, args)
+        out = mgr.round()
+        stamp = time.monotonic() - t0
+        for viewer in viewers:
+            if viewer.sid in out:
+                viewer.chunks.extend(out[viewer.sid])
+                viewer.first_frame_at = viewer.first_frame_at or stamp
+        if not out:
+            time.sleep(0.002)
+    end = time.monotonic() - t0
+    for viewer in viewers:
+        if viewer.sid is not None and not viewer.done:
+            _leave(mgr, viewer, end)
+    return end
+
+
+def _events(mgr: SessionManager, viewer: Viewer, now: float, args) -> None:
+    if viewer.done or viewer.gave_up or now < viewer.arrival:
+        return
+    if viewer.sid is None:
+        if now - viewer.arrival > args.patience_s:
+            viewer.gave_up = True
+        elif now >= viewer.retry_at:
+            result = mgr.open(viewer.prompts[0], viewer.seed, viewer.ticket)
+            if isinstance(result, Opened):
+                viewer.sid, viewer.admitted_at = result.id, now
+            else:
+                viewer.ticket, viewer.retry_at = result.ticket, now + result.retry_after_s
+        return
+    watched = now - viewer.admitted_at
+    while viewer.switches and watched >= viewer.switches[0]:
+        viewer.switches.pop(0)
+        viewer.switched += 1
+        mgr.set_prompt(viewer.sid, viewer.prompts[viewer.switched % len(viewer.prompts)])
+    if watched >= viewer.watch_s:
+        _leave(mgr, viewer, now)
+
+
+def _leave(mgr: SessionManager, viewer: Viewer, now: float) -> None:
+    viewer.stats = mgr.stats(viewer.sid)
+    viewer.prompt_log = list(mgr.sessions[viewer.sid].prompt_log)
+    viewer.watched_s = now - viewer.first_frame_at if viewer.first_frame_at is not None else 0.0
+    mgr.close(viewer.sid)
+    viewer.done = True
+
+
+def summarize(load: float, offered: float, policy: str, viewers: list[Viewer], wall: float, mgr) -> dict:
+    admitted = [v for v in viewers if v.sid is not None]
+    played = sum(v.watched_s for v in admitted)
+    stalled = sum(min(v.stats.get("stall_s", 0.0), v.watched_s) for v in admitted)
+    ttff = [v.first_frame_at - v.arrival for v in admitted if v.first_frame_at is not None]
+    frames = sum(len(c.pixels) for v in admitted for c in v.chunks)
+    batches = mgr.batches
+    return {
+        "load": load, "offered": round(offered, 2), "policy": policy, "admitted": len(admitted),
+        "refused": sum(v.gave_up or v.sid is None for v in viewers),
+        "cpr": 1.0 - stalled / played if played else float("nan"),
+        "ttff_p50_s": float(np.percentile(ttff, 50)) if ttff else float("nan"),
+        "ttff_p99_s": float(np.percentile(ttff, 99)) if ttff else float("nan"),
+        "stall_s_per_min": stalled / (played / 60.0) if played else float("nan"),
+        "video_fps": frames / wall,
+        "batch_mean": sum(k * n for k, n in batches.items()) / max(sum(batches.values()), 1),
+        "degraded_chunks": sum(c.threshold > 0 for v in admitted for c in v.chunks),
+        "degraded_psnr_db": float("nan"),
+    }  # fmt: skip
+
+
+def degraded_psnr(session, viewers: list[Viewer], args) -> float:
+    """Mean PSNR of degraded chunks against the same sessions replayed alone at full fidelity."""
+    scores = []
+    replayed = [v for v in viewers if any(c.threshold > 0 for c in v.chunks)][: args.psnr_sessions]
+    for viewer in replayed:
+        blocks = min(len(viewer.chunks), args.psnr_blocks)
+        log = viewer.prompt_log or [(0, viewer.prompts[0])]
+        run = session.run(lambda tick, log=log: [p for t, p in log if t <= tick.index][-1], blocks=blocks,
+                          seed=viewer.seed)  # fmt: skip
+        for chunk, (_, alone) in zip(viewer.chunks[:blocks], run.frames()):
+            if chunk.threshold > 0:
+                scores.append(min(psnr(chunk.pixels, alone), 99.0))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def run(args: argparse.Namespace):
+    if args.quick:
+        args.loads, args.seconds, args.watch_s, args.switch_s, args.psnr_sessions, args.psnr_blocks = (
+            [1.0, 2.0], 5.0, 3.0, 1.5, 1, 12)  # fmt: skip
+    torch.set_num_threads(args.threads)
+    session = session_for(get_preset(args.preset), resolve_device(args.device))
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    measured = calibrate(session, args)
+    probe = SessionManager(session, limits_for("engine", args))
+    capacity = measured.sessions(probe.fps, probe.frames_per_tick, probe.limits, most=64)
+    print(f"capacity: {capacity} sessions at {probe.fps} fps; ms per round by batch: "
+          f"{ {k: round(v * 1000, 1) for k, v in measured.round_s.items()} }", flush=True)  # fmt: skip
+    rows = []
+    for load in args.loads:
+        offered = load * max(capacity, 1)
+        trace = make_trace(offered, args, np.random.default_rng([args.seed, int(load * 1000)]))
+        for policy in args.policies:
+            mgr = SessionManager(session, limits_for(policy, args))
+            mgr.throughput = copy.deepcopy(measured)
+            viewers = copy.deepcopy(trace)
+            wall = drive(mgr, viewers, args)
+            rows.append(summarize(load, offered, policy, viewers, wall, mgr))
+            if policy == "engine":
+                rows[-1]["degraded_psnr_db"] = degraded_psnr(session, viewers, args)
+            print(f"load {load} ({offered:.1f} sessions) {policy}: {len(viewers)} arrivals, "
+                  f"CPR {rows[-1]['cpr']:.3f}", flush=True)  # fmt: skip
+    settings = {k: getattr(args, k) for k in ("preset", "loads", "seconds", "watch_s", "switch_s", "patience_s",
+                                               "batch", "floor_db", "kv_budget_mib", "threads", "seed")}  # fmt: skip
+    settings.update(capacity_sessions=capacity, round_ms={k: v * 1000 for k, v in measured.round_s.items()},
+                    load_average_before=load_before, load_average_after=os.getloadavg()[0],
+                    driver="SessionManager on the real clock, in process (no server, no sockets)")  # fmt: skip
+    return rows, COLUMNS, settings
