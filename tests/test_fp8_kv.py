@@ -12,8 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_kv import NaiveWindowView, _text
+from test_magi import TINY as MAGI_TINY
+from test_magi import _distilled
 
-from engine.loading import WeightPaths, build_rope
+from engine.config import SpeedConfig
+from engine.loading import WeightPaths, build_kv_cache
 from engine.models.rope import Rope
 from engine.runtime.fp8 import E4M3, UNIT_ROUNDOFF, dequantise, quantise, roundtrip_bound
 from engine.runtime.kv import KVCache
@@ -121,40 +124,19 @@ def test_attention_over_fp8_context_is_within_the_e4m3_bound():
 # -- a stream ------------------------------------------------------------------------------------
 
 
-def _self_forcing(pipeline, cache: KVCache, blocks: int) -> torch.Tensor:
-    """Self-Forcing's loop written out (as tests/test_executor.py's reference), on `cache`."""
-    preset, model, schedule = pipeline.preset, pipeline.model, pipeline.schedule
-    noise, F_, text = NoiseSource(5), preset.stream.frames_per_block, pipeline.prompts.conditioning("a blue square")
-    video = []
-    for b in range(blocks):
-        x = noise.noise(preset.latent_shape(F_), b, 0)
-        for step in range(schedule.steps):
-            view = cache.view(first_frame=b * F_, frames=F_, block_frames=F_, mode="causal")
-            sigma = torch.full((1, F_), schedule.sigmas[step], dtype=torch.float64)
-            x0 = x - schedule.sigmas[step] * model(x, sigma, text, view)
-            after = schedule.sigmas[step + 1] if step + 1 < schedule.steps else None
-            x = x0 if after is None else (1 - after) * x0 + after * noise.noise(x.shape, b, step + 1)
-        view = cache.view(first_frame=b * F_, frames=F_, block_frames=F_, mode="causal", commit_frames=F_)
-        model(x0, torch.zeros(1, F_, dtype=torch.float64), text, view)
-        view.commit()
-        video.append(x0)
-    return torch.cat(video, dim=2)
-
-
 @torch.no_grad()
 def test_tiny_wan_stream_with_fp8_cache_stays_close():
     """8 blocks of tiny-wan (window 9 with a 3-frame sink: the ring wraps from block 3) with the
     committed K/V in fp8: the latents' relative RMS difference stays under e4m3's unit roundoff
     2^-4, the relative error of each single K/V element, though every later block reads rounded
     context and feeds it on."""
-    preset = get_preset("tiny-wan")
-    pipeline = build_session(preset, WeightPaths(seed=3), CPU, torch.float32)
-    stream = preset.stream
     videos = {}
     for storage in ("model", "fp8"):
-        cache = _cache(preset.model, build_rope(preset, CPU), sink=stream.sink_frames, ring=stream.ring_frames,
-                       storage=storage)  # fmt: skip
-        videos[storage] = _self_forcing(pipeline, cache, blocks=8)
+        session = build_session(get_preset("tiny-wan"), WeightPaths(seed=3), CPU, torch.float32,
+                                speed=SpeedConfig(kv_cache=storage))  # fmt: skip
+        run = session.run("a blue square", blocks=8, seed=5)
+        videos[storage] = torch.cat([b.latents for b in run], dim=2)
+        assert session.executors(NoiseSource(0), blocks_in_forward=1).cache.storage == storage
     max_diff, mean_diff, relative = _differences(videos["fp8"], videos["model"])
     print(f"tiny-wan, 8 blocks: max {max_diff:.3e}, mean {mean_diff:.3e}, relative RMS {relative:.3e}")
     assert 0 < relative < UNIT_ROUNDOFF, f"relative RMS {relative:.3e} (max {max_diff:.3e}, mean {mean_diff:.3e})"
@@ -219,3 +201,57 @@ def test_ring_wrap_and_sink_modes_with_fp8(sink, ring, mode):
     assert fp8.committed == blocks * BLOCK and fp8.visible_frames == sink + ring
     print(f"{mode} sink {sink} ring {ring}: worst relative RMS vs the exact window {worst:.3e}")
     assert 0 < worst < UNIT_ROUNDOFF, f"relative RMS {worst:.3e} against the exact window"
+
+
+# -- memory --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["self-forcing-1.3b", "wan-14b-causal"])
+def test_fp8_bytes_count_payload_scales_scratch_and_working_buffer(name):
+    """At 480x832 (meta device): per layer, the committed frames' K and V at 1 byte per element
+    plus a float32 scale per head vector, the scratch in bf16; one layer's bf16 working buffer.
+    For a 21-frame window with 3-frame blocks that is 0.62x the bf16 cache, not 0.5x: the scratch
+    and the working buffer stay in the model dtype."""
+    preset = get_preset(name)
+    cfg, stream = preset.model, preset.stream
+    model, fp8 = (build_kv_cache(preset, torch.bfloat16, "meta", storage=s) for s in ("model", "fp8"))
+    vectors = 2 * cfg.kv_heads * preset.tokens_per_frame  # head vectors of K and V in one frame
+    layers, committed, scratch, Dh = cfg.num_layers, stream.context_frames, stream.frames_per_block, cfg.head_dim
+    assert model.nbytes == layers * (committed + scratch) * vectors * Dh * 2
+    payload_and_scales = layers * committed * vectors * (Dh + 4)
+    expected = payload_and_scales + layers * scratch * vectors * Dh * 2 + (committed + scratch) * vectors * Dh * 2
+    ratio = fp8.nbytes / model.nbytes
+    print(f"{name}: bf16 {model.nbytes / 2**30:.2f} GiB, fp8 {fp8.nbytes / 2**30:.2f} GiB ({ratio:.3f}x)")
+    assert fp8.nbytes == expected, f"fp8 cache reports {fp8.nbytes} bytes, allocates {expected}"
+    assert 0.6 < ratio < 0.63
+
+
+# -- MAGI-1 --------------------------------------------------------------------------------------
+
+
+def _magi(storage: str, distilled: bool = False, **plan):
+    preset = _distilled(MAGI_TINY, **plan) if distilled else MAGI_TINY
+    return build_session(preset, WeightPaths(seed=2), CPU, torch.float32, speed=SpeedConfig(kv_cache=storage))
+
+
+@torch.no_grad()
+def test_magi_with_fp8_cache():
+    """MAGI-1 tiny (GQA: 2 query heads on 1 KV head), distilled: the fp8 stream stays within e4m3's
+    unit roundoff of the stream that recomputes the clean history in every forward (which the
+    model-dtype cache equals, tests/test_magi.py); with base guidance, whose null-caption pass
+    writes the K/V both conditioned passes read, both batch elements hold the same payload and
+    scales."""
+    videos = {}
+    for name, session in (("fp8", _magi("fp8", True)), ("recomputed", _magi("model", True, compute="window"))):
+        videos[name] = torch.cat([b.latents for b in session.run("a red circle", blocks=6, seed=0)], dim=2)
+    max_diff, mean_diff, relative = _differences(videos["fp8"], videos["recomputed"])
+    print(f"magi-1-tiny, 6 chunks: max {max_diff:.3e}, mean {mean_diff:.3e}, relative RMS {relative:.3e}")
+    assert 0 < relative < UNIT_ROUNDOFF, f"relative RMS {relative:.3e} (max {max_diff:.3e})"
+    session = _magi("fp8")
+    executor = session.executors(NoiseSource(0), blocks_in_forward=5)
+    list(executor.run(session.plan(5), session.prompts.conditioning("a red circle")))
+    cache, tokens = executor.cache, executor.cache.visible_frames * executor.cache.T
+    assert cache.storage == "fp8" and cache.commit_from == 1 and tokens > 0
+    for part in (cache.fp8.k, cache.fp8.v, cache.fp8.k_scale, cache.fp8.v_scale):
+        committed = part[:, :, :tokens]
+        assert torch.equal(committed[:, 0].float(), committed[:, 1].float()), "both passes read the null pass's K/V"
