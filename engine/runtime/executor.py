@@ -30,6 +30,7 @@ from engine.plan.sigmas import TRAIN_TIMESTEPS, Schedule
 from engine.plan.timeline import Tick, Work
 from engine.runtime.context import Joint, Lagged
 from engine.runtime.kv import KVCache
+from engine.runtime.offload import relocate
 from engine.runtime.outputs import Block, BlockKV, RunStats
 from engine.runtime.placement import Local, Placement
 from engine.runtime.skip import Member, NoSkip, Skip
@@ -219,6 +220,34 @@ class Executor:
         for block, kv in recorded.items():
             if block in self.noisy:
                 self.inflight[block] = kv
+
+    # -- suspending ----------------------------------------------------------------------------
+
+    def suspend(self) -> int:
+        """Move this stream's device state to host memory (pinned on a GPU) and free the device
+        copies: KV buffers, latents, in-flight K/V, solver and skip-part state. Bytes moved. The
+        stream takes no tick until `resume`, after which it continues exactly as if it had not
+        stopped. Lagged context takes in the last tick's K/V first (what a later settle would)."""
+        if self.suspended:
+            return 0
+        if not isinstance(self.placement, Local):
+            raise ValueError("only a stream that runs on one process can be suspended")
+        self.context.settle(self)
+        moved = relocate(self.stream_state(), torch.device("cpu"))
+        self.suspended = True
+        return moved
+
+    def resume(self) -> int:
+        """Bring the state `suspend` moved back to the device; bytes moved."""
+        if not self.suspended:
+            return 0
+        moved = relocate(self.stream_state(), self.device)
+        self.suspended = False
+        return moved
+
+    def stream_state(self) -> list:
+        """What this stream holds for itself (engine/runtime/offload.py walks it for tensors)."""
+        return [self.cache, self.noisy, self.clean, self.inflight, self.solver, self.skip, self.switch, self.context]
 
     # -- choosing the inputs -------------------------------------------------------------------
 
