@@ -137,6 +137,8 @@ def measure_here(path: Path, cfg: WanConfig, way: str, device: str, dtype: str) 
     run_dtype = resolve_dtype(dtype, target)
     with torch.device("meta"):
         model = WanModel(cfg)
+    if target.type == "cuda":
+        torch.zeros(1, device=target)  # the CUDA context's host memory is not the load's
     before = rss_mb()
     start = time.perf_counter()
     model = (load_whole if way == "whole" else load_streamed)(model, path, target, run_dtype)

@@ -2,12 +2,13 @@
 
 A checkpoint is first opened, not read: each tensor of a .safetensors file is an `Entry` known by
 its header (shape, dtype, file), so keys, shapes and dtypes are checked against the model before
-any value is read. `stream_into` then takes the tensors one at a time: read (a view of the file
-that is released once placed), value-checked, moved to the device in the stored dtype, optionally
-edited (LoRA merge), cast and assigned to the meta model's parameter. Host memory beyond the model
-is about one tensor (one shard for formats read per shard: torch files, MAGI-1's .zst shards),
-where reading whole shards into a state dict and then moving and casting the model needed the
-whole checkpoint on the host.
+any value is read. `stream_into` then takes the tensors one at a time: read (a view of the file,
+released once placed), value-checked, moved to the device in the stored dtype, optionally edited
+(LoRA merge), cast and assigned to the meta model's parameter. Host memory beyond the model is
+about one tensor (one file for torch files, one shard for MAGI-1's .zst shards), where reading
+whole shards into a state dict and then moving and casting the model needed the whole checkpoint
+on the host. A tensor loaded to the CPU in its stored dtype stays a view of the file: its pages
+are the model's memory, shared with the page cache, as with torch.load(mmap=True).
 """
 
 from __future__ import annotations
@@ -124,6 +125,5 @@ def stream_into(
             raise CheckpointError(f"{stored.file if isinstance(stored, Entry) else where(found[0])}: {found[1]}")
         if edit is not None:
             value = edit(key, value)
-        dtype = targets.get(key, host.dtype)
-        _assign(model, key, value.to(dtype, copy=value.data_ptr() == host.data_ptr()))  # never a view of the file
+        _assign(model, key, value.to(targets.get(key, host.dtype)))
         del host, value  # before the next tensor is read
