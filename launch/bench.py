@@ -10,6 +10,7 @@ python -m launch.bench cascade-model --measure   # throughput model; 1 vs 2 rank
 python -m launch.bench cache                # feature caching policies: speedup and fidelity
 python -m launch.bench speed --preset self-forcing-1.3b --device cuda --random-weights   # one-device speed
 python -m launch.bench ranks                # this CPU: 1 process vs cascade vs sp, ranks pinned to cores
+python -m launch.bench load                 # checkpoint loading: host memory and time, whole vs tensor by tensor
 python -m launch.bench serve --quick       # many sessions under Poisson load: engine vs round-robin vs fifo
 """
 
@@ -22,7 +23,19 @@ from pathlib import Path
 import torch
 
 from engine.argparsing import OneLineParser
-from launch.benchmarks import adherence, cache, cascade, cascade_model, ranks, selective, serve, soak, speed, switch
+from launch.benchmarks import (
+    adherence,
+    cache,
+    cascade,
+    cascade_model,
+    load,
+    ranks,
+    selective,
+    serve,
+    soak,
+    speed,
+    switch,
+)
 from launch.cli import USER_ERRORS
 from launch.report import table, write_json
 
@@ -36,6 +49,7 @@ BENCHMARKS = {
     "speed": speed,
     "ranks": ranks,
     "soak": soak,
+    "load": load,
     "serve": serve,
 }
 
