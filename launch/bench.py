@@ -12,6 +12,7 @@ python -m launch.bench speed --preset self-forcing-1.3b --device cuda --random-w
 python -m launch.bench ranks                # this CPU: 1 process vs cascade vs sp, ranks pinned to cores
 python -m launch.bench load                 # checkpoint loading: host memory and time, whole vs tensor by tensor
 python -m launch.bench serve --quick       # many sessions under Poisson load: engine vs round-robin vs fifo
+python -m launch.bench coalesce            # k streams' forwards in one call vs k calls (demo, mid-wan)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from launch.benchmarks import (
     cache,
     cascade,
     cascade_model,
+    coalesce,
     load,
     ranks,
     selective,
@@ -51,6 +53,7 @@ BENCHMARKS = {
     "soak": soak,
     "load": load,
     "serve": serve,
+    "coalesce": coalesce,
 }
 
 
