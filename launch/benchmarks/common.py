@@ -7,18 +7,25 @@ import time
 import numpy as np
 import torch
 
-from engine.config import Preset
+from engine.config import Preset, SpeedConfig
 from engine.loading import WeightPaths, resolve_dtype
 from engine.runtime.outputs import RunStats
 from engine.runtime.session import Session
-from launch.build import build_session
+from launch.build import EAGER, build_session
 from launch.threads import configure_threads
 
 
-def session_for(preset: Preset, device: torch.device, weights: WeightPaths | None = None) -> Session:
-    """The preset's session with its default weights (or `weights`), at the device's default dtype,
-    with the CPU thread policy the commands use (launch/threads.py)."""
-    session = build_session(preset, weights or WeightPaths(), device, resolve_dtype("auto", device))
+def session_for(
+    preset: Preset,
+    device: torch.device,
+    weights: WeightPaths | None = None,
+    dtype: torch.dtype | None = None,
+    speed: SpeedConfig = EAGER,
+) -> Session:
+    """The preset's session with its default weights (or `weights`), at the device's default dtype
+    (or `dtype`), with the CPU thread policy the commands use (launch/threads.py)."""
+    dtype = dtype or resolve_dtype("auto", device)
+    session = build_session(preset, weights or WeightPaths(), device, dtype, speed=speed)
     configure_threads(None, session.model, device)
     return session
 
