@@ -11,7 +11,9 @@ python -m launch.bench cache                # feature caching policies: speedup 
 python -m launch.bench speed --preset self-forcing-1.3b --device cuda --random-weights   # one-device speed
 python -m launch.bench ranks                # this CPU: 1 process vs cascade vs sp, ranks pinned to cores
 python -m launch.bench kv                   # KV cache: memory of bf16 vs fp8 storage, fp8's fidelity
+python -m launch.bench load                 # checkpoint loading: host memory and time, whole vs tensor by tensor
 python -m launch.bench serve --quick       # many sessions under Poisson load: engine vs round-robin vs fifo
+python -m launch.bench coalesce            # k streams' forwards in one call vs k calls (demo, mid-wan)
 """
 
 from __future__ import annotations
@@ -23,7 +25,21 @@ from pathlib import Path
 import torch
 
 from engine.argparsing import OneLineParser
-from launch.benchmarks import adherence, cache, cascade, cascade_model, kv, ranks, selective, serve, soak, speed, switch
+from launch.benchmarks import (
+    adherence,
+    cache,
+    cascade,
+    cascade_model,
+    coalesce,
+    kv,
+    load,
+    ranks,
+    selective,
+    serve,
+    soak,
+    speed,
+    switch,
+)
 from launch.cli import USER_ERRORS
 from launch.report import table, write_json
 
@@ -38,7 +54,9 @@ BENCHMARKS = {
     "ranks": ranks,
     "soak": soak,
     "kv": kv,
+    "load": load,
     "serve": serve,
+    "coalesce": coalesce,
 }
 
 
