@@ -53,3 +53,4 @@ def test_the_soak_summary_leaves_out_the_warmup():
     assert summary["samples"] == 2 and summary["rss_growth_mb"] == 10
     assert abs(summary["fps_spread"] - 2 / 19) < 1e-9
     assert summary["cpu_fps_mean"] == 40.0 and summary["cpu_fps_spread"] == 0.0
+    assert abs(summary["fps_change"] - 2 / 19) < 1e-9 and summary["cpu_fps_change"] == 0.0

@@ -56,6 +56,8 @@ def summarize(rows: list[dict], warmup: float) -> dict:
         fps = np.array([r[key] for r in steady])
         summary[f"{key}_mean"] = float(fps.mean())
         summary[f"{key}_spread"] = float((fps.max() - fps.min()) / fps.mean())
+        third = max(len(fps) // 3, 1)  # slowing down, apart from sample noise: last third vs first
+        summary[f"{key}_change"] = float((fps[-third:].mean() - fps[:third].mean()) / fps.mean())
     return summary
 
 
