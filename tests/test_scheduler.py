@@ -9,8 +9,7 @@ import math
 
 import pytest
 
-from engine.serving.scheduler import DEMO_LADDER, Limits, Standing, Throughput, admission, choose, next_rung
-from engine.serving.sessions import Playout
+from engine.serving.scheduler import DEMO_LADDER, Limits, Playout, Standing, Throughput, admission, choose, next_rung
 
 MiB = 1 << 20
 

@@ -49,8 +49,8 @@ def manager(session, clock=None, **limits) -> SessionManager:
 def collect(mgr: SessionManager, rounds: int, into: dict | None = None) -> dict[str, list[np.ndarray]]:
     into = {} if into is None else into
     for _ in range(rounds):
-        for sid, chunks in mgr.round().items():
-            into.setdefault(sid, []).extend(c.pixels for c in chunks)
+        for sid, blocks in mgr.round().items():
+            into.setdefault(sid, []).extend(blocks)
     return into
 
 
@@ -131,7 +131,7 @@ def test_fidelity_drops_before_any_stall_and_within_the_floor(session):
     first_degraded = first_stall = None
     thresholds = set()
     for r in range(40):
-        for chunks in mgr.round().values():
+        for chunks in mgr.round_blocks().values():
             thresholds.update(c.threshold for c in chunks)
         live = [mgr.sessions[sid] for sid in ids]  # (stats() would read the clock)
         if first_degraded is None and any(s.rung > 0 for s in live):

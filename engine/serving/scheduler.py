@@ -84,6 +84,63 @@ class Limits:
         return usable if self.degrade else usable[:1]
 
 
+class Playout:
+    """A viewer's playout clock over one session's video (seconds)."""
+
+    def __init__(self, fps: float):
+        self.fps = fps
+        self.generated_s = self.played_s = self.stall_s = 0.0
+        self.stalls = 0
+        self.stalled = False
+        self.first_at: float | None = None
+        self.last: float | None = None
+        self.holds: set[str] = set()
+
+    def advance(self, now: float) -> None:
+        """Play from the last update to `now`; stall where the generated video runs out."""
+        if self.last is None:  # nothing shown yet: the clock has not started
+            return
+        if self.holds:  # paused or no viewer: time passes, the video does not
+            self.last = now
+            return
+        elapsed, left = now - self.last, self.generated_s - self.played_s
+        self.last = now
+        if elapsed <= left:
+            self.played_s += elapsed
+            return
+        self.played_s = self.generated_s
+        self.stall_s += elapsed - left
+        if not self.stalled:
+            self.stalls += 1
+            self.stalled = True
+
+    def add(self, frames: int, now: float) -> None:
+        self.advance(now)
+        if self.first_at is None:
+            self.first_at = self.last = now
+        self.generated_s += frames / self.fps
+        self.stalled = False
+
+    def hold(self, reason: str, now: float) -> None:
+        self.advance(now)
+        self.holds.add(reason)
+
+    def release(self, reason: str, now: float) -> None:
+        self.advance(now)
+        self.holds.discard(reason)
+        if self.last is not None:
+            self.last = now
+
+    def report(self, played_s: float, now: float) -> None:
+        """The viewer says how far it has played: that replaces the model's guess."""
+        self.advance(now)
+        self.played_s = min(max(played_s, 0.0), self.generated_s)
+
+    def slack(self, now: float) -> float:
+        self.advance(now)
+        return self.generated_s - self.played_s
+
+
 @dataclass(frozen=True)
 class Standing:
     """One session's place at the start of a round."""

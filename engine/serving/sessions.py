@@ -3,8 +3,8 @@
     manager = SessionManager(session, Limits(kv_budget_bytes=64 << 20))
     opened = manager.open("a red circle moving left", seed=0)     # Opened(id) or Refused(...)
     while serving:
-        for sid, chunks in manager.round().items():                 # one scheduling round
-            send(sid, chunks)                                        # Frames: pixels [F, H, W, 3]
+        for sid, blocks in manager.round().items():                 # one scheduling round
+            send(sid, blocks)                                        # each [F, H, W, 3] uint8
 
 A session is one stream: its own prompt, seed, plan position, KV cache, cache-policy state and
 decoder state. `round()` picks sessions (engine/serving/scheduler.py: least slack first, none
@@ -43,7 +43,7 @@ from engine.runtime.coalesce import step_together
 from engine.runtime.executor import Executor
 from engine.runtime.session import Session
 from engine.sampling.noise import NoiseSource
-from engine.serving.scheduler import Limits, Standing, Throughput, admission, choose, next_rung
+from engine.serving.scheduler import Limits, Playout, Standing, Throughput, admission, choose, next_rung
 
 FPS_WINDOW_S = 3.0
 PROMPT_LOG = 1000
@@ -87,63 +87,6 @@ class Frames:
     """The highest feature-cache threshold its ticks ran under (0: full fidelity)."""
 
 
-class Playout:
-    """A viewer's playout clock over one session's video (seconds)."""
-
-    def __init__(self, fps: float):
-        self.fps = fps
-        self.generated_s = self.played_s = self.stall_s = 0.0
-        self.stalls = 0
-        self.stalled = False
-        self.first_at: float | None = None
-        self.last: float | None = None
-        self.holds: set[str] = set()
-
-    def advance(self, now: float) -> None:
-        """Play from the last update to `now`; stall where the generated video runs out."""
-        if self.last is None:  # nothing shown yet: the clock has not started
-            return
-        if self.holds:  # paused or no viewer: time passes, the video does not
-            self.last = now
-            return
-        elapsed, left = now - self.last, self.generated_s - self.played_s
-        self.last = now
-        if elapsed <= left:
-            self.played_s += elapsed
-            return
-        self.played_s = self.generated_s
-        self.stall_s += elapsed - left
-        if not self.stalled:
-            self.stalls += 1
-            self.stalled = True
-
-    def add(self, frames: int, now: float) -> None:
-        self.advance(now)
-        if self.first_at is None:
-            self.first_at = self.last = now
-        self.generated_s += frames / self.fps
-        self.stalled = False
-
-    def hold(self, reason: str, now: float) -> None:
-        self.advance(now)
-        self.holds.add(reason)
-
-    def release(self, reason: str, now: float) -> None:
-        self.advance(now)
-        self.holds.discard(reason)
-        if self.last is not None:
-            self.last = now
-
-    def report(self, played_s: float, now: float) -> None:
-        """The viewer says how far it has played: that replaces the model's guess."""
-        self.advance(now)
-        self.played_s = min(max(played_s, 0.0), self.generated_s)
-
-    def slack(self, now: float) -> float:
-        self.advance(now)
-        return self.generated_s - self.played_s
-
-
 @dataclass
 class Live:
     """One session's state in the manager."""
@@ -172,6 +115,8 @@ class Live:
     most_waited: int = 0
     frames: int = 0
     degraded_blocks: int = 0
+    host_bytes: int = 0
+    """What its suspension moved to host memory."""
     recent: deque = field(default_factory=deque)
     """(time, frames) of recent blocks, for its FPS."""
     prompt_log: list = field(default_factory=list)
@@ -319,6 +264,7 @@ class SessionManager:
                 self.refused += 1
                 return Refused(f"cannot resume now: {verdict.reason}", self.limits.retry_s, None)
             live.executor.resume()
+            live.host_bytes = 0
         live.viewers += 1
         if live.state != "running":
             live.state = "running"
@@ -327,9 +273,14 @@ class SessionManager:
 
     # -- the round -------------------------------------------------------------------------------
 
-    def round(self) -> dict[str, list[Frames]]:
+    def round(self) -> dict[str, list[np.ndarray]]:
+        """One scheduling round: each session's finished blocks as frames `[F, H, W, 3]` uint8."""
+        return {sid: [chunk.pixels for chunk in chunks] for sid, chunks in self.round_blocks().items()}
+
+    def round_blocks(self) -> dict[str, list[Frames]]:
         """One scheduling round: each chosen session steps one tick (more while its ticks skip
-        their forward), coalesced; finished blocks are decoded and handed out per session."""
+        their forward), coalesced; finished blocks are decoded and handed out per session, with
+        their prompt version and fidelity."""
         start = self.clock()
         self._housekeep(start)
         wanting = [s for s in self.sessions.values() if s.wants_ticks]
@@ -415,7 +366,7 @@ class SessionManager:
         self._drop_stale_tickets(now)
         for live in list(self.sessions.values()):
             if live.state == "idle" and now - live.since >= self.limits.grace_s:
-                live.executor.suspend()
+                live.host_bytes = live.executor.suspend()
                 live.state, live.since = "suspended", now
             elif live.state == "suspended" and now - live.since >= self.limits.expire_s:
                 del self.sessions[live.id]
@@ -462,7 +413,7 @@ class SessionManager:
             "queued": len(self.queue), "refused": self.refused, "expired": self.expired,
             "fps": round(_rate(self.recent, now), 2), "kv_bytes": self.kv_bytes,
             "kv_budget_bytes": self.limits.kv_budget_bytes, "kv_per_session": self.kv_per_session,
-            "host_kv_bytes": self.kv_per_session * states["suspended"], "rounds": self.rounds,
+            "host_bytes": sum(s.host_bytes for s in self.sessions.values()), "rounds": self.rounds,
             "batch_sizes": dict(sorted(self.batches.items())), "capacity_sessions": capacity,
             "device_sessions": running,
             "round_ms": {k: round(v * 1000, 2) for k, v in sorted(self.throughput.round_s.items())},

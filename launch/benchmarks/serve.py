@@ -51,8 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loads", nargs="+", type=float, default=[0.5, 1.0, 2.0],
                         help="offered loads as multiples of the measured capacity")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=15.0, help="arrivals per load and policy (wall clock)")
-    parser.add_argument("--watch-s", type=float, default=8.0, help="mean watching time of a viewer")
-    parser.add_argument("--switch-s", type=float, default=4.0, help="mean time between a viewer's prompt switches")
+    parser.add_argument("--watch-s", type=float, default=5.0, help="mean watching time of a viewer")
+    parser.add_argument("--switch-s", type=float, default=3.0, help="mean time between a viewer's prompt switches")
     parser.add_argument("--patience-s", type=float, default=5.0, help="a refused viewer gives up after this")
     parser.add_argument("--batch", type=int, default=4, help="sessions per round (engine and fifo)")
     parser.add_argument("--floor-db", type=float, default=25.0, help="quality floor of degraded chunks")
@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--psnr-sessions", type=int, default=2, help="degraded sessions replayed alone per load")
     parser.add_argument("--psnr-blocks", type=int, default=24, help="blocks replayed per such session at most")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--quick", action="store_true", help="loads 1 and 2, 5 s each, short viewers")
+    parser.add_argument("--quick", action="store_true", help="loads 1 and 2, 6 s each, short viewers")
     parser.add_argument("--seed", type=int, default=0, help="arrival traces' seed")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
 
@@ -140,7 +140,7 @@ def drive(mgr: SessionManager, viewers: list[Viewer], args) -> float:
             break
         for viewer in viewers:
             _events(mgr, viewer, now, args)
-        out = mgr.round()
+        out = mgr.round_blocks()
         stamp = time.monotonic() - t0
         for viewer in viewers:
             if viewer.sid in out:
@@ -224,7 +224,7 @@ def degraded_psnr(session, viewers: list[Viewer], args) -> float:
 def run(args: argparse.Namespace):
     if args.quick:
         args.loads, args.seconds, args.watch_s, args.switch_s, args.psnr_sessions, args.psnr_blocks = (
-            [1.0, 2.0], 5.0, 3.0, 1.5, 1, 12)  # fmt: skip
+            [1.0, 2.0], 6.0, 3.0, 1.5, 1, 12)  # fmt: skip
     torch.set_num_threads(args.threads)
     session = session_for(get_preset(args.preset), resolve_device(args.device))
     torch.set_num_threads(args.threads)
