@@ -111,8 +111,8 @@ class Checkpoint:
         return replace(self, state={key: value_of(value) for key, value in self.state.items()})
 
     def file_of(self, stored_key: str) -> Path:
-        """The file holding `stored_key`: the only file, the shard whose header lists it, else
-        the path the user gave. Only for messages (reads shard headers, not tensors)."""
+        """The file holding `stored_key`: its entry's, the only file, the shard whose header lists
+        it, else the path the user gave. Only for messages (reads shard headers, not tensors)."""
         ours = next((k for k, v in self.file_keys.items() if v == stored_key), stored_key)
         if isinstance(self.state.get(ours), Entry):
             return self.state[ours].file
