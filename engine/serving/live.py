@@ -15,7 +15,8 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from engine.plan.timeline import Tick
 from engine.runtime.executor import Block
 from engine.serving.controls import Controls, ControlState, OneProcess, Ranks, share
 
-__all__ = ["Controls", "LiveStream", "OneProcess", "Playout", "Stats", "StopStream"]
+__all__ = ["Controls", "Cycle", "LiveStream", "OneProcess", "Playout", "Request", "SessionDesk", "Stats", "StopStream"]
 
 PAUSE_POLL_S = 0.05
 FPS_WINDOW_S = 3.0
@@ -167,3 +168,111 @@ class LiveStream:
 
     def snapshot(self) -> dict:
         return asdict(self.stats)
+
+
+# -- many sessions: one manager, driven by one thread ----------------------------------------------
+
+SESSION_OPS = ("open", "join", "set_prompt", "pause", "resume", "viewer_left", "viewer_returned", "close")
+"""What the server may ask of a session manager (engine/serving/sessions.py); nothing else is called."""
+
+
+class SessionHost(Protocol):
+    """A session manager as the server drives it. Every call comes from one thread (the desk's)."""
+
+    def open(self, prompt: str, seed: int): ...
+    def round(self) -> dict: ...
+    def stats(self, session_id: str): ...
+    def server_stats(self): ...
+
+
+@dataclass(frozen=True)
+class Request:
+    """One call the server wants made on a manager: `op` of SESSION_OPS with JSON-able `args`."""
+
+    ticket: int
+    op: str
+    args: tuple
+
+
+@dataclass
+class Cycle:
+    """What one pass of a desk gives back: answers to requests, frames, stats (all plain data, so
+    that a replica on another rank can ship it)."""
+
+    answers: dict[int, dict]
+    """ticket -> {"ok": plain answer} or {"error": one line}"""
+    blocks: dict[str, list[np.ndarray]]
+    """session -> finished blocks' frames, each `[F, H, W, 3]` uint8, in order"""
+    versions: dict[str, int]
+    """session -> prompt version its blocks of this cycle were finished under"""
+    stats: dict[str, dict] | None = None
+    """session -> its stats (None: not refreshed this cycle)"""
+    server: dict | None = None
+    gone: tuple[str, ...] = ()
+    """sessions the manager no longer knows (expired, closed)"""
+
+
+def plain(value) -> object:
+    """A manager's answer or stats as JSON-able data (dataclasses and named tuples become dicts)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {"kind": type(value).__name__, **{k: plain(v) for k, v in asdict(value).items()}}
+    if hasattr(value, "_asdict"):
+        return {k: plain(v) for k, v in value._asdict().items()}
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+class SessionDesk:
+    """Runs one manager: the requests that queued since the last pass, then one scheduling round.
+
+    The manager is not shared between threads: whoever owns the desk calls `cycle` and nothing
+    else touches the manager. Prompt versions are counted here, per session, so that every frame
+    carries the version of the prompt its block finished under (the round that finished it ran
+    after every switch that was asked before it).
+    """
+
+    def __init__(self, manager: SessionHost, stats_every_s: float = 0.5, clock: Callable[[], float] = time.monotonic):
+        self.manager, self.stats_every_s, self.clock = manager, stats_every_s, clock
+        self.versions: dict[str, int] = {}
+        self._stats_at = -float("inf")
+
+    def cycle(self, requests: list[Request]) -> Cycle:
+        answers = {request.ticket: self._answer(request) for request in requests}
+        blocks = {str(k): list(v) for k, v in self.manager.round().items() if len(v)}
+        cycle = Cycle(answers, blocks, {s: self.versions.get(s, 0) for s in blocks})
+        now = self.clock()
+        if now - self._stats_at >= self.stats_every_s or requests:
+            self._stats_at = now
+            cycle.stats, cycle.gone = self._session_stats()
+            cycle.server = plain(self.manager.server_stats())
+        return cycle
+
+    def _answer(self, request: Request) -> dict:
+        if request.op not in SESSION_OPS:
+            return {"error": f"unknown operation {request.op!r}"}
+        try:
+            answer = plain(getattr(self.manager, request.op)(*request.args))
+        except (KeyError, ValueError, LookupError) as err:  # an unknown or ended session, a bad value
+            return {"error": str(err.args[0]) if err.args else type(err).__name__}
+        if request.op == "open" and isinstance(answer, dict) and "id" in answer:
+            self.versions[str(answer["id"])] = 0
+        if request.op == "set_prompt":
+            session = str(request.args[0])
+            self.versions[session] = self.versions.get(session, 0) + 1
+            answer = {"version": self.versions[session]}
+        return {"ok": answer}
+
+    def _session_stats(self) -> tuple[dict[str, dict], tuple[str, ...]]:
+        stats, gone = {}, []
+        for session in list(self.versions):
+            try:
+                stats[session] = plain(self.manager.stats(session))
+            except (KeyError, LookupError):
+                gone.append(session)
+                del self.versions[session]
+        return stats, tuple(gone)

@@ -22,6 +22,14 @@ prompt - is answered with {"type": "error", "error": "..."} and changes nothing.
 accepted if `clean_prompt` accepts it: that one function is also what the engine's control packet
 is sized by (engine/serving/live.py), so every accepted prompt reaches every rank intact.
 The server also pushes {"type": "stats", ...} about once a second.
+
+Sessions (the default; `--shared-stream` gives every viewer one stream): on connecting, a viewer
+gets {"type": "session", "id": ..., "share": "/?session=ID", ...} and its controls act on that
+session only; `/ws?session=ID` joins (or, after a dropped connection, resumes) a session. A
+viewer the server cannot take gets {"type": "refused", "reason": ..., "retry_after_s": ...,
+"queue_position": ...} and the connection closes (1013); a session that ends (its replica failed,
+no viewer for longer than the grace period) sends {"type": "ended", "reason": ...} and closes.
+Server-wide stats: `GET /stats` (JSON) and `GET /metrics` (Prometheus text format, `prometheus`).
 """
 
 from __future__ import annotations
@@ -41,6 +49,9 @@ MAX_PROMPT_BYTES = 2000
 """A prompt's limit in UTF-8 bytes (2000 ASCII characters, or 500 emoji): what ranks exchange."""
 JPEG_QUALITY = 85
 CONTROL_TYPES = ("prompt", "pause", "resume", "stats")
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+METRIC_LISTS = {"replicas": "replica", "per_session": "session"}
+"""Lists of records in the server's stats -> the label that tells their metrics apart."""
 
 
 class ProtocolError(ValueError):
@@ -125,3 +136,34 @@ def _utf8_size(text: str) -> int:
 
 def reply(kind: str, **fields) -> str:
     return json.dumps({"type": kind, **fields})
+
+
+def prometheus(stats: dict, prefix: str = "arcade") -> str:
+    """Server stats in Prometheus' text format: each number a gauge (a counter if it ends in
+    _total); lists of records (METRIC_LISTS) become labelled series; text is left out."""
+    series: dict[str, list[tuple[str, float]]] = {}
+    for key, value in stats.items():
+        if key in METRIC_LISTS and isinstance(value, list):
+            label = METRIC_LISTS[key]
+            for record in value:
+                tag = f'{{{label}="{record.get(label)}"}}'
+                for field, number in record.items():
+                    if field != label and _number(number) is not None:
+                        series.setdefault(_metric(f"{prefix}_{label}_{field}"), []).append((tag, _number(number)))
+        elif _number(value) is not None:
+            series.setdefault(_metric(f"{prefix}_{key}"), []).append(("", _number(value)))
+    lines = []
+    for name, samples in series.items():
+        lines.append(f"# TYPE {name} {'counter' if name.endswith('_total') else 'gauge'}")
+        lines.extend(f"{name}{tag} {number:g}" for tag, number in samples)
+    return "\n".join(lines) + "\n"
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _metric(name: str) -> str:
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in name)

@@ -15,26 +15,39 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import os
 import queue
 import socket
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from engine.serving.access import AccessPolicy, parse_origin
 from engine.serving.controls import Controls
 from engine.serving.live import Stats
-from engine.serving.protocol import MAX_MESSAGE_BYTES, ProtocolError, encode_frame, parse_control, reply
+from engine.serving.lobby import Lobby, Refusal, Watched
+from engine.serving.protocol import (
+    MAX_MESSAGE_BYTES,
+    PROMETHEUS_TYPE,
+    Control,
+    ProtocolError,
+    encode_frame,
+    parse_control,
+    prometheus,
+    reply,
+)
 
 PAGE = Path(__file__).with_name("viewer.html")
 VIEWER_QUEUE = 48  # frames a viewer may fall behind before its oldest ones are dropped
@@ -44,6 +57,11 @@ maximum (4 MiB by default) for a viewer that stops reading: memory per connectio
 of stale frames held before the viewer's own queue, which drops the oldest, comes into play."""
 ENCODER_QUEUE = 8  # blocks waiting for JPEG encoding before the oldest is dropped
 STATS_EVERY_S = 1.0
+MAX_VIEWERS = 256
+"""Connections at once; more are refused (retry later), so a flood of connects stays bounded."""
+TOO_MANY_RETRY_S = 10.0
+CLOSE_TIMEOUT_S = 2.0
+"""How long a closing handshake may wait for a viewer that does not answer it (a stop waits as long)."""
 CLOSE_ABOVE_BYTES = 16 * MAX_MESSAGE_BYTES
 """Messages over MAX_MESSAGE_BYTES get an error reply; over this, the connection is closed (1009)."""
 PAGE_PATHS = ("/", "/index.html")
@@ -65,65 +83,88 @@ class Viewer:
     connection: ServerConnection
     frames: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(VIEWER_QUEUE))
     dropped: int = 0
+    session: Watched | None = None
 
 
 class Hub:
-    """Frames in from the engine (any thread), out to every viewer, never blocking the engine."""
+    """Frames in from the engine (any thread), out to viewers, never blocking the engine.
+
+    Blocks wait for JPEG encoding in one bounded queue per audience (a session, or None: every
+    viewer of a shared stream), taken in turn, so a session with a burst of blocks drops its own
+    oldest ones and delays no other session's."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.viewers: set[Viewer] = set()
         self.encoder_dropped = 0
         self.viewers_dropped = 0  # by every viewer's queue, since the start
-        self._blocks: queue.Queue = queue.Queue(ENCODER_QUEUE)
+        self._pending: dict[object, deque] = {}
+        self._ready = threading.Condition()
+        self._closed = False
         self._thread = threading.Thread(target=self._encode_forever, name="frame-encoder", daemon=True)
         self._thread.start()
 
-    def publish(self, frames: np.ndarray, first_index: int, version: int, seconds: float) -> None:
-        """Called by the engine with each finished block's frames `[N, H, W, 3]` uint8."""
-        item = (frames, first_index, version, seconds)
-        while True:
-            try:
-                self._blocks.put_nowait(item)
-                return
-            except queue.Full:
-                try:
-                    self._blocks.get_nowait()
-                    self.encoder_dropped += len(frames)
-                except queue.Empty:
-                    pass
+    def publish(self, frames: np.ndarray, first_index: int, version: int, seconds: float, audience=None) -> None:
+        """Called by the engine with each finished block's frames `[N, H, W, 3]` uint8; `audience`:
+        the session whose viewers get them (None: every viewer). No viewer, no encoding."""
+        if audience is not None and not audience.viewers:
+            return
+        with self._ready:
+            pending = self._pending.setdefault(audience, deque())
+            if len(pending) >= ENCODER_QUEUE:
+                lost = len(pending.popleft()[0])
+                self.encoder_dropped += lost
+                if audience is not None:
+                    audience.encoder_dropped += lost
+            pending.append((frames, first_index, version, seconds))
+            self._ready.notify()
 
     def close(self) -> None:
-        self._blocks.put(None)
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+
+    def _next(self) -> list[tuple[object, tuple]]:
+        """One block from each audience with blocks waiting (empty: closed)."""
+        with self._ready:
+            while not self._closed and not self._pending:
+                self._ready.wait()
+            taken = [(audience, pending.popleft()) for audience, pending in self._pending.items()]
+            self._pending = {a: p for a, p in self._pending.items() if p}
+            return [] if self._closed else taken
 
     def _encode_forever(self) -> None:
-        while (item := self._blocks.get()) is not None:
-            frames, first_index, version, seconds = item
-            for i, frame in enumerate(frames):
-                message = encode_frame(first_index + i, seconds, version, frame)
-                self.loop.call_soon_threadsafe(self._fan_out, message)
+        while taken := self._next():
+            for audience, (frames, first_index, version, seconds) in taken:
+                for i, frame in enumerate(frames):
+                    message = encode_frame(first_index + i, seconds, version, frame)
+                    self.loop.call_soon_threadsafe(self._fan_out, message, audience)
 
-    def _fan_out(self, message: bytes) -> None:
-        for viewer in self.viewers:
+    def _fan_out(self, message: bytes, audience=None) -> None:
+        for viewer in self.viewers if audience is None else audience.viewers:
             if viewer.frames.full():
                 viewer.frames.get_nowait()
                 viewer.dropped += 1
                 self.viewers_dropped += 1
+                if audience is not None:
+                    audience.dropped += 1
             viewer.frames.put_nowait(message)
 
 
 class StreamServer:
-    """HTTP + WebSocket front of one stream (run on the serving rank, in its own thread).
+    """HTTP + WebSocket front of the service (run on the serving rank, in its own thread).
 
-    `start()` listens at once (before a model loads, so that a port in use fails fast); until
-    `stats` is set to the stream's, viewers see the starting prompt and no frames.
-    `ignored_words(prompt)` lists the words of an accepted prompt the model will not use (the ack
-    tells the viewer).
+    One shared stream (`controls` given: every viewer sees it and steers it), or sessions
+    (`StreamServer.for_sessions`: each viewer its own, engine/serving/lobby.py). `start()` listens
+    at once (before a model loads, so that a port in use fails fast); until `stats` is set to the
+    stream's (or replicas are attached to the lobby), viewers see the starting prompt and no frames
+    (or are told to retry). `ignored_words(prompt)` lists the words of an accepted prompt the
+    model will not use (the ack tells the viewer).
     """
 
     def __init__(
         self,
-        controls: Controls,
+        controls: Controls | None,
         stats: Callable[[], dict] | None = None,
         *,
         host: str,
@@ -135,16 +176,25 @@ class StreamServer:
         if needs_token(host) and not token:
             raise ValueError(f"binding to {host!r} exposes the stream: pass --token")
         self.controls, self.host, self.port = controls, host, port
-        self.stats = stats or (lambda: asdict(Stats(prompt=controls.prompt)))
+        self.stats = stats or (lambda: asdict(Stats(prompt=controls.prompt if controls else "")))
         self.access = AccessPolicy(token, tuple(parse_origin(o) for o in allow_origins))
         self.ignored_words = ignored_words
         self.loop = asyncio.new_event_loop()
         self.hub = Hub(self.loop)
+        self.lobby: Lobby | None = None
         self.ready = threading.Event()
         self.address: tuple[str, int] | None = None
         self._error: BaseException | None = None
         self._stop: asyncio.Future | None = None
         self._thread = threading.Thread(target=self._run, name="stream-server", daemon=True)
+
+    @classmethod
+    def for_sessions(cls, prompt: str, seed: int, **options) -> StreamServer:
+        """A server whose viewers each get a session (or join one); attach replicas to `lobby`."""
+        server = cls(None, **options)
+        server.lobby = Lobby(server.hub.publish, prompt=prompt, seed=seed)
+        server.lobby.loop, server.lobby.on_end = server.loop, server._session_ended
+        return server
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -163,6 +213,8 @@ class StreamServer:
         return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
     def stop(self) -> None:
+        if self.lobby is not None:
+            self.lobby.stop()
         self.hub.close()
         if self._stop is not None:
             self.loop.call_soon_threadsafe(self._stop.set_result, None)
@@ -180,7 +232,7 @@ class StreamServer:
         self._stop = self.loop.create_future()
         async with serve(
             self._handle, self.host, self.port, process_request=self._route, max_size=CLOSE_ABOVE_BYTES,
-            compression=None,
+            compression=None, close_timeout=CLOSE_TIMEOUT_S,
         ) as server:  # fmt: skip
             self.address = server.sockets[0].getsockname()[:2]
             self.ready.set()
@@ -199,7 +251,20 @@ class StreamServer:
             return _resource(connection, request, PAGE.read_bytes(), "text/html; charset=utf-8")
         if path == "/favicon.ico":
             return _resource(connection, request, FAVICON, "image/svg+xml")
+        if path == "/stats":
+            return _resource(connection, request, json.dumps(self.server_stats()).encode(), "application/json")
+        if path == "/metrics":
+            return _resource(connection, request, prometheus(self.server_stats()).encode(), PROMETHEUS_TYPE)
         return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+
+    def server_stats(self) -> dict:
+        """Server-wide numbers (/stats as JSON, /metrics in Prometheus' text format)."""
+        hub = self.hub
+        counts = {"connections": len(hub.viewers), "frames_dropped_by_viewer_queues_total": hub.viewers_dropped,
+                  "frames_dropped_before_encoding_total": hub.encoder_dropped}  # fmt: skip
+        if self.lobby is not None:
+            return {"mode": "sessions", **counts, **self.lobby.summary()}
+        return {"mode": "shared", **counts, **{k: v for k, v in self.stats().items() if k != "prompt"}}
 
     # -- WebSocket -------------------------------------------------------------------------------
 
@@ -208,14 +273,43 @@ class StreamServer:
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, VIEWER_SEND_BUFFER)
         viewer = Viewer(connection)
+        if len(self.hub.viewers) >= MAX_VIEWERS:
+            return await _turn_away(connection, "refused", Refusal("too many viewers", TOO_MANY_RETRY_S).message())
+        if self.lobby is not None and not await self._admit(viewer):
+            return
         self.hub.viewers.add(viewer)
         tasks = [asyncio.create_task(self._send_frames(viewer)), asyncio.create_task(self._push_stats(viewer))]
         try:
             await self._receive(viewer)
         finally:
             self.hub.viewers.discard(viewer)
+            if viewer.session is not None:
+                self.lobby.viewer_gone(viewer.session, viewer)
             for task in tasks:
                 task.cancel()
+
+    async def _admit(self, viewer: Viewer) -> bool:
+        """Give the viewer its session (a new one, or the one `?session=` names); else say why and close."""
+        query = parse_qs(urlsplit(viewer.connection.request.path).query)
+        try:
+            if "session" in query:
+                viewer.session = await self.lobby.join(query["session"][0], viewer)
+            else:
+                viewer.session = await self.lobby.open(viewer)
+        except Refusal as refusal:
+            await _turn_away(viewer.connection, "refused", refusal.message())
+            return False
+        except LookupError as err:
+            await _turn_away(viewer.connection, "ended", {"reason": str(err.args[0])}, code=CloseCode.POLICY_VIOLATION)
+            return False
+        watched = viewer.session
+        await viewer.connection.send(reply("session", id=watched.id, share=f"/?session={watched.id}",
+                                           prompt=watched.prompt, seed=watched.seed, replica=watched.replica.index))
+        return True
+
+    def _session_ended(self, watched: Watched, reason: str) -> None:
+        for viewer in list(watched.viewers):
+            asyncio.ensure_future(_turn_away(viewer.connection, "ended", {"reason": reason}, code=CloseCode.GOING_AWAY))
 
     async def _send_frames(self, viewer: Viewer) -> None:
         try:
@@ -233,9 +327,16 @@ class StreamServer:
             pass
 
     def _stats_message(self, viewer: Viewer) -> str:
-        hub = self.hub
-        return reply("stats", **self.stats(), viewers=len(hub.viewers), you_dropped=viewer.dropped,
-                     viewers_dropped=hub.viewers_dropped, encoder_dropped=hub.encoder_dropped)  # fmt: skip
+        hub, watched = self.hub, viewer.session
+        counts = {"you_dropped": viewer.dropped, "viewers_dropped": hub.viewers_dropped,
+                  "encoder_dropped": hub.encoder_dropped}  # fmt: skip
+        if watched is None:
+            return reply("stats", **self.stats(), viewers=len(hub.viewers), **counts)
+        shown = {**watched.summary(), "session": watched.id, "prompt": watched.prompt, "version": watched.version,
+                 "last_switch_s": watched.last_switch_s, "ranks": len(self.lobby.replicas),
+                 "session_dropped": watched.dropped, "encoder_dropped": watched.encoder_dropped}  # fmt: skip
+        shown.setdefault("stream_fps", self.lobby.fps)
+        return reply("stats", **{**shown, **counts, "encoder_dropped": watched.encoder_dropped})
 
     async def _receive(self, viewer: Viewer) -> None:
         try:
@@ -243,23 +344,45 @@ class StreamServer:
                 # str for a text message, bytes for a binary one (refused: control is JSON text);
                 # a text message that is not UTF-8 closes the connection (1007), as RFC 6455 says
                 message = await viewer.connection.recv()
-                await viewer.connection.send(self._answer(message, viewer))
+                await viewer.connection.send(await self._answer(message, viewer))
         except ConnectionClosed:
             pass
 
-    def _answer(self, message: str | bytes, viewer: Viewer) -> str:
+    async def _answer(self, message: str | bytes, viewer: Viewer) -> str:
         try:
             control = parse_control(message)
-            if control.type == "prompt":
-                version = self.controls.request_prompt(control.text)
-                return reply("ack", of="prompt", version=version, text=control.text,
-                             ignored=self.ignored_words(control.text))  # fmt: skip
         except ProtocolError as err:
             return reply("error", error=str(err))
-        if control.type in ("pause", "resume"):
-            self.controls.set_paused(control.type == "pause")
-            return reply("ack", of=control.type)
-        return self._stats_message(viewer)
+        if control.type == "stats":
+            return self._stats_message(viewer)
+        if viewer.session is not None:
+            return await self._session_answer(control, viewer.session)
+        if control.type == "prompt":
+            version = self.controls.request_prompt(control.text)
+            return reply("ack", of="prompt", version=version, text=control.text,
+                         ignored=self.ignored_words(control.text))  # fmt: skip
+        self.controls.set_paused(control.type == "pause")
+        return reply("ack", of=control.type)
+
+    async def _session_answer(self, control: Control, watched: Watched) -> str:
+        """A control that acts on the viewer's own session only."""
+        if control.type == "prompt":
+            answer = await self.lobby.control(watched, "set_prompt", control.text)
+            if "error" in answer:
+                return reply("error", error=answer["error"])
+            return reply("ack", of="prompt", version=answer["ok"]["version"], text=control.text,
+                         ignored=self.ignored_words(control.text))  # fmt: skip
+        answer = await self.lobby.control(watched, control.type)
+        return reply("error", error=answer["error"]) if "error" in answer else reply("ack", of=control.type)
+
+
+async def _turn_away(connection: ServerConnection, kind: str, fields: dict, code: int = CloseCode.TRY_AGAIN_LATER):
+    """Say why in one JSON message, then close: a refused or ended viewer never just hangs."""
+    try:
+        await connection.send(reply(kind, **fields))
+        await connection.close(code, fields.get("reason", kind)[:100])
+    except ConnectionClosed:
+        pass
 
 
 def _reason(error: BaseException | None) -> str:
