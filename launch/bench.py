@@ -13,6 +13,7 @@ python -m launch.bench ranks                # this CPU: 1 process vs cascade vs 
 python -m launch.bench kv                   # KV cache: memory of bf16 vs fp8 storage, fp8's fidelity
 python -m launch.bench load                 # checkpoint loading: host memory and time, whole vs tensor by tensor
 python -m launch.bench serve --quick       # many sessions under Poisson load: engine vs round-robin vs fifo
+python -m launch.bench gpu-report --quick   # GPU: environment + one short variant; without --quick, the whole report
 python -m launch.bench coalesce            # k streams' forwards in one call vs k calls (demo, mid-wan)
 """
 
@@ -31,6 +32,7 @@ from launch.benchmarks import (
     cascade,
     cascade_model,
     coalesce,
+    gpu_report,
     kv,
     load,
     ranks,
@@ -56,6 +58,7 @@ BENCHMARKS = {
     "kv": kv,
     "load": load,
     "serve": serve,
+    "gpu-report": gpu_report,
     "coalesce": coalesce,
 }
 

@@ -20,17 +20,14 @@ import argparse
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from engine.loading import WeightPaths, resolve_device, resolve_dtype
-from engine.models.flops import forward_flops
 from engine.runtime.session import Session
+from launch.benchmarks.timing import calls_flops, matmul_peak_tflops, profiled_shares, sync
 from launch.build import build_session
 from launch.presets import get_preset
 
 COLUMNS = ["preset", "device", "dtype", "fps", "forward_ms", "attention", "linear", "rest", "tflops", "peak", "kv_gib"]
-ATTENTION_OPS = ("attention", "flash", "_efficient_attention", "cudnn_attention", "softmax", "baddbmm", "bmm")
-LINEAR_OPS = ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::convolution", "gemm")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,43 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blocks", type=int, default=4, help="blocks timed")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    """Dense matmul throughput on this device and dtype: the roof the forwards are compared with."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    _sync(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
-
-
 def time_split(session: Session, device: torch.device) -> dict[str, float]:
     """Shares of one block's forward time spent in attention, linear layers and the rest."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+
+    def one_block() -> None:
         for _ in session.run("a red circle moving left", blocks=1, seed=1):
             pass
-        _sync(device)
-    shares = {"attention": 0.0, "linear": 0.0, "rest": 0.0}
-    for event in prof.key_averages():
-        spent = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
-        name = event.key.lower()
-        if any(op in name for op in ATTENTION_OPS):
-            shares["attention"] += spent
-        elif any(op in name for op in LINEAR_OPS):
-            shares["linear"] += spent
-        elif name.startswith("aten::") or device.type == "cuda":
-            shares["rest"] += spent
-    total = sum(shares.values()) or 1.0
-    return {k: v / total for k, v in shares.items()}
+
+    return profiled_shares(one_block, device)
 
 
 def measure(preset_name: str, device: torch.device, dtype: torch.dtype, weights: WeightPaths, warmup: int, blocks: int):
@@ -87,20 +55,16 @@ def measure(preset_name: str, device: torch.device, dtype: torch.dtype, weights:
     stream = session.run("a red circle moving left", blocks=warmup + blocks, seed=0)
     for _ in range(warmup):
         next(stream)
-    _sync(device)
-    forwards_before, calls_before = stream.stats.forwards, dict(stream.stats.calls)
+    sync(device)
+    forwards_before, calls_before = stream.stats.forwards, stream.stats.calls.copy()
     start = time.perf_counter()
     for _ in stream:
         pass
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     stats = stream.stats
     forwards = stats.forwards - forwards_before
-    T, branches = preset.tokens_per_frame, 2 if preset.sampling.guided else 1
-    flops = sum(
-        (n - calls_before.get(shape, 0)) * forward_flops(preset.model, shape[0] * T, shape[1] * T, preset.text.text_len)
-        for shape, n in stats.calls.items()
-    ) * branches  # fmt: skip
+    flops = calls_flops(preset, stats.calls, calls_before)
     frames = preset.pixel_frames(warmup + blocks) - preset.pixel_frames(warmup)
     kv = stream.kv_bytes
     return session, {
