@@ -67,6 +67,18 @@ def test_round_trip_is_within_e4m3_rounding():
     assert payload.element_size() == 1 and torch.isfinite(back).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dequantisation_equals_torchs_float8_cast(dtype):
+    """The CPU path (e4m3 bits re-read as float16) gives exactly what casting float8 gives, for
+    every finite e4m3 code and with per-vector scales."""
+    codes = torch.arange(256, dtype=torch.uint8).view(E4M3)
+    finite = codes[~codes.float().isnan()].expand(12, 254)  # every finite code, under 12 scales
+    scales = torch.logspace(-4, 4, 12)[:, None]
+    expected = torch.empty(finite.shape, dtype=dtype).copy_(finite).mul_(scales)
+    actual = dequantise(finite, scales, torch.empty(finite.shape, dtype=dtype))
+    assert torch.equal(actual, expected), f"max diff {(actual.float() - expected.float()).abs().max():.3e}"
+
+
 # -- one attention call --------------------------------------------------------------------------
 
 
