@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from engine.config import CacheConfig, PlanConfig
 from engine.loading import WeightPaths
 from engine.models.wan import TextKV
 from engine.plan.sigmas import Schedule
@@ -190,13 +189,17 @@ def test_an_executor_takes_one_tick_at_a_time():
 # -- suspend / resume ----------------------------------------------------------------------------
 
 
+PYRAMID_FLOWCACHE = dict(plan=dict(schedule="pyramid", offset=1), cache=dict(policy="flowcache", threshold=1.5))
+SKYREELS_LAGGED = dict(
+    plan=dict(
+        schedule="pyramid", offset=1, compute="selective", context="lagged", segment_frames=None, overlap_frames=0
+    )
+)
 SUSPENDED = {
     # pyramid + flowcache reusing: several noisy blocks, kept in-flight K/V, policy outputs
-    "pyramid-flowcache": ("tiny-wan", {}, dict(plan=dict(schedule="pyramid", offset=1),
-                                               cache=dict(policy="flowcache", threshold=1.5))),  # fmt: skip
+    "pyramid-flowcache": ("tiny-wan", {}, PYRAMID_FLOWCACHE),
     # UniPC history per block, two guidance branches, lagged context's pending K/V
-    "skyreels-lagged": ("skyreels-v2-df-tiny", {}, dict(plan=dict(schedule="pyramid", offset=1, compute="selective",
-                                                              context="lagged", segment_frames=None, overlap_frames=0))),  # fmt: skip
+    "skyreels-lagged": ("skyreels-v2-df-tiny", {}, SKYREELS_LAGGED),
     # recache switch: the clean history it reruns; a prompt switch mid-stream
     "recache": ("tiny-wan", dict(stream=dict(sink_frames=0)), dict(plan=dict(switch="recache"))),
 }

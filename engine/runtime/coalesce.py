@@ -64,7 +64,9 @@ class SharedCalls:
         self.widest = max(self.widest, streams)
 
 
-def step_together(items: Sequence[tuple[Executor, Tick, object]], calls: SharedCalls | None = None) -> list[list[Block]]:
+def step_together(
+    items: Sequence[tuple[Executor, Tick, object]], calls: SharedCalls | None = None
+) -> list[list[Block]]:
     """One tick of each (executor, tick, text), forwards of the same shape in one model call: every
     executor's finished blocks, in item order (as `executor.step(tick, text)` returns them)."""
     executors = [executor for executor, _, _ in items]
@@ -162,7 +164,8 @@ class StackedView:
 
     def context(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         # q, k, v: [sum B_i, N, H, Dh], un-rotated
-        parts = [view.context(layer, *qkv) for view, *qkv in zip(self.views, *(t.split(self.batches) for t in (q, k, v)))]
+        per_stream = zip(q.split(self.batches), k.split(self.batches), v.split(self.batches))
+        parts = [view.context(layer, *qkv) for view, qkv in zip(self.views, per_stream)]
         lengths = [keys.shape[1] for _, keys, _, _ in parts]
         longest = max(lengths)
         queries = torch.cat([rotated for rotated, _, _, _ in parts])

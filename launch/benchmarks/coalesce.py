@@ -110,7 +110,9 @@ def _now(streams: list[_Stream]) -> float:
 
 def _row(name: str, session: Session, streams: list[_Stream], ticks: int) -> dict:
     separate = statistics.median([_timed_tick(streams, shared=False) for _ in range(ticks)])
-    shared = statistics.median([_timed_tick(streams, shared=True) for _ in range(ticks)]) if len(streams) > 1 else separate
+    shared = (
+        statistics.median([_timed_tick(streams, shared=True) for _ in range(ticks)]) if len(streams) > 1 else separate
+    )
     cache = streams[0].executor.cache
     queries = session.preset.stream.frames_per_block * cache.T
     keys = (cache.visible_frames * cache.T) + queries
