@@ -1,11 +1,16 @@
-"""Serve one endless stream to viewers: `python -m engine.stream`, or under torchrun.
+"""Serve endless streams to viewers, each its own: `python -m engine.stream`, or under torchrun.
 
     python -m engine.stream                                   # the demo model, http://127.0.0.1:8000
-    torchrun --nproc_per_node=3 -m engine.stream --schedule cascade --offset 1 --port 8000
+    torchrun --nproc_per_node=2 -m engine.stream              # sessions over 2 replicas (one per rank)
+    python -m engine.stream --shared-stream                   # one stream for every viewer
+    torchrun --nproc_per_node=3 -m engine.stream --shared-stream --schedule cascade --offset 1
     python -m engine.stream --host 0.0.0.0 --token SECRET     # reachable from elsewhere: token needed
 
-The serving rank (the decode rank, or rank 0) runs the web server; the other ranks only compute.
-Ctrl-C or SIGTERM stops every rank at the next tick and closes the recording.
+Sessions (the default): every viewer gets a session of its own, or joins one by its id; rank 0
+serves and every rank is a replica holding the model (engine/serving/replicas.py). Shared stream:
+the serving rank (the decode rank, or rank 0) runs the web server; the other ranks only compute.
+Ctrl-C or SIGTERM stops every session and rank (the shared stream: at the next tick, closing the
+recording).
 """
 
 from __future__ import annotations
@@ -14,17 +19,22 @@ import argparse
 import logging
 import signal
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from engine.argparsing import OneLineParser
-from engine.config import Preset
+from engine.config import ConfigError, Preset
 from engine.demo.vocab import ignored_words
 from engine.loading import resolve_dtype
 from engine.serving import flags
-from engine.serving.live import Controls, LiveStream
+from engine.serving.live import Controls, LiveStream, SessionDesk
+from engine.serving.replicas import LocalReplica, RemoteReplica, serve_replica
+from engine.serving.scheduler import Limits
 from engine.serving.server import StreamServer, needs_token
+from engine.serving.sessions import SessionManager
 from engine.serving.video import Mp4Writer
 from launch.cli import (
     add_parallel_arguments,
@@ -33,12 +43,16 @@ from launch.cli import (
     add_speed_arguments,
     add_weight_arguments,
     preset_from_args,
+    process_from_args,
     rank_device,
     single_process_notes,
     speed_from_args,
     weights_from_args,
 )
+from launch.build import build_session
 from launch.run import RankRun, on_ranks
+from launch.threads import configure_threads
+from parallel.replicas import SERVING_RANK, replica_links
 from parallel.topology import Topology
 
 log = logging.getLogger("launch.stream")
@@ -56,8 +70,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--allow-origin", type=flags.origin, action="append", default=[], metavar="ORIGIN",
                         help="also accept viewers' WebSockets from pages of this origin, e.g. https://stream.example "
                         "(repeatable; * for any; default: only the server's own page)")  # fmt: skip
-    parser.add_argument("--record", type=Path, help="also write the stream to this MP4 (default: none)")
-    parser.add_argument("--no-pace", dest="pace", action="store_false", help="unpaced (default: paced to the fps)")
+    parser.add_argument("--record", type=Path, help="also write the shared stream to this MP4 (default: none)")
+    parser.add_argument("--no-pace", dest="pace", action="store_false", default=None,
+                        help="shared stream unpaced (default: paced to the fps)")  # fmt: skip
+    add_session_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what gets loaded (default: off)")
     add_weight_arguments(parser)
     add_plan_arguments(parser)
@@ -67,6 +83,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if needs_token(args.host) and not args.token:
         parser.error(f"--host {args.host} makes the stream reachable from other machines: pass --token")
     return args
+
+
+def add_session_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sessions (the default: each viewer its own stream)")
+    group.add_argument("--shared-stream", action="store_true",
+                       help="one stream for every viewer, any of them steering it (default: a session per viewer)")
+    group.add_argument("--session-memory", type=flags.mebibytes, metavar="MIB",
+                       help=f"KV memory for the running sessions of each replica, in MiB (default: {SESSION_MEMORY_MIB})")
+    group.add_argument("--grace", type=flags.seconds, metavar="S",
+                       help=f"seconds a session without viewers keeps running before it is suspended; a viewer who "
+                       f"comes back with its id within {EXPIRE_S:g} s more resumes it (default: {Limits.grace_s:g})")
+    group.add_argument("--session-batch", type=flags.count, metavar="N",
+                       help=f"sessions stepped per round, their forwards coalesced (default: {Limits.batch})")  # fmt: skip
+
+
+SESSION_FLAGS = {"session_memory": "--session-memory", "grace": "--grace", "session_batch": "--session-batch"}
+SHARED_FLAGS = {"record": "--record", "pace": "--no-pace"}
+SESSION_MEMORY_MIB = 1024
+EXPIRE_S = Limits.expire_s
+
+
+def session_limits(args: argparse.Namespace) -> Limits:
+    """The session manager's limits from the flags (refused with --shared-stream, which has none)."""
+    given = {d: getattr(args, d) for d in SESSION_FLAGS if getattr(args, d) is not None}
+    return Limits(kv_budget_bytes=given.get("session_memory", SESSION_MEMORY_MIB) << 20,
+                  grace_s=given.get("grace", Limits.grace_s), batch=given.get("session_batch", Limits.batch))  # fmt: skip
+
+
+def check_mode(args: argparse.Namespace, topology: Topology) -> None:
+    """Flags of the other mode are refused, one line with the fix (every rank alike)."""
+    if args.shared_stream:
+        given = [flag for dest, flag in SESSION_FLAGS.items() if getattr(args, dest) is not None]
+        if given:
+            raise ConfigError(f"{given[0]} sets up sessions: drop it, or drop --shared-stream")
+        return
+    given = [flag for dest, flag in SHARED_FLAGS.items() if getattr(args, dest) is not None]
+    if given:
+        raise ConfigError(f"{given[0]} applies to one shared stream: add --shared-stream (sessions are paced by "
+                          "their viewers' playout and not recorded)")  # fmt: skip
+    cascaded = args.schedule == "cascade" or args.decode_rank or (args.sp or 1) > 1 or args.parallel
+    if topology.distributed and cascaded:
+        raise ConfigError("under torchrun, sessions run one replica per rank (each holds the model): drop "
+                          "--schedule cascade / --decode-rank / --sp / --parallel, or add --shared-stream for one "
+                          "cascaded stream")  # fmt: skip
 
 
 def _source(args: argparse.Namespace, preset: Preset, topology: Topology):
@@ -100,6 +160,14 @@ def _stop_on_signals(controls: Controls, serving: bool) -> None:
 
 
 def serve(args: argparse.Namespace, topology: Topology) -> None:
+    check_mode(args, topology)
+    if args.shared_stream:
+        serve_shared(args, topology)
+    else:
+        serve_sessions(args, topology)
+
+
+def serve_shared(args: argparse.Namespace, topology: Topology) -> None:
     preset = preset_from_args(args)
     for note in single_process_notes(args, topology):
         print(f"note: {note}", file=sys.stderr)
@@ -108,13 +176,10 @@ def serve(args: argparse.Namespace, topology: Topology) -> None:
     stream, recorder, server = None, None, None
     try:
         if serving:  # listen before any weights load: a port in use is said at once
-            text = preset.text  # a vocabulary model's ack lists the words it will ignore
-            ignored = (lambda p: ignored_words(p, text.vocab, text.text_len)) if text.vocab else (lambda p: [])
-            server = StreamServer(controls, host=args.host, port=args.port, token=args.token,
-                                  allow_origins=tuple(args.allow_origin), ignored_words=ignored).start()  # fmt: skip
+            server = StreamServer(controls, **_server_options(args, preset)).start()
         source, decoder, cache_hits = _source(args, preset, topology)
         stream = LiveStream(source, decoder, controls, topology, steps=preset.sampling.steps, fps=preset.stream.fps,
-                            pace=args.pace, on_frames=lambda *a: None, cache_hits=cache_hits)  # fmt: skip
+                            pace=args.pace is not False, on_frames=lambda *a: None, cache_hits=cache_hits)  # fmt: skip
         if serving:
             server.stats = stream.snapshot
             recorder = args.record and Mp4Writer(args.record, fps=preset.stream.fps, width=preset.stream.width,
@@ -128,6 +193,58 @@ def serve(args: argparse.Namespace, topology: Topology) -> None:
             server.stop()
         if recorder:
             recorder.close()
+
+
+def _server_options(args: argparse.Namespace, preset: Preset) -> dict:
+    text = preset.text  # a vocabulary model's ack lists the words it will ignore
+    ignored = (lambda p: ignored_words(p, text.vocab, text.text_len)) if text.vocab else (lambda p: [])
+    return {"host": args.host, "port": args.port, "token": args.token, "allow_origins": tuple(args.allow_origin),
+            "ignored_words": ignored}  # fmt: skip
+
+
+def serve_sessions(args: argparse.Namespace, topology: Topology, make_manager: Callable | None = None) -> None:
+    """Rank 0 serves and runs replica 0; every other rank runs a replica for it until told to stop.
+    `make_manager()` (default: the preset's model under SessionManager) is what each replica runs."""
+    preset = preset_from_args(args)
+    for note in single_process_notes(args, topology):
+        print(f"note: {note}", file=sys.stderr)
+    links = replica_links(topology)  # every rank, before anything can fail on one of them
+    serving, server = topology.rank == SERVING_RANK, None
+    try:
+        if serving:  # listen before any weights load: a port in use is said at once
+            server = StreamServer.for_sessions(args.prompt, args.seed, **_server_options(args, preset)).start()
+            server.lobby.fps = preset.stream.fps
+        desk = SessionDesk((make_manager or (lambda: _manager(args, preset, topology)))())
+        if not serving:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serving rank says when to stop
+            ended = serve_replica(desk, links[SERVING_RANK])
+            if ended != "stopped":
+                print(f"rank {topology.rank}: replica {ended}", file=sys.stderr, flush=True)
+            return
+        remote = [RemoteReplica(peer, link, rank=peer) for peer, link in sorted(links.items())]
+        server.lobby.attach([LocalReplica(0, desk, name="replica 0 (rank 0)"), *remote])
+        print(f"serving {server.url} ({1 + len(remote)} replica(s), a session per viewer)", flush=True)
+        _wait_for_stop()
+    finally:
+        if server is not None:
+            server.stop()  # remote replicas are told to stop
+
+
+def _manager(args: argparse.Namespace, preset: Preset, topology: Topology) -> SessionManager:
+    device = rank_device(args, topology)
+    session = build_session(preset, weights_from_args(args), device, resolve_dtype(args.dtype, device),
+                            speed=speed_from_args(args))  # fmt: skip
+    configure_threads(process_from_args(args).get("threads"), session.model, device)
+    return SessionManager(session, session_limits(args))
+
+
+def _wait_for_stop() -> None:
+    """Until Ctrl-C or SIGTERM."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
 
 
 def _fan_out(server: StreamServer, recorder: Mp4Writer | None):

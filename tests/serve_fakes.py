@@ -67,6 +67,7 @@ class FakeManager:
 
     def set_prompt(self, session_id, prompt):
         self._get(session_id).version += 1
+        return self._get(session_id).version
 
     def pause(self, session_id):
         self._get(session_id).paused = True
@@ -75,10 +76,14 @@ class FakeManager:
         self._get(session_id).paused = False
 
     def viewer_left(self, session_id):
-        self._get(session_id).left_at = time.monotonic()
+        s = self._get(session_id)
+        s.viewers -= 1
+        s.left_at = time.monotonic() if s.viewers == 0 else None
 
     def viewer_returned(self, session_id):
-        self._get(session_id).left_at = None
+        s = self._get(session_id)
+        s.viewers, s.left_at = s.viewers + 1, None
+        return Opened(session_id)
 
     def close(self, session_id):
         self.sessions.pop(session_id, None)

@@ -106,6 +106,7 @@ def test_each_viewer_gets_its_own_session_and_controls_act_on_it_alone():
         await a.ask({"type": "resume"})
         await a.read(6)
         assert a.frames[-1].prompt_version == 1 and round(colors(a.frames[-1])[2] / 40) == 1
+        assert (await a.ask({"type": "stats"}))["last_switch_s"] is not None, "the switch's latency is measured"
         await a.close()
         await b.close()
 
@@ -312,7 +313,7 @@ def test_viewers_before_the_model_loads_are_told_to_retry():
 
 def test_a_cycle_survives_the_trip_between_ranks():
     blocks = {"a": [np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)], "b": []}
-    cycle = Cycle({3: {"ok": {"id": "a"}}, 4: {"error": "no session z"}}, blocks, {"a": 2}, {"a": {"slack_s": 1.5}},
+    cycle = Cycle({3: {"ok": {"id": "a"}}, 4: {"error": "no session z"}}, blocks, {"a": [2], "b": []}, {"a": {"slack_s": 1.5}},
                   {"active": 1}, ("c",))  # fmt: skip
     back = cycle_from(*decode(encode_cycle(cycle)))
     assert back.answers == cycle.answers and back.versions == cycle.versions and back.gone == ("c",)

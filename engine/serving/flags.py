@@ -34,3 +34,28 @@ def origin(text: str) -> str:
         return parse_origin(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def mebibytes(text: str) -> int:
+    """A memory size in MiB, at least 1."""
+    return _positive(text, int, "a whole number of MiB")
+
+
+def seconds(text: str) -> float:
+    """A duration in seconds, more than 0."""
+    return _positive(text, float, "a number of seconds")
+
+
+def count(text: str) -> int:
+    """A whole number, at least 1."""
+    return _positive(text, int, "a whole number")
+
+
+def _positive(text: str, kind: type, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        value = 0
+    if not 0 < value < float("inf"):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}: give a number above 0")
+    return value

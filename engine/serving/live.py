@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from engine.models.vae import to_uint8
 from engine.plan.timeline import Tick
@@ -203,8 +204,8 @@ class Cycle:
     """ticket -> {"ok": plain answer} or {"error": one line}"""
     blocks: dict[str, list[np.ndarray]]
     """session -> finished blocks' frames, each `[F, H, W, 3]` uint8, in order"""
-    versions: dict[str, int]
-    """session -> prompt version its blocks of this cycle were finished under"""
+    versions: dict[str, list[int]]
+    """session -> for each of its blocks, the prompt version in force when it finished"""
     stats: dict[str, dict] | None = None
     """session -> its stats (None: not refreshed this cycle)"""
     server: dict | None = None
@@ -231,9 +232,9 @@ class SessionDesk:
     """Runs one manager: the requests that queued since the last pass, then one scheduling round.
 
     The manager is not shared between threads: whoever owns the desk calls `cycle` and nothing
-    else touches the manager. Prompt versions are counted here, per session, so that every frame
-    carries the version of the prompt its block finished under (the round that finished it ran
-    after every switch that was asked before it).
+    else touches the manager. Each block carries the prompt version it finished under: the
+    manager's (`round_blocks`), or for a manager with only `round()`, the versions counted here
+    (a round runs after every switch asked before it).
     """
 
     def __init__(self, manager: SessionHost, stats_every_s: float = 0.5, clock: Callable[[], float] = time.monotonic):
@@ -242,15 +243,24 @@ class SessionDesk:
         self._stats_at = -float("inf")
 
     def cycle(self, requests: list[Request]) -> Cycle:
-        answers = {request.ticket: self._answer(request) for request in requests}
-        blocks = {str(k): list(v) for k, v in self.manager.round().items() if len(v)}
-        cycle = Cycle(answers, blocks, {s: self.versions.get(s, 0) for s in blocks})
+        with torch.no_grad():  # grad mode is per thread: a desk's thread must say it too
+            answers = {request.ticket: self._answer(request) for request in requests}
+            cycle = Cycle(answers, *self._round())
         now = self.clock()
         if now - self._stats_at >= self.stats_every_s or requests:
             self._stats_at = now
             cycle.stats, cycle.gone = self._session_stats()
             cycle.server = plain(self.manager.server_stats())
         return cycle
+
+    def _round(self) -> tuple[dict[str, list[np.ndarray]], dict[str, list[int]]]:
+        if hasattr(self.manager, "round_blocks"):  # blocks that say their own prompt version
+            out = {str(s): list(chunks) for s, chunks in self.manager.round_blocks().items() if len(chunks)}
+            return {s: [c.pixels for c in chunks] for s, chunks in out.items()}, {
+                s: [c.version for c in chunks] for s, chunks in out.items()
+            }
+        blocks = {str(s): list(v) for s, v in self.manager.round().items() if len(v)}
+        return blocks, {s: [self.versions.get(s, 0)] * len(v) for s, v in blocks.items()}
 
     def _answer(self, request: Request) -> dict:
         if request.op not in SESSION_OPS:
@@ -261,9 +271,9 @@ class SessionDesk:
             return {"error": str(err.args[0]) if err.args else type(err).__name__}
         if request.op == "open" and isinstance(answer, dict) and "id" in answer:
             self.versions[str(answer["id"])] = 0
-        if request.op == "set_prompt":
+        if request.op == "set_prompt":  # the manager's version if it counts them, else ours
             session = str(request.args[0])
-            self.versions[session] = self.versions.get(session, 0) + 1
+            self.versions[session] = answer if isinstance(answer, int) else self.versions.get(session, 0) + 1
             answer = {"version": self.versions[session]}
         return {"ok": answer}
 

@@ -28,6 +28,8 @@ from engine.serving.live import Cycle
 from engine.serving.replicas import Replica, ReplicaDown, by_headroom
 
 FPS_WINDOW_S = 3.0
+PRIVATE = ("id", "kind", "prompt")
+"""Fields of a manager's session stats that /stats and /metrics leave out (the id is a key)."""
 NOT_READY_RETRY_S = 5.0
 """Retry-after told to viewers who connect while the model is still loading."""
 
@@ -152,17 +154,21 @@ class Lobby:
         op = "join" if watched.viewers else "viewer_returned"
         watched.viewers.add(viewer)
         answer = await self._ask(watched, watched.replica.submit(op, watched.local))
-        if "error" in answer:
-            watched.viewers.discard(viewer)
-            self.end(watched, f"the session ended: {answer['error']}")
-            raise LookupError(f"the session has ended: {answer['error']}")
-        return watched
+        if "ok" in answer and not _refused(answer):
+            return watched
+        watched.viewers.discard(viewer)
+        if _refused(answer):  # e.g. a suspended session with no room to resume yet
+            raise _refusal(answer)
+        self.end(watched, f"the session ended: {answer['error']}")
+        raise LookupError(f"the session has ended: {answer['error']}")
 
     async def control(self, watched: Watched, op: str, *args) -> dict:
         """`op` on the session's manager: {"ok": ...} or {"error": ...}."""
-        if op == "set_prompt":
-            watched.requested[watched.version + 1] = self.clock()
-        answer = await self._ask(watched, watched.replica.submit(op, watched.local, *args))
+        future = watched.replica.submit(op, watched.local, *args)
+        if op == "set_prompt":  # noted on the replica's thread, before the new version's first frames
+            asked = self.clock()
+            future.add_done_callback(lambda f: _note_switch(watched, f, asked))
+        answer = await self._ask(watched, future)
         if "ok" in answer and op == "set_prompt":
             watched.version, watched.prompt = answer["ok"]["version"], args[0]
         if "ok" in answer and op in ("pause", "resume"):
@@ -170,9 +176,10 @@ class Lobby:
         return answer
 
     def viewer_gone(self, watched: Watched, viewer) -> None:
+        """The manager counts viewers: its last one leaving starts the grace period."""
         watched.viewers.discard(viewer)
-        if not watched.viewers and watched.ended is None:
-            watched.replica.submit("viewer_left", watched.local)  # the grace period starts
+        if watched.ended is None:
+            watched.replica.submit("viewer_left", watched.local)
 
     def end(self, watched: Watched, reason: str) -> None:
         if watched.ended is not None:
@@ -205,14 +212,13 @@ class Lobby:
             watched = self.routes.get((replica.index, local))
             if watched is None:
                 continue
-            for frames in blocks:
-                version = cycle.versions.get(local, 0)
+            for frames, version in zip(blocks, cycle.versions.get(local, [0] * len(blocks))):
                 first = watched.count(len(frames), version, now)
                 self.publish(frames, first, version, now - watched.opened_at, audience=watched)
         for local, stats in (cycle.stats or {}).items():
             watched = self.routes.get((replica.index, local))
             if watched is not None:
-                watched.stats = {k: v for k, v in stats.items() if k not in ("id", "kind")}
+                watched.stats = {k: v for k, v in stats.items() if k not in PRIVATE}
         for local in cycle.gone:
             watched = self.routes.get((replica.index, local))
             if watched is not None:
@@ -234,6 +240,15 @@ class Lobby:
                 "viewers": sum(len(w.viewers) for w in sessions), "video_fps": round(sum(w.fps for w in sessions), 2),
                 "replicas_up": sum(r.alive for r in self.replicas), "replicas": replicas,
                 "per_session": [w.summary() for w in sessions]}  # fmt: skip
+
+
+def _note_switch(watched: Watched, future, asked: float) -> None:
+    if future.exception() is None and "ok" in future.result():
+        watched.requested[future.result()["ok"]["version"]] = asked
+
+
+def _refused(answer: dict) -> bool:
+    return isinstance(answer.get("ok"), dict) and answer["ok"].get("kind") == "Refused"
 
 
 def _refusal(answer: dict) -> Refusal:

@@ -332,7 +332,8 @@ class StreamServer:
                   "encoder_dropped": hub.encoder_dropped}  # fmt: skip
         if watched is None:
             return reply("stats", **self.stats(), viewers=len(hub.viewers), **counts)
-        shown = {**watched.summary(), "session": watched.id, "prompt": watched.prompt, "version": watched.version,
+        shown = {**watched.summary(), "session": watched.id, "prompt": watched.prompt,
+                 "version": watched.stats.get("version", watched.version),
                  "last_switch_s": watched.last_switch_s, "ranks": len(self.lobby.replicas),
                  "session_dropped": watched.dropped, "encoder_dropped": watched.encoder_dropped}  # fmt: skip
         shown.setdefault("stream_fps", self.lobby.fps)
