@@ -78,8 +78,9 @@ def test_fidelity_drops_before_a_stall_and_stays_within_the_floor():
     assert next_rung(1, standing("a", 3.0), round_s=0.05, due=4, limits=lim) == 0
     assert next_rung(0, standing("a", 0.0, started=False), round_s=0.05, due=4, limits=lim) == 0
     assert next_rung(0, short, round_s=None, due=4, limits=lim) == 0  # nothing measured yet
-    assert limits(degrade=False).rungs == (0.0,)
-    assert limits(floor_db=20.0).rungs == (0.0, 2.0, 4.0)
+    assert limits(degrade=False, ladder=DEMO_LADDER).rungs == (0.0,)
+    assert limits(floor_db=20.0, ladder=DEMO_LADDER).rungs == (0.0, 2.0, 4.0)
+    assert limits(floor_db=20.0).rungs == (0.0,)  # no ladder given: the manager fills in the preset's
 
 
 def test_throughput_model_and_capacity():

@@ -199,3 +199,14 @@ def test_pause_and_prompt_switch_do_not_change_other_sessions(session):
     replay = solo(session, lambda tick: BLUE if tick.index >= switched_at else RED, 3, seed=3)
     assert_frames_equal(frames[busy], replay, "the paused and switched session replayed alone")
     assert mgr.stats(busy)["version"] == 2
+
+
+def test_the_demo_gets_its_measured_ladder_and_rung_zero_is_the_configured_cache(session):
+    mgr = manager(session, degrade=True)
+    assert mgr.limits.ladder == DEMO_LADDER and mgr.session.preset.cache.policy == "flowcache"
+    assert manager(session).limits.rungs == (0.0,)
+    skip = mgr.sessions[mgr.open(RED, seed=0).id].executor.skip
+    skip.set_fidelity(2.0)
+    assert skip.policy.threshold == 2.0
+    skip.set_fidelity(None)
+    assert skip.policy.threshold == 0.0  # threshold 0: exactly no caching

@@ -33,6 +33,9 @@ from dataclasses import dataclass, field
 # A degraded chunk alone loses less than a whole video degraded throughout (errors compound).
 DEMO_LADDER: tuple[tuple[float, float], ...] = ((0.0, math.inf), (2.0, 28.2), (4.0, 23.7))
 DEFAULT_FLOOR_DB = 25.0
+LADDERS = {"demo": DEMO_LADDER}
+"""Measured ladders by preset (flowcache). A preset without one runs at full fidelity only."""
+EXACT: tuple[tuple[float, float], ...] = ((0.0, math.inf),)
 
 ORDERS = ("slack", "fifo")
 
@@ -51,8 +54,8 @@ class Limits:
     degrade: bool = True
     degrade_below_s: float = 0.5
     recover_above_s: float = 1.0
-    ladder: tuple[tuple[float, float], ...] = DEMO_LADDER
-    """(cache threshold, PSNR dB) rungs, exact first."""
+    ladder: tuple[tuple[float, float], ...] | None = None
+    """(cache threshold, PSNR dB) rungs, exact first (None: the preset's measured one in LADDERS)."""
     floor_db: float = DEFAULT_FLOOR_DB
     """No rung below this PSNR is used."""
     throughput_admission: bool = True
@@ -74,13 +77,13 @@ class Limits:
             raise ValueError(f"scheduler order must be one of {ORDERS}, got {self.order!r}")
         if self.batch < 1 or self.max_wait_rounds < 1 or self.queue < 0 or self.kv_budget_bytes <= 0:
             raise ValueError("batch and max_wait_rounds must be >= 1, queue >= 0 and the KV budget > 0")
-        if not self.ladder or self.ladder[0][0] != 0.0:
+        if self.ladder is not None and (not self.ladder or self.ladder[0][0] != 0.0):
             raise ValueError("the fidelity ladder starts with the exact rung (threshold 0)")
 
     @property
     def rungs(self) -> tuple[float, ...]:
         """The thresholds within the floor, exact first (only the exact one without degradation)."""
-        usable = tuple(t for t, db in self.ladder if db >= self.floor_db)
+        usable = tuple(t for t, db in self.ladder or EXACT if db >= self.floor_db)
         return usable if self.degrade else usable[:1]
 
 

@@ -43,7 +43,7 @@ from engine.runtime.coalesce import step_together
 from engine.runtime.executor import Executor
 from engine.runtime.session import Session
 from engine.sampling.noise import NoiseSource
-from engine.serving.scheduler import Limits, Playout, Standing, Throughput, admission, choose, next_rung
+from engine.serving.scheduler import EXACT, LADDERS, Limits, Playout, Standing, Throughput, admission, choose, next_rung
 
 FPS_WINDOW_S = 3.0
 PROMPT_LOG = 1000
@@ -132,6 +132,7 @@ class SessionManager:
         plan = session.preset.plan
         if plan.schedule == "skyreels":
             raise ConfigError("sessions run endless plans (sequential, pyramid): the skyreels schedule is finite")
+        limits = self._with_ladder(limits, session)
         if len(limits.rungs) > 1 and not session.preset.cache.enabled:
             # threshold 0 is exactly no caching; the scheduler raises it per session and round
             session = session.reconfigured(dataclasses.replace(session.preset, cache=CacheConfig(policy="flowcache")))
@@ -150,6 +151,14 @@ class SessionManager:
         self.batches: Counter[int] = Counter()
         self.recent: deque = deque()
         self._frames_out = self._ticks_out = 0
+
+    @staticmethod
+    def _with_ladder(limits: Limits, session: Session) -> Limits:
+        """The preset's measured flowcache ladder unless one was given; none under another policy."""
+        if limits.ladder is not None:
+            return limits
+        measured = session.preset.cache.policy in ("none", "flowcache")
+        return dataclasses.replace(limits, ladder=LADDERS.get(session.preset.name, EXACT) if measured else EXACT)
 
     # -- opening and closing ---------------------------------------------------------------------
 
@@ -314,7 +323,7 @@ class SessionManager:
         for live in chosen:
             live.rung = next_rung(live.rung, by_id[live.id], round_s, due, self.limits)
             live.block_rung = max(live.block_rung, rungs[live.rung])
-            live.executor.skip.set_fidelity(rungs[live.rung])
+            live.executor.skip.set_fidelity(rungs[live.rung] if live.rung else None)  # rung 0: as configured
 
     def _step(self, chosen: list[Live]) -> list[list]:
         """One tick each; a session whose tick skipped its forward (feature caching) takes its next
