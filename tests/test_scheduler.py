@@ -127,3 +127,28 @@ def test_playout_clock_counts_stalls_and_holds():
     assert clock.slack(9.5) == pytest.approx(0.0) and clock.stalls == 1
     clock.report(0.2, now=9.5)  # the viewer says it is behind the model's guess
     assert clock.slack(9.5) == pytest.approx(1.3)
+
+
+def test_serve_bench_trace_and_summary():
+    from argparse import Namespace
+    from collections import Counter
+
+    import numpy as np
+
+    from launch.benchmarks.serve import Viewer, make_trace, summarize
+
+    args = Namespace(seconds=300.0, watch_s=5.0, switch_s=2.0)
+    trace = make_trace(2.0, args, np.random.default_rng(0))  # 0.4 arrivals a second: 120 expected
+    arrivals = [v.arrival for v in trace]
+    assert arrivals == sorted(arrivals) and 90 <= len(trace) <= 150 and arrivals[-1] < 300
+    assert all(2.5 <= v.watch_s <= 7.5 and all(s < v.watch_s for s in v.switches) for v in trace)
+    played = [Viewer(0.0, 10.0, 1, ["p"], [], sid="a", admitted_at=0.5, first_frame_at=1.0, watched_s=10.0,
+                     stats={"stall_s": 1.0}),
+              Viewer(2.0, 10.0, 2, ["p"], [], sid="b", admitted_at=2.0, first_frame_at=2.5, watched_s=20.0,
+                     stats={"stall_s": 2.0}),
+              Viewer(3.0, 10.0, 3, ["p"], [], gave_up=True)]  # fmt: skip
+    mgr = Namespace(batches=Counter({1: 2, 3: 2}))
+    row = summarize(1.0, 1.5, "engine", played, wall=30.0, mgr=mgr)
+    assert (row["admitted"], row["refused"]) == (2, 1)
+    assert row["cpr"] == pytest.approx(0.9) and row["stall_s_per_min"] == pytest.approx(6.0)
+    assert row["ttff_p50_s"] == pytest.approx(0.75) and row["batch_mean"] == pytest.approx(2.0)
