@@ -14,6 +14,8 @@ Policies, each with the same admission (KV budget and measured throughput):
   the target slack wait, fidelity lowered (flowcache threshold, within the floor) before a stall;
 * round-robin: one session per forward, in turn, full fidelity;
 * fifo: coalesced rounds in the order sessions were last served, no slack priority, full fidelity.
+All three stop generating for a session whose viewer holds more than the target slack (2 s): a
+viewer's buffer is bounded in every server, so the baselines differ in order and fidelity only.
 
 Per load and policy: Continuous Play Ratio (share of playout time without a stall, admitted
 sessions), time to first frame p50/p99 (from the viewer's first request), stall seconds per
