@@ -160,4 +160,6 @@ def run(args: argparse.Namespace):
           f"{reads['read_model_us']:.0f} us, attention of one block {reads['attention_us']:.0f} us")  # fmt: skip
     settings = {k: getattr(args, k) for k in ("memory_presets", "preset", "prompts", "blocks", "tiny_blocks", "seed")}
     settings.update(reads, device=str(device), torch_threads=torch.get_num_threads(), load_average=os.getloadavg())
+    print(f"{device}, {settings['torch_threads']} thread(s), load average {settings['load_average'][0]:.1f} "
+          f"on {os.cpu_count()} cores: seconds are this machine's, shared or not")  # fmt: skip
     return rows, COLUMNS, settings
