@@ -44,7 +44,7 @@ from launch.benchmarks.common import session_for
 from launch.presets import get_preset
 
 COLUMNS = ["load", "offered", "policy", "admitted", "refused", "cpr", "ttff_p50_s", "ttff_p99_s",
-           "stall_s_per_min", "video_fps", "batch_mean", "degraded_chunks", "degraded_psnr_db"]  # fmt: skip
+           "stall_s_per_min", "video_fps", "batch_mean", "degraded_chunks", "degraded_psnr_db", "loadavg"]  # fmt: skip
 POLICIES = ("engine", "round-robin", "fifo")
 
 
@@ -246,6 +246,7 @@ def run(args: argparse.Namespace):
             viewers = copy.deepcopy(trace)
             wall = drive(mgr, viewers, args)
             rows.append(summarize(load, offered, policy, viewers, wall, mgr))
+            rows[-1]["loadavg"] = os.getloadavg()[0]  # the machine's 1-minute load as the run ended
             if policy == "engine":
                 rows[-1]["degraded_psnr_db"] = degraded_psnr(session, viewers, args)
             print(f"load {load} ({offered:.1f} sessions) {policy}: {len(viewers)} arrivals, "
