@@ -92,6 +92,9 @@ def test_throughput_model_and_capacity():
     assert meter.estimate(4) == pytest.approx(0.035)  # 15 ms per round + 5 ms per session
     # n sessions keep 16 fps while n * 16 <= 0.9 * min(n, 4) * 0.6 / round_s(min(n, 4))
     assert meter.sessions(16, 0.6, limits(batch=4, headroom=0.9), most=10) == 3
+    floor = limits(batch=4, headroom=0.9, ladder=DEMO_LADDER, floor_db=25.0, admit_at_floor=True)
+    assert floor.floor_speedup(4) == pytest.approx(5 / 4)  # a quarter of 4 steps skipped; the commit stays
+    assert meter.sessions(16, 0.6, floor, most=10, speedup=floor.floor_speedup(4)) == 4
 
 
 def test_admission_refuses_beyond_the_kv_budget_or_the_throughput():
@@ -109,7 +112,7 @@ def test_limits_refuse_nonsense():
     with pytest.raises(ValueError, match="order"):
         limits(order="lifo")
     with pytest.raises(ValueError, match="exact rung"):
-        limits(ladder=((1.0, 30.0),))
+        limits(ladder=((1.0, 30.0, 0.1),))
     with pytest.raises(ValueError, match="batch"):
         limits(batch=0)
 
@@ -138,9 +141,9 @@ def test_serve_bench_trace_and_summary():
     from launch.benchmarks.serve import Viewer, make_trace, summarize
 
     args = Namespace(seconds=300.0, watch_s=5.0, switch_s=2.0)
-    trace = make_trace(2.0, args, np.random.default_rng(0))  # 0.4 arrivals a second: 120 expected
+    trace = make_trace(2.0, args, np.random.default_rng(0))  # 0.4 arrivals a second: 120
     arrivals = [v.arrival for v in trace]
-    assert arrivals == sorted(arrivals) and 90 <= len(trace) <= 150 and arrivals[-1] < 300
+    assert arrivals == sorted(arrivals) and len(trace) == 120 and arrivals[-1] < 300
     assert all(2.5 <= v.watch_s <= 7.5 and all(s < v.watch_s for s in v.switches) for v in trace)
     played = [Viewer(0.0, 10.0, 1, ["p"], [], sid="a", admitted_at=0.5, first_frame_at=1.0, watched_s=10.0,
                      stats={"stall_s": 1.0}),

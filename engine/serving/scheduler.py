@@ -25,17 +25,18 @@ import math
 from dataclasses import dataclass, field
 
 # The demo model's fidelity ladder: flowcache threshold -> PSNR (dB) of whole videos made with it
-# against the same videos uncached, on the preset's own 4-step plan (8 prompts x 8 blocks):
+# against the same videos uncached, and the share of block-steps it skipped, on the preset's own
+# 4-step plan (8 prompts x 8 blocks):
 #   python -m launch.bench cache --plans self-forcing --policies flowcache \
 #       --thresholds 0 1.25 1.5 1.75 2 2.5 3 4 --prompts 8 --blocks 8
 # 0 -> inf (identical), 1.25 -> inf (nothing skipped), 1.5 / 1.75 / 2 / 2.5 -> 28.2 dB (a quarter of
 # the block-steps skipped: one of the two middle steps), 3 / 4 -> 23.7 dB (both middle steps).
 # A degraded chunk alone loses less than a whole video degraded throughout (errors compound).
-DEMO_LADDER: tuple[tuple[float, float], ...] = ((0.0, math.inf), (2.0, 28.2), (4.0, 23.7))
+DEMO_LADDER: tuple[tuple[float, float, float], ...] = ((0.0, math.inf, 0.0), (2.0, 28.2, 0.25), (4.0, 23.7, 0.5))
 DEFAULT_FLOOR_DB = 25.0
 LADDERS = {"demo": DEMO_LADDER}
 """Measured ladders by preset (flowcache). A preset without one runs at full fidelity only."""
-EXACT: tuple[tuple[float, float], ...] = ((0.0, math.inf),)
+EXACT: tuple[tuple[float, float, float], ...] = ((0.0, math.inf, 0.0),)
 
 ORDERS = ("slack", "fifo")
 
@@ -54,11 +55,15 @@ class Limits:
     degrade: bool = True
     degrade_below_s: float = 0.5
     recover_above_s: float = 1.0
-    ladder: tuple[tuple[float, float], ...] | None = None
-    """(cache threshold, PSNR dB) rungs, exact first (None: the preset's measured one in LADDERS)."""
+    ladder: tuple[tuple[float, float, float], ...] | None = None
+    """(cache threshold, PSNR dB, share of block-steps skipped) rungs, exact first (None: the
+    preset's measured one in LADDERS)."""
     floor_db: float = DEFAULT_FLOOR_DB
     """No rung below this PSNR is used."""
     throughput_admission: bool = True
+    admit_at_floor: bool = False
+    """Admit as many sessions as the throughput keeps at the floor's fidelity (more sessions, each
+    degraded when capacity is short), not at full fidelity."""
     headroom: float = 0.9
     """Share of the measured throughput that admission hands out."""
     queue: int = 8
@@ -83,8 +88,14 @@ class Limits:
     @property
     def rungs(self) -> tuple[float, ...]:
         """The thresholds within the floor, exact first (only the exact one without degradation)."""
-        usable = tuple(t for t, db in self.ladder or EXACT if db >= self.floor_db)
+        usable = tuple(t for t, db, _ in self.ladder or EXACT if db >= self.floor_db)
         return usable if self.degrade else usable[:1]
+
+    def floor_speedup(self, steps: int) -> float:
+        """Forwards per block at full fidelity over those at the lowest usable rung, for a block of
+        `steps` steps and a commit (compute-bound: a skipped block-step costs nothing)."""
+        skipped = max((share for t, db, share in self.ladder or EXACT if db >= self.floor_db), default=0.0)
+        return (steps + 1) / (steps * (1 - skipped) + 1) if self.degrade else 1.0
 
 
 class Playout:
@@ -218,15 +229,16 @@ class Throughput:
         slope = max(slope, 0.0)
         return max(mean_s + slope * (batch - mean_k), 1e-6)
 
-    def sessions(self, fps: float, frames_per_tick: float, limits: Limits, most: int) -> int | None:
-        """How many sessions the measured speed keeps at `fps` (None: nothing measured yet)."""
+    def sessions(self, fps: float, frames_per_tick: float, limits: Limits, most: int, speedup: float = 1.0):
+        """How many sessions the measured speed keeps at `fps` (None: nothing measured yet);
+        `speedup`: what lower fidelity would add to the speed measured at full fidelity."""
         if not self.round_s:
             return None
         fitting = 0
         for n in range(1, most + 1):
             served = min(n, limits.batch)
             round_s = self.estimate(served)
-            if n * fps <= limits.headroom * served * frames_per_tick / round_s:
+            if n * fps <= limits.headroom * speedup * served * frames_per_tick / round_s:
                 fitting = n
         return fitting
 

@@ -198,7 +198,8 @@ class SessionManager:
     def _verdict(self):
         """Whether one more session may hold device state and ticks now."""
         running = sum(1 for s in self.sessions.values() if s.wants_ticks)
-        capacity = self.throughput.sessions(self.fps, self.frames_per_tick, self.limits, most=running + 1)
+        capacity = self.throughput.sessions(self.fps, self.frames_per_tick, self.limits, most=running + 1,
+                                            speedup=self.admission_speedup)  # fmt: skip
         return admission(running=running, kv_in_use=self.kv_bytes, kv_per_session=self.kv_per_session,
                          capacity=capacity, limits=self.limits)  # fmt: skip
 
@@ -392,6 +393,11 @@ class SessionManager:
         return self.session.preset.stream.frames_per_block / self.offset
 
     @property
+    def admission_speedup(self) -> float:
+        """1, or with `admit_at_floor` the speed the floor's fidelity adds (see Limits.floor_speedup)."""
+        return self.limits.floor_speedup(self.session.schedule.steps) if self.limits.admit_at_floor else 1.0
+
+    @property
     def kv_bytes(self) -> int:
         """KV memory of the sessions holding device state (all but the suspended)."""
         return sum(self.kv_per_session for s in self.sessions.values() if s.state != "suspended")
@@ -415,7 +421,8 @@ class SessionManager:
         now = self.clock()
         states = Counter(s.state for s in self.sessions.values())
         running = sum(1 for s in self.sessions.values() if s.state != "suspended")
-        capacity = self.throughput.sessions(self.fps, self.frames_per_tick, self.limits, most=64)
+        capacity = self.throughput.sessions(self.fps, self.frames_per_tick, self.limits, most=64,
+                                            speedup=self.admission_speedup)  # fmt: skip
         return {
             "sessions_running": states["running"], "sessions_idle": states["idle"],
             "sessions_suspended": states["suspended"], "sessions_paused": sum(s.paused for s in self.sessions.values()),

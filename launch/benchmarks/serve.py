@@ -9,9 +9,11 @@ server or sockets. Offered load = arrival rate x mean watch time, in sessions, a
 the capacity the engine measures for itself before the runs (rounds per second at each batch size
 x frames per round vs sessions x fps).
 
-Policies, each with the same admission (KV budget and measured throughput):
+Policies, each with admission by the KV budget and the measured throughput:
 * engine: coalesced rounds of up to `--batch` sessions, least playout slack first, sessions above
   the target slack wait, fidelity lowered (flowcache threshold, within the floor) before a stall;
+* engine-floor: the engine admitting as many sessions as the measured speed keeps at the floor's
+  fidelity (Limits.admit_at_floor) instead of at full fidelity;
 * round-robin: one session per forward, in turn, full fidelity;
 * fifo: coalesced rounds in the order sessions were last served, no slack priority, full fidelity.
 All three stop generating for a session whose viewer holds more than the target slack (2 s): a
@@ -43,16 +45,16 @@ from launch.benchmarks.adherence import eval_prompts
 from launch.benchmarks.common import session_for
 from launch.presets import get_preset
 
-COLUMNS = ["load", "offered", "policy", "admitted", "refused", "cpr", "ttff_p50_s", "ttff_p99_s",
+COLUMNS = ["load", "offered", "policy", "admitted", "refused", "peak_sessions", "cpr", "ttff_p50_s", "ttff_p99_s",
            "stall_s_per_min", "video_fps", "batch_mean", "degraded_chunks", "degraded_psnr_db", "loadavg"]  # fmt: skip
-POLICIES = ("engine", "round-robin", "fifo")
+POLICIES = ("engine", "engine-floor", "round-robin", "fifo")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="demo", help="model preset")
     parser.add_argument("--loads", nargs="+", type=float, default=[0.5, 1.0, 2.0],
                         help="offered loads as multiples of the measured capacity")  # fmt: skip
-    parser.add_argument("--seconds", type=float, default=15.0, help="arrivals per load and policy (wall clock)")
+    parser.add_argument("--seconds", type=float, default=12.0, help="arrivals per load and policy (wall clock)")
     parser.add_argument("--watch-s", type=float, default=5.0, help="mean watching time of a viewer")
     parser.add_argument("--switch-s", type=float, default=3.0, help="mean time between a viewer's prompt switches")
     parser.add_argument("--patience-s", type=float, default=5.0, help="a refused viewer gives up after this")
@@ -91,17 +93,18 @@ class Viewer:
 
 
 def make_trace(load: float, args, rng: np.random.Generator) -> list[Viewer]:
-    """Poisson arrivals at `load / watch_s` per second over `args.seconds`."""
+    """Poisson arrivals at `load / watch_s` per second over `args.seconds`, conditioned on their
+    expected count (given the count, a Poisson process's arrival times are uniform): with a
+    handful of arrivals per run, an empty or doubled run by chance would say nothing."""
     prompts = [d.prompt for d in eval_prompts(36)]
-    rate, t, viewers = load / args.watch_s, 0.0, []
-    while True:
-        t += rng.exponential(1.0 / rate)
-        if t >= args.seconds:
-            return viewers
+    count = max(1, round(load / args.watch_s * args.seconds))
+    viewers = []
+    for t in np.sort(rng.uniform(0.0, args.seconds, size=count)):
         watch = args.watch_s * rng.uniform(0.5, 1.5)
         switches = np.cumsum(rng.exponential(args.switch_s, size=8))
         picks = [prompts[i] for i in rng.integers(len(prompts), size=9)]
-        viewers.append(Viewer(t, watch, int(rng.integers(1 << 30)), picks, [s for s in switches if s < watch]))
+        viewers.append(Viewer(float(t), watch, int(rng.integers(1 << 30)), picks, [s for s in switches if s < watch]))
+    return viewers
 
 
 def limits_for(policy: str, args) -> Limits:
@@ -110,7 +113,7 @@ def limits_for(policy: str, args) -> Limits:
         return dataclasses.replace(base, batch=1, order="fifo", degrade=False)
     if policy == "fifo":
         return dataclasses.replace(base, order="fifo", degrade=False)
-    return base
+    return dataclasses.replace(base, admit_at_floor=policy == "engine-floor")
 
 
 def calibrate(session, args) -> Throughput:
@@ -133,9 +136,9 @@ def calibrate(session, args) -> Throughput:
     return measured
 
 
-def drive(mgr: SessionManager, viewers: list[Viewer], args) -> float:
-    """Run the trace on the real clock; returns the wall seconds it took."""
-    t0 = time.monotonic()
+def drive(mgr: SessionManager, viewers: list[Viewer], args) -> tuple[float, int]:
+    """Run the trace on the real clock: the wall seconds it took, the most sessions at once."""
+    t0, peak = time.monotonic(), 0
     while True:
         now = time.monotonic() - t0
         if now >= args.seconds + args.watch_s * 0.5:  # arrivals end; the last ones watch a little
@@ -143,6 +146,7 @@ def drive(mgr: SessionManager, viewers: list[Viewer], args) -> float:
         for viewer in viewers:
             _events(mgr, viewer, now, args)
         out = mgr.round_blocks()
+        peak = max(peak, len(mgr.sessions))
         stamp = time.monotonic() - t0
         for viewer in viewers:
             if viewer.sid in out:
@@ -154,7 +158,7 @@ def drive(mgr: SessionManager, viewers: list[Viewer], args) -> float:
     for viewer in viewers:
         if viewer.sid is not None and not viewer.done:
             _leave(mgr, viewer, end)
-    return end
+    return end, peak
 
 
 def _events(mgr: SessionManager, viewer: Viewer, now: float, args) -> None:
@@ -234,26 +238,30 @@ def run(args: argparse.Namespace):
     measured = calibrate(session, args)
     probe = SessionManager(session, limits_for("engine", args))
     capacity = measured.sessions(probe.fps, probe.frames_per_tick, probe.limits, most=64)
-    print(f"capacity: {capacity} sessions at {probe.fps} fps; ms per round by batch: "
+    at_floor = measured.sessions(probe.fps, probe.frames_per_tick, probe.limits, most=64,
+                                 speedup=probe.limits.floor_speedup(session.schedule.steps))  # fmt: skip
+    print(f"capacity: {capacity} sessions at {probe.fps} fps ({at_floor} at the floor); ms per round by batch: "
           f"{ {k: round(v * 1000, 1) for k, v in measured.round_s.items()} }", flush=True)  # fmt: skip
     rows = []
-    for load in args.loads:
+    for index, load in enumerate(args.loads):
         offered = load * max(capacity, 1)
-        trace = make_trace(offered, args, np.random.default_rng([args.seed, int(load * 1000)]))
+        trace = make_trace(offered, args, np.random.default_rng([args.seed, index]))
         for policy in args.policies:
             mgr = SessionManager(session, limits_for(policy, args))
             mgr.throughput = copy.deepcopy(measured)
             viewers = copy.deepcopy(trace)
-            wall = drive(mgr, viewers, args)
+            wall, peak = drive(mgr, viewers, args)
             rows.append(summarize(load, offered, policy, viewers, wall, mgr))
+            rows[-1]["peak_sessions"] = peak
             rows[-1]["loadavg"] = os.getloadavg()[0]  # the machine's 1-minute load as the run ended
-            if policy == "engine":
+            if policy.startswith("engine"):
                 rows[-1]["degraded_psnr_db"] = degraded_psnr(session, viewers, args)
             print(f"load {load} ({offered:.1f} sessions) {policy}: {len(viewers)} arrivals, "
                   f"CPR {rows[-1]['cpr']:.3f}", flush=True)  # fmt: skip
     settings = {k: getattr(args, k) for k in ("preset", "loads", "seconds", "watch_s", "switch_s", "patience_s",
                                                "batch", "floor_db", "kv_budget_mib", "threads", "seed")}  # fmt: skip
-    settings.update(capacity_sessions=capacity, round_ms={k: v * 1000 for k, v in measured.round_s.items()},
+    settings.update(capacity_sessions=capacity, capacity_at_floor=at_floor,
+                    round_ms={k: v * 1000 for k, v in measured.round_s.items()},
                     load_average_before=load_before, load_average_after=os.getloadavg()[0],
                     driver="SessionManager on the real clock, in process (no server, no sockets)")  # fmt: skip
     return rows, COLUMNS, settings
