@@ -51,21 +51,21 @@ def block_mask(
     laid out), then the in-flight `blocks` in order; the queries are those of `queries` (default:
     every block). A block sees keys of blocks <= itself; with `reach`, block b sees only blocks
     b - reach[b] + 1 .. b (MAGI-1's per-chunk KV range, 1 for a committing chunk).
-    Built per frame on the host, then expanded to tokens on the device.
+    Built per frame from host integers (nothing reads a tensor back), copied to the device without
+    waiting on it, then expanded to tokens there.
     """
     queries = blocks if queries is None else queries
-    key_blocks = torch.tensor(
-        [f // block_frames for f in context_frames] + [b for b in blocks for _ in range(block_frames)]
-    )
-    query_blocks = torch.tensor(queries).repeat_interleave(block_frames)
-    mask = key_blocks[None, :] <= query_blocks[:, None]  # [F_q, F_k]
-    if reach is not None:
-        lowest = torch.tensor([b - reach[b] + 1 for b in queries]).repeat_interleave(block_frames)
-        mask &= key_blocks[None, :] >= lowest[:, None]
-    if bool(mask.all()):
+    key_blocks = [f // block_frames for f in context_frames] + [b for b in blocks for _ in range(block_frames)]
+    lowest = {b: b - reach[b] + 1 if reach is not None else -1 for b in queries}
+    rows = [[lowest[q] <= k <= q for k in key_blocks] for q in queries for _ in range(block_frames)]  # [F_q, F_k]
+    if all(map(all, rows)):
         return None
-    T = tokens_per_frame
-    return mask.repeat_interleave(T, 0).repeat_interleave(T, 1).to(device)
+    frames = torch.tensor(rows)
+    if torch.device(device).type == "cuda":  # pinned + non-blocking: the copy does not wait for the GPU
+        frames = frames.pin_memory()
+    frames = frames.to(device, non_blocking=True)
+    T, (F_q, F_k) = tokens_per_frame, frames.shape
+    return frames[:, None, :, None].expand(F_q, T, F_k, T).reshape(F_q * T, F_k * T)
 
 
 def check_mode(mode: str) -> None:

@@ -22,6 +22,9 @@ from engine.config import SpeedConfig
 from engine.runtime.backends import AttentionChoice
 
 MODES = {"default": "default", "graphs": "reduce-overhead"}
+LAYOUTS = 64
+"""Graphs one compiled forward may hold: a pyramid's window fills through up to (window blocks x
+blocks in flight x mask or none) layouts before it slides (torch's default stops at 8)."""
 
 
 class FastForward:
@@ -39,7 +42,9 @@ class FastForward:
         return getattr(self.model, name)
 
     def __call__(self, latents: torch.Tensor, sigma: torch.Tensor, text, view, **kwargs) -> torch.Tensor:
-        with self.attention.context():
+        if self.compiled and hasattr(view, "fill_ahead"):
+            view.fill_ahead(self.model.cfg.num_layers)  # the traced forward then sees offsets, not blocks
+        with self.attention.context(), torch._dynamo.config.patch(recompile_limit=LAYOUTS):
             return self._forward(latents, sigma, text, view, **kwargs)
 
     def prepare_cache(self, cache) -> None:

@@ -87,10 +87,22 @@ class KVCache:
     # -- bookkeeping (host integers) -------------------------------------------------------
 
     @property
+    def committed(self) -> int:
+        """Frames committed so far: the next commit is this (absolute) frame."""
+        return self._committed
+
+    @committed.setter
+    def committed(self, frames: int) -> None:
+        # visible_frames is kept as an integer of its own: a compiled forward reads (and is
+        # specialised on) it alone, which stops changing once the window is full
+        self._committed = frames
+        held = frames - self.origin
+        self._visible = min(held, self.S) + min(max(held - self.S, 0), self.R)
+
+    @property
     def visible_frames(self) -> int:
         """Committed frames a new call attends to (sink + the most recent ring frames)."""
-        held = self.committed - self.origin
-        return min(held, self.S) + min(max(held - self.S, 0), self.R)
+        return self._visible
 
     def first_recent_frame(self) -> int:
         """Absolute index of the oldest committed frame still in the ring."""

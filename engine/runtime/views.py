@@ -80,6 +80,8 @@ class InFlightView:
         )  # fmt: skip
         self.recorded_k: list[torch.Tensor] = []
         self.recorded_v: list[torch.Tensor] = []
+        self.own_offsets: tuple[int, ...] | None = None
+        """After `fill_ahead`: scratch token offsets of the computed blocks, in order."""
 
     def _rotation(self) -> torch.Tensor:
         """`[n_computed * tokens, Dh/2]`: each computed block at its absolute frames."""
@@ -108,8 +110,30 @@ class InFlightView:
     def output(self, layer: int, out: torch.Tensor) -> torch.Tensor:
         return out
 
+    def fill_ahead(self, layers: int) -> None:
+        """Write the other present blocks' K/V of every layer into the scratch before the forward,
+        which then writes only its own blocks, at fixed offsets: a compiled forward sees these
+        offsets, not block numbers or the fill (whose closures hold absolute block numbers, which
+        would specialise a graph per block). Only for fills that do not need this forward's K/V
+        (no per-layer exchange between ranks); a fill that passes the computed blocks' fresh K/V
+        through (joint caching) gets placeholders for them, and they are not used."""
+        if self.fill is None:
+            return
+        for layer in range(layers):
+            filled = self.fill(layer, dict.fromkeys(self.computed))
+            for i, block in enumerate(self.present):
+                if block not in self.computed:
+                    self.cache.write(layer, i * self.tokens, *filled[block])
+        self.own_offsets = tuple(i * self.tokens for i, b in enumerate(self.present) if b in self.computed)
+        self.fill = None
+
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Put every present block's K/V of this layer into the scratch, in block order."""
+        if self.fill is None and self.own_offsets is not None:  # the others were written ahead
+            for j, offset in enumerate(self.own_offsets):
+                own = slice(j * self.tokens, (j + 1) * self.tokens)
+                self.cache.write(layer, offset, k[:, own], v[:, own])
+            return
         if self.fill is None:  # all present blocks computed here: one contiguous copy
             self.cache.write(layer, 0, k, v)
             return
