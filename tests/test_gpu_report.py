@@ -14,17 +14,23 @@ import json
 import math
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from engine.models.flops import forward_flops
 from launch import bench
+from launch.benchmarks.forward_clock import BudgetSpent, ForwardClock
 from launch.benchmarks.gpu_report import COLUMNS, VARIANTS, analytic_limits, run_variant
 from launch.benchmarks.gpu_variant import VariantSpec
+from launch.benchmarks.plan_flops import counted_block_flops
+from launch.benchmarks.timing import steady_block_flops
 from launch.presets import get_preset
 
-MEASURED = ["fps", "fps_decoded", "first_frame_s", "startup_s", "build_s", "forward_ms", "decode_ms", "tflops", "mfu",
-            "block_tflop", "limit_fps_peak", "limit_fps_700", "attention", "linear", "rest", "kv_gib"]  # fmt: skip
+MEASURED = ["fps", "fps_est", "fps_decoded", "first_frame_s", "startup_s", "build_s", "forward_ms", "decode_ms",
+            "tflops", "mfu", "block_tflop", "analytic_block_tflop", "limit_fps_peak", "limit_fps_700", "attention",
+            "linear", "rest", "kv_gib"]  # fmt: skip
 RAN = ["sf-eager", "sf-compiled", "magi-eager", "skyreels-eager", "sf-eager-fp8kv"]
 
 
@@ -53,6 +59,8 @@ def test_every_variant_reports_its_fields(report):
         assert row["startup_s"] >= row["first_frame_s"] > 0, row
         assert math.isclose(row["attention"] + row["linear"] + row["rest"], 1.0, rel_tol=1e-6), row
         assert row["limit_fps_peak"] > row["fps"] * 0.99, row  # nothing runs faster than its FLOPs at the peak
+    for name in ("magi-eager", "skyreels-eager"):  # blocks of minutes at real size: timed forward by forward
+        assert rows[name]["timed_forwards"] > 0, rows[name]
     assert data["environment"]["peak_tflops"] > 0 and data["environment"]["sdpa"]["math"] == "ok"
     assert json.loads((out / "bench.json").read_text())["benchmark"] == "gpu-report"
 
@@ -116,10 +124,41 @@ def test_markdown_table_renders(report):
 def test_analytic_limit_of_self_forcing():
     """5 forwards of a 4,680-token block against 21 frames of context: about 40 FPS at 700 TFLOP/s."""
     limit = analytic_limits(["self-forcing-1.3b"])[0]
+    assert limit["plan"] == "sequential"
     preset = get_preset("self-forcing-1.3b")
     forward = forward_flops(preset.model, 3 * 1560, 21 * 1560, 512)
     assert limit["block_tflop"] == pytest.approx(5 * forward / 1e12)
     assert 38 < limit["fps_at_700"] < 45, limit
+
+
+def test_stand_in_counts_the_real_plans_forwards():
+    """A 2-layer stand-in at 64x64 makes the real plan's calls: its count of a sequential plan's
+    steady blocks (the window slid) equals the closed form."""
+    preset = get_preset("self-forcing-1.3b")
+    counted = counted_block_flops(preset, 9)
+    assert counted[7:] == [steady_block_flops(preset)] * 2, counted
+    assert counted[0] < counted[7]  # the first block sees no context
+
+
+def test_forward_clock_times_profiles_and_stops():
+    preset = get_preset("tiny-wan")
+    view = SimpleNamespace(key_frames=6)
+    weight = torch.randn(8, 8)
+    clock = ForwardClock(lambda x, *a, **k: x @ weight, preset, torch.device("cpu"), deadline=float("inf"),
+                         per_forward=True, profile_forwards=2)  # fmt: skip
+    latents = torch.zeros(2, 4, 3, 8, 8)  # 2 guidance rows of 3 query frames
+    for _ in range(4):
+        clock(latents, None, None, view)
+    clock.deadline = 0.0  # the budget is spent: 2 profiled forwards, then the stream stops
+    clock(latents, None, None, view)
+    clock(latents, None, None, view)
+    with pytest.raises(BudgetSpent):
+        clock(latents, None, None, view)
+    assert len(clock.forwards) == 6 and clock.shares["linear"] > 0.5, clock.shares
+    summary = clock.summary(after=None)
+    assert summary["timed_forwards"] == 1  # the later half of 6, less the 2 profiled
+    flops = 2 * forward_flops(preset.model, 3 * preset.tokens_per_frame, 6 * preset.tokens_per_frame, 16)
+    assert clock.forwards[0][2] == flops
 
 
 def test_a_variant_past_its_time_is_killed_with_its_processes(tmp_path):

@@ -13,7 +13,7 @@ ANCHORS = {
     "goal": GOAL,
 }
 CASCADE_COLUMNS = ["variant", "gpus", "split", "forward_ms", "decode_ms", "fps", "denoise_fps", "latency_s"]
-LIMIT_COLUMNS = ["preset", "forwards_per_block", "block_tflop", "fps_at_700"]
+LIMIT_COLUMNS = ["preset", "plan", "block_tflop", "fps_at_peak", "fps_at_700"]
 KV_COLUMNS = ["preset", "kv_gib_bf16", "kv_gib_fp8"]
 
 
@@ -91,13 +91,14 @@ def render(report: dict, columns: list[str]) -> str:
         "",
         *_anchors(),
         "",
-        "## Results (random weights, real sizes; FPS of denoising, fps_decoded with the VAE)",
+        "## Results (random weights, real sizes; FPS of denoising, fps_decoded with the VAE; fps_est: the steady "
+        "state at the achieved TFLOP/s)",
         "",
         table(rows, columns),
         "",
         *verdicts(rows),
         "",
-        "## Analytic limit (steady state, every FLOP at 700 TFLOP/s dense bf16)",
+        "## Analytic limit (steady state: every FLOP at the measured peak, or at 700 TFLOP/s dense bf16)",
         "",
         table(report["analytic_limits"], LIMIT_COLUMNS),
         "",

@@ -37,7 +37,8 @@ from engine.config import ConfigError
 from engine.loading import build_kv_cache, resolve_device, resolve_dtype
 from launch.benchmarks import gpu_env, gpu_markdown
 from launch.benchmarks.gpu_variant import VariantSpec
-from launch.benchmarks.timing import guidance_branches, limit_fps, steady_block_flops
+from launch.benchmarks.plan_flops import steady_flops
+from launch.benchmarks.timing import guidance_branches, limit_fps
 from launch.presets import get_preset
 from launch.report import environment
 from launch.split import rank_splits
@@ -45,8 +46,8 @@ from launch.throughput import NVLINK, block_forward_s
 
 NOMINAL_TFLOPS = 700.0  # dense bf16 an H100 sustains in practice (the issue's yardstick for the limit)
 CASCADE_GPUS = 5  # Block Cascading's published setting
-COLUMNS = ["variant", "status", "fps", "fps_decoded", "first_frame_s", "startup_s", "forward_ms", "attention",
-           "linear", "tflops", "mfu", "limit_fps_peak", "limit_fps_700", "kv_gib", "peak_gib"]  # fmt: skip
+COLUMNS = ["variant", "status", "fps", "fps_est", "fps_decoded", "first_frame_s", "startup_s", "forward_ms",
+           "attention", "linear", "tflops", "mfu", "limit_fps_peak", "limit_fps_700", "kv_gib", "peak_gib"]  # fmt: skip
 TINY = {"self-forcing-1.3b": "tiny-wan", "wan-14b-causal": "tiny-wan", "skyreels-v2-df-1.3b": "skyreels-v2-df-tiny",
         "magi-1-4.5b-distill": "magi-1-tiny"}  # fmt: skip
 
@@ -61,14 +62,14 @@ class Variant:
     """Seconds from process start after which no new block starts (an H200's run in mind)."""
 
 
-VARIANTS = (
-    Variant("sf-eager", "self-forcing-1.3b", budget_s=45),
-    Variant("sf-compiled", "self-forcing-1.3b", compile="default", budget_s=100),
-    Variant("sf-graphs", "self-forcing-1.3b", compile="graphs", budget_s=100),
-    Variant("wan14b-eager", "wan-14b-causal", budget_s=70),
-    Variant("magi-eager", "magi-1-4.5b-distill", budget_s=75),
-    Variant("skyreels-eager", "skyreels-v2-df-1.3b", budget_s=75),
-    Variant("sf-eager-fp8kv", "self-forcing-1.3b", kv_cache="fp8", budget_s=40),
+VARIANTS = (  # the order they run in: when --deadline-s runs out, the last ones are skipped
+    Variant("sf-eager", "self-forcing-1.3b", budget_s=40),
+    Variant("sf-compiled", "self-forcing-1.3b", compile="default", budget_s=110),
+    Variant("sf-graphs", "self-forcing-1.3b", compile="graphs", budget_s=110),
+    Variant("sf-eager-fp8kv", "self-forcing-1.3b", kv_cache="fp8", budget_s=35),
+    Variant("wan14b-eager", "wan-14b-causal", budget_s=55),
+    Variant("magi-eager", "magi-1-4.5b-distill", budget_s=60),
+    Variant("skyreels-eager", "skyreels-v2-df-1.3b", budget_s=60),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -121,6 +122,7 @@ def spec_for(variant: Variant, args: argparse.Namespace, budget_s: float) -> Var
         name=variant.name, preset=preset, compile=variant.compile, kv_cache=variant.kv_cache, device=args.device,
         dtype=args.dtype, warmup=1 if quick else warmup_blocks(preset), blocks=min(args.blocks, 2) if quick else
         args.blocks, profile=not quick, budget_s=budget_s, inject_failure=args.inject_failure == variant.name,
+        per_forward=get_preset(preset).plan.schedule != "sequential",
     )  # fmt: skip
 
 
@@ -139,6 +141,9 @@ def run_variant(spec: VariantSpec, hard_s: float, folder: Path) -> dict:
         os.killpg(child.pid, signal.SIGKILL)
         output, _ = child.communicate()
         timed_out = True
+    finally:  # Ctrl-C here must not leave a child holding the GPU (it has a session of its own)
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
     row = json.loads(out_path.read_text()) if out_path.exists() else {"name": spec.name, "preset": spec.preset}
     row["wall_s"] = time.time() - spawned
     if timed_out:
@@ -178,16 +183,20 @@ def _summary(row: dict) -> str:
 
 
 def analyse(row: dict, peak_tflops: float) -> dict:
-    """Achieved TFLOP/s against the peak, and the analytic limits of what the variant ran."""
-    preset = get_preset(row["preset"])
-    if preset.plan.schedule == "sequential":
-        row["analytic_block_tflop"] = steady_block_flops(preset) / 1e12
-    if row.get("tflops") and row.get("block_tflop"):
-        flops = row["block_tflop"] * 1e12
-        row["mfu"] = row["tflops"] / peak_tflops
-        row["limit_fps_peak"] = limit_fps(preset, flops, peak_tflops)
-        row["limit_fps_700"] = limit_fps(preset, flops, NOMINAL_TFLOPS)
+    """Achieved TFLOP/s against the peak; the analytic limits of the preset's steady state (its
+    FPS if every FLOP ran at the measured peak, or at the nominal 700 TFLOP/s); and the FPS the
+    steady state would reach at the TFLOP/s the variant achieved (fps_est: for plans whose blocks
+    did not finish within the budget, and as a check on the measured FPS of the others)."""
     row["variant"] = row["name"]
+    if "preset" not in row or not row.get("status", "").startswith(("ok", "partial", "timed out")):
+        return row
+    preset, flops = get_preset(row["preset"]), steady_flops(row["preset"])
+    row["analytic_block_tflop"] = flops / 1e12
+    row["limit_fps_peak"] = limit_fps(preset, flops, peak_tflops)
+    row["limit_fps_700"] = limit_fps(preset, flops, NOMINAL_TFLOPS)
+    if row.get("tflops"):
+        row["mfu"] = row["tflops"] / peak_tflops
+        row["fps_est"] = limit_fps(preset, flops, row["tflops"])
     return row
 
 
@@ -213,16 +222,16 @@ def cascade_rows(rows: list[dict]) -> list[dict]:
     return model
 
 
-def analytic_limits(presets: list[str]) -> list[dict]:
-    """The steady-state limit of each sequential preset, counted without running anything."""
+def analytic_limits(presets: list[str], peak_tflops: float | None = None) -> list[dict]:
+    """Each preset's steady-state FLOPs per block (plan_flops.py) and the FPS they allow."""
     limits = []
     for name in dict.fromkeys(presets):
-        preset = get_preset(name)
-        if preset.plan.schedule == "sequential":
-            flops = steady_block_flops(preset)
-            fps = limit_fps(preset, flops, NOMINAL_TFLOPS)
-            limits.append({"preset": name, "forwards_per_block": preset.sampling.steps + 1,
-                           "block_tflop": flops / 1e12, "fps_at_700": fps})  # fmt: skip
+        preset, flops = get_preset(name), steady_flops(name)
+        row = {"preset": name, "plan": preset.plan.schedule, "block_tflop": flops / 1e12,
+               "fps_at_700": limit_fps(preset, flops, NOMINAL_TFLOPS)}  # fmt: skip
+        if peak_tflops:
+            row["fps_at_peak"] = limit_fps(preset, flops, peak_tflops)
+        limits.append(row)
     return limits
 
 
@@ -257,7 +266,7 @@ def run(args: argparse.Namespace):
         "environment": env | environment(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
         "variants": rows,
-        "analytic_limits": analytic_limits([r["preset"] for r in rows]),
+        "analytic_limits": analytic_limits([r["preset"] for r in rows], env["peak_tflops"]),
         "kv_memory": kv_memory([r["preset"] for r in rows]),
         "cascade_model": cascade_rows(rows),
         "anchors": gpu_markdown.ANCHORS,

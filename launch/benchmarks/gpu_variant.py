@@ -35,6 +35,7 @@ from engine.config import ConfigError, Preset
 from engine.loading import SetupError, WeightPaths, resolve_device, resolve_dtype
 from engine.models.vae import to_uint8
 from engine.runtime.session import Session
+from launch.benchmarks.forward_clock import BudgetSpent, ForwardClock
 from launch.benchmarks.timing import calls_flops, profiled_shares, sync
 from launch.build import build_session
 from launch.presets import get_preset
@@ -61,6 +62,9 @@ class VariantSpec:
     """Soft: no new block starts after this many seconds from the process start."""
     spawned_at: float = 0.0
     """time.time() when the report started this process (0: this process's own start)."""
+    per_forward: bool = False
+    """Time each forward and stop inside a block when the budget is spent (plans whose blocks
+    take minutes); else whole blocks only."""
     inject_failure: bool = False
     """Raise after building (the report's check that one variant's failure stops no other)."""
 
@@ -141,27 +145,71 @@ class Decoder:
 def stream(session: Session, spec: VariantSpec, rec: Recorder) -> None:
     """Phases 3 and 4 on one stream."""
     device, preset = session.device, session.preset
+    clock = _install_clock(session, spec) if spec.per_forward else None
     blocks = spec.warmup + spec.blocks + (1 if spec.profile else 0)
     start = time.perf_counter()
     run = session.run(PROMPT, blocks=blocks, seed=0)
     decode = Decoder(session)
     marks: list[dict] = []  # per block: denoise and decode seconds, forwards and calls so far
-    for index in range(spec.warmup + spec.blocks):
-        marks.append(_timed_block(run, decode, device))
-        if index == 0:
-            rec.update(first_frame_s=time.perf_counter() - start, startup_s=_since_spawn(spec),
-                       first_frame="decoded" if decode.decoder else "latents", decode_note=decode.note)  # fmt: skip
-        if _since_spawn(spec) > spec.budget_s and index + 1 < spec.warmup + spec.blocks:
-            rec.update(note=f"budget of {spec.budget_s:.0f} s: stopped after {index + 1} blocks")
-            break
-    rec.update(**steady(preset, marks, spec.warmup), kv_gib=run.kv_bytes / GIB, peak_gib=_peak(device))
-    if not spec.profile:
-        return
+    try:
+        for index in range(spec.warmup + spec.blocks):
+            marks.append(_timed_block(run, decode, device))
+            if index == 0:
+                rec.update(first_frame_s=time.perf_counter() - start, startup_s=_since_spawn(spec),
+                           first_frame="decoded" if decode.decoder else "latents", decode_note=decode.note)  # fmt: skip
+            if _since_spawn(spec) > spec.budget_s and index + 1 < spec.warmup + spec.blocks:
+                rec.update(note=f"budget of {spec.budget_s:.0f} s: stopped after {index + 1} blocks")
+                break
+    except BudgetSpent:
+        forwards = len(clock.forwards) if clock else 0
+        rec.update(note=f"budget of {spec.budget_s:.0f} s: stopped inside block {len(marks)} ({forwards} forwards)")
+    rec.update(
+        **steady(preset, marks, spec.warmup),
+        kv_gib=run.kv_bytes / GIB,
+        peak_gib=_peak(device),
+        block_s=[round(m["denoise_s"], 4) for m in marks],
+    )  # compiles show as spikes here
+    if clock is not None:  # FPS only where a block after the first finished; forwards in any case
+        if spec.profile and clock.shares is None:
+            _profile_forwards(run, clock)
+        rec.update(**clock.summary(marks[0]["end"] if marks else None), **(clock.shares or {}))
+    elif spec.profile:
+        _profile_block(run, marks, spec, rec, device)
+
+
+def _install_clock(session: Session, spec: VariantSpec) -> ForwardClock | None:
+    """Put a ForwardClock where the session's executors find their runner (None where this build
+    keeps it elsewhere)."""
+    assembly = session.executors
+    if not hasattr(assembly, "runner"):
+        return None
+    deadline = (spec.spawned_at or _process_start()) + spec.budget_s
+    clock = ForwardClock(assembly.runner, session.preset, session.device, deadline, per_forward=True,
+                         profile_forwards=2 if spec.profile else 0)  # fmt: skip
+    assembly.runner = clock
+    return clock
+
+
+def _profile_forwards(run, clock: ForwardClock) -> None:
+    """The stream finished its blocks within the budget: profile the next block's first forwards."""
+    clock.deadline = 0.0
+    try:
+        while True:  # a block may finish without a forward of its own (a segment's blocks finish together)
+            next(run)
+    except (BudgetSpent, StopIteration):
+        pass
+
+
+def _profile_block(run, marks: list[dict], spec: VariantSpec, rec: Recorder, device: torch.device) -> None:
+    """One more block under the profiler, where the budget leaves time for it."""
     block_s = marks[-1]["denoise_s"] + marks[-1]["decode_s"]
     if _since_spawn(spec) + 2 * block_s > spec.budget_s:
         rec.update(profile_note="profile: skipped (budget)")
         return
-    rec.update(**profiled_shares(lambda: next(run), device))
+    try:
+        rec.update(**profiled_shares(lambda: next(run), device))
+    except Exception as err:  # noqa: BLE001  (the split is extra: the timings above stand)
+        rec.update(profile_note=f"profile: failed ({type(err).__name__}: {_first_line(err)})")
 
 
 def _timed_block(run, decode: Decoder, device: torch.device) -> dict:
@@ -172,8 +220,9 @@ def _timed_block(run, decode: Decoder, device: torch.device) -> dict:
     decode(block.latents)
     sync(device)
     stats = run.stats
-    return {"denoise_s": denoised - start, "decode_s": time.perf_counter() - denoised,
-            "forwards": stats.forwards, "calls": stats.calls.copy()}  # fmt: skip
+    end = time.perf_counter()
+    return {"denoise_s": denoised - start, "decode_s": end - denoised, "end": end, "forwards": stats.forwards,
+            "calls": stats.calls.copy()}  # fmt: skip
 
 
 def steady(preset: Preset, marks: list[dict], warmup: int) -> dict:
@@ -182,7 +231,7 @@ def steady(preset: Preset, marks: list[dict], warmup: int) -> dict:
     first = max(1, min(warmup, len(marks) - 1))
     timed = marks[first:]
     if not timed:
-        return {"timed_blocks": 0, "status": "partial: no block after the first within the budget"}
+        return {"timed_blocks": 0}
     before = marks[first - 1]
     denoise = sum(m["denoise_s"] for m in timed)
     decode = sum(m["decode_s"] for m in timed)
@@ -231,17 +280,21 @@ def measure(spec: VariantSpec, rec: Recorder) -> None:
         with torch.no_grad():
             session = build(spec, rec)
             stream(session, spec, rec)
-        if rec.row["status"] == "started":
-            rec.update(status="ok")
+        measured = rec.row.get("timed_blocks") or rec.row.get("timed_forwards")
+        rec.update(status="ok" if measured else "partial: no block after the first and no forward within the budget")
     except Unavailable as err:
         rec.update(status=str(err))
     except ConfigError as err:  # an option the config refuses for this preset or device
         rec.update(status=_refusal(spec, resolve_device(spec.device), err))
-    except torch.OutOfMemoryError as err:
-        rec.update(status=f"out of memory: {str(err).splitlines()[0]}", peak_gib=_peak(resolve_device(spec.device)))
+    except torch.cuda.OutOfMemoryError as err:
+        rec.update(status=f"out of memory: {_first_line(err)}", peak_gib=_peak(resolve_device(spec.device)))
     except Exception as err:  # noqa: BLE001  (a compile or kernel failure is this variant's result)
-        rec.update(status=f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-                   traceback=traceback.format_exc()[-4000:])  # fmt: skip
+        rec.update(status=f"failed: {type(err).__name__}: {_first_line(err)}", traceback=traceback.format_exc()[-4000:])
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:300] if lines else ""
 
 
 def main(argv: list[str] | None = None) -> int:
