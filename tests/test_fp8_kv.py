@@ -11,13 +11,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_compile import _fresh_counters as fresh_counters
+from test_compile import _stream as compile_stream
 from test_kv import NaiveWindowView, _text
 from test_magi import TINY as MAGI_TINY
 from test_magi import _distilled
+from torch._dynamo.utils import counters
 
 from engine.config import SpeedConfig
 from engine.loading import WeightPaths, build_kv_cache
 from engine.models.rope import Rope
+from engine.runtime.compiled import FastForward
 from engine.runtime.fp8 import E4M3, UNIT_ROUNDOFF, dequantise, quantise, roundtrip_bound
 from engine.runtime.kv import KVCache
 from engine.sampling.noise import NoiseSource
@@ -267,3 +271,26 @@ def test_magi_with_fp8_cache():
     for part in (cache.fp8.k, cache.fp8.v, cache.fp8.k_scale, cache.fp8.v_scale):
         committed = part[:, :, :tokens]
         assert torch.equal(committed[:, 0].float(), committed[:, 1].float()), "both passes read the null pass's K/V"
+
+
+# -- a compiled forward --------------------------------------------------------------------------
+
+
+def test_fp8_cache_compiles_without_graph_breaks():
+    """--compile with --kv-cache fp8 (dynamo with the eager backend, as tests/test_compile.py):
+    the dequantising read traces into the forward's graph, no more graphs than the window's
+    layouts and none once it slides, the latents equal eager's."""
+    sessions = {}
+    for compile in ("off", "default"):
+        session = build_session(get_preset("tiny-wan"), WeightPaths(seed=3), CPU, torch.float32,
+                                speed=SpeedConfig(compile=compile, kv_cache="fp8"))  # fmt: skip
+        assembly = session.executors
+        assembly.fast = FastForward(assembly.model, assembly.speed, assembly.fast.attention, backend="eager")
+        assembly.runner = assembly.fast
+        sessions[compile] = session
+    eager, _ = compile_stream(sessions["off"], 20)
+    fresh_counters()
+    compiled, graphs = compile_stream(sessions["default"], 20)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert graphs[-1] <= 3 and graphs[-6] == graphs[-1], f"graphs after each tick {graphs}"
+    assert_close(compiled, eager, 1e-5, "compiled vs eager latents, fp8 cache")
