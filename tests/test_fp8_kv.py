@@ -242,6 +242,11 @@ def test_fp8_bytes_count_payload_scales_scratch_and_working_buffer(name):
     assert 0.6 < ratio < 0.63
 
 
+def test_unknown_storage_is_refused():
+    with pytest.raises(ValueError, match="storage must be one of"):
+        _cache(TINY, Rope(TINY, (2, 2)), sink=0, ring=3, storage="int4")
+
+
 # -- MAGI-1 --------------------------------------------------------------------------------------
 
 
