@@ -10,9 +10,11 @@ throughput model got the measured forward and decode times, and the Markdown tab
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +25,7 @@ from engine.models.flops import forward_flops
 from launch import bench
 from launch.benchmarks.forward_clock import BudgetSpent, ForwardClock
 from launch.benchmarks.gpu_report import COLUMNS, VARIANTS, analytic_limits, run_variant
-from launch.benchmarks.gpu_variant import VariantSpec
+from launch.benchmarks.gpu_variant import VariantSpec, final_status, steady
 from launch.benchmarks.plan_flops import counted_block_flops
 from launch.benchmarks.timing import steady_block_flops
 from launch.presets import get_preset
@@ -159,6 +161,20 @@ def test_forward_clock_times_profiles_and_stops():
     assert summary["timed_forwards"] == 1  # the later half of 6, less the 2 profiled
     flops = 2 * forward_flops(preset.model, 3 * preset.tokens_per_frame, 6 * preset.tokens_per_frame, 16)
     assert clock.forwards[0][2] == flops
+
+
+def test_a_warmup_cut_by_the_budget_is_not_called_steady():
+    preset = get_preset("tiny-wan")
+    calls = [Counter({(3, 3): 5}), Counter({(3, 3): 5, (3, 6): 5})]  # RunStats.calls after blocks 0 and 1
+    marks = [{"denoise_s": 0.5, "decode_s": 0.1, "end": i, "forwards": 5 * (i + 1), "calls": c}
+             for i, c in enumerate(calls)]  # fmt: skip
+    row = steady(preset, marks, warmup=3)
+    assert row["warmup_blocks"] == 1 and row["timed_blocks"] == 1 and row["forwards_per_block"] == 5
+    spec = VariantSpec(name="cut", preset="tiny-wan", warmup=3)
+    assert final_status(row, spec).startswith("partial: the budget cut the warm-up at block 1 of 3"), final_status(
+        row, spec
+    )
+    assert final_status(steady(preset, marks, warmup=1), dataclasses.replace(spec, warmup=1)) == "ok"
 
 
 def test_a_variant_past_its_time_is_killed_with_its_processes(tmp_path):

@@ -64,8 +64,8 @@ class Variant:
 
 VARIANTS = (  # the order they run in: when --deadline-s runs out, the last ones are skipped
     Variant("sf-eager", "self-forcing-1.3b", budget_s=40),
-    Variant("sf-compiled", "self-forcing-1.3b", compile="default", budget_s=110),
-    Variant("sf-graphs", "self-forcing-1.3b", compile="graphs", budget_s=110),
+    Variant("sf-compiled", "self-forcing-1.3b", compile="default", budget_s=100),
+    Variant("sf-graphs", "self-forcing-1.3b", compile="graphs", budget_s=100),
     Variant("sf-eager-fp8kv", "self-forcing-1.3b", kv_cache="fp8", budget_s=35),
     Variant("wan14b-eager", "wan-14b-causal", budget_s=55),
     Variant("magi-eager", "magi-1-4.5b-distill", budget_s=60),
@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("out/gpu-report"), help="folder for report.json, report.md")
     parser.add_argument("--quick", action="store_true",
                         help="environment, matmul peak and one short variant (~1 minute): run this first")  # fmt: skip
-    parser.add_argument("--variants", nargs="+", choices=list(BY_NAME), help="variants to run (default: all)")
+    parser.add_argument("--variants", nargs="+", choices=list(BY_NAME), help="variants to run (none given: every one)")
     parser.add_argument("--device", default="auto", help="auto, cuda, cpu, ...")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16")
     parser.add_argument("--tiny", action="store_true", help="each preset's tiny stand-in (a CPU check of the report)")

@@ -251,6 +251,16 @@ def steady(preset: Preset, marks: list[dict], warmup: int) -> dict:
     }
 
 
+def final_status(row: dict, spec: VariantSpec) -> str:
+    """ok, or partial with what the budget left out."""
+    if not (row.get("timed_blocks") or row.get("timed_forwards")):
+        return "partial: no block after the first and no forward within the budget"
+    if row.get("timed_blocks") and row["warmup_blocks"] < spec.warmup:
+        return (f"partial: the budget cut the warm-up at block {row['warmup_blocks']} of {spec.warmup} "
+                "(FPS includes start-up: compiles, a filling window)")  # fmt: skip
+    return "ok"
+
+
 def _since_spawn(spec: VariantSpec) -> float:
     return time.time() - (spec.spawned_at or _process_start())
 
@@ -280,8 +290,7 @@ def measure(spec: VariantSpec, rec: Recorder) -> None:
         with torch.no_grad():
             session = build(spec, rec)
             stream(session, spec, rec)
-        measured = rec.row.get("timed_blocks") or rec.row.get("timed_forwards")
-        rec.update(status="ok" if measured else "partial: no block after the first and no forward within the budget")
+        rec.update(status=final_status(rec.row, spec))
     except Unavailable as err:
         rec.update(status=str(err))
     except ConfigError as err:  # an option the config refuses for this preset or device
