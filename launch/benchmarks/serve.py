@@ -259,6 +259,7 @@ def run(args: argparse.Namespace):
                 rows[-1]["degraded_psnr_db"] = degraded_psnr(session, viewers, args)
             print(f"load {load} ({offered:.1f} sessions) {policy}: {len(viewers)} arrivals, "
                   f"CPR {rows[-1]['cpr']:.3f}", flush=True)  # fmt: skip
+    rows.sort(key=lambda row: (row["load"], POLICIES.index(row["policy"])))
     settings = {k: getattr(args, k) for k in ("preset", "loads", "seconds", "watch_s", "switch_s", "patience_s",
                                                "batch", "floor_db", "kv_budget_mib", "threads", "seed")}  # fmt: skip
     settings.update(capacity_sessions=capacity, capacity_at_floor=at_floor,
