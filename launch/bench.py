@@ -15,6 +15,7 @@ python -m launch.bench load                 # checkpoint loading: host memory an
 python -m launch.bench serve --quick       # many sessions under Poisson load: engine vs round-robin vs fifo
 python -m launch.bench gpu-report --quick   # GPU: environment + one short variant; without --quick, the whole report
 python -m launch.bench coalesce            # k streams' forwards in one call vs k calls (demo, mid-wan)
+python -m launch.bench compile             # --compile: compiled vs eager ms per tick, compile time (demo, mid-wan)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from launch.benchmarks import (
     cascade,
     cascade_model,
     coalesce,
+    compile,
     gpu_report,
     kv,
     load,
@@ -60,6 +62,7 @@ BENCHMARKS = {
     "serve": serve,
     "gpu-report": gpu_report,
     "coalesce": coalesce,
+    "compile": compile,
 }
 
 
