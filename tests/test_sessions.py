@@ -6,6 +6,7 @@ pytest tests/test_sessions.py
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 
@@ -210,3 +211,14 @@ def test_the_demo_gets_its_measured_ladder_and_rung_zero_is_the_configured_cache
     assert skip.policy.threshold == 2.0
     skip.set_fidelity(None)
     assert skip.policy.threshold == 0.0  # threshold 0: exactly no caching
+
+
+def test_pyramid_plan_sessions_equal_their_solo_runs(session):
+    pyramid = session.reconfigured(dataclasses.replace(session.preset, plan=dataclasses.replace(
+        session.preset.plan, schedule="pyramid", offset=2)))  # fmt: skip
+    mgr = manager(pyramid)
+    a, b = mgr.open(RED, seed=5).id, mgr.open(BLUE, seed=6).id
+    frames = collect(mgr, 9)  # block b finishes at tick 2 b + 3: blocks 0-2
+    assert_frames_equal(frames[a], solo(pyramid, RED, 3, seed=5), "pyramid session a")
+    assert_frames_equal(frames[b], solo(pyramid, BLUE, 3, seed=6), "pyramid session b")
+    assert mgr.stats(a)["frames"] == 9
