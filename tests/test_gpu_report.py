@@ -64,6 +64,7 @@ def test_every_variant_reports_its_fields(report):
     for name in ("magi-eager", "skyreels-eager"):  # blocks of minutes at real size: timed forward by forward
         assert rows[name]["timed_forwards"] > 0, rows[name]
     assert data["environment"]["peak_tflops"] > 0 and data["environment"]["sdpa"]["math"] == "ok"
+    assert data["errors"] == {}, data["errors"]
     assert json.loads((out / "bench.json").read_text())["benchmark"] == "gpu-report"
 
 

@@ -117,5 +117,6 @@ def render(report: dict, columns: list[str]) -> str:
         "## Notes",
         "",
         *(_notes(rows) or ["- none"]),
+        *[f"- the {name} part failed: {why}" for name, why in report.get("errors", {}).items()],
     ]
     return "\n".join(parts) + "\n"

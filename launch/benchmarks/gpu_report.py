@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16")
     parser.add_argument("--tiny", action="store_true", help="each preset's tiny stand-in (a CPU check of the report)")
     parser.add_argument("--blocks", type=int, default=4, help="timed blocks per variant (after the warm-up)")
-    parser.add_argument("--deadline-s", type=float, default=450.0, help="the whole run's time limit in seconds")
+    parser.add_argument("--deadline-s", type=float, default=440.0, help="the whole run's time limit in seconds")
     parser.add_argument("--budget-s", type=float,
                         help="every variant's time budget in seconds (default: each its own, for an H200)")  # fmt: skip
     parser.add_argument("--inject-failure", choices=list(BY_NAME), metavar="VARIANT",
@@ -160,21 +161,20 @@ def _last_line(text: str) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
-def run_all(variants: list[Variant], args: argparse.Namespace, deadline: float) -> list[dict]:
-    rows = []
+def run_all(variants: list[Variant], args: argparse.Namespace, deadline: float) -> Iterator[dict]:
+    """Each variant's row as it finishes, in order; those the deadline leaves no time for are skipped."""
     with tempfile.TemporaryDirectory(prefix="gpu-report-") as folder:
         for i, variant in enumerate(variants):
             left = deadline - time.time()
             if left < 15:
-                rows.append({"name": variant.name, "preset": variant.preset, "status": "skipped: --deadline-s spent"})
+                yield {"name": variant.name, "preset": variant.preset, "status": "skipped: --deadline-s spent"}
                 continue
             budget = min(variant.budget_s, left - 10)
             spec = spec_for(variant, args, budget)
             row = run_variant(spec, min(1.5 * budget + 20, left), Path(folder))
-            rows.append(row)
             print(f"[{i + 1}/{len(variants)}] {variant.name} ({spec.preset}): {_summary(row)}", file=sys.stderr,
                   flush=True)  # fmt: skip
-    return rows
+            yield row
 
 
 def _summary(row: dict) -> str:
@@ -261,19 +261,36 @@ def run(args: argparse.Namespace):
     dtype = resolve_dtype(args.dtype, device)
     variants = selected(args)
     env = gpu_env.environment(device, dtype)
-    rows = [analyse(row, env["peak_tflops"]) for row in run_all(variants, args, start + args.deadline_s)]
+    presets = [TINY[v.preset] if args.tiny else v.preset for v in variants]
     report = {
         "environment": env | environment(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
-        "variants": rows,
-        "analytic_limits": analytic_limits([r["preset"] for r in rows], env["peak_tflops"]),
-        "kv_memory": kv_memory([r["preset"] for r in rows]),
-        "cascade_model": cascade_rows(rows),
+        "variants": [],
         "anchors": gpu_markdown.ANCHORS,
-        "wall_s": time.time() - start,
+        "errors": {},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (args.out / "report.md").write_text(gpu_markdown.render(report, COLUMNS))
+    report["analytic_limits"] = _section(report, "analytic_limits", analytic_limits, presets, env["peak_tflops"])
+    report["kv_memory"] = _section(report, "kv_memory", kv_memory, presets)
+    for row in run_all(variants, args, start + args.deadline_s):
+        report["variants"].append(_section(report, row["name"], analyse, row, env["peak_tflops"]) or row)
+        _write(report, args.out, start)  # a report killed later still has every variant so far
+    report["cascade_model"] = _section(report, "cascade_model", cascade_rows, report["variants"])
+    _write(report, args.out, start)
     print(f"wrote {args.out / 'report.json'} and {args.out / 'report.md'}", file=sys.stderr)
-    return rows, COLUMNS, {"out": str(args.out), "card": env["card"], "torch": torch.__version__}
+    return report["variants"], COLUMNS, {"out": str(args.out), "card": env["card"], "torch": torch.__version__}
+
+
+def _section(report: dict, name: str, make, *args):
+    """One part of the report; its failure is recorded (report["errors"]) and the rest is kept."""
+    try:
+        return make(*args)
+    except Exception as err:  # noqa: BLE001  (minutes of measurements must not be lost to one table)
+        report["errors"][name] = f"{type(err).__name__}: {err}"
+        return []
+
+
+def _write(report: dict, out: Path, start: float) -> None:
+    report = {"analytic_limits": [], "kv_memory": [], "cascade_model": [], **report, "wall_s": time.time() - start}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "report.md").write_text(gpu_markdown.render(report, COLUMNS))
