@@ -36,6 +36,7 @@ from engine.serving.scheduler import Limits
 from engine.serving.server import StreamServer, needs_token
 from engine.serving.sessions import SessionManager
 from engine.serving.video import Mp4Writer
+from launch.build import build_session
 from launch.cli import (
     add_parallel_arguments,
     add_plan_arguments,
@@ -49,7 +50,6 @@ from launch.cli import (
     speed_from_args,
     weights_from_args,
 )
-from launch.build import build_session
 from launch.run import RankRun, on_ranks
 from launch.threads import configure_threads
 from parallel.replicas import SERVING_RANK, replica_links
@@ -87,15 +87,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def add_session_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sessions (the default: each viewer its own stream)")
-    group.add_argument("--shared-stream", action="store_true",
-                       help="one stream for every viewer, any of them steering it (default: a session per viewer)")
-    group.add_argument("--session-memory", type=flags.mebibytes, metavar="MIB",
-                       help=f"KV memory for the running sessions of each replica, in MiB (default: {SESSION_MEMORY_MIB})")
-    group.add_argument("--grace", type=flags.seconds, metavar="S",
-                       help=f"seconds a session without viewers keeps running before it is suspended; a viewer who "
-                       f"comes back with its id within {EXPIRE_S:g} s more resumes it (default: {Limits.grace_s:g})")
-    group.add_argument("--session-batch", type=flags.count, metavar="N",
-                       help=f"sessions stepped per round, their forwards coalesced (default: {Limits.batch})")  # fmt: skip
+    group.add_argument(
+        "--shared-stream",
+        action="store_true",
+        help="one stream for every viewer, any of them steering it (default: a session per viewer)",
+    )
+    group.add_argument(
+        "--session-memory",
+        type=flags.mebibytes,
+        metavar="MIB",
+        help=f"KV memory for the running sessions of each replica, in MiB (default: {SESSION_MEMORY_MIB})",
+    )
+    group.add_argument(
+        "--grace",
+        type=flags.seconds,
+        metavar="S",
+        help=f"seconds a session without viewers keeps running before it is suspended; a viewer who "
+        f"comes back with its id within {EXPIRE_S:g} s more resumes it (default: {Limits.grace_s:g})",
+    )
+    group.add_argument(
+        "--session-batch",
+        type=flags.count,
+        metavar="N",
+        help=f"sessions stepped per round, their forwards coalesced (default: {Limits.batch})",
+    )
 
 
 SESSION_FLAGS = {"session_memory": "--session-memory", "grace": "--grace", "session_batch": "--session-batch"}
@@ -107,8 +122,11 @@ EXPIRE_S = Limits.expire_s
 def session_limits(args: argparse.Namespace) -> Limits:
     """The session manager's limits from the flags (refused with --shared-stream, which has none)."""
     given = {d: getattr(args, d) for d in SESSION_FLAGS if getattr(args, d) is not None}
-    return Limits(kv_budget_bytes=given.get("session_memory", SESSION_MEMORY_MIB) << 20,
-                  grace_s=given.get("grace", Limits.grace_s), batch=given.get("session_batch", Limits.batch))  # fmt: skip
+    return Limits(
+        kv_budget_bytes=given.get("session_memory", SESSION_MEMORY_MIB) << 20,
+        grace_s=given.get("grace", Limits.grace_s),
+        batch=given.get("session_batch", Limits.batch),
+    )
 
 
 def check_mode(args: argparse.Namespace, topology: Topology) -> None:

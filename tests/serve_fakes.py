@@ -23,6 +23,7 @@ class Refused:
     reason: str
     retry_after_s: float
     queue_position: int
+    ticket: str | None = None
 
 
 @dataclass
@@ -46,11 +47,13 @@ class FakeManager:
         self.lead_s, self.grace_s, self.name = lead_s, grace_s, name
         self.sessions: dict[str, FakeSession] = {}
         self.rounds, self.refused, self._ids, self._boom = 0, 0, 0, False
+        self.tickets: list = []
 
-    def open(self, prompt: str, seed: int):
+    def open(self, prompt: str, seed: int, ticket: str | None = None):
+        self.tickets.append(ticket)
         if len(self.sessions) >= self.capacity:
             self.refused += 1
-            return Refused("all sessions taken", retry_after_s=2.5, queue_position=1)
+            return Refused("all sessions taken", retry_after_s=2.5, queue_position=1, ticket="t1")
         self._ids += 1
         session_id = f"{self.name}{self._ids}"
         self.sessions[session_id] = FakeSession(seed, time.monotonic())

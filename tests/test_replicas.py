@@ -108,25 +108,9 @@ def test_sessions_over_three_replicas_outlive_a_failed_and_a_killed_one(tmp_path
         assert processes[0].wait(timeout=60) == 0, processes[0].stdout.read()
 
 
-def test_ctrl_c_stops_every_rank(tmp_path):
-    command = [sys.executable, str(WORKER), str(tmp_path), "--port", "0", "--timeout", "20"]
-
-    async def run(url):
-        viewers = [await Viewer.open(url) for _ in range(2)]
-        for viewer in viewers:
-            await viewer.read(3)
-        return viewers
-
-    with ranks(command, world=2) as (url, processes):
-        asyncio.run(run(url))
-        processes[0].send_signal(signal.SIGINT)
-        codes = [p.wait(timeout=60) for p in processes]
-        assert codes == [0, 0], [p.stdout.read()[-2000:] for p in processes]
-
-
 def test_the_demo_model_on_two_replica_ranks(tmp_path):
     """`python -m engine.stream` under torchrun's environment: two viewers, one per replica, each
-    its own video (different seeds); Ctrl-C ends both ranks."""
+    its own video (different seeds); Ctrl-C on rank 0 ends both ranks with exit code 0."""
     command = [sys.executable, "-m", "launch.stream", "--preset", "demo", "--port", "0", "--timeout", "60"]
 
     async def run(url):

@@ -160,15 +160,18 @@ def test_beyond_admission_a_viewer_is_told_why_and_closed():
         kept = [await Viewer.open(url(server)) for _ in range(2)]
         refused = await Viewer.open(url(server))
         assert refused.hello == {"type": "refused", "reason": "all sessions taken", "retry_after_s": 2.5,
-                                 "queue_position": 1}  # fmt: skip
+                                 "queue_position": 1, "ticket": "0.t1"}  # fmt: skip
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(refused.ws.recv(), 10)
         assert closed.value.rcvd.code == 1013
+        again = await Viewer.open(url(server, "ticket=0.t1"))
+        assert again.hello["type"] == "refused" and manager.tickets[-1] == "t1", "the place in the queue is kept"
         for viewer in kept:
             await viewer.read(3)
         await asyncio.gather(*(v.close() for v in kept))
 
-    with serving(FakeManager(capacity=2)) as server:
+    manager = FakeManager(capacity=2)
+    with serving(manager) as server:
         asyncio.run(run(server))
 
 
@@ -313,8 +316,8 @@ def test_viewers_before_the_model_loads_are_told_to_retry():
 
 def test_a_cycle_survives_the_trip_between_ranks():
     blocks = {"a": [np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)], "b": []}
-    cycle = Cycle({3: {"ok": {"id": "a"}}, 4: {"error": "no session z"}}, blocks, {"a": [2], "b": []}, {"a": {"slack_s": 1.5}},
-                  {"active": 1}, ("c",))  # fmt: skip
+    answers = {3: {"ok": {"id": "a"}}, 4: {"error": "no session z"}}
+    cycle = Cycle(answers, blocks, {"a": [2], "b": []}, {"a": {"slack_s": 1.5}}, {"active": 1}, ("c",))
     back = cycle_from(*decode(encode_cycle(cycle)))
     assert back.answers == cycle.answers and back.versions == cycle.versions and back.gone == ("c",)
     assert back.stats == cycle.stats and back.server == cycle.server
@@ -343,3 +346,25 @@ def test_placement_prefers_the_most_headroom():
     replicas[1].placed_since_stats = 2
     replicas[2].alive = False
     assert [r.index for r in by_headroom(replicas)] == [0, 1]
+
+
+def test_session_flags_reach_the_limits_or_are_refused():
+    from engine.config import ConfigError
+    from launch.stream import check_mode, parse_args, session_limits
+    from parallel.topology import Topology
+
+    default = session_limits(parse_args([]))
+    for argv, field, value in [
+        (["--session-memory", "64"], "kv_budget_bytes", 64 << 20),
+        (["--grace", "2.5"], "grace_s", 2.5),
+        (["--session-batch", "7"], "batch", 7),
+    ]:
+        limits = session_limits(parse_args(argv))
+        assert getattr(limits, field) == value != getattr(default, field), argv
+        with pytest.raises(ConfigError, match=argv[0]):
+            check_mode(parse_args([*argv, "--shared-stream"]), Topology.single())
+    assert parse_args(["--shared-stream"]).shared_stream and not parse_args([]).shared_stream
+    for argv in (["--record", "x.mp4"], ["--no-pace"]):
+        with pytest.raises(ConfigError, match=f"{argv[0]} applies to one shared stream: add --shared-stream"):
+            check_mode(parse_args(argv), Topology.single())
+        check_mode(parse_args([*argv, "--shared-stream"]), Topology.single())

@@ -58,7 +58,7 @@ def server(*args: str, timeout: float = 60):
 
 @pytest.fixture(scope="module")
 def demo_server():
-    with server("--preset", "demo", "--no-pace") as (base, process):
+    with server("--preset", "demo", "--no-pace", "--shared-stream") as (base, process):
         yield base, process
 
 
@@ -192,7 +192,7 @@ def _next_control(ws, stats: bool = False) -> dict:
 
 
 def test_token_is_enforced():
-    with server("--preset", "tiny-wan", "--token", "sesame") as (base, _):
+    with server("--preset", "tiny-wan", "--token", "sesame", "--shared-stream") as (base, _):
         with pytest.raises(Exception, match="401"):
             connect(ws_url(base)).close()
         with connect(ws_url(base) + "?token=sesame") as ws:
@@ -362,3 +362,49 @@ def _check_page_drops(page) -> None:
     while "page" not in page.evaluate(dropped):
         assert time.monotonic() < deadline, page.evaluate("[received, shown, queue.length, pageDropped, fps]")
         page.wait_for_timeout(200)
+
+
+# -- sessions in a real browser ----------------------------------------------------------------------
+
+
+def test_viewer_pages_get_their_own_sessions_and_share_links_join_them():
+    """Default mode: each page its own session, its id and share link shown; a page opened with
+    the link joins that session (same id, same prompt after a switch); another page does not: it
+    gets a session of its own, or, when admission (measured throughput: a busy machine) has no
+    room, the refusal with its retry. tiny-wan: the test is about sessions, not pictures."""
+    assert os.path.exists(CHROMIUM), "the browser test needs Debian's chromium: apt-get install -y chromium"
+    from playwright.sync_api import sync_playwright
+
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+    shown = "document.getElementById('s-share').textContent.length > 5"
+    with server("--preset", "tiny-wan") as (base, _), sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            first = browser.new_page(viewport={"width": 1100, "height": 760})
+            first.goto(base + "/")
+            first.wait_for_function(shown, timeout=30000)
+            first.wait_for_function("document.getElementById('s-frames').textContent > 6", timeout=60000)
+            _check_layout(first)
+            first.wait_for_function("document.getElementById('s-slack').textContent.endsWith(' s')",
+                                    timeout=10000)  # per-session stats are shown  # fmt: skip
+            link, own = first.get_attribute("#s-share", "href"), first.text_content("#s-share")
+            assert link.endswith(f"/?session={own}") and first.url.endswith(f"?session={own}"), (link, first.url)
+            joined = browser.new_page()
+            joined.goto(link)
+            joined.wait_for_function(f"document.getElementById('s-share').textContent === '{own}'", timeout=30000)
+            joined.wait_for_function("document.getElementById('s-viewers').textContent === '2'", timeout=30000)
+            other = browser.new_page()
+            other.goto(base + "/")
+            other.wait_for_function(f"{shown} || document.getElementById('status').textContent.includes('again')",
+                                    timeout=30000)  # fmt: skip
+            first.fill("#prompt", "a green triangle moving right")
+            first.click("button[type=submit]")
+            switched = "document.getElementById('s-prompt').textContent === 'a green triangle moving right'"
+            joined.wait_for_function(switched, timeout=30000)
+            if other.text_content("#s-share").strip("–"):
+                assert other.text_content("#s-share") != own, "another page, another session"
+                assert other.text_content("#s-prompt") != "a green triangle moving right"
+            else:
+                assert "server full" in other.text_content("#status"), other.text_content("#status")
+        finally:
+            browser.close()

@@ -37,12 +37,21 @@ NOT_READY_RETRY_S = 5.0
 class Refusal(Exception):
     """A session could not be opened now: what the viewer is told, before its connection closes."""
 
-    def __init__(self, reason: str, retry_after_s: float | None = None, queue_position: int | None = None):
+    def __init__(
+        self,
+        reason: str,
+        retry_after_s: float | None = None,
+        queue_position: int | None = None,
+        ticket: str | None = None,
+    ):
         super().__init__(reason)
         self.reason, self.retry_after_s, self.queue_position = reason, retry_after_s, queue_position
+        self.ticket = ticket
+        """Keeps the place in a replica's queue: the viewer passes it back (`/ws?ticket=`) when retrying."""
 
     def message(self) -> dict:
-        return {"reason": self.reason, "retry_after_s": self.retry_after_s, "queue_position": self.queue_position}
+        return {"reason": self.reason, "retry_after_s": self.retry_after_s, "queue_position": self.queue_position,
+                "ticket": self.ticket}  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -101,7 +110,13 @@ class Lobby:
     hub's (engine/serving/server.py); `end(watched, reason)` tells a session's viewers it ended."""
 
     def __init__(
-        self, publish: Callable, *, prompt: str, seed: int, fps: int = 16, clock: Callable[[], float] = time.perf_counter
+        self,
+        publish: Callable,
+        *,
+        prompt: str,
+        seed: int,
+        fps: int = 16,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         self.publish, self.prompt, self.seed, self.fps, self.clock = publish, prompt, seed, fps, clock
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -124,9 +139,12 @@ class Lobby:
 
     # -- on the event loop -----------------------------------------------------------------------
 
-    async def open(self, viewer, prompt: str | None = None, seed: int | None = None) -> Watched:
-        """A new session for `viewer` on the replica with most room (Refusal when none takes it).
-        The viewer is in the session before the manager has it, so its first block is not lost."""
+    async def open(
+        self, viewer, ticket: str | None = None, prompt: str | None = None, seed: int | None = None
+    ) -> Watched:
+        """A new session for `viewer` on the replica with most room (Refusal when none takes it);
+        with a `ticket` from an earlier refusal, its replica is asked first, keeping the place in
+        its queue. The viewer is in the session before the manager has it, so no frame is lost."""
         if not any(r.alive for r in self.replicas):
             self.refused += 1
             reason = "every replica has failed" if self.replicas else "the model is still loading"
@@ -134,15 +152,19 @@ class Lobby:
         number = next(self._numbers)
         prompt, seed = prompt or self.prompt, self.seed + number - 1 if seed is None else seed
         refusals = []
-        for replica in by_headroom(self.replicas):
+        queued_on, _, place = (ticket or "").partition(".")
+        ordered = by_headroom(self.replicas)
+        ordered.sort(key=lambda r: str(r.index) != queued_on)  # stable: the rest by headroom
+        for replica in ordered:
             watched = Watched(secrets.token_urlsafe(9), number, replica, prompt, seed, opened_at=self.clock())
             watched.viewers.add(viewer)
-            answer = await self._ask(watched, replica.submit("open", prompt, seed), route=True)
+            args = (prompt, seed, place) if place and str(replica.index) == queued_on else (prompt, seed)
+            answer = await self._ask(watched, replica.submit("open", *args), route=True)
             if watched.local is not None:
                 replica.placed_since_stats += 1
                 self.sessions[watched.id], self.opened = watched, self.opened + 1
                 return watched
-            refusals.append(_refusal(answer))
+            refusals.append(_refusal(answer, replica))
         self.refused += 1
         raise min(refusals, key=lambda r: (r.retry_after_s is None, r.retry_after_s or 0))
 
@@ -251,10 +273,12 @@ def _refused(answer: dict) -> bool:
     return isinstance(answer.get("ok"), dict) and answer["ok"].get("kind") == "Refused"
 
 
-def _refusal(answer: dict) -> Refusal:
-    """A manager's answer to `open` that gave no session, as a Refusal."""
+def _refusal(answer: dict, replica: Replica | None = None) -> Refusal:
+    """A manager's answer that gave no session, as a Refusal (its queue ticket tagged with the replica)."""
     body = answer.get("ok") if isinstance(answer.get("ok"), dict) else {}
     if "error" in answer:
         return Refusal(answer["error"])
+    ticket = body.get("ticket")
+    ticket = f"{replica.index}.{ticket}" if ticket and replica is not None else None
     return Refusal(str(body.get("reason", "no room for another session")), body.get("retry_after_s"),
-                   body.get("queue_position"))  # fmt: skip
+                   body.get("queue_position"), ticket)  # fmt: skip

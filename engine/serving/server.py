@@ -17,7 +17,6 @@ import asyncio
 import ipaddress
 import json
 import os
-import queue
 import socket
 import threading
 from collections import deque
@@ -295,7 +294,7 @@ class StreamServer:
             if "session" in query:
                 viewer.session = await self.lobby.join(query["session"][0], viewer)
             else:
-                viewer.session = await self.lobby.open(viewer)
+                viewer.session = await self.lobby.open(viewer, (query.get("ticket") or [None])[0])
         except Refusal as refusal:
             await _turn_away(viewer.connection, "refused", refusal.message())
             return False
@@ -303,8 +302,16 @@ class StreamServer:
             await _turn_away(viewer.connection, "ended", {"reason": str(err.args[0])}, code=CloseCode.POLICY_VIOLATION)
             return False
         watched = viewer.session
-        await viewer.connection.send(reply("session", id=watched.id, share=f"/?session={watched.id}",
-                                           prompt=watched.prompt, seed=watched.seed, replica=watched.replica.index))
+        await viewer.connection.send(
+            reply(
+                "session",
+                id=watched.id,
+                share=f"/?session={watched.id}",
+                prompt=watched.prompt,
+                seed=watched.seed,
+                replica=watched.replica.index,
+            )
+        )
         return True
 
     def _session_ended(self, watched: Watched, reason: str) -> None:
