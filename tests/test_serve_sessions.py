@@ -368,3 +368,24 @@ def test_session_flags_reach_the_limits_or_are_refused():
         with pytest.raises(ConfigError, match=f"{argv[0]} applies to one shared stream: add --shared-stream"):
             check_mode(parse_args(argv), Topology.single())
         check_mode(parse_args([*argv, "--shared-stream"]), Topology.single())
+
+
+def test_the_client_opens_joins_and_is_refused():
+    from engine.serving.client import Refused, StreamClient, build_parser, watch
+
+    async def run(server):
+        async with StreamClient.connect(url(server)) as client:
+            assert client.session["id"] and (await client.set_prompt("a blue square moving up")) == 1
+            args = build_parser().parse_args(
+                ["--url", url(server), "--session", client.session["id"], "--seconds", "1"]
+            )
+            joined = await watch(args)
+            assert joined["session"] == client.session["id"] and joined["frames"] > 0
+            async with StreamClient.connect(url(server)):  # the second and last place
+                with pytest.raises(Refused) as refused:
+                    async with StreamClient.connect(url(server)):
+                        pass
+                assert refused.value.info["retry_after_s"] == 2.5
+
+    with serving(FakeManager(capacity=2)) as server:
+        asyncio.run(run(server))

@@ -2,6 +2,7 @@
 
     python -m engine.client --url ws://127.0.0.1:8000/ws --prompt "a red circle moving left" \\
         --switch-after 5 --prompt2 "a blue square moving up" --seconds 10 --save out.mp4
+    python -m engine.client --session ID --seconds 10      # watch (and steer) someone's session
 
 Python:
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import WebSocketException
+from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from engine.argparsing import OneLineParser
 from engine.serving.protocol import Frame, decode_frame
@@ -32,31 +33,56 @@ from engine.serving.video import Mp4Writer
 MAX_FRAME_BYTES = 8 * 2**20
 
 
-class StreamClient:
-    """One viewer connection: frames in order, replies to control messages, the latest stats."""
+class Refused(RuntimeError):
+    """The server had no room: `info` has its reason, retry_after_s, queue_position and ticket."""
 
-    def __init__(self, connection: ClientConnection):
+    def __init__(self, info: dict):
+        super().__init__(info.get("reason", "refused"))
+        self.info = info
+
+
+class StreamClient:
+    """One viewer connection: frames in order, replies to control messages, the latest stats.
+    `session` is the server's {"type": "session", "id": ...} message (None with a shared stream);
+    `ended` its {"type": "ended", "reason": ...} once the session has ended."""
+
+    def __init__(self, connection: ClientConnection, first: str | bytes | None = None):
         self.connection = connection
         self.stats: dict = {}
+        self.session: dict | None = None
+        self.ended: dict | None = None
+        self._first = first  # the message read while checking for a refusal
         self._replies: asyncio.Queue = asyncio.Queue()
         self._frames: asyncio.Queue = asyncio.Queue()
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    def connect(cls, url: str, token: str | None = None) -> _Connecting:
-        return _Connecting(url + (f"?{urlencode({'token': token})}" if token else ""))
+    def connect(cls, url: str, token: str | None = None, session: str | None = None) -> _Connecting:
+        """`session`: join (or come back to) that session instead of opening one. Raises Refused
+        when the server has no room."""
+        query = {k: v for k, v in (("token", token), ("session", session)) if v}
+        return _Connecting(url + (f"?{urlencode(query)}" if query else ""))
 
     async def _read(self) -> None:
+        if self._first is not None:
+            await self._take(self._first)
         async for message in self.connection:
-            if isinstance(message, bytes):
-                await self._frames.put(decode_frame(message))
-                continue
-            data = json.loads(message)
-            if data.get("type") == "stats":
-                self.stats = data
-            else:
-                await self._replies.put(data)
+            await self._take(message)
         await self._frames.put(None)
+
+    async def _take(self, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            await self._frames.put(decode_frame(message))
+            return
+        data = json.loads(message)
+        if data.get("type") == "stats":
+            self.stats = data
+        elif data.get("type") == "session":
+            self.session = data
+        elif data.get("type") == "ended":
+            self.ended = data
+        else:
+            await self._replies.put(data)
 
     async def request(self, message: dict | str) -> dict:
         """Send a control message (a dict, or raw text) and return the server's reply."""
@@ -91,7 +117,18 @@ class _Connecting:
         self.url = url
 
     async def __aenter__(self) -> StreamClient:
-        self.client = StreamClient(await connect(self.url, max_size=MAX_FRAME_BYTES))
+        connection = await connect(self.url, max_size=MAX_FRAME_BYTES)
+        try:
+            first = await asyncio.wait_for(connection.recv(), timeout=30)
+        except (TimeoutError, ConnectionClosed):
+            first = None
+        greeting = json.loads(first) if isinstance(first, str) else {}
+        if greeting.get("type") == "refused":
+            await connection.close()
+            raise Refused(greeting)
+        self.client = StreamClient(connection, first)
+        if greeting.get("type") == "session":  # known before the first await of the caller
+            self.client.session = greeting
         return self.client
 
     async def __aexit__(self, *exc) -> None:
@@ -105,7 +142,7 @@ async def watch(args: argparse.Namespace) -> dict:
     versions, sent, seen, frames, writer, first_frame_s = {}, {}, {}, 0, None, None
     switched = not args.prompt2
     start = time.monotonic()
-    async with StreamClient.connect(args.url, args.token) as client:
+    async with StreamClient.connect(args.url, args.token, args.session) as client:
         if args.prompt:
             sent_at = time.monotonic()
             version = await client.set_prompt(args.prompt)
@@ -124,11 +161,12 @@ async def watch(args: argparse.Namespace) -> dict:
                 writer = writer or Mp4Writer(args.save, fps=args.fps, width=image.shape[1], height=image.shape[0])
                 writer.write(image[None])
             frames += 1
-        stats = client.stats
+        stats, session, ended = client.stats, client.session, client.ended
     if writer:
         writer.close()
     return {"frames": frames, "seconds": time.monotonic() - start, "versions": versions, "first_frame_s": first_frame_s,
-            "switch_s": seen, "server": stats}  # fmt: skip
+            "switch_s": seen, "server": stats, "session": session and session["id"],
+            "ended": ended and ended["reason"]}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -139,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m engine.client", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="ws://127.0.0.1:8000/ws", help="the stream's WebSocket (default: %(default)s)")
     parser.add_argument("--token", help="the server's --token (default: none)")
+    parser.add_argument("--session", help="join this session (its id from a share link) (default: a new one)")
     parser.add_argument("--prompt", help="switch to this prompt on connecting (default: keep the stream's)")
     parser.add_argument("--prompt2", help="switch to this prompt once, --switch-after seconds in (default: no switch)")
     parser.add_argument(
@@ -157,9 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = asyncio.run(watch(args))
+    except Refused as refused:
+        retry = refused.info.get("retry_after_s")
+        print(f"error: {refused}" + (f"; try again in {retry:g} s" if retry else ""), file=sys.stderr)
+        return 1
     except (OSError, RuntimeError, WebSocketException) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if result["session"]:
+        print(f"session {result['session']} (others join it with --session {result['session']})")
     print(f"received {result['frames']} frames in {result['seconds']:.1f} s; prompts {result['versions']}")
     if result["first_frame_s"] is not None:
         print(f"first frame {result['first_frame_s']:.2f} s after connecting")
@@ -167,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prompt version {version} on screen {seconds:.2f} s after it was sent")
     if args.save:
         print(f"wrote {args.save}")
+    if result["ended"]:
+        print(f"the session ended: {result['ended']}")
     return 0
 
 
