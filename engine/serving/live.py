@@ -8,6 +8,11 @@ blocks' next step).
 
 Stats: FPS over the last seconds, time to first frame, and the last switch latency, from the
 switch request to the first frame whose block finished its last step under the new prompt.
+
+Many sessions (the server's default) are driven differently: a `SessionDesk` owns one session
+manager (engine/serving/sessions.py) and, in one thread, applies the server's queued `Request`s
+and runs one scheduling round per `cycle`, handing back plain data (`Cycle`) that a replica on
+another rank can ship (engine/serving/replicas.py).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from engine.serving.live import Cycle, Request, SessionDesk
 
 log = logging.getLogger(__name__)
 
-IDLE_S = 0.005
+IDLE_S = 0.01
 """How long a loop rests after a pass that had nothing to do (no request, no frame)."""
 _LENGTH = struct.Struct("<I")
 
