@@ -68,19 +68,24 @@ def _in_forward(session) -> int:
 
 
 @pytest.mark.parametrize(
-    "plan",
-    [{}, {"schedule": "pyramid", "offset": 1}, {"schedule": "pyramid", "offset": 1, "context": "lagged"}],
-    ids=["sequential", "pyramid", "pyramid-lagged"],
+    "preset, plan, bound",
+    [
+        ("tiny-wan", {}, 3),
+        ("tiny-wan", {"schedule": "pyramid", "offset": 1}, 8),
+        ("tiny-wan", {"schedule": "pyramid", "offset": 1, "context": "lagged"}, 24),
+        ("magi-1-tiny", {}, 12),
+    ],
+    ids=["sequential", "pyramid", "pyramid-lagged", "magi-sequential"],
 )
-def test_a_stream_compiles_few_graphs_and_none_once_the_window_slides(plan):
+def test_a_stream_compiles_few_graphs_and_none_once_the_window_slides(preset, plan, bound):
     """No graph breaks; the graphs a 20-tick stream compiles are the layouts of its window filling
-    (committed frames x blocks in flight); its last ticks compile none. Output equals eager."""
-    eager, _ = _stream(_session(**plan), TICKS)
+    (committed frames x blocks in flight; MAGI-1: x its per-stage KV reach); its last ticks
+    compile none. Output equals eager."""
+    eager, _ = _stream(_session(preset=preset, **plan), TICKS)
     _fresh_counters()
-    compiled, graphs = _stream(_session("default", **plan), TICKS)
+    compiled, graphs = _stream(_session("default", preset=preset, **plan), TICKS)
     assert not counters["graph_break"], dict(counters["graph_break"])
-    print(f"{plan}: graphs after each tick {graphs}")
-    bound = {"sequential": 3, "pyramid": 8, "lagged": 24}[plan.get("context", plan.get("schedule", "sequential"))]
+    print(f"{preset} {plan}: graphs after each tick {graphs}")
     assert graphs[-1] <= bound, f"{graphs[-1]} graphs compiled in {TICKS} ticks (bound {bound}): {graphs}"
     assert graphs[-6] == graphs[-1], f"the steady state recompiles: graphs after each tick {graphs}"
     assert_close(compiled, eager, 1e-5, "compiled (dynamo, eager backend) vs eager latents")
@@ -173,3 +178,14 @@ def test_inductor_compiled_stream_matches_eager():
     compiled, graphs = _stream(_session("default", backend="inductor"), 10)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert_close(compiled, eager, 1e-4, "inductor-compiled vs eager latents")
+
+
+def test_the_python_api_takes_the_speed_options():
+    """StreamingPipeline.from_preset(compile=, kv_cache=, attention=) reaches the session's forward."""
+    from launch.pipeline import StreamingPipeline
+
+    pipe = StreamingPipeline.from_preset("tiny-wan", random_weights=True, device="cpu", compile="default",
+                                         attention="math")  # fmt: skip
+    assert "compiled" in pipe.speed_line and "math" in pipe.speed_line, pipe.speed_line
+    with pytest.raises(ConfigError, match="compile must be one of"):
+        StreamingPipeline.from_preset("tiny-wan", random_weights=True, device="cpu", compile="fast")
