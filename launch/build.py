@@ -15,8 +15,6 @@ chosen here too, once per session, and said in one line (`Assembly.speed_line`).
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from cache import make_policy
@@ -204,19 +202,11 @@ class Assembly:
         cache = build_kv_cache(
             preset, self.model.dtype, self.device, batch=guidance.branches,
             scratch_frames=blocks_in_forward * preset.stream.frames_per_block, ring_frames=ring_frames, rope=self.rope,
-            head_shards=1 if self.sharding is None else self.sharding.size, **self._storage(),
+            head_shards=1 if self.sharding is None else self.sharding.size, storage=self.speed.kv_cache,
         )  # fmt: skip
         if guidance.branches == 2 and preset.model.family == "magi":
             cache.commit_from = 1  # the null-caption pass writes the clean K/V both passes read
         return cache
-
-    def _storage(self) -> dict:
-        """The KV storage argument, where the KV cache takes one (fp8 storage is newer than this)."""
-        if "storage" in inspect.signature(build_kv_cache).parameters:
-            return {"storage": self.speed.kv_cache}
-        if self.speed.kv_cache != "model":
-            raise ConfigError(f"--kv-cache {self.speed.kv_cache} is not available in this build: use --kv-cache model")
-        return {}
 
     def guidance(self) -> Guidance:
         """The model family's guidance: classifier-free (Wan) or MAGI-1's."""

@@ -11,6 +11,7 @@ import torch
 
 from engine.config import ConfigError
 from engine.loading import WeightPaths
+from engine.sampling.noise import NoiseSource
 from launch.build import build_session
 from launch.cli import (
     FLAGS,
@@ -136,3 +137,6 @@ def test_speed_flags_reach_the_session_or_are_refused_for_the_device():
     session = build_session(chosen[0], WeightPaths(seed=3), torch.device("cpu"), torch.float32, speed=chosen[4])
     line = session.executors.speed_line
     assert "compiled" in line and "math" in line, line
+    fp8 = _resolved([*tiny, "--kv-cache", "fp8"])
+    session = build_session(fp8[0], WeightPaths(seed=3), torch.device("cpu"), torch.float32, speed=fp8[4])
+    assert session.executors(NoiseSource(0), blocks_in_forward=1).cache.storage == "fp8"
