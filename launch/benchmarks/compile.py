@@ -10,6 +10,7 @@ solver step), without decoding. Threads and the load average are stated; nothing
 
 python -m launch.bench compile
 python -m launch.bench compile --presets demo mid-wan --warmup 20 --ticks 30
+TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 python -m launch.bench compile    # compile time from cold
 """
 
 from __future__ import annotations
@@ -112,6 +113,9 @@ def run(args: argparse.Namespace) -> tuple[list[dict], list[str], dict]:
         "ticks": args.ticks,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cpu_count": os.cpu_count(),
+        "inductor_caches": "disabled"
+        if os.environ.get("TORCHINDUCTOR_FORCE_DISABLE_CACHES") == "1"
+        else "on (a repeat run reuses compiled kernels from disk, so its compile_s is lower)",
         "note": "median ms per tick (forward + solver step, no decode) of eager and compiled sessions stepped "
         "alternately; compile_s = the compiled session's warm-up ticks minus the eager one's; load = 1-min average",
     }
