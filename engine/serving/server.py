@@ -334,17 +334,16 @@ class StreamServer:
             pass
 
     def _stats_message(self, viewer: Viewer) -> str:
+        """A shared stream's stats and the server's drop counts; or the viewer's session's own."""
         hub, watched = self.hub, viewer.session
-        counts = {"you_dropped": viewer.dropped, "viewers_dropped": hub.viewers_dropped,
-                  "encoder_dropped": hub.encoder_dropped}  # fmt: skip
         if watched is None:
-            return reply("stats", **self.stats(), viewers=len(hub.viewers), **counts)
+            return reply("stats", **self.stats(), viewers=len(hub.viewers), you_dropped=viewer.dropped,
+                         viewers_dropped=hub.viewers_dropped, encoder_dropped=hub.encoder_dropped)  # fmt: skip
         shown = {**watched.summary(), "session": watched.id, "prompt": watched.prompt,
-                 "version": watched.stats.get("version", watched.version),
-                 "last_switch_s": watched.last_switch_s, "ranks": len(self.lobby.replicas),
-                 "session_dropped": watched.dropped, "encoder_dropped": watched.encoder_dropped}  # fmt: skip
-        shown.setdefault("stream_fps", self.lobby.fps)
-        return reply("stats", **{**shown, **counts, "encoder_dropped": watched.encoder_dropped})
+                 "version": watched.stats.get("version", watched.version), "last_switch_s": watched.last_switch_s,
+                 "ranks": len(self.lobby.replicas), "you_dropped": viewer.dropped,
+                 "session_dropped": watched.dropped}  # fmt: skip
+        return reply("stats", **{"stream_fps": self.lobby.fps, **shown})
 
     async def _receive(self, viewer: Viewer) -> None:
         try:
