@@ -73,11 +73,17 @@ def test_fidelity_drops_before_a_stall_and_stays_within_the_floor():
     lim = limits(batch=2, degrade_below_s=0.5, recover_above_s=1.0, ladder=DEMO_LADDER, floor_db=25.0)
     assert lim.rungs == (0.0, 2.0)  # 23.7 dB is below the floor
     short = standing("a", 0.6, ticks=3)  # 3 ticks of 0.05 s at half the rounds: 0.3 s to go
-    assert next_rung(0, short, round_s=0.05, due=4, limits=lim) == 1
-    assert next_rung(1, short, round_s=0.05, due=4, limits=lim) == 1  # top rung within the floor
-    assert next_rung(1, standing("a", 3.0), round_s=0.05, due=4, limits=lim) == 0
-    assert next_rung(0, standing("a", 0.0, started=False), round_s=0.05, due=4, limits=lim) == 0
-    assert next_rung(0, short, round_s=None, due=4, limits=lim) == 0  # nothing measured yet
+    slow = 0.6 / 16  # 0.6 frames per tick at 16 fps: 37.5 ms of video per tick, 100 ms per tick served
+    assert next_rung(0, short, round_s=0.05, due=4, limits=lim, video_per_tick=slow) == 1
+    assert next_rung(1, short, round_s=0.05, due=4, limits=lim, video_per_tick=slow) == 1  # top within the floor
+    assert next_rung(1, standing("a", 3.0), round_s=0.05, due=4, limits=lim, video_per_tick=slow) == 0
+    fast = 0.2  # keeps up: its slack grows, no need to lower fidelity ...
+    assert next_rung(0, short, round_s=0.05, due=4, limits=lim, video_per_tick=fast) == 0
+    late = standing("a", 0.2, ticks=3)  # ... unless its next block would come late even so
+    assert next_rung(0, late, round_s=0.05, due=4, limits=lim, video_per_tick=fast) == 1
+    unstarted = standing("a", 0.0, started=False)
+    assert next_rung(0, unstarted, round_s=0.05, due=4, limits=lim, video_per_tick=slow) == 0
+    assert next_rung(0, short, round_s=None, due=4, limits=lim, video_per_tick=slow) == 0  # nothing measured yet
     assert limits(degrade=False, ladder=DEMO_LADDER).rungs == (0.0,)
     assert limits(floor_db=20.0, ladder=DEMO_LADDER).rungs == (0.0, 2.0, 4.0)
     assert limits(floor_db=20.0).rungs == (0.0,)  # no ladder given: the manager fills in the preset's

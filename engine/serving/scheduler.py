@@ -9,11 +9,13 @@ tick, in one coalesced call where their shapes allow (engine/runtime/coalesce.py
   `max_wait_rounds` rounds goes first, so none starves: with n sessions below the target, each is
   served at least once every `max_wait_rounds + ceil(n / batch)` rounds. `fifo` (a baseline):
   the sessions below the target in the order they were last served, no slack priority.
-* **Fidelity.** When a session's predicted slack at its next block (slack now minus the ticks it
-  still needs, at the measured round time and its share of the rounds) falls below
-  `degrade_below_s`, its feature-cache threshold goes one rung up the ladder, never past the
-  quality floor; above `recover_above_s` it comes one rung down. Sessions that have not shown a
-  frame yet have no clock to miss and keep full fidelity.
+* **Fidelity.** When capacity is short for a session (its share of the rounds yields video slower
+  than it plays) and its predicted slack at its next block (slack now minus the ticks it still
+  needs, at the measured round time and its share of the rounds) falls below `degrade_below_s`,
+  its feature-cache threshold goes one rung up the ladder, never past the quality floor; a
+  session that keeps up goes up only if its next block would still come late. Above
+  `recover_above_s` it comes one rung down. Sessions that have not shown a frame yet have no
+  clock to miss and keep full fidelity.
 * **Admission.** A new session needs its KV bytes under the memory budget and the measured
   throughput (`Throughput`: seconds per round at each batch size) to cover every running session
   at the stream's fps: n sessions fit when n * fps <= min(n, batch) * frames_per_tick / round_s.
@@ -187,13 +189,20 @@ def predicted_slack(standing: Standing, round_s: float, due: int, batch: int) ->
     return standing.slack_s - standing.ticks_to_frames * round_s * rounds_per_tick
 
 
-def next_rung(level: int, standing: Standing, round_s: float | None, due: int, limits: Limits) -> int:
-    """The session's rung (index into `limits.rungs`) for this round."""
+def next_rung(
+    level: int, standing: Standing, round_s: float | None, due: int, limits: Limits, video_per_tick: float
+) -> int:
+    """The session's rung (index into `limits.rungs`) for this round. `video_per_tick`: seconds of
+    video a tick yields on average. Capacity is short for a session whose share of the rounds
+    yields video slower than it plays: it goes up a rung once its predicted slack is below
+    `degrade_below_s`. One that keeps up (a session that just started, say) goes up only when its
+    next block would come too late even so."""
     top = len(limits.rungs) - 1
     if not standing.started or round_s is None:
         return min(level, top)
     predicted = predicted_slack(standing, round_s, due, limits.batch)
-    if predicted < limits.degrade_below_s:
+    keeps_up = video_per_tick >= round_s * max(1.0, due / limits.batch)
+    if predicted < 0 or (predicted < limits.degrade_below_s and not keeps_up):
         return min(level + 1, top)
     if predicted > limits.recover_above_s:
         return max(level - 1, 0)

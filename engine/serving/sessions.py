@@ -321,8 +321,9 @@ class SessionManager:
         due = sum(1 for s in standings if s.slack_s < self.limits.target_slack_s)
         round_s = self.throughput.estimate(min(due, self.limits.batch))
         by_id = {s.id: s for s in standings}
+        video_per_tick = self.frames_per_tick / self.fps
         for live in chosen:
-            live.rung = next_rung(live.rung, by_id[live.id], round_s, due, self.limits)
+            live.rung = next_rung(live.rung, by_id[live.id], round_s, due, self.limits, video_per_tick)
             live.block_rung = max(live.block_rung, rungs[live.rung])
             live.executor.skip.set_fidelity(rungs[live.rung] if live.rung else None)  # rung 0: as configured
 
