@@ -108,6 +108,33 @@ def test_sessions_over_three_replicas_outlive_a_failed_and_a_killed_one(tmp_path
         assert processes[0].wait(timeout=60) == 0, processes[0].stdout.read()
 
 
+def test_a_frozen_replica_is_ended_after_the_timeout(tmp_path):
+    """A replica rank stopped by SIGSTOP (a hang, a debugger) says nothing: after --timeout its
+    viewers are told and replica 0 streams on."""
+    command = [sys.executable, str(WORKER), str(tmp_path), "--port", "0", "--timeout", "5"]
+
+    async def run(url, processes):
+        viewers = [await Viewer.open(url) for _ in range(2)]
+        assert sorted(v.hello["replica"] for v in viewers) == [0, 1]
+        for viewer in viewers:
+            await viewer.read(3)
+        os.kill(processes[1].pid, signal.SIGSTOP)
+        (frozen,) = [v for v in viewers if v.hello["replica"] == 1]
+        ended = await _ended(frozen)
+        assert "replica 1 (rank 1) failed" in ended["reason"] and "Timed out" in ended["reason"], ended
+        (alive,) = [v for v in viewers if v.hello["replica"] == 0]
+        await alive.read(6)
+        await alive.close()
+
+    with ranks(command, world=2) as (url, processes):
+        try:
+            asyncio.run(run(url, processes))
+        finally:
+            os.kill(processes[1].pid, signal.SIGCONT)  # it finds its link gone and leaves (exit code 1)
+        processes[0].send_signal(signal.SIGINT)
+        assert processes[0].wait(timeout=60) == 0, processes[0].stdout.read()[-2000:]
+
+
 def test_the_demo_model_on_two_replica_ranks(tmp_path):
     """`python -m engine.stream` under torchrun's environment: two viewers, one per replica, each
     its own video (different seeds); Ctrl-C on rank 0 ends both ranks with exit code 0."""

@@ -127,10 +127,14 @@ class Lobby:
         self.opened = self.refused = 0
         self._numbers = itertools.count(1)
 
-    def attach(self, replicas: list[Replica]) -> None:
-        """Start serving sessions on these replicas (once the model is loaded)."""
+    def attach(self, replicas: list[Replica], wait_s: float = 30.0) -> None:
+        """Start serving sessions on these replicas (once the model is loaded). Waits (at most
+        `wait_s`) until each has said how much room it has, so the first viewers are spread
+        by what the replicas hold, not by which answered first."""
         for replica in replicas:
             replica.start(self._on_cycle, self._on_failure)
+        for replica in replicas:
+            replica.heard.wait(wait_s)
         self.replicas = replicas
 
     def stop(self) -> None:

@@ -66,6 +66,8 @@ class Replica:
         self._tickets = itertools.count()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.heard = threading.Event()
+        """Set at its first stats (or its end): until then its headroom is unknown."""
 
     def submit(self, op: str, *args) -> Future:
         """Ask the manager for `op(*args)` at its next pass; the Future gets {"ok": ...} or
@@ -139,6 +141,7 @@ class Replica:
     def _settle(self, cycle: Cycle) -> None:
         if cycle.server is not None:
             self.server, self.placed_since_stats = cycle.server, 0
+            self.heard.set()
         with self._lock:
             futures = [(self._futures.pop(t), a) for t, a in cycle.answers.items() if t in self._futures]
         for future, answer in futures:
@@ -150,6 +153,7 @@ class Replica:
             futures, self._futures = list(self._futures.values()), {}
         for future in futures:
             future.set_exception(ReplicaDown(self.failure))
+        self.heard.set()
 
 
 class LocalReplica(Replica):
