@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=4, help="sessions per round (engine and fifo)")
     parser.add_argument("--floor-db", type=float, default=25.0, help="quality floor of degraded chunks")
     parser.add_argument("--kv-budget-mib", type=float, default=64.0, help="KV memory budget")
+    parser.add_argument("--admission", choices=["throughput", "memory"], default="throughput",
+                        help="memory: admit by the KV budget alone, to see the policies overloaded")  # fmt: skip
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES, help="policies to run")
     parser.add_argument("--psnr-sessions", type=int, default=2, help="degraded sessions replayed alone per load")
     parser.add_argument("--psnr-blocks", type=int, default=24, help="blocks replayed per such session at most")
@@ -108,7 +110,8 @@ def make_trace(load: float, args, rng: np.random.Generator) -> list[Viewer]:
 
 
 def limits_for(policy: str, args) -> Limits:
-    base = Limits(kv_budget_bytes=int(args.kv_budget_mib * 2**20), batch=args.batch, floor_db=args.floor_db)
+    base = Limits(kv_budget_bytes=int(args.kv_budget_mib * 2**20), batch=args.batch, floor_db=args.floor_db,
+                  throughput_admission=args.admission == "throughput")  # fmt: skip
     if policy == "round-robin":
         return dataclasses.replace(base, batch=1, order="fifo", degrade=False)
     if policy == "fifo":
@@ -260,8 +263,9 @@ def run(args: argparse.Namespace):
             print(f"load {load} ({offered:.1f} sessions) {policy}: {len(viewers)} arrivals, "
                   f"CPR {rows[-1]['cpr']:.3f}", flush=True)  # fmt: skip
     rows.sort(key=lambda row: (row["load"], POLICIES.index(row["policy"])))
-    settings = {k: getattr(args, k) for k in ("preset", "loads", "seconds", "watch_s", "switch_s", "patience_s",
-                                               "batch", "floor_db", "kv_budget_mib", "threads", "seed")}  # fmt: skip
+    names = ("preset", "loads", "seconds", "watch_s", "switch_s", "patience_s", "batch", "floor_db", "kv_budget_mib",
+             "admission", "threads", "seed")  # fmt: skip
+    settings = {k: getattr(args, k) for k in names}
     settings.update(capacity_sessions=capacity, capacity_at_floor=at_floor,
                     round_ms={k: v * 1000 for k, v in measured.round_s.items()},
                     load_average_before=load_before, load_average_after=os.getloadavg()[0],
