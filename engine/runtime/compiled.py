@@ -7,7 +7,15 @@ is handed (`LocalView`, `InFlightView`) is traced through; what it reads per tic
 tensor (rotations, the block mask, the KV buffers) or a host integer that only changes while the
 window fills (the scratch's first slot, the number of in-flight blocks). Shapes are static
 (`dynamic=False`): each distinct (committed frames, in-flight blocks) layout of a plan compiles
-once, so a stream compiles a few graphs while its window fills and none once it slides.
+once, so a stream compiles a few graphs while its window fills and none once it slides. Blocks
+the forward does not compute (lagged context, feature caching) have their K/V written into the
+scratch before the compiled call (`InFlightView.fill_ahead`): the graph then sees scratch
+offsets, not the absolute block numbers the fill would specialise it on.
+
+Measured on a 2-core CPU (`python -m launch.bench compile`): about the same time per tick as
+eager (the demo 1.1x, mid-wan 0.94-1.0x: one CPU thread's forward is its matmuls, which compiling
+does not change; RoPE's complex multiply stays an inductor fallback). The point is the GPU,
+where per-kernel launch overhead is what compiling and CUDA graphs remove.
 
 `graphs` (mode="reduce-overhead") replays the steady-state forward as a CUDA graph. For that the
 KV buffers a forward writes are marked static (`prepare_cache`): cudagraph trees then write them in
