@@ -111,9 +111,21 @@ def add_session_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"sessions stepped per round, their forwards coalesced (default: {Limits.batch})",
     )
+    group.add_argument(
+        "--admit-at-floor",
+        action="store_true",
+        default=None,
+        help="admit as many sessions as the measured speed keeps at the quality floor's fidelity (each "
+        "degraded only while capacity is short for it); default: as many as run at full fidelity",
+    )
 
 
-SESSION_FLAGS = {"session_memory": "--session-memory", "grace": "--grace", "session_batch": "--session-batch"}
+SESSION_FLAGS = {
+    "session_memory": "--session-memory",
+    "grace": "--grace",
+    "session_batch": "--session-batch",
+    "admit_at_floor": "--admit-at-floor",
+}
 SHARED_FLAGS = {"record": "--record", "pace": "--no-pace"}
 SESSION_MEMORY_MIB = 1024
 EXPIRE_S = Limits.expire_s
@@ -126,6 +138,7 @@ def session_limits(args: argparse.Namespace) -> Limits:
         kv_budget_bytes=given.get("session_memory", SESSION_MEMORY_MIB) << 20,
         grace_s=given.get("grace", Limits.grace_s),
         batch=given.get("session_batch", Limits.batch),
+        admit_at_floor=given.get("admit_at_floor", Limits.admit_at_floor),
     )
 
 
