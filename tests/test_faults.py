@@ -74,7 +74,7 @@ def _session_alive(sid: int) -> list[int]:
 def test_a_frozen_rank_is_named_and_every_rank_ends_within_the_timeout(decode_rank, frozen):
     command = ["timeout", "-k", "5", "200", sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=3", "-m", "launch.stream", "--preset", "tiny-wan", "--schedule", "cascade",
-               "--offset", "1", "--port", "0", "--timeout", str(TIMEOUT_S)]  # fmt: skip
+               "--offset", "1", "--port", "0", "--timeout", str(TIMEOUT_S), "--shared-stream"]  # fmt: skip
     command += ["--decode-rank"] if decode_rank else []
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
