@@ -99,7 +99,8 @@ class Attention(nn.Module):
 
     @staticmethod
     def core(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask=None) -> torch.Tensor:
-        # q: [B, N, H, Dh]; keys/values: [B, M, H, Dh]; mask: bool [N, M] or None -> [B, N, H, Dh]
+        # q: [B, N, H, Dh]; keys/values: [B, M, H, Dh]; mask: bool [N, M], [B, 1, N, M] (one per stream
+        # sharing the forward) or None -> [B, N, H, Dh]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask
         )
