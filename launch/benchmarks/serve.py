@@ -3,11 +3,16 @@
 Viewers arrive as a Poisson process (one arrival trace per load, the same for every policy), each
 watches for a random time (uniform in 0.5-1.5x `--watch-s`) and switches its prompt now and then
 (Poisson, `--switch-s` apart on average). A refused viewer retries when told to (keeping its place
-in the queue) until `--patience-s` has passed, then counts as refused. The SessionManager
-(engine/serving/sessions.py) is driven directly on the real clock, in this process, without a
-server or sockets. Offered load = arrival rate x mean watch time, in sessions, as multiples of
-the capacity the engine measures for itself before the runs (rounds per second at each batch size
-x frames per round vs sessions x fps).
+in the queue) until `--patience-s` has passed, then counts as refused. `--through manager` (the
+default): the SessionManager (engine/serving/sessions.py) is driven directly on the real clock, in
+this process, without a server or sockets, and time to first frame and stalls are the manager's
+(its playout estimate). `--through server`: the engine policies run behind the real session
+server on 127.0.0.1 (launch/benchmarks/serve_clients.py), each viewer a WebSocket client that
+measures time to first frame and stalls from the frames it receives, against its own playout
+clock; the baselines still run through the manager (the table's `through` column says which).
+A session's viewer leaving frees it at once in both (no grace period). Offered load = arrival
+rate x mean watch time, in sessions, as multiples of the capacity the engine measures for itself
+before the runs (rounds per second at each batch size x frames per round vs sessions x fps).
 
 Policies, each with admission by the KV budget and the measured throughput:
 * engine: coalesced rounds of up to `--batch` sessions, least playout slack first, sessions above
@@ -37,17 +42,28 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from engine.config import ConfigError
 from engine.eval.metrics import psnr
 from engine.loading import resolve_device
 from engine.serving.scheduler import Limits, Throughput
 from engine.serving.sessions import Opened, SessionManager
 from launch.benchmarks.adherence import eval_prompts
 from launch.benchmarks.common import session_for
+from launch.benchmarks.serve_clients import serve_and_watch
 from launch.presets import get_preset
 
-COLUMNS = ["load", "offered", "policy", "admitted", "refused", "peak_sessions", "cpr", "ttff_p50_s", "ttff_p99_s",
-           "stall_s_per_min", "video_fps", "batch_mean", "degraded_chunks", "degraded_psnr_db", "loadavg"]  # fmt: skip
+COLUMNS = ["load", "offered", "policy", "through", "admitted", "refused", "peak_sessions", "cpr", "ttff_p50_s",
+           "ttff_p99_s", "stall_s_per_min", "video_fps", "batch_mean", "degraded_chunks", "degraded_psnr_db",
+           "loadavg"]  # fmt: skip
 POLICIES = ("engine", "engine-floor", "round-robin", "fifo")
+THROUGH_SERVER = ("engine", "engine-floor")
+"""Policies `--through server` serves over WebSockets (the baselines stay on the manager)."""
+MAX_VIEWERS = 64
+DRIVERS = {
+    "manager": "SessionManager on the real clock, in process (no server, no sockets)",
+    "server": "engine policies: the session server on 127.0.0.1, a WebSocket client per viewer measuring what it "
+    "receives; baselines: SessionManager on the real clock",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="loads 1 and 2, 6 s each, short viewers")
     parser.add_argument("--seed", type=int, default=0, help="arrival traces' seed")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    parser.add_argument("--through", choices=["manager", "server"], default="manager",
+                        help="server: the engine policies behind the real server on 127.0.0.1, measured by "
+                        "WebSocket viewers (manager: the SessionManager driven directly)")  # fmt: skip
+    parser.add_argument("--max-viewers", type=int, default=None,
+                        help=f"--through server: refuse a run of more viewers (default {MAX_VIEWERS})")  # fmt: skip
 
 
 @dataclass
@@ -92,6 +113,10 @@ class Viewer:
     prompt_log: list = field(default_factory=list)
     watched_s: float = 0.0
     switched: int = 0
+    frames: int = 0
+    degraded: int = 0
+    """Chunks made at lowered fidelity."""
+    left_at: float | None = None
 
 
 def make_trace(load: float, args, rng: np.random.Generator) -> list[Viewer]:
@@ -139,12 +164,41 @@ def calibrate(session, args) -> Throughput:
     return measured
 
 
+def end_s(args) -> float:
+    """When a run ends, in seconds from its start: arrivals end; the last ones watch a little."""
+    return args.seconds + args.watch_s * 0.5
+
+
+def measure(mgr, viewers: list[Viewer], args, through: str) -> tuple[float, int]:
+    """Run the trace on the manager directly, or behind the server with WebSocket viewers: the
+    wall seconds it took and the most sessions at once."""
+    if through == "server":
+        return serve_and_watch(mgr, viewers, args, mgr.fps, end_s(args))
+    return drive(mgr, viewers, args)
+
+
+def server_limits(policy: str, args) -> Limits:
+    """The policy's limits, a session freed as its viewer leaves (as `drive` closes it)."""
+    return dataclasses.replace(limits_for(policy, args), grace_s=0.0, expire_s=0.0)
+
+
+def check_flags(args) -> None:
+    """Flags that would do nothing are refused, one line with the fix."""
+    if args.through == "manager" and args.max_viewers is not None:
+        raise ConfigError("--max-viewers bounds --through server: drop it, or add --through server")
+    if args.through == "server" and not set(args.policies) & set(THROUGH_SERVER):
+        raise ConfigError(f"--through server serves the policies {', '.join(THROUGH_SERVER)} only: add one to "
+                          "--policies, or drop --through server")  # fmt: skip
+    if args.max_viewers is not None and args.max_viewers < 1:
+        raise ConfigError("--max-viewers must be at least 1")
+
+
 def drive(mgr: SessionManager, viewers: list[Viewer], args) -> tuple[float, int]:
     """Run the trace on the real clock: the wall seconds it took, the most sessions at once."""
     t0, peak = time.monotonic(), 0
     while True:
         now = time.monotonic() - t0
-        if now >= args.seconds + args.watch_s * 0.5:  # arrivals end; the last ones watch a little
+        if now >= end_s(args):
             break
         for viewer in viewers:
             _events(mgr, viewer, now, args)
@@ -154,6 +208,8 @@ def drive(mgr: SessionManager, viewers: list[Viewer], args) -> tuple[float, int]
         for viewer in viewers:
             if viewer.sid in out:
                 viewer.chunks.extend(out[viewer.sid])
+                viewer.frames += sum(len(c.pixels) for c in out[viewer.sid])
+                viewer.degraded += sum(c.threshold > 0 for c in out[viewer.sid])
                 viewer.first_frame_at = viewer.first_frame_at or stamp
         if not out:
             time.sleep(0.002)
@@ -199,8 +255,8 @@ def summarize(load: float, offered: float, policy: str, viewers: list[Viewer], w
     played = sum(v.watched_s for v in admitted)
     stalled = sum(min(v.stats.get("stall_s", 0.0), v.watched_s) for v in admitted)
     ttff = [v.first_frame_at - v.arrival for v in admitted if v.first_frame_at is not None]
-    frames = sum(len(c.pixels) for v in admitted for c in v.chunks)
-    batches = mgr.batches
+    frames = sum(v.frames for v in admitted)
+    batches = getattr(mgr, "batches", None) or {}  # a model-free manager in tests counts none
     return {
         "load": load, "offered": round(offered, 2), "policy": policy, "admitted": len(admitted),
         "refused": sum(v.gave_up or v.sid is None for v in viewers),
@@ -210,7 +266,7 @@ def summarize(load: float, offered: float, policy: str, viewers: list[Viewer], w
         "stall_s_per_min": stalled / (played / 60.0) if played else float("nan"),
         "video_fps": frames / wall,
         "batch_mean": sum(k * n for k, n in batches.items()) / max(sum(batches.values()), 1),
-        "degraded_chunks": sum(c.threshold > 0 for v in admitted for c in v.chunks),
+        "degraded_chunks": sum(v.degraded for v in admitted),
         "degraded_psnr_db": float("nan"),
     }  # fmt: skip
 
@@ -234,6 +290,8 @@ def run(args: argparse.Namespace):
     if args.quick:
         args.loads, args.seconds, args.watch_s, args.switch_s, args.psnr_sessions, args.psnr_blocks = (
             [1.0, 2.0], 6.0, 3.0, 1.5, 1, 12)  # fmt: skip
+    check_flags(args)
+    cap = args.max_viewers or MAX_VIEWERS
     torch.set_num_threads(args.threads)
     session = session_for(get_preset(args.preset), resolve_device(args.device))
     torch.set_num_threads(args.threads)
@@ -250,24 +308,29 @@ def run(args: argparse.Namespace):
         offered = load * max(capacity, 1)
         trace = make_trace(offered, args, np.random.default_rng([args.seed, index]))
         turn = index % len(args.policies)  # each policy goes first at some load: none always meets the busiest minute
+        if args.through == "server" and len(trace) > cap:
+            raise ConfigError(f"load {load:g} makes {len(trace)} viewers in {args.seconds:g} s, over --max-viewers "
+                              f"{cap}: lower --loads or --seconds, or raise --max-viewers")  # fmt: skip
         for policy in args.policies[turn:] + args.policies[:turn]:
-            mgr = SessionManager(session, limits_for(policy, args))
+            through = args.through if policy in THROUGH_SERVER else "manager"
+            limits = server_limits(policy, args) if through == "server" else limits_for(policy, args)
+            mgr = SessionManager(session, limits)
             mgr.throughput = copy.deepcopy(measured)
             viewers = copy.deepcopy(trace)
-            wall, peak = drive(mgr, viewers, args)
+            wall, peak = measure(mgr, viewers, args, through)
             rows.append(summarize(load, offered, policy, viewers, wall, mgr))
-            rows[-1]["peak_sessions"] = peak
+            rows[-1].update(through=through, peak_sessions=peak)
             rows[-1]["loadavg"] = os.getloadavg()[0]  # the machine's 1-minute load as the run ended
-            if policy.startswith("engine"):
+            if policy.startswith("engine") and through == "manager":  # over the server, seeds are the server's
                 rows[-1]["degraded_psnr_db"] = degraded_psnr(session, viewers, args)
             print(f"load {load} ({offered:.1f} sessions) {policy}: {len(viewers)} arrivals, "
                   f"CPR {rows[-1]['cpr']:.3f}", flush=True)  # fmt: skip
     rows.sort(key=lambda row: (row["load"], POLICIES.index(row["policy"])))
     names = ("preset", "loads", "seconds", "watch_s", "switch_s", "patience_s", "batch", "floor_db", "kv_budget_mib",
-             "admission", "threads", "seed")  # fmt: skip
+             "admission", "threads", "seed", "through")  # fmt: skip
     settings = {k: getattr(args, k) for k in names}
     settings.update(capacity_sessions=capacity, capacity_at_floor=at_floor,
                     round_ms={k: v * 1000 for k, v in measured.round_s.items()},
                     load_average_before=load_before, load_average_after=os.getloadavg()[0],
-                    driver="SessionManager on the real clock, in process (no server, no sockets)")  # fmt: skip
+                    driver=DRIVERS[args.through], max_viewers=cap if args.through == "server" else None)  # fmt: skip
     return rows, COLUMNS, settings
