@@ -10,7 +10,7 @@ this process, without a server or sockets, and time to first frame and stalls ar
 server on 127.0.0.1 (launch/benchmarks/serve_clients.py), each viewer a WebSocket client that
 measures time to first frame and stalls from the frames it receives, against its own playout
 clock; the baselines still run through the manager (the table's `through` column says which).
-A session's viewer leaving frees it at once in both (no grace period). Offered load = arrival
+A session's viewer leaving frees its place at once in both (no grace period). Offered load = arrival
 rate x mean watch time, in sessions, as multiples of the capacity the engine measures for itself
 before the runs (rounds per second at each batch size x frames per round vs sessions x fps).
 
@@ -178,8 +178,9 @@ def measure(mgr, viewers: list[Viewer], args, through: str) -> tuple[float, int]
 
 
 def server_limits(policy: str, args) -> Limits:
-    """The policy's limits, a session freed as its viewer leaves (as `drive` closes it)."""
-    return dataclasses.replace(limits_for(policy, args), grace_s=0.0, expire_s=0.0)
+    """The policy's limits, a session suspended as its viewer leaves: out of admission's count and
+    the KV budget at once, as `drive` closes it (expiry, later than any run, frees it)."""
+    return dataclasses.replace(limits_for(policy, args), grace_s=0.0)
 
 
 def check_flags(args) -> None:

@@ -40,8 +40,11 @@ def serve_and_watch(manager, viewers: list, args, fps: float, end_s: float) -> t
         server.lobby.attach([LocalReplica(0, SessionDesk(manager), name="bench replica")])
         url = f"ws://{HOST}:{server.address[1]}/ws"
         wall = asyncio.run(_watch_all(url, viewers, args, fps, end_s))
+        failure = server.lobby.replicas[0].failure
     finally:
         server.stop()
+    if failure:  # its sessions ended mid-run: the numbers would measure the failure
+        raise RuntimeError(f"the server's replica failed during the run: {failure}")
     return wall, peak_watching(viewers)
 
 
