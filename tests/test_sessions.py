@@ -222,3 +222,23 @@ def test_pyramid_plan_sessions_equal_their_solo_runs(session):
     assert_frames_equal(frames[a], solo(pyramid, RED, 3, seed=5), "pyramid session a")
     assert_frames_equal(frames[b], solo(pyramid, BLUE, 3, seed=6), "pyramid session b")
     assert mgr.stats(a)["frames"] == 9
+
+
+def test_a_desk_reports_an_expired_session_as_gone_and_serves_on(session):
+    """An expired session is freed by the manager between two stats passes of its desk: the desk
+    says it is gone (its viewers are told) and the replica keeps serving the others."""
+    from engine.serving.live import SessionDesk
+
+    clock = FakeClock()
+    mgr = manager(session, clock, batch=2, grace_s=1.0, expire_s=2.0)
+    desk = SessionDesk(mgr, stats_every_s=0.0, clock=clock)
+    leaving, staying = mgr.open(RED, seed=1).id, mgr.open(BLUE, seed=2).id
+    desk.versions.update({leaving: 1, staying: 1})  # as the desk's own open requests would
+    desk.cycle([])
+    mgr.viewer_left(leaving)
+    gone = []
+    for _ in range(3):
+        clock.t += 1.5
+        cycle = desk.cycle([])
+        gone += cycle.gone
+    assert gone == [leaving] and leaving not in mgr.sessions and staying in cycle.stats, gone

@@ -30,6 +30,7 @@ from engine.models.vae import to_uint8
 from engine.plan.timeline import Tick
 from engine.runtime.executor import Block
 from engine.serving.controls import Controls, ControlState, OneProcess, Ranks, share
+from engine.serving.sessions import SessionError
 
 __all__ = ["Controls", "Cycle", "LiveStream", "OneProcess", "Playout", "Request", "SessionDesk", "Stats", "StopStream"]
 
@@ -287,7 +288,7 @@ class SessionDesk:
         for session in list(self.versions):
             try:
                 stats[session] = plain(self.manager.stats(session))
-            except (KeyError, LookupError):
+            except (LookupError, SessionError):  # freed since the last pass (a fake host raises KeyError)
                 gone.append(session)
                 del self.versions[session]
         return stats, tuple(gone)
