@@ -41,7 +41,6 @@ class FastForward:
     def __init__(self, model, speed: SpeedConfig, attention: AttentionChoice, backend: str = "inductor"):
         self.model, self.speed, self.attention = model, speed, attention
         self.compiled = speed.compile != "off"
-        self._forward = model
         if self.compiled:
             self._forward = torch.compile(model, fullgraph=True, dynamic=False, backend=backend,
                                           mode=MODES[speed.compile] if backend == "inductor" else None)  # fmt: skip
@@ -50,7 +49,10 @@ class FastForward:
         return getattr(self.model, name)
 
     def __call__(self, latents: torch.Tensor, sigma: torch.Tensor, text, view, **kwargs) -> torch.Tensor:
-        if self.compiled and hasattr(view, "fill_ahead"):
+        if not self.compiled:
+            with self.attention.context():
+                return self.model(latents, sigma, text, view, **kwargs)
+        if hasattr(view, "fill_ahead"):
             view.fill_ahead(self.model.cfg.num_layers)  # the traced forward then sees offsets, not blocks
         with self.attention.context(), torch._dynamo.config.patch(recompile_limit=LAYOUTS):
             return self._forward(latents, sigma, text, view, **kwargs)
