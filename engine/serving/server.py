@@ -365,11 +365,13 @@ class StreamServer:
         if viewer.session is not None:
             return await self._session_answer(control, viewer.session)
         if control.type == "prompt":
-            version = self.controls.request_prompt(control.text)
-            return reply("ack", of="prompt", version=version, text=control.text,
-                         ignored=self.ignored_words(control.text))  # fmt: skip
+            return self._prompt_ack(self.controls.request_prompt(control.text), control.text)
         self.controls.set_paused(control.type == "pause")
         return reply("ack", of=control.type)
+
+    def _prompt_ack(self, version: int, text: str) -> str:
+        """The ack of an accepted prompt: its version, the text as accepted, the words the model ignores."""
+        return reply("ack", of="prompt", version=version, text=text, ignored=self.ignored_words(text))
 
     async def _session_answer(self, control: Control, watched: Watched) -> str:
         """A control that acts on the viewer's own session only."""
@@ -377,8 +379,7 @@ class StreamServer:
             answer = await self.lobby.control(watched, "set_prompt", control.text)
             if "error" in answer:
                 return reply("error", error=answer["error"])
-            return reply("ack", of="prompt", version=answer["ok"]["version"], text=control.text,
-                         ignored=self.ignored_words(control.text))  # fmt: skip
+            return self._prompt_ack(answer["ok"]["version"], control.text)
         answer = await self.lobby.control(watched, control.type)
         return reply("error", error=answer["error"]) if "error" in answer else reply("ack", of=control.type)
 
