@@ -364,8 +364,16 @@ FLAGS: tuple[Flag, ...] = (
     Flag(
         "--sp",
         "parallel.sp",
-        "under torchrun: Ulysses sequence-parallel ranks sharing each forward of a cascade stage",
+        "under torchrun: Ulysses sequence-parallel ranks sharing each forward (of a cascade stage, or of any plan)",
         ("--sp", "2"),
+        type=_positive_int,
+    ),
+    Flag(
+        "--replicas",
+        "parallel.replicas",
+        "under torchrun, serving sessions: rank groups of equal size, each a cascade x sp serving its own "
+        "sessions (default: 1, one group of every rank)",
+        ("--replicas", "2"),
         type=_positive_int,
     ),
     Flag(
@@ -568,7 +576,7 @@ def single_process_notes(args: argparse.Namespace, topology: Topology) -> list[s
     """Rank flags given to one process: said, not silently dropped."""
     if topology.distributed:
         return []
-    rank_flags = ("decode_rank", "timeout", "sp", "sp_backend", "parallel", "link")
+    rank_flags = ("decode_rank", "timeout", "sp", "sp_backend", "replicas", "parallel", "link")
     given = [FLAG_BY_DEST[d] for d in rank_flags if FLAG_BY_DEST[d].given(args)]
     return [f"{flag.name} applies to runs under torchrun; this is one process" for flag in given]
 

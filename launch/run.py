@@ -41,6 +41,9 @@ class RankRun:
         threads: int | None = None,
         speed: SpeedConfig = EAGER,
     ):
+        if topology.cfg.replicas > 1:
+            raise TopologyError("--replicas splits a sessions server (engine.stream) into rank groups; one stream "
+                                "runs on every rank: drop --replicas")  # fmt: skip
         if topology.distributed and preset.plan.schedule != "cascade":
             raise TopologyError(f"{topology.world_size} processes need --schedule cascade (got {preset.plan.schedule})")
         self.preset, self.topology = preset, topology

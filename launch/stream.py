@@ -1,14 +1,19 @@
 """Serve endless streams to viewers, each its own: `python -m engine.stream`, or under torchrun.
 
     python -m engine.stream                                   # the demo model, http://127.0.0.1:8000
-    torchrun --nproc_per_node=2 -m engine.stream              # sessions over 2 replicas (one per rank)
+    torchrun --nproc_per_node=5 -m engine.stream --schedule cascade --offset 1   # every session on a 5-rank cascade
+    torchrun --nproc_per_node=4 -m engine.stream --replicas 2 --sp 2   # 2 groups, sp 2 in each
+    torchrun --nproc_per_node=2 -m engine.stream --replicas 2 # sessions over 2 one-rank replicas
     python -m engine.stream --shared-stream                   # one stream for every viewer
     torchrun --nproc_per_node=3 -m engine.stream --shared-stream --schedule cascade --offset 1
     python -m engine.stream --host 0.0.0.0 --token SECRET     # reachable from elsewhere: token needed
 
-Sessions (the default): every viewer gets a session of its own, or joins one by its id; rank 0
-serves and every rank is a replica holding the model (engine/serving/replicas.py). Shared stream:
-the serving rank (the decode rank, or rank 0) runs the web server; the other ranks only compute.
+Sessions (the default): every viewer gets a session of its own, or joins one by its id. The
+ranks split into `--replicas` groups (default one group of every rank); each group is a cascade
+x sp of ranks holding the model and serving its own sessions: its first rank schedules them and
+steps the group (engine/serving/group.py). Rank 0 serves; new sessions go to the group with the
+most room (engine/serving/replicas.py). Shared stream: the serving rank (the decode rank, or
+rank 0) runs the web server; the other ranks only compute.
 Ctrl-C or SIGTERM stops every session and rank (the shared stream: at the next tick, closing the
 recording).
 """
@@ -30,6 +35,7 @@ from engine.config import ConfigError, Preset
 from engine.demo.vocab import ignored_words
 from engine.loading import resolve_dtype
 from engine.serving import flags
+from engine.serving.group import Outbox, follow
 from engine.serving.live import Controls, LiveStream, SessionDesk
 from engine.serving.replicas import LocalReplica, RemoteReplica, serve_replica
 from engine.serving.scheduler import Limits
@@ -52,7 +58,8 @@ from launch.cli import (
 )
 from launch.run import RankRun, on_ranks
 from launch.threads import configure_threads
-from parallel.replicas import SERVING_RANK, replica_links
+from parallel.faults import is_peer_trouble
+from parallel.replicas import SERVING_RANK, group_cast, replica_links
 from parallel.topology import Topology
 
 log = logging.getLogger("launch.stream")
@@ -148,16 +155,28 @@ def check_mode(args: argparse.Namespace, topology: Topology) -> None:
         given = [flag for dest, flag in SESSION_FLAGS.items() if getattr(args, dest) is not None]
         if given:
             raise ConfigError(f"{given[0]} sets up sessions: drop it, or drop --shared-stream")
+        if topology.cfg.replicas > 1:
+            raise ConfigError("--replicas splits the ranks into groups serving sessions; one shared stream runs "
+                              "on every rank: drop --replicas, or drop --shared-stream")  # fmt: skip
         return
     given = [flag for dest, flag in SHARED_FLAGS.items() if getattr(args, dest) is not None]
     if given:
         raise ConfigError(f"{given[0]} applies to one shared stream: add --shared-stream (sessions are paced by "
                           "their viewers' playout and not recorded)")  # fmt: skip
-    cascaded = args.schedule == "cascade" or args.decode_rank or (args.sp or 1) > 1 or args.parallel
-    if topology.distributed and cascaded:
-        raise ConfigError("under torchrun, sessions run one replica per rank (each holds the model): drop "
-                          "--schedule cascade / --decode-rank / --sp / --parallel, or add --shared-stream for one "
-                          "cascaded stream")  # fmt: skip
+    if topology.cfg.decode_rank:
+        raise ConfigError("sessions leave from each group's first rank, which decodes them: drop --decode-rank "
+                          "(or add --shared-stream for one stream with a decode rank)")  # fmt: skip
+    check_group(topology, args.schedule)
+
+
+def check_group(topology: Topology, schedule: str | None) -> None:
+    """A group of several cascade stages needs the cascade plan to keep them busy."""
+    if topology.cascade_size > 1 and schedule != "cascade":
+        per = f"{topology.group_size} processes per group" if topology.cfg.replicas > 1 else \
+            f"{topology.world_size} processes"  # fmt: skip
+        raise ConfigError(f"{per} make {topology.cascade_size} cascade stages: add --schedule cascade, or "
+                          f"--sp {topology.compute_ranks} to shard one forward, or --replicas "
+                          f"{topology.world_size} for one replica per process")  # fmt: skip
 
 
 def _source(args: argparse.Namespace, preset: Preset, topology: Topology):
@@ -234,39 +253,106 @@ def _server_options(args: argparse.Namespace, preset: Preset) -> dict:
 
 
 def serve_sessions(args: argparse.Namespace, topology: Topology, make_manager: Callable | None = None) -> None:
-    """Rank 0 serves and runs replica 0; every other rank runs a replica for it until told to stop.
-    `make_manager()` (default: the preset's model under SessionManager) is what each replica runs."""
+    """Rank 0 serves and leads group 0; every other group's leader runs its group's replica for it,
+    and every other rank follows its leader, until told to stop. `make_manager(outbox)` (default:
+    the preset's model under SessionManager) is what each rank of a replica runs."""
     preset = preset_from_args(args)
     for note in single_process_notes(args, topology):
         print(f"note: {note}", file=sys.stderr)
-    links = replica_links(topology)  # every rank, before anything can fail on one of them
+    links, cast = replica_links(topology), group_cast(topology)  # every rank, before anything can fail
     serving, server = topology.rank == SERVING_RANK, None
+    leading, manager, local = topology.rank == topology.leader, None, None
     try:
         if serving:  # listen before any weights load: a port in use is said at once
             server = StreamServer.for_sessions(args.prompt, args.seed, **_server_options(args, preset)).start()
             server.lobby.fps = preset.stream.fps
-        desk = SessionDesk((make_manager or (lambda: _manager(args, preset, topology)))())
-        if not serving:
+        outbox = Outbox(cast) if cast is not None and leading else None
+        manager = (make_manager or (lambda box: _manager(args, preset, topology, box)))(outbox)
+        if not leading:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serving rank says when to stop
-            ended = serve_replica(desk, links[SERVING_RANK])
-            if ended != "stopped":
-                print(f"rank {topology.rank}: replica {ended}", file=sys.stderr, flush=True)
+            _say_end(topology, run_follower(manager, cast, topology))
             return
-        remote = [RemoteReplica(peer, link, rank=peer) for peer, link in sorted(links.items())]
-        server.lobby.attach([LocalReplica(0, desk, name="replica 0 (rank 0)"), *remote])
-        print(f"serving {server.url} ({1 + len(remote)} replica(s), a session per viewer)", flush=True)
+        if not serving:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _say_end(topology, run_replica(GroupDesk(manager, topology), links[SERVING_RANK], manager))
+            return
+        remote = [RemoteReplica(i, link, rank=peer, name=_group_name(topology, peer))
+                  for i, (peer, link) in enumerate(sorted(links.items()), start=1)]  # fmt: skip
+        local = LocalReplica(0, GroupDesk(manager, topology), name=_group_name(topology, 0))
+        server.lobby.attach([local, *remote])
+        print(f"serving {server.url} ({1 + len(remote)} replica(s) of {_group_shape(topology)}, a session per "
+              "viewer)", flush=True)  # fmt: skip
         _wait_for_stop()
     finally:
         if server is not None:
-            server.stop()  # remote replicas are told to stop
+            server.stop()  # remote replicas are told to stop, and the local one's loop ends
+            if local is not None and local.failure.endswith("stopped"):
+                manager.stop_group()
 
 
-def _manager(args: argparse.Namespace, preset: Preset, topology: Topology) -> SessionManager:
+def _group_name(topology: Topology, leader: int) -> str:
+    """`replica 1 (ranks 2-3)`, or `replica 1 (rank 1)` for a group of one."""
+    index, size = leader // topology.group_size, topology.group_size
+    ranks = f"rank {leader}" if size == 1 else f"ranks {leader}-{leader + size - 1}"
+    return f"replica {index} ({ranks})"
+
+
+def _group_shape(topology: Topology) -> str:
+    if topology.group_size == 1:
+        return "1 rank"
+    parts = [f"cascade {topology.cascade_size}"] if topology.cascade_size > 1 else []
+    parts += [f"sp {topology.cfg.sp}"] if topology.cfg.sp > 1 else []
+    return " x ".join(parts) + f" ({topology.group_size} ranks)"
+
+
+class GroupDesk(SessionDesk):
+    """A group leader's desk: a failure that came from a peer names the group's rank at fault
+    (parallel/faults.py `blame`), which is what its sessions are told when they end."""
+
+    def __init__(self, manager, topology: Topology):
+        super().__init__(manager)
+        self.topology = topology
+
+    def cycle(self, requests):
+        try:
+            return super().cycle(requests)
+        except Exception as err:
+            cause = self.topology.faults.blame(err, self.topology.group_ranks) if self.topology.group_size > 1 else None
+            if cause is None:
+                raise
+            raise RuntimeError(f"{cause} (rank {self.topology.rank} saw: {type(err).__name__})") from err
+
+
+def run_replica(desk: SessionDesk, link, manager: SessionManager) -> str:
+    """Another group's leader: serve the serving rank's requests, then stop the group's followers."""
+    ended = serve_replica(desk, link)
+    if ended == "stopped":
+        manager.stop_group()
+    return ended
+
+
+def run_follower(manager: SessionManager, cast, topology: Topology) -> str:
+    """A rank that follows its group's leader: ends when told, or when its group breaks (a peer
+    silent past the timeout, an error): then it returns, so that the job's other groups go on."""
+    try:
+        return follow(manager, cast)
+    except Exception as err:
+        if not is_peer_trouble(err):  # its own fault: for the leader, which names it to the group's viewers
+            topology.faults.note(err)
+        return f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+
+
+def _say_end(topology: Topology, ended: str) -> None:
+    if ended != "stopped":
+        print(f"rank {topology.rank}: replica {ended}", file=sys.stderr, flush=True)
+
+
+def _manager(args: argparse.Namespace, preset: Preset, topology: Topology, outbox: Outbox | None) -> SessionManager:
     device = rank_device(args, topology)
     session = build_session(preset, weights_from_args(args), device, resolve_dtype(args.dtype, device),
-                            speed=speed_from_args(args))  # fmt: skip
+                            topology=topology, speed=speed_from_args(args))  # fmt: skip
     configure_threads(process_from_args(args).get("threads"), session.model, device)
-    return SessionManager(session, session_limits(args))
+    return SessionManager(session, session_limits(args), outbox=outbox)
 
 
 def _wait_for_stop() -> None:

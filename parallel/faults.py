@@ -13,6 +13,10 @@ waiting on its peers. When something goes wrong:
 * a rank that dies is also reaped by torchrun, which then stops the others.
 So every process ends within about the timeout (ParallelConfig.timeout_s), and the message names
 the rank and the cause.
+
+A sessions server's rank groups fail alone instead (`blame`): a group's leader that sees a peer
+error names the rank of its group at fault (its own report, died, froze) and ends nothing, so that
+the other groups keep streaming; the group's sessions end with that reason.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import time
 import torch.distributed as dist
 
 FAILURE_KEY = "arcade/failure"
+RANK_FAILURE_KEY = "arcade/failure/{rank}"
 STATE_KEY = "arcade/state/{rank}"
 PROCESS_KEY = "arcade/process/{rank}"
 ALIVE_KEY = "arcade/alive/{rank}"
@@ -94,6 +99,22 @@ class FaultReporter:
         self._record(cause)  # ranks that stop later (terminated by torchrun) report the same cause
         return f"{cause} (rank {self.rank} saw: {type(error).__name__})"
 
+    def note(self, error: BaseException) -> str:
+        """Record this rank's own failure for its group's leader to read (`blame`); the line."""
+        own = f"rank {self.rank}: {type(error).__name__}: {error}".strip()
+        self._set(RANK_FAILURE_KEY.format(rank=self.rank), own)
+        return own
+
+    def blame(self, error: BaseException, ranks: list[int]) -> str | None:
+        """Which of `ranks` (a group) a peer error came from: one that recorded its failure, died,
+        or froze; None if it is not a peer error or no rank can be named. Ends no process."""
+        if self.store is None or not is_peer_trouble(error):
+            return None
+        before = self._signs_of_life()
+        time.sleep(EXIT_GRACE_S)
+        reported = [self._get(RANK_FAILURE_KEY.format(rank=r)) for r in ranks if r != self.rank]
+        return next((r for r in reported if r), None) or self._dead_rank(ranks) or self._frozen_rank(before, ranks)
+
     def _beat(self) -> None:
         count = 0
         while not self._stop_beats.wait(BEAT_S):
@@ -102,17 +123,17 @@ class FaultReporter:
 
     # -- reading the store -----------------------------------------------------------------------
 
-    def _processes(self):
-        """(rank, host, pid, start time) of every other rank that registered."""
-        for rank in range(self.world_size):
+    def _processes(self, ranks: list[int] | None = None):
+        """(rank, host, pid, start time) of every other rank that registered (of `ranks` if given)."""
+        for rank in range(self.world_size) if ranks is None else ranks:
             record = self._get(PROCESS_KEY.format(rank=rank))
             if record is not None and rank != self.rank:
                 host, pid, start = record.rsplit(":", 2)
                 yield rank, host, int(pid), start
 
-    def _dead_rank(self) -> str | None:
+    def _dead_rank(self, ranks: list[int] | None = None) -> str | None:
         host = socket.gethostname()
-        for rank, their_host, pid, start in self._processes():
+        for rank, their_host, pid, start in self._processes(ranks):
             if their_host == host and not _alive(pid, start):
                 return f"rank {rank} (pid {pid}) died"
         return None
@@ -120,10 +141,11 @@ class FaultReporter:
     def _signs_of_life(self) -> dict[int, str | None]:
         return {r: self._get(ALIVE_KEY.format(rank=r)) for r in range(self.world_size) if r != self.rank}
 
-    def _frozen_rank(self, before: dict[int, str | None]) -> str | None:
-        """A rank whose signs of life stopped during the grace period; ended if on this host."""
+    def _frozen_rank(self, before: dict[int, str | None], ranks: list[int] | None = None) -> str | None:
+        """A rank whose signs of life stopped during the grace period; ended if on this host
+        (unless `ranks` narrows the search to a group, whose failure ends nothing)."""
         after = self._signs_of_life()
-        for rank, host, pid, start in self._processes():
+        for rank, host, pid, start in self._processes(ranks):
             if after.get(rank) is None or after[rank] != before.get(rank):
                 continue
             cause = f"rank {rank} (pid {pid} on {host}) froze: no sign of life for {EXIT_GRACE_S:g} s"
@@ -131,7 +153,7 @@ class FaultReporter:
                 return cause
             if _state(pid, start) in ("T", "t"):
                 cause += " (stopped by a signal or a debugger)"
-            return cause + ("; ended it" if _end(pid, start) else "")
+            return cause + ("; ended it" if ranks is None and _end(pid, start) else "")
         return None
 
     def _stuck_rank(self) -> str | None:

@@ -1,12 +1,15 @@
 """Who does what in a multi-process run: the device mesh, built once from torchrun's environment.
 
-    world = cascade x sp compute ranks (+ 1 decode rank when asked for, the last one)
+    world = replicas x group,   group = cascade x sp compute ranks (+ 1 decode rank when asked for)
 
-Compute ranks form a `DeviceMesh` with named dims ("cascade", "sp"); each cascade rank holds its
-share of a stream's in-flight blocks (parallel/cascade.py), sp is sequence parallelism inside a
-block (size 1 until it exists). The decode rank only receives finished blocks, decodes and
-writes them; without one, rank 0 does that beside its compute. NCCL on CUDA, gloo on CPU. Groups
-live on this object and are passed explicitly; nothing is kept in module globals.
+The world splits into `replicas` rank groups of equal size (default: one group of every rank).
+A group runs streams on its own: its compute ranks form the ("cascade", "sp") dims of a
+`DeviceMesh` whose first dim ("replica") says which group; each cascade rank holds its share of
+a stream's in-flight blocks (parallel/cascade.py), sp is sequence parallelism inside a block. A
+group's decode rank (its last rank) only receives finished blocks, decodes and writes them;
+without one, the group's first rank does that beside its compute. Ranks are global everywhere
+(what `dist` takes); `local` is a rank's place inside its group. NCCL on CUDA, gloo on CPU.
+Groups live on this object and are passed explicitly; nothing is kept in module globals.
 """
 
 from __future__ import annotations
@@ -38,21 +41,27 @@ class ParallelConfig:
     """Reserve the last rank for decoding and serving."""
     timeout_s: float = 120.0
     """A collective or a peer that takes longer than this ends the job with an error."""
+    replicas: int = 1
+    """Rank groups the world splits into, each a cascade x sp (+ decode rank) serving its own sessions."""
 
 
 def _layout(world: int, cfg: ParallelConfig) -> tuple[int, int]:
-    """(cascade, compute ranks) for a world size, or a clear error."""
+    """(cascade, compute ranks) of one group for a world size, or a clear error."""
+    if cfg.replicas < 1 or world % cfg.replicas:
+        raise TopologyError(f"--replicas {cfg.replicas} must divide the {world} processes into groups of equal size")
+    world //= cfg.replicas
     compute = world - (1 if cfg.decode_rank else 0)
     if compute < 1:
-        raise TopologyError(f"a decode rank needs at least 2 processes, got {world}")
+        raise TopologyError(f"a decode rank needs at least 2 processes per group, got {world}")
     if cfg.sp < 1 or compute % cfg.sp:
         raise TopologyError(f"--sp {cfg.sp} must divide the {compute} compute processes")
     cascade = cfg.cascade or compute // cfg.sp
     if cascade * cfg.sp != compute:
         extra = " + 1 decode rank" if cfg.decode_rank else ""
+        groups = f" in each of {cfg.replicas} groups" if cfg.replicas > 1 else ""
         raise TopologyError(
             f"cascade {cascade} x sp {cfg.sp}{extra} = {cascade * cfg.sp + (1 if cfg.decode_rank else 0)} "
-            f"processes, but torchrun started {world}"
+            f"processes{groups}, but torchrun started {world * cfg.replicas}"
         )
     return cascade, compute
 
@@ -70,6 +79,9 @@ class Topology:
     def __init__(self, cfg: ParallelConfig, rank: int, world: int, local_rank: int, mesh: DeviceMesh | None):
         self.cfg, self.rank, self.world_size, self.local_rank, self.mesh = cfg, rank, world, local_rank, mesh
         self.cascade_size, self.compute_ranks = _layout(world, cfg)
+        self.group_size = world // cfg.replicas
+        self.group, self.local = divmod(rank, self.group_size)
+        self.group_start = self.group * self.group_size
         self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         self.faults = FaultReporter(rank, world)
 
@@ -91,11 +103,13 @@ class Topology:
         timeout = timedelta(seconds=cfg.timeout_s)
         dist.init_process_group(backend, timeout=timeout)
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        ranks = torch.arange(compute).view(cascade, cfg.sp)
+        group = world // cfg.replicas
+        starts = torch.arange(cfg.replicas).mul(group).view(-1, 1, 1)
+        ranks = starts + torch.arange(compute).view(1, cascade, cfg.sp)  # [replica, cascade, sp] global ranks
         # the mesh's own groups (compute ranks only, with a decode rank) get the job's timeout,
         # not torch's default of 30 minutes
-        groups = ((backend, _group_options(backend, timeout)),) * 2
-        mesh = DeviceMesh(device_type, ranks, mesh_dim_names=("cascade", "sp"), backend_override=groups)
+        groups = ((backend, _group_options(backend, timeout)),) * 3
+        mesh = DeviceMesh(device_type, ranks, mesh_dim_names=("replica", "cascade", "sp"), backend_override=groups)
         return cls(cfg, rank, world, local_rank, mesh)
 
     # -- roles -------------------------------------------------------------------------------
@@ -106,20 +120,31 @@ class Topology:
 
     @property
     def is_compute(self) -> bool:
-        return self.rank < self.compute_ranks
+        return self.local < self.compute_ranks
 
     @property
     def is_decoder(self) -> bool:
-        """The rank that receives finished blocks in order and writes/serves them."""
+        """The rank that receives its group's finished blocks in order and writes/serves them."""
         return self.rank == self.sink
 
     @property
     def sink(self) -> int:
-        return self.world_size - 1 if self.cfg.decode_rank else 0
+        """Global rank of this group's output: its decode rank, or its first rank."""
+        return self.group_start + (self.group_size - 1 if self.cfg.decode_rank else 0)
+
+    @property
+    def leader(self) -> int:
+        """Global rank of this group's first rank (which schedules the group's sessions)."""
+        return self.group_start
+
+    @property
+    def group_ranks(self) -> list[int]:
+        """Global ranks of this rank's group."""
+        return list(range(self.group_start, self.group_start + self.group_size))
 
     @property
     def cascade_rank(self) -> int:
-        return self.rank // self.cfg.sp if self.is_compute else -1
+        return self.local // self.cfg.sp if self.is_compute else -1
 
     def cascade_group(self):
         return self.mesh.get_group("cascade") if self.mesh is not None and self.is_compute else None
@@ -129,8 +154,8 @@ class Topology:
         return self.mesh.get_group("sp") if self.mesh is not None and self.is_compute else None
 
     def stage_leader(self, stage: int) -> int:
-        """The global rank that speaks for cascade stage `stage` (its first sp rank)."""
-        return stage * self.cfg.sp
+        """The global rank that speaks for cascade stage `stage` of this group (its first sp rank)."""
+        return self.group_start + stage * self.cfg.sp
 
     def owner(self, block: int) -> int:
         """Cascade rank that denoises `block`: round robin, so neighbours sit on different ranks."""

@@ -32,8 +32,8 @@ class FailOnSignal(FakeManager):
 def main() -> int:
     out, argv = Path(sys.argv[1]), sys.argv[2:]
     rank = int(os.environ["RANK"])
-    args = parse_args(argv)
-    make = lambda: FailOnSignal(out / f"fail{rank}", name=f"r{rank}-", capacity=3)  # noqa: E731
+    args = parse_args([*argv, "--replicas", os.environ["WORLD_SIZE"]])  # one replica per rank
+    make = lambda outbox: FailOnSignal(out / f"fail{rank}", name=f"r{rank}-", capacity=3)  # noqa: E731
     return on_ranks(args, lambda topology: serve_sessions(args, topology, make_manager=make))[0]
 
 

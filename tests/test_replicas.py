@@ -138,7 +138,8 @@ def test_a_frozen_replica_is_ended_after_the_timeout(tmp_path):
 def test_the_demo_model_on_two_replica_ranks(tmp_path):
     """`python -m engine.stream` under torchrun's environment: two viewers, one per replica, each
     its own video (different seeds); Ctrl-C on rank 0 ends both ranks with exit code 0."""
-    command = [sys.executable, "-m", "launch.stream", "--preset", "demo", "--port", "0", "--timeout", "60"]
+    command = [sys.executable, "-m", "launch.stream", "--preset", "demo", "--port", "0", "--timeout", "60",
+               "--replicas", "2"]  # fmt: skip
 
     async def run(url):
         a, b = await Viewer.open(url), await Viewer.open(url)

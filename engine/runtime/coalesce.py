@@ -26,7 +26,9 @@ features (bwcache does: it would see the whole batch), an unsharded model. The o
 forwards alone in the same tick, with the same results: lagged context (a forward per block
 against the previous tick's K/V), cascade ranks (their exchanges are per stream), Ulysses
 (collectives per forward), whole-window computation, and MAGI-1, whose guidance runs passes of
-its own over its own text type.
+its own over its own text type. Streams spread over ranks (cascade placement) run each tick
+whole, one stream after another in item order, so that every rank of their group meets the
+same collectives in the same order.
 """
 
 from __future__ import annotations
@@ -73,10 +75,19 @@ def step_together(
     if len({id(executor) for executor in executors}) != len(executors):
         raise ValueError("an executor appears twice in one step_together: a stream runs one tick at a time")
     calls = calls if calls is not None else SharedCalls()
-    prepared = [executor.prepare(tick, text) for executor, tick, text in items]
-    for group in _groups(executors, prepared):
+    finished: dict[int, list[Block]] = {}
+    for i, (executor, tick, text) in enumerate(items):
+        # A stream spread over ranks runs its whole tick before the next stream's: a rank with
+        # nothing to compute joins a stream's exchanges in `prepare`, a rank with blocks in the
+        # forward, so interleaving the phases of two such streams would cross their collectives.
+        if not isinstance(executor.placement, Local):
+            finished[i] = executor.step(tick, text)
+    local = [i for i in range(len(items)) if i not in finished]
+    prepared = {i: executors[i].prepare(items[i][1], items[i][2]) for i in local}
+    for group in _groups([executors[i] for i in local], [prepared[i] for i in local]):
         _run(group, calls)
-    return [executor.finish(tick) for executor, tick in zip(executors, prepared)]
+    finished.update({i: executors[i].finish(prepared[i]) for i in local})
+    return [finished[i] for i in range(len(items))]
 
 
 def shareable(executor: Executor) -> bool:

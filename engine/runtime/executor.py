@@ -230,8 +230,8 @@ class Executor:
         stopped. Lagged context takes in the last tick's K/V first (what a later settle would)."""
         if self.suspended:
             return 0
-        if not isinstance(self.placement, Local):
-            raise ValueError("only a stream that runs on one process can be suspended")
+        # A stream spread over ranks is suspended on each of them at the same round boundary (its
+        # group's leader says when: engine/serving/group.py); each rank moves its own share.
         self.context.settle(self)
         moved = relocate(self.stream_state(), torch.device("cpu"))
         self.suspended = True

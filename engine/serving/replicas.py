@@ -8,19 +8,19 @@ go in from any thread (`submit` -> a Future), and a loop of its own hands back e
 rank runs `serve_replica` (gloo or NCCL: parallel/replicas.py). Each replica has a loop and a
 channel of its own, so a slow or dead replica holds up no other: its failure (an error it
 reports, a closed connection, a peer silent past the timeout) ends its sessions, through
-`on_failure`, and nothing else. Replicas are single ranks for now; a replica that is itself a
-cascade group is not built yet.
+`on_failure`, and nothing else. A replica is a rank group (a cascade x sp of ranks, or one rank):
+the server talks to its leader, which runs the manager and steps the group's ranks
+(engine/serving/group.py).
 
-Between ranks nothing is pickled: a packet is a JSON header and the frames' raw bytes.
+Between ranks nothing is pickled: a packet is a JSON header and the frames' raw bytes
+(engine/serving/packets.py).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import queue
-import struct
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -29,12 +29,12 @@ from typing import Protocol
 import numpy as np
 
 from engine.serving.live import Cycle, Request, SessionDesk
+from engine.serving.packets import decode, encode
 
 log = logging.getLogger(__name__)
 
 IDLE_S = 0.01
 """How long a loop rests after a pass that had nothing to do (no request, no frame)."""
-_LENGTH = struct.Struct("<I")
 
 
 class ReplicaDown(RuntimeError):
@@ -170,8 +170,8 @@ class LocalReplica(Replica):
 class RemoteReplica(Replica):
     """A manager on another rank: each pass sends the requests and receives that rank's cycle."""
 
-    def __init__(self, index: int, channel: Channel, rank: int):
-        super().__init__(index, f"replica {index} (rank {rank})")
+    def __init__(self, index: int, channel: Channel, rank: int, name: str | None = None):
+        super().__init__(index, name or f"replica {index} (rank {rank})")
         self.channel = channel
 
     def exchange(self, requests: list[Request]) -> Cycle:
@@ -208,21 +208,7 @@ def serve_replica(desk: SessionDesk, channel: Channel) -> str:
         channel.send(encode_cycle(cycle))
 
 
-# -- packets: a JSON header, then raw bytes -----------------------------------------------------------
-
-
-def encode(header: dict, blobs: list[np.ndarray] = ()) -> np.ndarray:
-    """`[length][JSON header][blob bytes...]` as one uint8 array."""
-    text = json.dumps(header).encode("utf-8")
-    parts = [np.frombuffer(_LENGTH.pack(len(text)) + text, np.uint8)]
-    parts += [np.ascontiguousarray(b, dtype=np.uint8).reshape(-1) for b in blobs]
-    return np.concatenate(parts)
-
-
-def decode(packet: np.ndarray) -> tuple[dict, memoryview]:
-    raw = memoryview(np.ascontiguousarray(packet, dtype=np.uint8)).cast("B")
-    (length,) = _LENGTH.unpack_from(raw)
-    return json.loads(bytes(raw[_LENGTH.size : _LENGTH.size + length])), raw[_LENGTH.size + length :]
+# -- cycles as packets (engine/serving/packets.py) ------------------------------------------------
 
 
 def encode_cycle(cycle: Cycle) -> np.ndarray:

@@ -22,6 +22,11 @@ Life of a session: open (or queued with a retry-after) -> running -> viewer_left
 `grace_s`, device state kept -> suspended: its executor's state moved to host memory -> after
 `expire_s` expired and freed. `viewer_returned` / `join` bring an idle or suspended session back;
 a suspended one resumes bit-exactly where it stopped.
+
+On a rank group (a cascade or sp of ranks), this manager runs on the group's leader with an
+`Outbox`: whatever it does to a session's device state, and every round's choice of sessions,
+goes to the group's other ranks, which step their share of the same sessions in the same order
+(engine/serving/group.py); finished blocks arrive here, at the group's sink, to be decoded.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from engine.runtime.coalesce import step_together
 from engine.runtime.executor import Executor
 from engine.runtime.session import Session
 from engine.sampling.noise import NoiseSource
+from engine.serving.group import Outbox
 from engine.serving.scheduler import EXACT, LADDERS, Limits, Playout, Standing, Throughput, admission, choose, next_rung
 
 FPS_WINDOW_S = 3.0
@@ -85,6 +91,8 @@ class Frames:
     """The prompt version in force when the block finished."""
     threshold: float
     """The highest feature-cache threshold its ticks ran under (0: full fidelity)."""
+    latents: object = None
+    """The block's clean latents `[1, C, F, h, w]` (what was decoded), for checks against a solo run."""
 
 
 @dataclass
@@ -128,7 +136,14 @@ class Live:
 
 
 class SessionManager:
-    def __init__(self, session: Session, limits: Limits, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        session: Session,
+        limits: Limits,
+        clock: Callable[[], float] = time.monotonic,
+        outbox: Outbox | None = None,
+    ):
+        """`outbox`: on a rank group's leader, where the group's other ranks hear of every round."""
         plan = session.preset.plan
         if plan.schedule == "skyreels":
             raise ConfigError("sessions run endless plans (sequential, pyramid): the skyreels schedule is finite")
@@ -136,7 +151,7 @@ class SessionManager:
         if len(limits.rungs) > 1 and not session.preset.cache.enabled:
             # threshold 0 is exactly no caching; the scheduler raises it per session and round
             session = session.reconfigured(dataclasses.replace(session.preset, cache=CacheConfig(policy="flowcache")))
-        self.session, self.limits, self.clock = session, limits, clock
+        self.session, self.limits, self.clock, self.outbox = session, limits, clock, outbox
         self.fps = session.preset.stream.fps
         steps = session.schedule.steps
         self.offset = steps + 1 if plan.schedule == "sequential" else plan.offset
@@ -208,19 +223,35 @@ class SessionManager:
         executor.start()
         return executor
 
+    def new_stream(self, seed: int) -> tuple[Executor, object]:
+        """A session's executor and endless plan (the leader's and its followers' alike)."""
+        return self._executor(seed), self.session.plan(None)
+
     def _start(self, prompt: str, seed: int, now: float) -> Live:
-        ticks = self.session.plan(None)
+        executor, ticks = self.new_stream(seed)
         decoder = copy.copy(self.session.decoder)  # shares the weights; its own causal state
         decoder.reset()
         live = Live(secrets.token_urlsafe(6), seed, prompt, self.session.prompts.conditioning(prompt),
-                    self._executor(seed), decoder, ticks, next(ticks), Playout(self.fps), now)  # fmt: skip
+                    executor, decoder, ticks, next(ticks), Playout(self.fps), now)  # fmt: skip
         live.prompt_log.append((0, prompt))
+        self._tell("open", live.id, seed, prompt)
         return live
+
+    def _tell(self, op: str, sid: str, *args) -> None:
+        """Record a change of a session's device state for the group's other ranks."""
+        if self.outbox is not None:
+            self.outbox.add(op, sid, *args)
+
+    def stop_group(self) -> None:
+        """On a group's leader: its other ranks stop following (they return)."""
+        if self.outbox is not None:
+            self.outbox.stop()
 
     def close(self, sid: str) -> None:
         """End a session and free everything it holds."""
         self._get(sid)
         del self.sessions[sid]
+        self._tell("close", sid)
 
     def _get(self, sid: str) -> Live:
         live = self.sessions.get(sid)
@@ -236,6 +267,7 @@ class SessionManager:
         live.prompt, live.text = prompt, self.session.prompts.conditioning(prompt)
         live.version += 1
         live.prompt_log.append((live.next_tick.index, prompt))
+        self._tell("prompt", sid, prompt)
         del live.prompt_log[1:-PROMPT_LOG]
         return live.version
 
@@ -274,6 +306,7 @@ class SessionManager:
                 self.refused += 1
                 return Refused(f"cannot resume now: {verdict.reason}", self.limits.retry_s, None)
             live.executor.resume()
+            self._tell("resume", sid)
             live.host_bytes = 0
         live.viewers += 1
         if live.state != "running":
@@ -329,26 +362,41 @@ class SessionManager:
 
     def _step(self, chosen: list[Live]) -> list[list]:
         """One tick each; a session whose tick skipped its forward (feature caching) takes its next
-        tick too, up to a block's worth, so a lower fidelity buys it speed."""
+        tick too, up to a block's worth, so a lower fidelity buys it speed. On a rank group, one
+        tick each: whether a rank's tick skipped is its own, and the group must agree."""
+        if self.outbox is not None:
+            self.outbox.round([(live.id, self.limits.rungs[live.rung] if live.rung else None) for live in chosen])
+            self._ticks_out += len(chosen)
+            return self.step_streams(chosen)
         finished = [[] for _ in chosen]
         pending = list(range(len(chosen)))
         for _ in range(self.offset):
             before = [chosen[i].executor.stats.forwards for i in pending]
-            results = step_together([(chosen[i].executor, chosen[i].next_tick, chosen[i].text) for i in pending])
-            for i, blocks in zip(pending, results):
+            for i, blocks in zip(pending, self.step_streams([chosen[i] for i in pending])):
                 finished[i].extend(blocks)
-                chosen[i].next_tick = next(chosen[i].ticks)
                 self._ticks_out += 1
             pending = [i for i, b in zip(pending, before) if chosen[i].executor.stats.forwards == b]
             if not pending:
                 break
         return finished
 
+    @staticmethod
+    def step_streams(streams: list) -> list[list]:
+        """One tick of each stream (anything with `executor`, `next_tick`, `ticks`, `text`), forwards
+        coalesced where they can be; each stream's finished blocks where its output is (all of them
+        on its group's sink, none on the group's other ranks), and its next tick drawn."""
+        items = [(s.executor, s.next_tick, s.text) for s in streams]
+        out = []
+        for stream, (executor, tick, _), blocks in zip(streams, items, step_together(items)):
+            out.append(list(executor.placement.deliver(executor, tick, blocks)))
+            stream.next_tick = next(stream.ticks)
+        return out
+
     def _hand_out(self, live: Live, blocks: list, now: float) -> list[Frames]:
         out = []
         for block in blocks:
             pixels = to_uint8(live.decoder.decode(block.latents))
-            out.append(Frames(block.index, live.frames, pixels, live.version, live.block_rung))
+            out.append(Frames(block.index, live.frames, pixels, live.version, live.block_rung, block.latents))
             live.degraded_blocks += live.block_rung > 0
             live.block_rung = self.limits.rungs[live.rung]
             live.frames += len(pixels)
@@ -378,9 +426,11 @@ class SessionManager:
         for live in list(self.sessions.values()):
             if live.state == "idle" and now - live.since >= self.limits.grace_s:
                 live.host_bytes = live.executor.suspend()
+                self._tell("suspend", live.id)
                 live.state, live.since = "suspended", now
             elif live.state == "suspended" and now - live.since >= self.limits.expire_s:
                 del self.sessions[live.id]
+                self._tell("close", live.id)
                 self.expired += 1
 
     # -- stats -----------------------------------------------------------------------------------
