@@ -13,6 +13,8 @@ python -m launch.bench ranks                # this CPU: 1 process vs cascade vs 
 python -m launch.bench kv                   # KV cache: memory of bf16 vs fp8 storage, fp8's fidelity
 python -m launch.bench load                 # checkpoint loading: host memory and time, whole vs tensor by tensor
 python -m launch.bench serve --quick       # many sessions under Poisson load: engine vs round-robin vs fifo
+python -m launch.bench serve --layouts 1x5 5x1 --offered 3   # the real server as rank groups (K x G ranks)
+python -m launch.bench layouts             # sessions layouts on 4 and 5 GPUs, modelled (1.3B, 14B)
 python -m launch.bench gpu-report --quick   # GPU: environment + one short variant; without --quick, the whole report
 python -m launch.bench coalesce            # k streams' forwards in one call vs k calls (demo, mid-wan)
 python -m launch.bench compile             # --compile: compiled vs eager ms per tick, compile time (demo, mid-wan)
@@ -36,6 +38,7 @@ from launch.benchmarks import (
     compile,
     gpu_report,
     kv,
+    layouts,
     load,
     ranks,
     selective,
@@ -59,6 +62,7 @@ BENCHMARKS = {
     "soak": soak,
     "kv": kv,
     "load": load,
+    "layouts": layouts,
     "serve": serve,
     "gpu-report": gpu_report,
     "coalesce": coalesce,

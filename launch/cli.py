@@ -38,6 +38,7 @@ from engine.config import (
 )
 from engine.loading import SetupError, WeightPaths, resolve_device
 from engine.models.checkpoints.wan import CheckpointError
+from launch.layouts import choose_layout
 from launch.presets import PRESETS, get_preset
 from launch.split import choose_split
 from parallel.topology import ParallelConfig, Topology, TopologyError
@@ -554,12 +555,28 @@ def parallel_from_args(args: argparse.Namespace, preset: Preset | None = None) -
         raise ConfigError("--parallel auto chooses --sp and --decode-rank itself: leave them out")
     world, local = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
     link = args.link or ("nvlink" if local == world else "ib")
+    if getattr(args, "shared_stream", True) is False:  # a sessions server: replicas too
+        return _sessions_layout(args, preset or get_preset(args.preset), world, link, given)
     choice = choose_split(preset or get_preset(args.preset), world, link, offset=(preset.plan.offset or 1) if preset
                           else 1, context=preset.plan.context if preset else "joint")  # fmt: skip
     if os.environ.get("RANK", "0") == "0":
         print(f"--parallel auto: {choice.reason}", file=sys.stderr)
     split = choice.split
     return dataclasses.replace(PARALLEL_DEFAULTS, **given, sp=split.sp, decode_rank=split.decode_rank)
+
+
+def _sessions_layout(args: argparse.Namespace, preset: Preset, world: int, link: str, given: dict) -> ParallelConfig:
+    """--parallel auto for a sessions server: replicas x (cascade x sp) by launch/layouts.py (cascade
+    stages only with --schedule cascade, which they need)."""
+    if "replicas" in given:
+        raise ConfigError("--parallel auto chooses --replicas itself: leave it out")
+    cascade = preset.plan.schedule == "cascade"
+    choice = choose_layout(preset, world, link, cascade=cascade, offset=preset.plan.offset or 1,
+                           context=preset.plan.context)  # fmt: skip
+    if os.environ.get("RANK", "0") == "0":
+        print(f"--parallel auto: {choice.reason}", file=sys.stderr)
+    layout = choice.layout
+    return dataclasses.replace(PARALLEL_DEFAULTS, **given, sp=layout.split.sp, replicas=layout.replicas)
 
 
 def speed_from_args(args: argparse.Namespace) -> SpeedConfig:

@@ -20,6 +20,8 @@ import torch.distributed as dist
 from parallel.topology import Topology
 
 SERVING_RANK = 0
+GROUP_REPORT_S = 10.0
+"""How much longer than the job's timeout the serving rank waits for a group's leader."""
 
 
 class PeerLink:
@@ -68,7 +70,10 @@ def replica_links(topology: Topology) -> dict[int, PeerLink]:
     links: dict[int, PeerLink] = {}
     if not topology.distributed:
         return links
-    timeout = timedelta(seconds=topology.cfg.timeout_s)
+    # a group's leader that finds a peer of its group silent has the timeout to notice and a few
+    # seconds to name it: the serving rank waits that long before it gives up on the leader itself
+    report_s = GROUP_REPORT_S if topology.group_size > 1 else 0.0
+    timeout = timedelta(seconds=topology.cfg.timeout_s + report_s)
     for peer in range(topology.group_size, topology.world_size, topology.group_size):  # other groups' leaders
         group = dist.new_group([SERVING_RANK, peer], backend="gloo", timeout=timeout)
         if topology.rank == SERVING_RANK:

@@ -39,7 +39,7 @@ async def _own_prompt(viewer: Viewer, prompt: str) -> int:
     if viewer.hello["prompt"] == prompt:
         return 0
     reply = await viewer.ask({"type": "prompt", "text": prompt})
-    assert reply["type"] == "prompt", reply
+    assert reply["type"] == "ack" and reply["of"] == "prompt", reply
     return reply["version"]
 
 

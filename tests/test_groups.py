@@ -17,9 +17,14 @@ import pytest
 import torch
 from group_worker import group_preset
 
+from engine.config import ConfigError
 from engine.loading import WeightPaths
 from helpers import assert_close
 from launch.build import build_session
+from launch.cli import parallel_from_args, preset_from_args
+from launch.layouts import choose_layout, rank_layouts
+from launch.stream import check_group, check_mode, parse_args
+from parallel.topology import ParallelConfig, Topology, TopologyError
 
 WORKER = Path(__file__).with_name("group_worker.py")
 
@@ -87,3 +92,46 @@ def test_two_groups_each_serve_their_own_sessions(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for group in (0, 1):
         _check(tmp_path, group_preset("tiny-wan", plan), f"group {group} of 2", group)
+
+
+def test_the_layout_model_keeps_the_most_sessions_else_the_fastest():
+    """Modelled (launch/layouts.py): every layout the launcher runs is ranked; where some layout
+    keeps a session at full frame rate the first keeps the most, else the first is the fastest."""
+    for preset, gpus in (("self-forcing-1.3b", 5), ("self-forcing-1.3b", 4), ("wan-14b-causal", 5)):
+        ranked = rank_layouts(preset, gpus)
+        assert ranked and all(layout.replicas * layout.split.gpus == gpus for layout, _ in ranked)
+        best = ranked[0][1]
+        if any(t.sessions for _, t in ranked):
+            assert best.sessions == max(t.sessions for _, t in ranked), ranked
+        else:
+            assert best.session_fps == max(t.session_fps for _, t in ranked), ranked
+    assert {layout.split.cascade for layout, _ in rank_layouts("self-forcing-1.3b", 4, cascade=False)} == {1}
+
+
+def test_parallel_auto_picks_a_sessions_layout_and_says_why(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    args = parse_args(["--preset", "self-forcing-1.3b", "--random-weights", "--parallel", "auto", "--schedule",
+                       "cascade", "--offset", "1"])  # fmt: skip
+    cfg = parallel_from_args(args, preset_from_args(args))
+    choice = choose_layout("self-forcing-1.3b", 4, "nvlink", cascade=True, offset=1)
+    assert (cfg.replicas, cfg.sp) == (choice.layout.replicas, choice.layout.split.sp)
+    said = capsys.readouterr().err
+    assert "--parallel auto: 4 GPUs on NVLink for sessions" in said and "modelled" in said, said
+    with pytest.raises(ConfigError, match="chooses --replicas itself"):
+        parallel_from_args(parse_args(["--parallel", "auto", "--replicas", "2"]))
+
+
+def test_flags_of_groups_are_refused_where_they_mean_nothing():
+    four = Topology(ParallelConfig(replicas=2), 0, 4, 0, None)
+    assert (four.group_size, four.cascade_size, four.leader, four.group_ranks) == (2, 2, 0, [0, 1])
+    three = Topology(ParallelConfig(replicas=2), 3, 4, 3, None)
+    assert (three.group, three.local, three.leader, three.sink, three.cascade_rank) == (1, 1, 2, 2, 1)
+    with pytest.raises(TopologyError, match="--replicas 3 must divide the 4 processes"):
+        Topology(ParallelConfig(replicas=3), 0, 4, 0, None)
+    with pytest.raises(ConfigError, match="add --schedule cascade, or --sp 2"):
+        check_group(four, "sequential")
+    with pytest.raises(ConfigError, match="drop --decode-rank"):
+        check_mode(parse_args(["--decode-rank"]), Topology(ParallelConfig(decode_rank=True), 0, 3, 0, None))
+    with pytest.raises(ConfigError, match="drop --replicas, or drop --shared-stream"):
+        check_mode(parse_args(["--shared-stream", "--replicas", "2"]), four)

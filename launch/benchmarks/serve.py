@@ -24,6 +24,10 @@ Policies, each with admission by the KV budget and the measured throughput:
 All three stop generating for a session whose viewer holds more than the target slack (2 s): a
 viewer's buffer is bounded in every server, so the baselines differ in order and fidelity only.
 
+`--layouts 1x5 5x1 ...` runs the engine policy as the real multi-rank server instead, one layout
+of rank groups after another (replicas x ranks per group: launch/benchmarks/serve_groups.py), at
+one offered load of `--offered` sessions for every layout.
+
 Per load and policy: Continuous Play Ratio (share of playout time without a stall, admitted
 sessions), time to first frame p50/p99 (from the viewer's first request), stall seconds per
 session-minute, aggregate video FPS, sessions admitted / refused, and the PSNR of the engine's
@@ -50,6 +54,7 @@ from engine.serving.sessions import Opened, SessionManager
 from launch.benchmarks.adherence import eval_prompts
 from launch.benchmarks.common import session_for
 from launch.benchmarks.serve_clients import serve_and_watch
+from launch.benchmarks.serve_groups import LayoutSpec, session_fps, watch_layout
 from launch.presets import get_preset
 
 COLUMNS = ["load", "offered", "policy", "through", "admitted", "refused", "peak_sessions", "cpr", "ttff_p50_s",
@@ -59,6 +64,7 @@ POLICIES = ("engine", "engine-floor", "round-robin", "fifo")
 THROUGH_SERVER = ("engine", "engine-floor")
 """Policies `--through server` serves over WebSockets (the baselines stay on the manager)."""
 MAX_VIEWERS = 64
+LAYOUT_OFFERED = 3.0
 DRIVERS = {
     "manager": "SessionManager on the real clock, in process (no server, no sockets)",
     "server": "engine policies: the session server on 127.0.0.1, a WebSocket client per viewer measuring what it "
@@ -89,6 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--through", choices=["manager", "server"], default="manager",
                         help="server: the engine policies behind the real server on 127.0.0.1, measured by "
                         "WebSocket viewers (manager: the SessionManager driven directly)")  # fmt: skip
+    parser.add_argument("--layouts", nargs="+", default=None, metavar="KxG",
+                        help="run the real server as K replicas of G ranks each (1x5, 5x1, 2x2, 1x2sp: sp instead "
+                        "of a cascade), one layout after another, instead of the policies (default: none)")  # fmt: skip
+    parser.add_argument("--offered", type=float, default=None,
+                        help=f"--layouts: offered load in sessions, arrival rate x mean watch time (default: "
+                        f"{LAYOUT_OFFERED:g})")  # fmt: skip
     parser.add_argument("--max-viewers", type=int, default=None,
                         help=f"--through server: refuse a run of more viewers (default {MAX_VIEWERS})")  # fmt: skip
 
@@ -185,6 +197,12 @@ def server_limits(policy: str, args) -> Limits:
 
 def check_flags(args) -> None:
     """Flags that would do nothing are refused, one line with the fix."""
+    if args.offered is not None and not args.layouts:
+        raise ConfigError("--offered sets the load of --layouts runs: add --layouts, or use --loads")
+    if args.layouts and (args.quick or args.through != "manager" or args.loads != [0.5, 1.0, 2.0]
+                         or args.policies != list(POLICIES)):  # fmt: skip
+        raise ConfigError("--layouts runs the engine behind the real server at --offered load: drop --quick, "
+                          "--through, --loads and --policies")  # fmt: skip
     if args.through == "manager" and args.max_viewers is not None:
         raise ConfigError("--max-viewers bounds --through server: drop it, or add --through server")
     if args.through == "server" and not set(args.policies) & set(THROUGH_SERVER):
@@ -287,7 +305,37 @@ def degraded_psnr(session, viewers: list[Viewer], args) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
+LAYOUT_COLUMNS = ["layout", "ranks", "offered", "admitted", "refused", "peak_sessions", "cpr", "ttff_p50_s",
+                  "ttff_p99_s", "session_fps", "video_fps", "loadavg"]  # fmt: skip
+
+
+def run_layouts(args: argparse.Namespace):
+    """The real server in each layout, one after another, under one trace (see the docstring)."""
+    check_flags(args)
+    args.offered = LAYOUT_OFFERED if args.offered is None else args.offered
+    specs = [LayoutSpec.parse(text) for text in args.layouts]
+    preset = get_preset(args.preset)
+    trace = make_trace(args.offered, args, np.random.default_rng([args.seed, 0]))
+    if len(trace) > (args.max_viewers or MAX_VIEWERS):
+        raise ConfigError(f"--offered {args.offered:g} makes {len(trace)} viewers, over --max-viewers: lower it")
+    load_before, rows = os.getloadavg()[0], []
+    for spec in specs:
+        viewers, wall, peak = watch_layout(spec, trace, args, preset.stream.fps, end_s(args))
+        row = summarize(args.offered, args.offered, "engine", viewers, wall, None)
+        row.update(layout=str(spec), ranks=spec.world, peak_sessions=peak, session_fps=session_fps(viewers),
+                   loadavg=os.getloadavg()[0])  # fmt: skip
+        rows.append(row)
+        print(f"{spec}: {row['admitted']} admitted, CPR {row['cpr']:.3f}", flush=True)
+    names = ("preset", "layouts", "offered", "seconds", "watch_s", "switch_s", "patience_s", "seed")
+    settings = {k: getattr(args, k) for k in names}
+    settings.update(threads_per_rank=1, load_average_before=load_before, load_average_after=os.getloadavg()[0],
+                    driver="the real server as K x G local ranks (gloo on loopback), WebSocket viewers")  # fmt: skip
+    return rows, LAYOUT_COLUMNS, settings
+
+
 def run(args: argparse.Namespace):
+    if args.layouts:
+        return run_layouts(args)
     if args.quick:
         args.loads, args.seconds, args.watch_s, args.switch_s, args.psnr_sessions, args.psnr_blocks = (
             [1.0, 2.0], 6.0, 3.0, 1.5, 1, 12)  # fmt: skip
