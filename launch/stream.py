@@ -103,7 +103,8 @@ def add_session_arguments(parser: argparse.ArgumentParser) -> None:
         "--session-memory",
         type=flags.mebibytes,
         metavar="MIB",
-        help=f"KV memory for the running sessions of each replica, in MiB (default: {SESSION_MEMORY_MIB})",
+        help=f"KV memory for the running sessions on each rank, in MiB: a cascade's ranks each hold a session's whole "
+        f"KV cache, an sp group's ranks 1/sp of it (default: {SESSION_MEMORY_MIB})",
     )
     group.add_argument(
         "--grace",

@@ -48,6 +48,7 @@ def _shows(frames, prompt: str) -> dict:
     return adherence(video, parse_prompt(prompt))
 
 
+@pytest.mark.timeout(900)  # 5 ranks and 3 sessions on 2 cores: about 3 minutes when quiet
 def test_the_mission_command_serves_viewers_through_a_five_rank_cascade(tmp_path):
     """`torchrun --nproc_per_node=5 -m engine.stream --schedule cascade --offset 1`: one group of
     5 ranks, three viewers, each its own session and prompt; each video shows its own prompt's
@@ -60,7 +61,7 @@ def test_the_mission_command_serves_viewers_through_a_five_rank_cascade(tmp_path
         assert len({v.hello["id"] for v in viewers}) == 3
         versions = [await _own_prompt(v, p) for v, p in zip(viewers, PROMPTS)]
         for viewer, version in zip(viewers, versions):
-            while len([f for f in viewer.frames if f.prompt_version == version]) < 6 * BLOCK:
+            while len([f for f in viewer.frames if f.prompt_version == version]) < 5 * BLOCK:
                 await viewer.read(BLOCK, seconds=240)
         for viewer, version, prompt in zip(viewers, versions, PROMPTS):
             indices = [f.index for f in viewer.frames]
