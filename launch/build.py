@@ -48,7 +48,7 @@ from engine.sampling.magi_guidance import WINDOW as MAGI_WINDOW
 from engine.sampling.magi_guidance import MagiGuidance
 from engine.sampling.noise import NoiseSource
 from engine.sampling.solvers import make_solver
-from parallel.cascade import CascadeRank
+from parallel.cascade import CascadeRank, OneStage
 from parallel.topology import Topology
 from parallel.ulysses import GroupExchange
 
@@ -179,7 +179,7 @@ class Assembly:
 
     def _placement(self, cache: KVCache | None, blocks_in_forward: int):
         if not self.cascaded:
-            return Local()
+            return OneStage(self.topology) if self.topology.distributed and self.topology.cfg.decode_rank else Local()
         self.topology.check_plan(blocks_in_forward, self.schedule.steps, self.preset.plan.offset)
         return CascadeRank(self.topology, cache, self.preset.stream.frames_per_block)
 

@@ -72,17 +72,17 @@ class RankRun:
 
 def check_ranks(preset: Preset, topology: Topology) -> None:
     """Refuse a layout the preset's plan cannot use. A cascade takes any `cascade x sp` (+ decode
-    rank); every other plan (sequential, pyramid, skyreels) runs on one sp group: its ranks share
-    each forward, rank 0 writes or serves."""
+    rank); every other plan (sequential, pyramid, skyreels) runs on one sp group whose ranks share
+    each forward (+ a decode rank, but for skyreels); the sink rank writes or serves."""
     if not topology.distributed or preset.plan.schedule == "cascade":
         return
-    schedule, world = preset.plan.schedule, topology.world_size
-    if topology.cfg.decode_rank:
-        raise TopologyError(f"--decode-rank goes with --schedule cascade; a {schedule} plan runs on one sp group "
-                            f"whose first rank decodes: drop --decode-rank")  # fmt: skip
+    schedule, compute = preset.plan.schedule, topology.compute_ranks
     if topology.cascade_size > 1:
-        raise TopologyError(f"{world} processes run a {schedule} plan as one sp group: add --sp {world} "
+        raise TopologyError(f"{compute} compute processes run a {schedule} plan as one sp group: add --sp {compute} "
                             f"(sp ranks share each forward), or use --schedule cascade")  # fmt: skip
+    if topology.cfg.decode_rank and schedule == "skyreels":
+        raise TopologyError("--decode-rank does not go with --schedule skyreels (each segment reads the blocks "
+                            "before it on every rank): drop --decode-rank")  # fmt: skip
 
 
 def _sp_line(preset: Preset, topology: Topology) -> str:
