@@ -441,7 +441,11 @@ class MagiModel(nn.Module):
         x = tokens.x
         for layer, block in enumerate(self.blocks):
             x = block(x, condition, layer, kv, text, clean)
-        return linear(self.final_linear.linear, self.videodit_blocks.final_layernorm(x)).float()
+        out = linear(self.final_linear.linear, self.videodit_blocks.final_layernorm(x)).float()
+        # [B, n, ph*pw*C_net] with the channel innermost -> the first out_channels of each patch
+        # pixel (what _unpatchify keeps; cut here, a sequence-parallel gather carries no more)
+        cfg = self.cfg
+        return out.unflatten(-1, (-1, cfg.network_in_channels))[..., : cfg.out_channels].flatten(-2)
 
     def leave(self, out: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """Every token's output -> flow `[B, C_out, F, H, W]` in the engine's convention."""
