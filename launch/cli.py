@@ -364,7 +364,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag(
         "--sp",
         "parallel.sp",
-        "under torchrun: Ulysses sequence-parallel ranks sharing each forward of a cascade stage",
+        "under torchrun: Ulysses sequence-parallel ranks sharing each forward (of every plan; with "
+        "--schedule cascade, of each stage); must divide the attention heads, any video size",
         ("--sp", "2"),
         type=_positive_int,
     ),
@@ -546,8 +547,12 @@ def parallel_from_args(args: argparse.Namespace, preset: Preset | None = None) -
         raise ConfigError("--parallel auto chooses --sp and --decode-rank itself: leave them out")
     world, local = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
     link = args.link or ("nvlink" if local == world else "ib")
-    choice = choose_split(preset or get_preset(args.preset), world, link, offset=(preset.plan.offset or 1) if preset
-                          else 1, context=preset.plan.context if preset else "joint")  # fmt: skip
+    preset = preset or get_preset(args.preset)
+    try:
+        choice = choose_split(preset, world, link, offset=preset.plan.offset or 1, context=preset.plan.context,
+                              one_stage=preset.plan.schedule != "cascade")  # fmt: skip
+    except ValueError as err:
+        raise ConfigError(f"--parallel auto: {err}") from None
     if os.environ.get("RANK", "0") == "0":
         print(f"--parallel auto: {choice.reason}", file=sys.stderr)
     split = choice.split

@@ -122,6 +122,10 @@ def test_the_chooser_offers_only_runnable_splits_and_says_why():
     assert "6 of the GPUs would do better: 1 x 5 + decode rank" in only.reason
     with pytest.raises(ValueError, match="unknown link"):
         choose_split(SMALL, 4, "ethernet")
+    # a plan that is not a cascade runs on one sp group (+ decode rank): 8 GPUs cannot split 12 heads
+    assert {split.cascade for split, _ in rank_splits(SMALL, 5, "nvlink", one_stage=True)} == {1}
+    with pytest.raises(ValueError, match="one stage: sp must divide the heads"):
+        choose_split(SMALL, 8, "nvlink", one_stage=True)
 
 
 def test_two_machine_placements():
