@@ -134,7 +134,7 @@ class Assembly:
             raise ConfigError(why)
         if preset.cache.policy in ("fbcache", "bwcache"):
             raise ConfigError(
-                f"--cache {preset.cache.policy} reads layer features of each rank's own token stripe, so the "
+                f"--cache {preset.cache.policy} reads layer features of each rank's own slice of the tokens, so the "
                 "sp ranks of a stage would decide differently: use teacache, flowcache or scope with --sp"
             )
         return ShardedModel(self.model, sharding, preset.tokens_per_frame, self.fast.attention.context)

@@ -25,6 +25,7 @@ from sp_worker import case_preset
 from test_faults import _kill_session, _session_alive, _worker
 from websockets.sync.client import connect
 
+from engine.config import ConfigError
 from engine.loading import WeightPaths
 from engine.runtime.sharding import Slice, Ulysses
 from engine.sampling.noise import NoiseSource
@@ -33,6 +34,7 @@ from engine.serving.video import read_frames
 from helpers import assert_close
 from launch.build import build_session
 from launch.generate import main as generate
+from launch.presets import get_preset
 from parallel.ulysses import yunchang_available
 
 WORKER = Path(__file__).with_name("sp_worker.py")
@@ -96,6 +98,9 @@ def test_splits_the_heads_cannot_make_are_refused():
         Ulysses(Exchange(5)).check(heads=12, kv_heads=12)
     with pytest.raises(ValueError, match=r"24 query and 8 key/value heads: use --sp 2 or 4 or 8"):
         Ulysses(Exchange(3)).check(heads=24, kv_heads=8)
+    with pytest.raises(ConfigError, match=r"^sp 3 must divide the model's 2 query heads: use --sp 2$"):
+        build_session(get_preset("tiny-wan"), WeightPaths(seed=3), torch.device("cpu"), torch.float32,
+                      sharding=Ulysses(Exchange(3)))  # fmt: skip
 
 
 def _torchrun(ranks: int, *args: str) -> list[str]:
