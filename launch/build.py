@@ -40,6 +40,7 @@ from engine.runtime.placement import Local
 from engine.runtime.prompts import Prompts
 from engine.runtime.session import Session
 from engine.runtime.sharding import ShardedModel, Ulysses
+from engine.runtime.sharding import refusal as sp_refusal
 from engine.runtime.skip import NoSkip
 from engine.runtime.switch import NextStep, Recache
 from engine.sampling.guidance import ClassifierFree, Guidance
@@ -47,7 +48,7 @@ from engine.sampling.magi_guidance import WINDOW as MAGI_WINDOW
 from engine.sampling.magi_guidance import MagiGuidance
 from engine.sampling.noise import NoiseSource
 from engine.sampling.solvers import make_solver
-from parallel.cascade import CascadeRank
+from parallel.cascade import CascadeRank, OneStage
 from parallel.topology import Topology
 from parallel.ulysses import GroupExchange
 
@@ -80,7 +81,7 @@ def ulysses_for(topology: Topology | None, preset: Preset, backend: str = "auto"
     """Sequence parallelism over the topology's sp group (None with sp 1)."""
     if topology is None or topology.cfg.sp == 1 or not topology.is_compute:
         return None
-    return Ulysses(GroupExchange(topology.sp_group(), topology.cfg.sp_backend), preset.model.patch_size[1])
+    return Ulysses(GroupExchange(topology.sp_group(), topology.cfg.sp_backend))
 
 
 class Assembly:
@@ -100,7 +101,7 @@ class Assembly:
         self.topology = topology or Topology.single()
         self._check_speed()
         self.fast = fast or FastForward(model, speed, choose_attention(speed.attention, device_caps(device)))
-        self.runner = self.fast if sharding is None else self._sharded(self.fast, sharding)
+        self.runner = self.fast if sharding is None else self._sharded(sharding)
         self.schedule = build_schedule(preset.sampling)
         self.rope = build_rope(preset, device, model)
 
@@ -126,15 +127,17 @@ class Assembly:
             raise ConfigError("--compile with a joint cascade: ranks exchange K/V inside every layer of the "
                               "forward; use --context lagged (one exchange per tick) or --compile off")  # fmt: skip
 
-    def _sharded(self, model, sharding: Ulysses) -> ShardedModel:
+    def _sharded(self, sharding: Ulysses) -> ShardedModel:
         cfg, preset = self.preset.model, self.preset
-        sharding.check(preset.latent_hw[0], cfg.num_heads, cfg.kv_heads)
+        why = sp_refusal(sharding.size, cfg.num_heads, cfg.kv_heads)
+        if why:
+            raise ConfigError(why)
         if preset.cache.policy in ("fbcache", "bwcache"):
             raise ConfigError(
-                f"--cache {preset.cache.policy} reads layer features of each rank's own token stripe, so the "
+                f"--cache {preset.cache.policy} reads layer features of each rank's own slice of the tokens, so the "
                 "sp ranks of a stage would decide differently: use teacache, flowcache or scope with --sp"
             )
-        return ShardedModel(model, sharding, preset.tokens_per_frame)
+        return ShardedModel(self.model, sharding, preset.tokens_per_frame, self.fast.attention.context)
 
     @property
     def cascaded(self) -> bool:
@@ -176,7 +179,7 @@ class Assembly:
 
     def _placement(self, cache: KVCache | None, blocks_in_forward: int):
         if not self.cascaded:
-            return Local()
+            return OneStage(self.topology) if self.topology.distributed and self.topology.cfg.decode_rank else Local()
         self.topology.check_plan(blocks_in_forward, self.schedule.steps, self.preset.plan.offset)
         return CascadeRank(self.topology, cache, self.preset.stream.frames_per_block)
 

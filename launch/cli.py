@@ -365,7 +365,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag(
         "--sp",
         "parallel.sp",
-        "under torchrun: Ulysses sequence-parallel ranks sharing each forward (of a cascade stage, or of any plan)",
+        "under torchrun: Ulysses sequence-parallel ranks sharing each forward (of every plan; with "
+        "--schedule cascade, of each stage); must divide the attention heads, any video size",
         ("--sp", "2"),
         type=_positive_int,
     ),
@@ -555,10 +556,14 @@ def parallel_from_args(args: argparse.Namespace, preset: Preset | None = None) -
         raise ConfigError("--parallel auto chooses --sp and --decode-rank itself: leave them out")
     world, local = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
     link = args.link or ("nvlink" if local == world else "ib")
+    preset = preset or get_preset(args.preset)
     if getattr(args, "shared_stream", True) is False:  # a sessions server: replicas too
-        return _sessions_layout(args, preset or get_preset(args.preset), world, link, given)
-    choice = choose_split(preset or get_preset(args.preset), world, link, offset=(preset.plan.offset or 1) if preset
-                          else 1, context=preset.plan.context if preset else "joint")  # fmt: skip
+        return _sessions_layout(args, preset, world, link, given)
+    try:
+        choice = choose_split(preset, world, link, offset=preset.plan.offset or 1, context=preset.plan.context,
+                              one_stage=preset.plan.schedule != "cascade")  # fmt: skip
+    except ValueError as err:
+        raise ConfigError(f"--parallel auto: {err}") from None
     if os.environ.get("RANK", "0") == "0":
         print(f"--parallel auto: {choice.reason}", file=sys.stderr)
     split = choice.split
@@ -571,8 +576,11 @@ def _sessions_layout(args: argparse.Namespace, preset: Preset, world: int, link:
     if "replicas" in given:
         raise ConfigError("--parallel auto chooses --replicas itself: leave it out")
     cascade = preset.plan.schedule == "cascade"
-    choice = choose_layout(preset, world, link, cascade=cascade, offset=preset.plan.offset or 1,
-                           context=preset.plan.context)  # fmt: skip
+    try:
+        choice = choose_layout(preset, world, link, cascade=cascade, offset=preset.plan.offset or 1,
+                               context=preset.plan.context)  # fmt: skip
+    except ValueError as err:
+        raise ConfigError(f"--parallel auto: {err}") from None
     if os.environ.get("RANK", "0") == "0":
         print(f"--parallel auto: {choice.reason}", file=sys.stderr)
     layout = choice.layout

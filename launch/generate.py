@@ -1,9 +1,10 @@
-"""Generate a video to an MP4 file, on one process or as a cascade over torchrun ranks.
+"""Generate a video to an MP4 file, on one process, or over torchrun ranks (cascade and/or sp).
 
     python -m engine.generate --prompt "a red circle moving left" --blocks 8 --out x.mp4
     python -m engine.generate --preset self-forcing-1.3b --checkpoint self_forcing_dmd.pt \\
         --base Wan2.1-T2V-1.3B-Diffusers --prompt "..." --blocks 7 --out video.mp4
     torchrun --nproc_per_node=3 -m engine.generate --schedule cascade --offset 1 --context joint --out x.mp4
+    torchrun --nproc_per_node=2 -m engine.generate --sp 2 --out x.mp4     # the preset's plan, 2 ranks per forward
 """
 
 from __future__ import annotations

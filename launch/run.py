@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 import torch
@@ -44,8 +44,7 @@ class RankRun:
         if topology.cfg.replicas > 1:
             raise TopologyError("--replicas splits a sessions server (engine.stream) into rank groups; one stream "
                                 "runs on every rank: drop --replicas")  # fmt: skip
-        if topology.distributed and preset.plan.schedule != "cascade":
-            raise TopologyError(f"{topology.world_size} processes need --schedule cascade (got {preset.plan.schedule})")
+        check_ranks(preset, topology)
         self.preset, self.topology = preset, topology
         self.session: Session | None = None
         if topology.is_compute:
@@ -54,9 +53,7 @@ class RankRun:
             if topology.rank == 0:
                 print(self.session.executors.speed_line, file=sys.stderr)
             if topology.cfg.sp > 1 and topology.rank == 0:
-                backend = resolve_backend(topology.cfg.sp_backend)
-                print(f"sequence parallelism: cascade {topology.cascade_size} x sp {topology.cfg.sp}, "
-                      f"all-to-all: {backend}", file=sys.stderr)  # fmt: skip
+                print(_sp_line(preset, topology), file=sys.stderr)
             self.decoder = self.session.decoder
         else:
             self.decoder = build_decoder(preset, weights, device)
@@ -67,13 +64,44 @@ class RankRun:
         `prompt(tick)` is called once per tick on every rank (live streams broadcast controls there)."""
         if self.session is not None:
             self.run = self.session.run(prompt, blocks=blocks, seed=seed)
-            return iter(self.run)
+            return iter(self.run) if self.topology.is_decoder else _share_only(self.run)
         on_tick = prompt if callable(prompt) else (lambda tick: None)
         return decode_rank_plan(self.preset, self.topology, blocks, on_tick=on_tick)
 
     def stats(self) -> RunStats | None:
         """The executor's statistics so far (None on a decode rank or before a run)."""
         return None if self.run is None else self.run.stats
+
+
+def check_ranks(preset: Preset, topology: Topology) -> None:
+    """Refuse a layout the preset's plan cannot use. A cascade takes any `cascade x sp` (+ decode
+    rank); every other plan (sequential, pyramid, skyreels) runs on one sp group whose ranks share
+    each forward (+ a decode rank, but for skyreels); the sink rank writes or serves."""
+    if not topology.distributed or preset.plan.schedule == "cascade":
+        return
+    schedule, compute = preset.plan.schedule, topology.compute_ranks
+    if topology.cascade_size > 1:
+        raise TopologyError(f"{compute} compute processes run a {schedule} plan as one sp group: add --sp {compute} "
+                            f"(sp ranks share each forward), or use --schedule cascade")  # fmt: skip
+    if topology.cfg.decode_rank and schedule == "skyreels":
+        raise TopologyError("--decode-rank does not go with --schedule skyreels (each segment reads the blocks "
+                            "before it on every rank): drop --decode-rank")  # fmt: skip
+
+
+def _sp_line(preset: Preset, topology: Topology) -> str:
+    backend, sp = resolve_backend(topology.cfg.sp_backend), topology.cfg.sp
+    if preset.plan.schedule == "cascade":
+        return f"sequence parallelism: cascade {topology.cascade_size} x sp {sp}, all-to-all: {backend}"
+    schedule = preset.plan.schedule
+    return f"sequence parallelism: sp {sp} share every forward of the {schedule} plan, all-to-all: {backend}"
+
+
+def _share_only(run: Iterable[Block]) -> Iterator[Block]:
+    """An sp rank beside the sink: its share of every forward, no output (a cascade's other ranks
+    yield nothing already; a plan on one sp group finishes every block on every rank)."""
+    for _ in run:
+        pass
+    yield from ()
 
 
 def on_ranks(args: argparse.Namespace, body: Callable[[Topology], T]) -> tuple[int, T | None]:

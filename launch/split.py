@@ -1,15 +1,16 @@
 """Which split of G GPUs the throughput model (launch/throughput.py) predicts best for one stream.
 
     choice = choose_split("wan-14b-causal", 5, "nvlink")
-    choice.split   # Split(cascade=1, sp=5, decode_rank=False)
-    choice.reason  # "5 GPUs on NVLink: cascade 1 x sp 5, 15.4 FPS modelled vs 14.2 for 5 x 1: ..."
+    choice.split   # Split(cascade=1, sp=4, decode_rank=True)
+    choice.reason  # "5 GPUs on NVLink: cascade 1 x sp 4 + decode rank, 15.8 FPS modelled vs 14.2 for 5 x 1: ..."
 
 Candidates are every cascade x sp factorisation of G, and of G - 1 plus a decode rank, that the
-launcher accepts: sp divides a frame's token rows and the attention heads (each rank takes row
-stripes and head groups, engine/runtime/sharding.py), and the cascade has no more stages than
+launcher accepts: sp divides the query and key/value heads (each rank takes a slice of the
+tokens and a group of heads, engine/runtime/sharding.py), and the cascade has no more stages than
 the plan keeps blocks in flight (parallel/topology.py refuses more). One stage runs the sequential
-plan. They are ranked by modelled FPS (or latency), and the reason names the best candidate of
-the other kind (cascade only vs with sp) for comparison. These are modelled numbers.
+plan; the launcher offers a preset whose plan is not a cascade one stage only (`one_stage`).
+They are ranked by modelled FPS (or latency), and the reason names the best candidate of the
+other kind (cascade only vs with sp) for comparison. These are modelled numbers.
 """
 
 from __future__ import annotations
@@ -66,8 +67,10 @@ def _resolve(preset: Preset | str, link: Link | str) -> tuple[Preset, Link, str]
 
 def rank_splits(preset: Preset | str, gpus: int, link: Link | str = "nvlink", *, offset: int = 1,
                 context: str = "joint", forward_s: float | None = None, decode_s: float = DECODE_S,
-                objective: str = "fps", **options) -> list[tuple[Split, SplitTime]]:  # fmt: skip
-    """Runnable splits of exactly `gpus` GPUs, best first. `options` go to throughput.cascade_tick."""
+                objective: str = "fps", one_stage: bool = False,
+                **options) -> list[tuple[Split, SplitTime]]:  # fmt: skip
+    """Runnable splits of exactly `gpus` GPUs, best first. `one_stage`: only cascade 1 x sp (+ decode
+    rank), what a plan other than a cascade runs on. `options` go to throughput.cascade_tick."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose from: {', '.join(OBJECTIVES)}")
     preset, link, _ = _resolve(preset, link)
@@ -75,7 +78,7 @@ def rank_splits(preset: Preset | str, gpus: int, link: Link | str = "nvlink", *,
     timed = [
         (split, split_time(preset, forward_s, split, offset, context, link, decode_s=decode_s, **options))
         for split in splits(gpus)
-        if refusal(preset, split, offset) is None
+        if refusal(preset, split, offset) is None and not (one_stage and split.cascade > 1)
     ]
     if objective == "fps":
         return sorted(timed, key=lambda item: (-item[1].fps, item[1].latency_s))
@@ -102,7 +105,8 @@ def choose_split(preset: Preset | str, gpus: int, link: Link | str = "nvlink", *
     preset, link, label = _resolve(preset, link)
     ranked = rank_splits(preset, gpus, link, **settings)
     if not ranked:
-        raise ValueError(f"no split of {gpus} GPUs runs {preset.name} (heads or blocks in flight do not fit)")
+        fix = "; one stage: sp must divide the heads (a cascade takes more stages)" if settings.get("one_stage") else ""
+        raise ValueError(f"no split of {gpus} GPUs runs {preset.name} (heads or blocks in flight do not fit{fix})")
     (best, time), rest = ranked[0], ranked[1:]
     others = [item for item in rest if (item[0].sp > 1) != (best.sp > 1)] or rest
     head = f"{gpus} GPU{'s' if gpus > 1 else ''} on {label}: cascade {best.cascade} x sp {best.sp}"

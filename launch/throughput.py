@@ -173,14 +173,13 @@ def latent_bytes(preset) -> int:
 
 
 def sp_refusal(preset, sp: int) -> str | None:
-    """Why the Ulysses layout (engine/runtime/sharding.py) cannot split a frame over `sp` ranks:
-    each rank takes whole token rows of every frame and whole groups of query and key/value heads."""
-    rows = preset.latent_hw[0] // preset.model.patch_size[1]
+    """Why the Ulysses layout (engine/runtime/sharding.py) cannot split a forward over `sp` ranks:
+    each rank takes a contiguous slice of the tokens (padded: any count) and whole groups of query
+    and key/value heads."""
     cfg = preset.model
-    if rows % sp:
-        return f"sp {sp} does not divide the {rows} token rows of a frame"
     if cfg.num_heads % sp or cfg.kv_heads % sp:
-        return f"sp {sp} does not divide {cfg.num_heads} heads"
+        kv = f" ({cfg.kv_heads} key/value)" if cfg.kv_heads != cfg.num_heads else ""
+        return f"sp {sp} does not divide {cfg.num_heads} heads{kv}"
     return None
 
 

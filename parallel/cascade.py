@@ -26,6 +26,7 @@ from engine.plan.sigmas import build_schedule
 from engine.plan.timeline import Tick, blocks_per_tick, pyramid
 from engine.runtime.kv import KVCache
 from engine.runtime.outputs import Block, BlockKV
+from engine.runtime.placement import Local
 from parallel.topology import Topology
 
 
@@ -116,6 +117,18 @@ class CascadeRank:
         return _move_finished(tick, {b.index: b for b in finished}, executor, self.topology)
 
 
+class OneStage(Local):
+    """A plan that is not a cascade (sequential, pyramid) on one sp group beside a decode rank:
+    every block on this group, as on one process; the group's first rank sends each finished
+    block to the decode rank."""
+
+    def __init__(self, topology: Topology):
+        self.topology = topology
+
+    def deliver(self, executor, tick: Tick, finished: list[Block]) -> Iterator[Block]:
+        return _move_finished(tick, {b.index: b for b in finished}, executor, self.topology)
+
+
 def _move_finished(tick: Tick, produced: dict[int, Block], executor, topology: Topology):
     last = executor.schedule.steps - 1
     for work in tick.work:
@@ -139,9 +152,11 @@ def receive_block(block: int, shape, frames_per_block: int, sender: int, device)
 def decode_rank_plan(
     preset: Preset, topology: Topology, num_blocks: int | None, on_tick: Callable[[Tick], object] = lambda tick: None
 ) -> Iterator[Block]:
-    """A dedicated decode rank's share of a cascade of `preset`: no model, only the plan, to know
-    which finished block arrives from which rank at which tick."""
-    schedule, offset = build_schedule(preset.sampling), preset.plan.offset
+    """A dedicated decode rank's share of a cascade of `preset` (or of its sequential or pyramid
+    plan on one stage): no model, only the plan, to know which finished block arrives from which
+    rank at which tick."""
+    schedule = build_schedule(preset.sampling)
+    offset = schedule.steps + 1 if preset.plan.schedule == "sequential" else preset.plan.offset  # the same ticks
     topology.check_plan(blocks_per_tick(schedule, offset, num_blocks), schedule.steps, offset)
     ticks = pyramid(schedule, offset=offset, num_blocks=num_blocks)
     frames = preset.stream.frames_per_block

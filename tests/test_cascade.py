@@ -107,13 +107,16 @@ def test_a_failing_rank_stops_every_rank_with_its_name(tmp_path, kind, cause):
     assert not leftover, f"processes left behind: {leftover}"
 
 
-@pytest.mark.parametrize("ranks, sp", [(3, 1), (5, 2)])
-def test_generate_under_torchrun_with_a_decode_rank(tmp_path, ranks, sp):
-    """The decode rank receives every block from the stage that made it (with sp, its first rank)."""
+CASCADE_2 = ["--schedule", "cascade", "--offset", "2", "--sp", "2"]
+
+
+@pytest.mark.parametrize("ranks, plan", [(3, ["--sp", "2"]), (5, CASCADE_2)])
+def test_generate_under_torchrun_with_a_decode_rank(tmp_path, ranks, plan):
+    """The decode rank receives every block from the stage that made it (with sp, its first rank):
+    of a cascade, or of the preset's own sequential plan on one sp group."""
     out = tmp_path / "cascade.mp4"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m",
-               "engine.generate", "--preset", "tiny-wan", "--schedule", "cascade", "--offset", "2", "--decode-rank",
-               "--blocks", "4", "--sp", str(sp),
+               "engine.generate", "--preset", "tiny-wan", "--decode-rank", "--blocks", "4", *plan,
                "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -121,7 +124,8 @@ def test_generate_under_torchrun_with_a_decode_rank(tmp_path, ranks, sp):
 
     assert read_frames(out).shape[0] == get_preset("tiny-wan").pixel_frames(4)
     assert result.stdout.count("wrote") == 1, "only the decode rank writes"
-    assert (f"cascade 2 x sp {sp}, all-to-all: " in result.stderr) is (sp > 1), "sp is reported at start-up"
+    said = "cascade 2 x sp 2" if "cascade" in plan else "sp 2 share every forward of the sequential plan"
+    assert f"{said}, all-to-all: " in result.stderr, "sp is reported at start-up"
 
 
 def test_layouts_that_do_not_fit_fail_clearly():

@@ -101,26 +101,31 @@ def test_a_slow_link_favours_the_cascade():
 
 
 def test_a_decode_rank_pays_only_when_decoding_costs():
-    assert choose_split(SMALL, 5, "nvlink", decode_s=0.0).split == Split(5, 1)
-    assert choose_split(SMALL, 5, "nvlink", decode_s=0.3).split.decode_rank
+    assert choose_split(BIG, 5, "nvlink", decode_s=0.0).split == Split(1, 5)
+    assert choose_split(BIG, 5, "nvlink", decode_s=0.3).split.decode_rank
 
 
 def test_the_chooser_offers_only_runnable_splits_and_says_why():
-    # 480x832 has 30 token rows per frame; the 1.3B has 12 heads: sp 2, 3 or 6, and at most 5 stages
-    assert sp_refusal(get_preset(SMALL), 4) == "sp 4 does not divide the 30 token rows of a frame"
+    # the 1.3B has 12 heads: sp 2, 3, 4 or 6 (any token count), and at most 5 stages
+    assert sp_refusal(get_preset(SMALL), 4) is None and sp_refusal(get_preset(BIG), 8) is None
     assert sp_refusal(get_preset(SMALL), 5) == "sp 5 does not divide 12 heads"
+    assert sp_refusal(get_preset("magi-1-4.5b"), 3) == "sp 3 does not divide 24 heads (8 key/value)"
     for gpus in (4, 5, 7, 8):
         ranked = rank_splits(SMALL, gpus, "nvlink")
-        assert ranked and all(split.sp in (1, 2, 3, 6) and split.cascade <= 5 for split, _ in ranked)
+        assert ranked and all(split.sp in (1, 2, 3, 4, 6) and split.cascade <= 5 for split, _ in ranked)
     choice = choose_split(SMALL, 5, "nvlink")
     assert choice.split == rank_splits(SMALL, 5, "nvlink")[0][0]
     assert choice.reason.startswith(f"5 GPUs on NVLink: cascade {choice.split.cascade} x sp {choice.split.sp}")
     assert f"{choice.time.fps:.1f} FPS modelled vs" in choice.reason and "\n" not in choice.reason
-    only = choose_split(SMALL, 8, "nvlink")  # 4 x 2 is the one split of 8 that runs
-    assert only.split == Split(4, 2) and "the only split that runs" in only.reason
-    assert "7 of the GPUs would do better: 1 x 6 + decode rank" in only.reason
+    only = choose_split(BIG, 7, "nvlink")  # 40 heads: 3 x 2 + decode rank is the one split of 7 that runs
+    assert only.split == Split(3, 2, decode_rank=True) and "the only split that runs" in only.reason
+    assert "6 of the GPUs would do better: 1 x 5 + decode rank" in only.reason
     with pytest.raises(ValueError, match="unknown link"):
         choose_split(SMALL, 4, "ethernet")
+    # a plan that is not a cascade runs on one sp group (+ decode rank): 8 GPUs cannot split 12 heads
+    assert {split.cascade for split, _ in rank_splits(SMALL, 5, "nvlink", one_stage=True)} == {1}
+    with pytest.raises(ValueError, match="one stage: sp must divide the heads"):
+        choose_split(SMALL, 8, "nvlink", one_stage=True)
 
 
 def test_two_machine_placements():

@@ -31,6 +31,7 @@ from torch import nn
 from engine.config import MagiConfig
 from engine.models.attention import AttentionView
 from engine.models.layers import linear
+from engine.models.tokens import Tokens
 
 CLEAN_T = 0.9999
 """MAGI-1's time of a committed (clean) chunk's K/V pass."""
@@ -232,7 +233,8 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask=None
 
 def _cross_attend(q: torch.Tensor, layer: int, text: MagiText, clean: tuple[bool, ...]) -> torch.Tensor:
     """Each frame attends to the real tokens of its own caption: its batch element's caption, or
-    the null caption for clean frames. q `[B, N, H, Dh]`; `clean` per frame (same for the batch)."""
+    the null caption for clean frames. q `[B, N, H, Dh]`; `clean` per frame, or per group of
+    tokens (engine/models/tokens.py), the same for the batch."""
     B, N = q.shape[:2]
     tokens = N // len(clean)
     parts = []
@@ -409,7 +411,20 @@ class MagiModel(nn.Module):
         step_size: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`step_size [B, F]` (distilled models): the shortcut step each frame takes."""
-        B, _, frames, height, width = latents.shape
+        tokens = self.enter(latents, sigma, text, fps, step_size)
+        return self.leave(self.run(tokens, text, kv), latents.shape)
+
+    def enter(
+        self,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        text: MagiText,
+        fps: int | None = None,
+        step_size: torch.Tensor | None = None,
+    ) -> Tokens:
+        """Latents `[B, C, F, H, W]` -> tokens `[B, F*h*w, dim]`, one group per frame: the adaLN
+        condition `[B, F, cond_dim]` and whether the frame is a committed clean chunk."""
+        B, _, frames = latents.shape[:3]
         if sigma.shape != (B, frames):
             raise ValueError(f"sigma must be [B, F] = {(B, frames)}, got {tuple(sigma.shape)}")
         # committed chunks (sigma 0) run at clean_t and attend to the null caption; the adaLN
@@ -418,12 +433,23 @@ class MagiModel(nn.Module):
         if len(clean) != frames:
             raise ValueError(f"{len(clean)} clean-frame flags for {frames} frames")
         dropped = _flag_map(text.dropped, sigma.device).expand(B)[:, None].expand(B, frames)
-        condition = self.condition(sigma, dropped, step_size)
-        x = self.embed(latents)
+        return Tokens(self.embed(latents), (self.condition(sigma, dropped, step_size),), (clean,))
+
+    def run(self, tokens: Tokens, text: MagiText, kv: AttentionView) -> torch.Tensor:
+        """The layers and the final linear over `tokens` (all of a forward's, or a slice)."""
+        (condition,), (clean,) = tokens.per_group, tokens.flags
+        x = tokens.x
         for layer, block in enumerate(self.blocks):
             x = block(x, condition, layer, kv, text, clean)
         out = linear(self.final_linear.linear, self.videodit_blocks.final_layernorm(x)).float()
-        return -self._unpatchify(out, frames, height, width) / self.cfg.x_rescale_factor
+        # [B, n, ph*pw*C_net] with the channel innermost -> the first out_channels of each patch
+        # pixel (what _unpatchify keeps; cut here, a sequence-parallel gather carries no more)
+        cfg = self.cfg
+        return out.unflatten(-1, (-1, cfg.network_in_channels))[..., : cfg.out_channels].flatten(-2)
+
+    def leave(self, out: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Every token's output -> flow `[B, C_out, F, H, W]` in the engine's convention."""
+        return -self._unpatchify(out, *shape[2:]) / self.cfg.x_rescale_factor
 
     def _unpatchify(self, out: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
         # out: [B, F*h*w, C*pt*ph*pw] -> v [B, C_out, F, H, W] (the first out_channels channels)

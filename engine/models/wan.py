@@ -9,6 +9,9 @@ Streaming differences from the reference network:
 * self-attention asks an `AttentionView` (engine/models/attention.py) for rotated queries and for the keys and
   values to attend to: committed frames from the KV cache plus this call's in-flight frames;
 * cross-attention keys/values are computed once per prompt (`embed_text` -> `TextKV`).
+* the forward is `enter` (patch embedding, per-frame conditioning) -> `run` (blocks and head, per
+  token) -> `leave` (unpatchify), so a sequence-parallel wrapper runs `run` on a slice of the
+  tokens (engine/models/tokens.py).
 
 The residual stream is float32 (as in Wan's reference code); linear layers run in the weights'
 dtype; norms, modulation and the time embedding run in float32.
@@ -27,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from engine.config import WanConfig
 from engine.models.attention import AttentionView
 from engine.models.layers import linear
+from engine.models.tokens import Tokens
 
 # Parameters kept in float32 when the model is cast to bf16 (small, numerically sensitive).
 FLOAT32_PARAMS = ("time_embedding", "time_projection", "fps_", "modulation", "norm")
@@ -272,14 +276,27 @@ class WanModel(nn.Module):
     def forward(
         self, latents: torch.Tensor, sigma: torch.Tensor, text: TextKV, kv: AttentionView, fps: int | None = None
     ) -> torch.Tensor:
-        B, _, frames, height, width = latents.shape
+        return self.leave(self.run(self.enter(latents, sigma, text, fps), text, kv), latents.shape)
+
+    def enter(self, latents: torch.Tensor, sigma: torch.Tensor, text: TextKV, fps: int | None = None) -> Tokens:
+        """Latents `[B, C, F, H, W]` -> tokens `[B, F*h*w, dim]`, one group per frame: (e `[B, F, dim]`,
+        e6 `[B, F, 6, dim]`). `text` is unused here (MAGI-1's `enter` reads it)."""
+        B, _, frames = latents.shape[:3]
         if sigma.shape != (B, frames):
             raise ValueError(f"sigma must be [B, F] = {(B, frames)}, got {tuple(sigma.shape)}")
-        _, ph, pw = self.cfg.patch_size
-        x = self.embed(latents)
-        e, e6 = self.time_modulation(sigma, fps)
+        return Tokens(self.embed(latents), self.time_modulation(sigma, fps))
+
+    def run(self, tokens: Tokens, text: TextKV, kv: AttentionView) -> torch.Tensor:
+        """The blocks and the head over `tokens` (all of a forward's, or a slice): `[B, n, C*ph*pw]`."""
+        e, e6 = tokens.per_group
+        x = tokens.x
         for layer, block in enumerate(self.blocks):
             x = block(x, e6, text.keys[layer], text.values[layer], layer, kv)
-        out = self.head(x, e)  # [B, F*h*w, C*ph*pw]
+        return self.head(x, e)
+
+    def leave(self, out: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Every token's head output `[B, F*h*w, C*ph*pw]` -> flow `[B, C, F, H, W]` (`shape`: the latents')."""
+        B, _, frames, height, width = shape
+        _, ph, pw = self.cfg.patch_size
         out = out.reshape(B, frames, height // ph, width // pw, ph, pw, -1)
         return out.permute(0, 6, 1, 2, 4, 3, 5).reshape(B, -1, frames, height, width).float()
