@@ -58,7 +58,8 @@ SLOW = {
                       "test_cli_runs_skyreels_and_pyramid_plans"},
     "test_magi": {"test_generate_cli_runs_the_tiny_preset"},
     "test_docs": {"test_the_quick_start_runs_as_written", "test_watching_it_live_serves_the_viewer_page",
-                  "test_the_python_api_example_prints_what_it_says"},
+                  "test_the_python_api_example_prints_what_it_says",
+                  "test_the_presets_listing_is_what_the_command_prints"},
 }  # fmt: skip
 
 

@@ -203,3 +203,21 @@ def test_the_marker_tables_name_tests_that_exist():
             if names != tables["ALL"]:
                 defined = set(re.findall(r"^(?:async )?def (test_\w+)", files[0].read_text(), re.M))
                 assert names <= defined, f"{table}: {module} has no {sorted(names - defined)}"
+
+
+def test_every_preset_has_a_row_in_the_readme():
+    from launch.presets import PRESETS
+
+    section = README.read_text().split("## Families and presets", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)` \|", section, re.M)
+    assert rows == list(PRESETS), f"README rows {rows} vs presets {list(PRESETS)}"
+
+
+def test_the_presets_listing_is_what_the_command_prints(capsys):
+    """docs/checkpoints.md shows what `python -m launch.presets --counts` prints today (every preset
+    built on the meta device)."""
+    from launch.presets import main
+
+    assert main(["--counts"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert f"```\n{printed}\n```" in (ROOT / "docs" / "checkpoints.md").read_text(), printed
