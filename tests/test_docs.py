@@ -32,7 +32,7 @@ SETUP = ("python3.11 -m venv", ". .venv/bin/activate", "pip install")
 """Quick-start lines not run here: they make and fill the environment this suite already runs in."""
 
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
-INLINE_CODE = re.compile(r"`[^`\n]*`")
+INLINE_CODE = re.compile(r"`[^`]+`")  # a code span may wrap onto the next line
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.M)
 
