@@ -1,6 +1,6 @@
 """`python -m engine.client`: watch a stream from a script (engine/serving/client.py).
 
-`from engine.client import StreamClient` is the Python entry point (see the README)."""
+`from engine.client import StreamClient` is the Python entry point (see docs/serving.md)."""
 
 import sys
 

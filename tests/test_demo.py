@@ -196,7 +196,7 @@ def test_the_shipped_weights_stay_good_for_sixty_blocks():
     """Long horizon (the model was trained on its own rollouts so that it does not drift): over
     blocks 50-60 (seconds 9.4-11.3) of a 60-block stream the object is still there in every
     frame, the background keeps the brightness of the first seconds (within 8 of 255), and color
-    and motion still follow the prompt. The README's horizon table (`launch.bench adherence
+    and motion still follow the prompt. The horizon table in docs/demo-model.md (`launch.bench adherence
     --horizons`) measures the same to block 320."""
     pipeline = build_session(DEMO, WeightPaths(), torch.device("cpu"), torch.float32)
     per_video = []
