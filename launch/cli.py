@@ -575,7 +575,7 @@ def _sessions_layout(args: argparse.Namespace, preset: Preset, world: int, link:
     stages only with --schedule cascade, which they need)."""
     if "replicas" in given:
         raise ConfigError("--parallel auto chooses --replicas itself: leave it out")
-    cascade = preset.plan.schedule == "cascade"
+    cascade = preset.plan.schedule == "cascade" or (args.schedule is None and args.offset is None)  # as launch/stream.py
     try:
         choice = choose_layout(preset, world, link, cascade=cascade, offset=preset.plan.offset or 1,
                                context=preset.plan.context)  # fmt: skip

@@ -21,6 +21,7 @@ recording).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -167,7 +168,19 @@ def check_mode(args: argparse.Namespace, topology: Topology) -> None:
     if topology.cfg.decode_rank:
         raise ConfigError("sessions leave from each group's first rank, which decodes them: drop --decode-rank "
                           "(or add --shared-stream for one stream with a decode rank)")  # fmt: skip
-    check_group(topology, args.schedule)
+    check_group(topology, args.schedule or "cascade")  # no --schedule: a group of stages cascades
+
+
+def sessions_preset(args: argparse.Namespace, topology: Topology) -> Preset:
+    """The preset as the flags say; a group of several cascade stages without --schedule (or
+    --offset) runs the cascade plan at offset 1, as the mission's command means."""
+    preset = preset_from_args(args)
+    if topology.cascade_size > 1 and args.schedule is None and args.offset is None:
+        preset = dataclasses.replace(preset, plan=dataclasses.replace(preset.plan, schedule="cascade", offset=1))
+        if topology.rank == SERVING_RANK:
+            print(f"note: {topology.cascade_size} cascade stages per group: sessions run the cascade plan at offset "
+                  "1 (--schedule and --offset choose another)", file=sys.stderr)  # fmt: skip
+    return preset
 
 
 def check_group(topology: Topology, schedule: str | None) -> None:
@@ -257,7 +270,7 @@ def serve_sessions(args: argparse.Namespace, topology: Topology, make_manager: C
     """Rank 0 serves and leads group 0; every other group's leader runs its group's replica for it,
     and every other rank follows its leader, until told to stop. `make_manager(outbox)` (default:
     the preset's model under SessionManager) is what each rank of a replica runs."""
-    preset = preset_from_args(args)
+    preset = sessions_preset(args, topology)
     for note in single_process_notes(args, topology):
         print(f"note: {note}", file=sys.stderr)
     links, cast = replica_links(topology), group_cast(topology)  # every rank, before anything can fail

@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.loading import resolve_dtype  # noqa: E402
 from engine.serving.sessions import SessionManager  # noqa: E402
 from launch.build import build_session  # noqa: E402
-from launch.cli import preset_from_args, rank_device, speed_from_args, weights_from_args  # noqa: E402
+from launch.cli import rank_device, speed_from_args, weights_from_args  # noqa: E402
 from launch.run import on_ranks  # noqa: E402
-from launch.stream import parse_args, serve_sessions, session_limits  # noqa: E402
+from launch.stream import parse_args, serve_sessions, session_limits, sessions_preset  # noqa: E402
 
 
 class FailOnSignal(SessionManager):
@@ -39,7 +39,7 @@ def main() -> int:
     def make(topology):
         def manager(outbox):
             device = rank_device(args, topology)
-            session = build_session(preset_from_args(args), weights_from_args(args), device,
+            session = build_session(sessions_preset(args, topology), weights_from_args(args), device,
                                     resolve_dtype(args.dtype, device), topology=topology,
                                     speed=speed_from_args(args))  # fmt: skip
             limits = dataclasses.replace(session_limits(args), throughput_admission=False)

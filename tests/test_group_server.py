@@ -35,9 +35,8 @@ def _command(out: Path, *flags: str) -> list[str]:
 
 
 async def _own_prompt(viewer: Viewer, prompt: str) -> int:
-    """Switch the viewer's session to `prompt`; the prompt version its frames then carry."""
-    if viewer.hello["prompt"] == prompt:
-        return 0
+    """Switch the viewer's session to `prompt` (even the one it has); the prompt version its frames
+    then carry."""
     reply = await viewer.ask({"type": "prompt", "text": prompt})
     assert reply["type"] == "ack" and reply["of"] == "prompt", reply
     return reply["version"]
@@ -50,9 +49,9 @@ def _shows(frames, prompt: str) -> dict:
 
 @pytest.mark.timeout(900)  # 5 ranks and 3 sessions on 2 cores: about 3 minutes when quiet
 def test_the_mission_command_serves_viewers_through_a_five_rank_cascade(tmp_path):
-    """`torchrun --nproc_per_node=5 -m engine.stream --schedule cascade --offset 1`: one group of
-    5 ranks, three viewers, each its own session and prompt; each video shows its own prompt's
-    color, and frames arrive in order."""
+    """`torchrun --nproc_per_node=5 -m engine.stream`: one group of 5 ranks running the cascade plan
+    (offset 1, the default for a group of stages), three viewers, each its own session and prompt;
+    each video shows its own prompt's color, and frames arrive in order."""
 
     async def run(url, processes):
         viewers = [await Viewer.open(url) for _ in PROMPTS]
@@ -71,7 +70,7 @@ def test_the_mission_command_serves_viewers_through_a_five_rank_cascade(tmp_path
             assert scores["color"], (prompt, scores, read_video(np.stack([f.image() for f in after])))
         await asyncio.gather(*(v.close() for v in viewers))
 
-    command = _command(tmp_path, "--schedule", "cascade", "--offset", "1", "--timeout", "120")
+    command = _command(tmp_path, "--timeout", "120")
     with ranks(command, world=5, timeout=300) as (url, processes):
         asyncio.run(run(url, processes))
         processes[0].send_signal(signal.SIGINT)
