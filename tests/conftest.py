@@ -39,6 +39,11 @@ MULTIRANK = {
     "test_multinode": ALL,
     "test_ranks_bench": {"test_a_pinned_two_rank_run_reports_its_fps"},
     "test_controls": {"test_accepted_prompts_reach_every_rank"},
+    "test_groups": {"test_sessions_on_a_two_rank_cascade_equal_one_device",
+                    "test_sessions_on_a_cascade_2_by_sp_2_equal_one_device",
+                    "test_sessions_on_sp_2_with_the_sequential_plan_equal_one_device",
+                    "test_two_groups_each_serve_their_own_sessions"},
+    "test_group_server": ALL,
 }  # fmt: skip
 
 BROWSER = {
