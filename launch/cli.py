@@ -575,7 +575,8 @@ def _sessions_layout(args: argparse.Namespace, preset: Preset, world: int, link:
     stages only with --schedule cascade, which they need)."""
     if "replicas" in given:
         raise ConfigError("--parallel auto chooses --replicas itself: leave it out")
-    cascade = preset.plan.schedule == "cascade" or (args.schedule is None and args.offset is None)  # as launch/stream.py
+    # without --schedule and --offset a group of stages runs the cascade plan (launch/stream.py sessions_preset)
+    cascade = preset.plan.schedule == "cascade" or (args.schedule is None and args.offset is None)
     try:
         choice = choose_layout(preset, world, link, cascade=cascade, offset=preset.plan.offset or 1,
                                context=preset.plan.context)  # fmt: skip

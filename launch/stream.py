@@ -38,7 +38,7 @@ from engine.loading import resolve_dtype
 from engine.serving import flags
 from engine.serving.group import Outbox, follow
 from engine.serving.live import Controls, LiveStream, SessionDesk
-from engine.serving.replicas import LocalReplica, RemoteReplica, serve_replica
+from engine.serving.replicas import LocalReplica, RemoteReplica, ReplicaDown, serve_replica
 from engine.serving.scheduler import Limits
 from engine.serving.server import StreamServer, needs_token
 from engine.serving.sessions import SessionManager
@@ -290,8 +290,7 @@ def serve_sessions(args: argparse.Namespace, topology: Topology, make_manager: C
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             _say_end(topology, run_replica(GroupDesk(manager, topology), links[SERVING_RANK], manager))
             return
-        remote = [RemoteReplica(i, link, rank=peer, name=_group_name(topology, peer))
-                  for i, (peer, link) in enumerate(sorted(links.items()), start=1)]  # fmt: skip
+        remote = [GroupLink(i, link, peer, topology) for i, (peer, link) in enumerate(sorted(links.items()), start=1)]
         local = LocalReplica(0, GroupDesk(manager, topology), name=_group_name(topology, 0))
         server.lobby.attach([local, *remote])
         print(f"serving {server.url} ({1 + len(remote)} replica(s) of {_group_shape(topology)}, a session per "
@@ -332,6 +331,26 @@ class GroupDesk(SessionDesk):
             return super().cycle(requests)
         except Exception as err:
             cause = self.topology.faults.blame(err, self.topology.group_ranks) if self.topology.group_size > 1 else None
+            if cause is None:
+                raise
+            raise RuntimeError(f"{cause} (rank {self.topology.rank} saw: {type(err).__name__})") from err
+
+
+class GroupLink(RemoteReplica):
+    """The serving rank's link to another group's leader: a broken link names the group's rank at
+    fault where the job's store can tell (a rank that died takes its leader's link with it)."""
+
+    def __init__(self, index: int, link, leader: int, topology: Topology):
+        super().__init__(index, link, rank=leader, name=_group_name(topology, leader))
+        self.topology, self.ranks = topology, list(range(leader, leader + topology.group_size))
+
+    def exchange(self, requests):
+        try:
+            return super().exchange(requests)
+        except ReplicaDown:  # the leader's own report: it names the cause already
+            raise
+        except Exception as err:
+            cause = self.topology.faults.blame(err, self.ranks) if len(self.ranks) > 1 else None
             if cause is None:
                 raise
             raise RuntimeError(f"{cause} (rank {self.topology.rank} saw: {type(err).__name__})") from err
