@@ -358,7 +358,7 @@ def test_session_flags_reach_the_limits_or_are_refused():
         (["--session-memory", "64"], "kv_budget_bytes", 64 << 20),
         (["--grace", "2.5"], "grace_s", 2.5),
         (["--session-batch", "7"], "batch", 7),
-        (["--admit-at-floor"], "admit_at_floor", True),
+        (["--no-admit-at-floor"], "admit_at_floor", False),
     ]:
         limits = session_limits(parse_args(argv))
         assert getattr(limits, field) == value != getattr(default, field), argv

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from engine.loading import WeightPaths
-from engine.serving.scheduler import DEMO_LADDER, Limits
+from engine.serving.scheduler import DEMO_LADDER, DEMO_STEPS, Limits
 from engine.serving.sessions import Opened, Refused, SessionError, SessionManager
 from launch.build import build_session
 from launch.presets import get_preset
@@ -204,13 +204,40 @@ def test_pause_and_prompt_switch_do_not_change_other_sessions(session):
 
 def test_the_demo_gets_its_measured_ladder_and_rung_zero_is_the_configured_cache(session):
     mgr = manager(session, degrade=True)
-    assert mgr.limits.ladder == DEMO_LADDER and mgr.session.preset.cache.policy == "flowcache"
+    assert mgr.limits.ladder == DEMO_STEPS and [r.steps for r in mgr.limits.levels] == [None, 3, 2]  # floor 23 dB
+    assert mgr.session.preset.cache == session.preset.cache, "a ladder of steps alone needs no feature cache"
     assert manager(session).limits.rungs == (0.0,)
-    skip = mgr.sessions[mgr.open(RED, seed=0).id].executor.skip
+    cached = manager(session, degrade=True, ladder=DEMO_LADDER, floor_db=20.0)
+    assert cached.session.preset.cache.policy == "flowcache"
+    skip = cached.sessions[cached.open(RED, seed=0).id].executor.skip
     skip.set_fidelity(2.0)
     assert skip.policy.threshold == 2.0
     skip.set_fidelity(None)
     assert skip.policy.threshold == 0.0  # threshold 0: exactly no caching
+
+
+def test_fewer_steps_before_any_stall_and_back_up_once_ahead(session):
+    clock = FakeClock(per_read=0.04)  # every round seems to take 80 ms: 7.5 fps per session, 16 wanted
+    mgr = manager(session, clock, degrade=True, batch=2)
+    ids = [mgr.open(RED, seed=i).id for i in range(2)]
+    first_degraded = first_stall = None
+    steps = set()
+    for r in range(60):
+        for chunks in mgr.round_blocks().values():
+            steps.update(c.steps or 4 for c in chunks)
+            assert all(np.isfinite(c.pixels).all() for c in chunks)
+        live = [mgr.sessions[sid] for sid in ids]
+        if first_degraded is None and any(s.rung > 0 for s in live):
+            first_degraded = r
+        if first_stall is None and any(s.playout.stalls > 0 for s in live):
+            first_stall = r
+    assert first_degraded is not None and (first_stall is None or first_degraded < first_stall), (
+        first_degraded, first_stall)  # fmt: skip
+    assert 2 in steps and steps <= {4, 3, 2}, f"step counts used {steps} (the floor allows 4, 3, 2)"
+    assert mgr.stats(ids[0])["fidelity_steps"] in (4, 3, 2)
+    clock.per_read = 0.002  # rounds now seem to take 4 ms: every session gets ahead and comes back up
+    collect(mgr, 30)
+    assert all(mgr.sessions[sid].rung == 0 for sid in ids), [mgr.sessions[sid].rung for sid in ids]
 
 
 def test_pyramid_plan_sessions_equal_their_solo_runs(session):
