@@ -254,8 +254,9 @@ def serve_sessions(args: argparse.Namespace, topology: Topology, make_manager: C
             server = StreamServer.for_sessions(args.prompt, args.seed, **_server_options(args, preset)).start()
             server.lobby.fps = preset.stream.fps
         desk = SessionDesk((make_manager or (lambda: _manager(args, preset, topology)))())
-        if not serving:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serving rank says when to stop
+        if not serving:  # the serving rank says when to stop: torchrun's Ctrl-C and SIGTERM reach every rank
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)
             ended = serve_replica(desk, links[SERVING_RANK])
             if ended != "stopped":
                 print(f"rank {topology.rank}: replica {ended}", file=sys.stderr, flush=True)

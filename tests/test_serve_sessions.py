@@ -160,7 +160,7 @@ def test_beyond_admission_a_viewer_is_told_why_and_closed():
         kept = [await Viewer.open(url(server)) for _ in range(2)]
         refused = await Viewer.open(url(server))
         assert refused.hello == {"type": "refused", "reason": "all sessions taken", "retry_after_s": 2.5,
-                                 "queue_position": 1, "ticket": "0.t1"}  # fmt: skip
+                                 "queue_position": 1, "ticket": "0.t1", "offer_fps": None}  # fmt: skip
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(refused.ws.recv(), 10)
         assert closed.value.rcvd.code == 1013

@@ -269,3 +269,54 @@ def test_a_desk_reports_an_expired_session_as_gone_and_serves_on(session):
         cycle = desk.cycle([])
         gone += cycle.gone
     assert gone == [leaving] and leaving not in mgr.sessions and staying in cycle.stats, gone
+
+
+def measured(mgr: SessionManager, **round_s: float) -> SessionManager:
+    """`mgr` with these seconds per round by batch size measured ({"b1": 0.03, ...}), as if it had run."""
+    for batch, seconds in round_s.items():
+        mgr.throughput.record(int(batch[1:]), seconds)
+    return mgr
+
+
+def test_admission_at_the_floor_then_an_offer_then_a_refusal(session):
+    # 15 ms per round + 15 ms per session; 0.6 frames per tick, 90 % handed out: at full fidelity
+    # 1 session keeps 16 fps (2 get 12 each); at the 2-step floor (5/3 as fast) 2 get 20, 3 get 15
+    per = manager(session).kv_per_session
+    mgr = measured(manager(session, degrade=True, kv_budget_bytes=int(3.5 * per)), b1=0.03, b2=0.045)
+    a, b = mgr.open(RED, 0), mgr.open(BLUE, 1)
+    assert isinstance(a, Opened) and isinstance(b, Opened), b
+    third = mgr.open(RED, 2)
+    assert isinstance(third, Refused) and third.offer_fps == 15.0, third
+    assert "at the quality floor" in third.reason and "you may take 15.0 fps now" in third.reason
+    taken = mgr.open(RED, 2, ticket=third.ticket, accept=True)
+    assert isinstance(taken, Opened) and not mgr.queue, "the offer taken: its place in the queue is freed"
+    fourth = mgr.open(RED, 3, accept=True)  # the KV budget holds three: no offer, the last resort
+    assert isinstance(fourth, Refused) and fourth.offer_fps is None and "KV memory is full" in fourth.reason
+    fifth = mgr.open(RED, 4)
+    assert isinstance(fifth, Refused) and fifth.queue_position == 2 and fifth.offer_fps is None
+
+    at_full = measured(manager(session, degrade=True, admit_at_floor=False), b1=0.03, b2=0.045)
+    assert isinstance(at_full.open(RED, 0), Opened)
+    second = at_full.open(RED, 1)
+    assert isinstance(second, Refused) and "at full fidelity" in second.reason
+    assert second.offer_fps == 16.0, "the floor would keep both at the full frame rate (fidelity lowered)"
+    slow = measured(manager(session, degrade=True), b1=0.3, b2=0.45)  # ten times slower: 2 fps each is too little
+    assert isinstance(slow.open(RED, 0), Opened)
+    assert slow.open(RED, 1).offer_fps is None
+
+
+def test_tickets_nobody_comes_back_for_expire_within_seconds(session):
+    clock = FakeClock()
+    per = manager(session).kv_per_session
+    mgr = manager(session, clock, kv_budget_bytes=int(1.5 * per), retry_s=2.0, ticket_s=3.0)
+    assert isinstance(mgr.open(RED, 0), Opened)
+    gone = [mgr.open(RED, seed) for seed in (1, 2)]  # told to come back in 2 and 4 s; they never do
+    assert [g.queue_position for g in gone] == [1, 2]
+    clock.t += 5.5
+    lone = mgr.open(RED, 3)
+    assert lone.queue_position == 2, "the first ticket is given up 2 + 3 s after it was issued, the second not yet"
+    clock.t += 2.0  # 7.5 s: both gone (the second at 4 + 3 s)
+    again = mgr.open(RED, 3, ticket=lone.ticket)
+    assert again.queue_position == 1, f"the lone viewer still waits behind {again.queue_position - 1} tickets"
+    mgr.close(next(iter(mgr.sessions)))
+    assert isinstance(mgr.open(RED, 3, ticket=again.ticket), Opened)

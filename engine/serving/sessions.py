@@ -186,7 +186,6 @@ class SessionManager:
         self.rounds, self.refused, self.expired = 0, 0, 0
         self.batches: Counter[int] = Counter()
         self.recent: deque = deque()
-        self._frames_out = self._ticks_out = 0
 
     @staticmethod
     def _with_ladder(limits: Limits, session: Session, local: bool) -> Limits:
@@ -254,7 +253,7 @@ class SessionManager:
         rate = self.throughput.per_session_fps(running + 1, self.frames_per_tick, self.limits, speedup)
         if rate is None or rate < self.limits.min_offer_fps:
             return None
-        return round(min(rate, self.fps), 1)
+        return round(float(min(rate, self.fps)), 1)
 
     def _verdict(self):
         """Whether one more session may hold device state and ticks now."""
@@ -412,7 +411,6 @@ class SessionManager:
             for i, blocks in zip(pending, results):
                 finished[i].extend(blocks)
                 chosen[i].next_tick = next(chosen[i].ticks)
-                self._ticks_out += chosen[i].rung == 0  # frames per tick are measured at full fidelity
             pending = [i for i, b in zip(pending, before) if chosen[i].executor.stats.forwards == b]
             if not pending:
                 break
@@ -426,7 +424,6 @@ class SessionManager:
             out.append(Frames(block.index, live.frames, pixels, live.version, rung.threshold, live.block_rung,
                               rung.steps))  # fmt: skip
             live.degraded_blocks += live.block_rung > 0
-            self._frames_out += len(pixels) if live.block_rung == 0 else 0
             live.block_rung = live.rung
             live.frames += len(pixels)
             live.playout.add(len(pixels), now)
@@ -463,10 +460,8 @@ class SessionManager:
 
     @property
     def frames_per_tick(self) -> float:
-        """Video frames a session gets per tick it is served (measured; the plan's latent frames
-        per block over ticks per block before anything was measured)."""
-        if self._ticks_out and self._frames_out:
-            return self._frames_out / self._ticks_out
+        """Video frames a session gets per tick it is served at full fidelity, in the long run: the
+        plan's frames per block over its ticks per block (a lower rung yields more, not counted)."""
         return self.session.preset.stream.frames_per_block / self.offset
 
     @property
