@@ -164,8 +164,8 @@ class SessionManager:
         plan = session.preset.plan
         if plan.schedule == "skyreels":
             raise ConfigError("sessions run endless plans (sequential, pyramid): the skyreels schedule is finite")
-        probe = session.executors(NoiseSource(0), blocks_in_forward=1)
-        limits = self._with_ladder(limits, session, isinstance(probe.placement, Local))
+        local = isinstance(session.executors(NoiseSource(0), blocks_in_forward=1).placement, Local)  # freed at once
+        limits = self._with_ladder(limits, session, local)
         if any(rung.threshold > 0 for rung in limits.levels) and not session.preset.cache.enabled:
             # threshold 0 is exactly no caching; the scheduler raises it per session and round
             session = session.reconfigured(dataclasses.replace(session.preset, cache=CacheConfig(policy="flowcache")))
