@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from engine.config import ConfigError
 from engine.eval.adherence import adherence
 from engine.eval.metrics import psnr, ssim
 from engine.loading import resolve_device
@@ -46,10 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _timesteps(preset, entry: str) -> tuple[float, ...]:
     """The trained timesteps an entry of --steps names (the schedule warps them, as the full plan's)."""
-    if "," in entry:
-        return tuple(float(t) for t in entry.split(","))
-    fewer_steps(preset.sampling, int(entry))  # refuses a count this sampling setup cannot run
-    return subset(preset.sampling.timesteps, int(entry))
+    try:
+        if "," in entry:
+            timesteps = tuple(float(t) for t in entry.split(","))
+            dataclasses.replace(preset.sampling, timesteps=timesteps)  # refuses timesteps out of order or range
+            return timesteps
+        count = int(entry)
+    except ValueError:
+        raise ConfigError(f"--steps {entry}: a step count (2) or timesteps (1000,500)") from None
+    fewer_steps(preset.sampling, count)  # refuses a count this sampling setup cannot run
+    return subset(preset.sampling.timesteps, count)
 
 
 def _generate(session, prompts, blocks: int, seed: int) -> tuple[list[np.ndarray], float]:
@@ -64,14 +71,14 @@ def run(args: argparse.Namespace):
     device = resolve_device(args.device)
     preset = get_preset(args.preset)
     if preset.sampling.timesteps is None:
-        raise ValueError(f"{args.preset} has no explicit timesteps: the step lever is for few-step models")
+        raise ConfigError(f"{args.preset} has no explicit timesteps: the step lever is for few-step models")
+    subsets = [_timesteps(preset, entry) for entry in args.steps]  # bad entries refused before any work
     prompts = eval_prompts(args.prompts)
     session = session_for(preset, device)
     _generate(session, prompts[:1], 1, args.seed)  # warm up allocators and kernels
     reference, base = _generate(session, prompts, args.blocks, args.seed)
     rows = []
-    for entry in args.steps:
-        timesteps = _timesteps(preset, entry)
+    for timesteps in subsets:
         sampling = dataclasses.replace(preset.sampling, timesteps=timesteps)
         fewer = session.reconfigured(dataclasses.replace(preset, sampling=sampling))
         videos, seconds = _generate(fewer, prompts, args.blocks, args.seed)
