@@ -48,15 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _timesteps(preset, entry: str) -> tuple[float, ...]:
     """The trained timesteps an entry of --steps names (the schedule warps them, as the full plan's)."""
     try:
-        if "," in entry:
-            timesteps = tuple(float(t) for t in entry.split(","))
-            dataclasses.replace(preset.sampling, timesteps=timesteps)  # refuses timesteps out of order or range
-            return timesteps
-        count = int(entry)
+        parsed = tuple(float(t) for t in entry.split(",")) if "," in entry else int(entry)
     except ValueError:
         raise ConfigError(f"--steps {entry}: a step count (2) or timesteps (1000,500)") from None
-    fewer_steps(preset.sampling, count)  # refuses a count this sampling setup cannot run
-    return subset(preset.sampling.timesteps, count)
+    if isinstance(parsed, tuple):
+        dataclasses.replace(preset.sampling, timesteps=parsed)  # refuses timesteps out of order or range
+        return parsed
+    fewer_steps(preset.sampling, parsed)  # refuses a count this sampling setup cannot run
+    return subset(preset.sampling.timesteps, parsed)
 
 
 def _generate(session, prompts, blocks: int, seed: int) -> tuple[list[np.ndarray], float]:
