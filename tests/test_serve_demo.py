@@ -1,5 +1,6 @@
 """The demo model behind the real server: two viewers at once, each its own prompt, then a third
-offered a lower frame rate (and taking it) and a fourth refused, over loopback WebSockets.
+offered a lower frame rate (and taking it), a fourth queued behind it and then refused (the KV
+memory is full), over loopback WebSockets.
 
     pytest tests/test_serve_demo.py
 
@@ -68,12 +69,16 @@ def test_two_viewers_are_served_a_third_takes_an_offer_a_fourth_is_refused(manag
         code, reason = await closed_with(third)
         assert code == 1013 and reason == close_reason(third.hello["reason"]) and reason.endswith("...")
         assert len(reason.encode()) <= MAX_CLOSE_REASON_BYTES < len(third.hello["reason"].encode())
+        waiting = await Viewer.open(url(server))  # a fourth: second in the queue, offered the same
+        assert waiting.hello["queue_position"] == 2 and waiting.hello["offer_fps"] == 15.0, waiting.hello
+        assert (await closed_with(waiting))[0] == 1013
         taken = await Viewer.open(url(server, f"accept=1&ticket={third.hello['ticket']}"))
         assert taken.hello["type"] == "session", taken.hello
         await taken.read(1, seconds=180)
 
-        fourth = await Viewer.open(url(server, "accept=1"))
+        fourth = await Viewer.open(url(server, f"accept=1&ticket={waiting.hello['ticket']}"))
         assert fourth.hello["type"] == "refused" and fourth.hello["offer_fps"] is None, fourth.hello
+        assert fourth.hello["queue_position"] == 1, "its place kept, now first"
         assert "KV memory is full" in fourth.hello["reason"]
         assert (await closed_with(fourth))[0] == 1013
         await asyncio.gather(a.ws.close(), b.ws.close(), taken.ws.close())
