@@ -43,7 +43,7 @@ class CacheSkip:
         return not self.policy.needs_features
 
     def _info(self, ex, work: Work) -> StepInfo:
-        return StepInfo(work.block, work.step, ex.schedule.steps, work.t_in / TRAIN_TIMESTEPS, work.sigma_out)
+        return StepInfo(work.block, work.step, work.steps, work.t_in / TRAIN_TIMESTEPS, work.sigma_out)
 
     def choose(self, ex, tick: Tick, members, text):
         work = {w.block: w for w in tick.work if not w.commit and ex.placement.owns(w.block)}
@@ -95,7 +95,7 @@ class CacheSkip:
 
     def end_tick(self, ex, tick: Tick) -> None:
         for work in tick.work:
-            if not work.commit and work.step == ex.schedule.steps - 1:
+            if work.last:
                 self.policy.release(work.block)
 
     def _account(self, ex, computed: int, skipped: int, in_flight: int, text) -> None:

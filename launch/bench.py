@@ -8,6 +8,7 @@ python -m launch.bench cascade              # cascade fidelity vs sequential (of
 python -m launch.bench switch               # prompt-switch latency: cascade vs sequential + recache
 python -m launch.bench cascade-model --measure   # throughput model; 1 vs 2 ranks measured here
 python -m launch.bench cache                # feature caching policies: speedup and fidelity
+python -m launch.bench steps                # few-step models run with fewer steps: fidelity and speed
 python -m launch.bench speed --preset self-forcing-1.3b --device cuda --random-weights   # one-device speed
 python -m launch.bench ranks                # this CPU: 1 process vs cascade vs sp, ranks pinned to cores
 python -m launch.bench kv                   # KV cache: memory of bf16 vs fp8 storage, fp8's fidelity
@@ -45,6 +46,7 @@ from launch.benchmarks import (
     serve,
     soak,
     speed,
+    steps,
     switch,
 )
 from launch.cli import USER_ERRORS
@@ -58,6 +60,7 @@ BENCHMARKS = {
     "cascade-model": cascade_model,
     "cache": cache,
     "speed": speed,
+    "steps": steps,
     "ranks": ranks,
     "soak": soak,
     "kv": kv,

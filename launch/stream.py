@@ -122,10 +122,12 @@ def add_session_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--admit-at-floor",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="admit as many sessions as the measured speed keeps at the quality floor's fidelity (each "
-        "degraded only while capacity is short for it); default: as many as run at full fidelity",
+        help="admit as many sessions as the measured speed keeps at the quality floor's fidelity (fewer "
+        "denoising steps or more feature caching, each session lowered only while capacity is short for "
+        "it); --no-admit-at-floor: only as many as run at full fidelity (default: on; a preset without a "
+        "measured fidelity ladder has full fidelity as its floor)",
     )
 
 
@@ -151,10 +153,16 @@ def session_limits(args: argparse.Namespace) -> Limits:
     )
 
 
+def _spelled(flag: str, value) -> str:
+    """The flag as given: a switched-off boolean flag is its --no- form."""
+    return flag.replace("--", "--no-", 1) if value is False else flag
+
+
 def check_mode(args: argparse.Namespace, topology: Topology) -> None:
     """Flags of the other mode are refused, one line with the fix (every rank alike)."""
     if args.shared_stream:
-        given = [flag for dest, flag in SESSION_FLAGS.items() if getattr(args, dest) is not None]
+        given = [_spelled(flag, getattr(args, dest)) for dest, flag in SESSION_FLAGS.items()
+                 if getattr(args, dest) is not None]  # fmt: skip
         if given:
             raise ConfigError(f"{given[0]} sets up sessions: drop it, or drop --shared-stream")
         if topology.cfg.replicas > 1:
@@ -282,12 +290,13 @@ def serve_sessions(args: argparse.Namespace, topology: Topology, make_manager: C
             server.lobby.fps = preset.stream.fps
         outbox = Outbox(cast) if cast is not None and leading else None
         manager = (make_manager or (lambda box: _manager(args, preset, topology, box)))(outbox)
+        if not serving:  # the serving rank says when to stop: torchrun's Ctrl-C and SIGTERM reach every rank
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)
         if not leading:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serving rank says when to stop
             _say_end(topology, run_follower(manager, cast, topology))
             return
         if not serving:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
             _say_end(topology, run_replica(GroupDesk(manager, topology), links[SERVING_RANK], manager))
             return
         remote = [GroupLink(i, link, peer, topology) for i, (peer, link) in enumerate(sorted(links.items()), start=1)]

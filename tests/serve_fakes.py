@@ -24,6 +24,7 @@ class Refused:
     retry_after_s: float
     queue_position: int
     ticket: str | None = None
+    offer_fps: float | None = None
 
 
 @dataclass
@@ -42,18 +43,21 @@ class FakeManager:
     """Paced like a real stream: a session gets a block while it is less than `lead_s` ahead of
     `fps` from its opening. `explode()` makes the next round raise (a failing replica)."""
 
-    def __init__(self, capacity=3, block_frames=3, size=16, fps=32, lead_s=0.5, grace_s=30.0, name="m"):
+    def __init__(self, capacity=3, block_frames=3, size=16, fps=32, lead_s=0.5, grace_s=30.0, name="m", offer_fps=None):
         self.capacity, self.block_frames, self.size, self.fps = capacity, block_frames, size, fps
+        self.offer_fps = offer_fps
+        """Beyond capacity, one more session is offered at this frame rate (None: no offer)."""
         self.lead_s, self.grace_s, self.name = lead_s, grace_s, name
         self.sessions: dict[str, FakeSession] = {}
         self.rounds, self.refused, self._ids, self._boom = 0, 0, 0, False
         self.tickets: list = []
 
-    def open(self, prompt: str, seed: int, ticket: str | None = None):
+    def open(self, prompt: str, seed: int, ticket: str | None = None, accept: bool = False):
         self.tickets.append(ticket)
-        if len(self.sessions) >= self.capacity:
+        offer = self.offer_fps if self.offer_fps and len(self.sessions) == self.capacity else None
+        if len(self.sessions) >= self.capacity and not (accept and offer):
             self.refused += 1
-            return Refused("all sessions taken", retry_after_s=2.5, queue_position=1, ticket="t1")
+            return Refused("all sessions taken", retry_after_s=2.5, queue_position=1, ticket="t1", offer_fps=offer)
         self._ids += 1
         session_id = f"{self.name}{self._ids}"
         self.sessions[session_id] = FakeSession(seed, time.monotonic())

@@ -14,6 +14,7 @@ this machine is).
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -73,6 +74,12 @@ def test_the_mission_command_serves_viewers_through_a_five_rank_cascade(tmp_path
     command = _command(tmp_path, "--timeout", "120")
     with ranks(command, world=5, timeout=300) as (url, processes):
         asyncio.run(run(url, processes))
+        # engine.client, unchanged, against the group: a session of its own and a switch it sees
+        client = subprocess.run([sys.executable, "-m", "engine.client", "--url", url, "--prompt", PROMPTS[1],
+                                 "--prompt2", PROMPTS[2], "--switch-after", "4", "--seconds", "14"],
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert client.returncode == 0, client.stderr[-2000:]
+        assert "session " in client.stdout and "prompt version 3 on screen" in client.stdout, client.stdout
         processes[0].send_signal(signal.SIGINT)
         codes = [p.wait(timeout=90) for p in processes]
         assert codes == [0] * 5, [p.stdout.read()[-2000:] for p in processes]

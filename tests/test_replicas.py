@@ -155,3 +155,42 @@ def test_the_demo_model_on_two_replica_ranks(tmp_path):
         processes[0].send_signal(signal.SIGINT)
         codes = [p.wait(timeout=60) for p in processes]
         assert codes == [0, 0], [p.stdout.read()[-2000:] for p in processes]
+
+
+def _ranks_lines(stderr: str) -> list[str]:
+    """stderr less torchrun's own: its agent's log lines and the traceback of the signal it got."""
+    tail = stderr.rfind("Traceback (most recent call last):")
+    if tail >= 0 and "SignalException" in stderr[tail:]:
+        stderr = stderr[:tail]
+    return [line for line in stderr.splitlines() if line.strip() and not re.match(r"[WIE]\d{4} .*torch/", line)]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_through_torchrun_is_quiet(tmp_path, signum):
+    """Ctrl-C (or SIGTERM) to torchrun, which passes it to every rank, with sessions open: the ranks
+    stop without a failed replica or a traceback (the replica ranks wait for the serving rank)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+               str(tmp_path), "--port", "0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
+    job = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, line = time.monotonic() + 120, ""
+        while "serving" not in line:
+            line = job.stdout.readline()
+            assert time.monotonic() < deadline and (line or job.poll() is None), "rank 0 never served"
+        url = "ws://" + re.search(r"http://([\d.]+:\d+)", line).group(1) + "/ws"
+
+        async def watch():
+            viewers = [await Viewer.open(url) for _ in range(2)]  # a session on each replica
+            for viewer in viewers:
+                await viewer.read(3, seconds=60)
+
+        asyncio.run(watch())
+        job.send_signal(signum)
+        _, stderr = job.communicate(timeout=90)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    lines = _ranks_lines(stderr)
+    assert len(lines) <= 2 and not any("Traceback" in x or "failed" in x or "error" in x for x in lines), stderr

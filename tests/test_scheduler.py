@@ -9,7 +9,18 @@ import math
 
 import pytest
 
-from engine.serving.scheduler import DEMO_LADDER, Limits, Playout, Standing, Throughput, admission, choose, next_rung
+from engine.serving.scheduler import (
+    DEMO_LADDER,
+    DEMO_STEPS,
+    Limits,
+    Playout,
+    Rung,
+    Standing,
+    Throughput,
+    admission,
+    choose,
+    next_rung,
+)
 
 MiB = 1 << 20
 
@@ -161,3 +172,18 @@ def test_serve_bench_trace_and_summary():
     assert (row["admitted"], row["refused"]) == (2, 1)
     assert row["cpr"] == pytest.approx(0.9) and row["stall_s_per_min"] == pytest.approx(6.0)
     assert row["ttff_p50_s"] == pytest.approx(0.75) and row["batch_mean"] == pytest.approx(2.0)
+
+
+def test_step_rungs_cost_their_forwards_and_set_the_floor_speedup():
+    assert DEMO_STEPS[2] == Rung(0.0, 24.1, 0.0, steps=2) and DEMO_STEPS[2].forwards(4) == 3  # 2 steps + the commit
+    assert Rung(2.0, 28.2, 0.25).forwards(4) == 4  # a quarter of 4 steps skipped
+    assert limits(ladder=DEMO_STEPS).floor_speedup(4) == pytest.approx(5 / 3)  # default floor: down to 2 steps
+    assert limits(ladder=DEMO_STEPS, floor_db=25.0).floor_speedup(4) == pytest.approx(5 / 4)
+    assert limits(ladder=DEMO_STEPS, degrade=False).floor_speedup(4) == 1.0
+    meter = Throughput(round_s={1: 0.03, 2: 0.045})
+    # each of n sessions gets 0.9 * speedup * min(n, batch) * frames_per_tick / round_s(n) / n fps
+    assert meter.per_session_fps(2, 0.6, limits(), 5 / 3) == pytest.approx(20.0)
+    assert meter.per_session_fps(3, 0.6, limits(), 5 / 3) == pytest.approx(15.0)
+    assert meter.sessions(16, 0.6, limits(), most=8, speedup=5 / 3) == 2
+    full = admission(running=1, kv_in_use=0, kv_per_session=MiB, capacity=1, limits=limits(admit_at_floor=False))
+    assert not full.admit and full.memory and "at full fidelity" in full.reason

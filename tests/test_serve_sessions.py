@@ -160,7 +160,7 @@ def test_beyond_admission_a_viewer_is_told_why_and_closed():
         kept = [await Viewer.open(url(server)) for _ in range(2)]
         refused = await Viewer.open(url(server))
         assert refused.hello == {"type": "refused", "reason": "all sessions taken", "retry_after_s": 2.5,
-                                 "queue_position": 1, "ticket": "0.t1"}  # fmt: skip
+                                 "queue_position": 1, "ticket": "0.t1", "offer_fps": None}  # fmt: skip
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(refused.ws.recv(), 10)
         assert closed.value.rcvd.code == 1013
@@ -358,7 +358,7 @@ def test_session_flags_reach_the_limits_or_are_refused():
         (["--session-memory", "64"], "kv_budget_bytes", 64 << 20),
         (["--grace", "2.5"], "grace_s", 2.5),
         (["--session-batch", "7"], "batch", 7),
-        (["--admit-at-floor"], "admit_at_floor", True),
+        (["--no-admit-at-floor"], "admit_at_floor", False),
     ]:
         limits = session_limits(parse_args(argv))
         assert getattr(limits, field) == value != getattr(default, field), argv
@@ -390,3 +390,30 @@ def test_the_client_opens_joins_and_is_refused():
 
     with serving(FakeManager(capacity=2)) as server:
         asyncio.run(run(server))
+
+
+def test_an_offer_is_shown_and_taken_by_the_client_and_close_reasons_fit_their_frame():
+    from engine.serving.client import Refused, StreamClient
+    from engine.serving.protocol import MAX_CLOSE_REASON_BYTES, close_reason
+
+    async def run(server):
+        async with StreamClient.connect(url(server)):
+            with pytest.raises(Refused) as refused:
+                async with StreamClient.connect(url(server)):
+                    pass
+            assert refused.value.info["offer_fps"] == 7.5
+            async with StreamClient.connect(url(server), accept=True) as taken:
+                assert taken.session["id"], "the offer taken"
+                with pytest.raises(Refused) as last:  # one over capacity is all that is offered
+                    async with StreamClient.connect(url(server), accept=True):
+                        pass
+                assert last.value.info["offer_fps"] is None
+
+    with serving(FakeManager(capacity=1, offer_fps=7.5)) as server:
+        asyncio.run(run(server))
+    long = "server full: the engine keeps 2 sessions at full frame rate at the quality floor and runs 2; " * 2
+    for text in (long, "ü" * 100, "x" * 200, "short enough"):
+        fitted = close_reason(text)
+        assert len(fitted.encode()) <= MAX_CLOSE_REASON_BYTES, text
+        assert fitted == text or (fitted.endswith("...") and text.startswith(fitted[:-3])), (fitted, text)
+    assert close_reason(long).removesuffix("...").split(" ")[-1] in long.split(" "), "cut between words"

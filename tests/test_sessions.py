@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from engine.loading import WeightPaths
-from engine.serving.scheduler import DEMO_LADDER, Limits
+from engine.serving.scheduler import DEMO_LADDER, DEMO_STEPS, Limits
 from engine.serving.sessions import Opened, Refused, SessionError, SessionManager
 from launch.build import build_session
 from launch.presets import get_preset
@@ -204,13 +204,40 @@ def test_pause_and_prompt_switch_do_not_change_other_sessions(session):
 
 def test_the_demo_gets_its_measured_ladder_and_rung_zero_is_the_configured_cache(session):
     mgr = manager(session, degrade=True)
-    assert mgr.limits.ladder == DEMO_LADDER and mgr.session.preset.cache.policy == "flowcache"
+    assert mgr.limits.ladder == DEMO_STEPS and [r.steps for r in mgr.limits.levels] == [None, 3, 2]  # floor 23 dB
+    assert mgr.session.preset.cache == session.preset.cache, "a ladder of steps alone needs no feature cache"
     assert manager(session).limits.rungs == (0.0,)
-    skip = mgr.sessions[mgr.open(RED, seed=0).id].executor.skip
+    cached = manager(session, degrade=True, ladder=DEMO_LADDER, floor_db=20.0)
+    assert cached.session.preset.cache.policy == "flowcache"
+    skip = cached.sessions[cached.open(RED, seed=0).id].executor.skip
     skip.set_fidelity(2.0)
     assert skip.policy.threshold == 2.0
     skip.set_fidelity(None)
     assert skip.policy.threshold == 0.0  # threshold 0: exactly no caching
+
+
+def test_fewer_steps_before_any_stall_and_back_up_once_ahead(session):
+    clock = FakeClock(per_read=0.04)  # every round seems to take 80 ms: 7.5 fps per session, 16 wanted
+    mgr = manager(session, clock, degrade=True, batch=2)
+    ids = [mgr.open(RED, seed=i).id for i in range(2)]
+    first_degraded = first_stall = None
+    steps = set()
+    for r in range(60):
+        for chunks in mgr.round_blocks().values():
+            steps.update(c.steps or 4 for c in chunks)
+            assert all(np.isfinite(c.pixels).all() for c in chunks)
+        live = [mgr.sessions[sid] for sid in ids]
+        if first_degraded is None and any(s.rung > 0 for s in live):
+            first_degraded = r
+        if first_stall is None and any(s.playout.stalls > 0 for s in live):
+            first_stall = r
+    assert first_degraded is not None and (first_stall is None or first_degraded < first_stall), (
+        first_degraded, first_stall)  # fmt: skip
+    assert 2 in steps and steps <= {4, 3, 2}, f"step counts used {steps} (the floor allows 4, 3, 2)"
+    assert mgr.stats(ids[0])["fidelity_steps"] in (4, 3, 2)
+    clock.per_read = 0.002  # rounds now seem to take 4 ms: every session gets ahead and comes back up
+    collect(mgr, 30)
+    assert all(mgr.sessions[sid].rung == 0 for sid in ids), [mgr.sessions[sid].rung for sid in ids]
 
 
 def test_pyramid_plan_sessions_equal_their_solo_runs(session):
@@ -242,3 +269,54 @@ def test_a_desk_reports_an_expired_session_as_gone_and_serves_on(session):
         cycle = desk.cycle([])
         gone += cycle.gone
     assert gone == [leaving] and leaving not in mgr.sessions and staying in cycle.stats, gone
+
+
+def measured(mgr: SessionManager, **round_s: float) -> SessionManager:
+    """`mgr` with these seconds per round by batch size measured ({"b1": 0.03, ...}), as if it had run."""
+    for batch, seconds in round_s.items():
+        mgr.throughput.record(int(batch[1:]), seconds)
+    return mgr
+
+
+def test_admission_at_the_floor_then_an_offer_then_a_refusal(session):
+    # 15 ms per round + 15 ms per session; 0.6 frames per tick, 90 % handed out: at full fidelity
+    # 1 session keeps 16 fps (2 get 12 each); at the 2-step floor (5/3 as fast) 2 get 20, 3 get 15
+    per = manager(session).kv_per_session
+    mgr = measured(manager(session, degrade=True, kv_budget_bytes=int(3.5 * per)), b1=0.03, b2=0.045)
+    a, b = mgr.open(RED, 0), mgr.open(BLUE, 1)
+    assert isinstance(a, Opened) and isinstance(b, Opened), b
+    third = mgr.open(RED, 2)
+    assert isinstance(third, Refused) and third.offer_fps == 15.0, third
+    assert "at the quality floor" in third.reason and "you may take 15.0 fps now" in third.reason
+    taken = mgr.open(RED, 2, ticket=third.ticket, accept=True)
+    assert isinstance(taken, Opened) and not mgr.queue, "the offer taken: its place in the queue is freed"
+    fourth = mgr.open(RED, 3, accept=True)  # the KV budget holds three: no offer, the last resort
+    assert isinstance(fourth, Refused) and fourth.offer_fps is None and "KV memory is full" in fourth.reason
+    fifth = mgr.open(RED, 4)
+    assert isinstance(fifth, Refused) and fifth.queue_position == 2 and fifth.offer_fps is None
+
+    at_full = measured(manager(session, degrade=True, admit_at_floor=False), b1=0.03, b2=0.045)
+    assert isinstance(at_full.open(RED, 0), Opened)
+    second = at_full.open(RED, 1)
+    assert isinstance(second, Refused) and "at full fidelity" in second.reason
+    assert second.offer_fps == 16.0, "the floor would keep both at the full frame rate (fidelity lowered)"
+    slow = measured(manager(session, degrade=True), b1=0.3, b2=0.45)  # ten times slower: 2 fps each is too little
+    assert isinstance(slow.open(RED, 0), Opened)
+    assert slow.open(RED, 1).offer_fps is None
+
+
+def test_tickets_nobody_comes_back_for_expire_within_seconds(session):
+    clock = FakeClock()
+    per = manager(session).kv_per_session
+    mgr = manager(session, clock, kv_budget_bytes=int(1.5 * per), retry_s=2.0, ticket_s=3.0)
+    assert isinstance(mgr.open(RED, 0), Opened)
+    gone = [mgr.open(RED, seed) for seed in (1, 2)]  # told to come back in 2 and 4 s; they never do
+    assert [g.queue_position for g in gone] == [1, 2]
+    clock.t += 5.5
+    lone = mgr.open(RED, 3)
+    assert lone.queue_position == 2, "the first ticket is given up 2 + 3 s after it was issued, the second not yet"
+    clock.t += 2.0  # 7.5 s: both gone (the second at 4 + 3 s)
+    again = mgr.open(RED, 3, ticket=lone.ticket)
+    assert again.queue_position == 1, f"the lone viewer still waits behind {again.queue_position - 1} tickets"
+    mgr.close(next(iter(mgr.sessions)))
+    assert isinstance(mgr.open(RED, 3, ticket=again.ticket), Opened)

@@ -40,6 +40,14 @@ class Work:
     """Time the network is told (0-1000 units)."""
     commit: bool
     """True for the pass (step == S) that writes the block's clean K/V."""
+    steps: int
+    """S, the block's number of denoising steps (a session may run blocks with fewer, see
+    `Adjustable`)."""
+
+    @property
+    def last(self) -> bool:
+        """The block's last denoising step: its output is the clean block."""
+        return not self.commit and self.step == self.steps - 1
 
 
 @dataclass(frozen=True)
@@ -57,8 +65,9 @@ class Tick:
 
 def make_work(schedule: Schedule, block: int, step: int) -> Work:
     if step == schedule.steps:
-        return Work(block, step, 0.0, 0.0, schedule.commit_t, commit=True)
-    return Work(block, step, schedule.sigmas[step], schedule.sigmas[step + 1], schedule.model_t[step], commit=False)
+        return Work(block, step, 0.0, 0.0, schedule.commit_t, commit=True, steps=schedule.steps)
+    sigma_in, sigma_out = schedule.sigmas[step], schedule.sigmas[step + 1]
+    return Work(block, step, sigma_in, sigma_out, schedule.model_t[step], commit=False, steps=schedule.steps)
 
 
 def pyramid(

@@ -337,7 +337,7 @@ class Executor:
             if work.commit or not self.placement.owns(work.block):
                 continue
             latents = self.solver.step(work, self.noisy[work.block], flows[work.block])
-            if work.step + 1 < self.schedule.steps:
+            if not work.last:  # the block's own step count (a session may lower it between blocks)
                 self.noisy[work.block] = latents
                 continue
             del self.noisy[work.block]

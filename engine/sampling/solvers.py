@@ -35,7 +35,7 @@ class SelfForcingSolver(Solver):
 
     def step(self, work: Work, x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         x0 = x - work.sigma_in * flow
-        if work.step + 1 == self.schedule.steps:
+        if work.last:
             return x0
         fresh = self.noise.noise(tuple(x.shape), work.block, work.step + 1, x.device)
         return (1.0 - work.sigma_out) * x0 + work.sigma_out * fresh

@@ -34,7 +34,8 @@ MAX_FRAME_BYTES = 8 * 2**20
 
 
 class Refused(RuntimeError):
-    """The server had no room: `info` has its reason, retry_after_s, queue_position and ticket."""
+    """The server had no room: `info` has its reason, retry_after_s, queue_position, ticket and
+    offer_fps (the frame rate it would give if taken: connect with `accept=True`)."""
 
     def __init__(self, info: dict):
         super().__init__(info.get("reason", "refused"))
@@ -57,10 +58,12 @@ class StreamClient:
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    def connect(cls, url: str, token: str | None = None, session: str | None = None) -> _Connecting:
-        """`session`: join (or come back to) that session instead of opening one. Raises Refused
-        when the server has no room."""
-        query = {k: v for k, v in (("token", token), ("session", session)) if v}
+    def connect(
+        cls, url: str, token: str | None = None, session: str | None = None, accept: bool = False
+    ) -> _Connecting:
+        """`session`: join (or come back to) that session instead of opening one. `accept`: take a
+        lower frame rate when that is all the server offers. Raises Refused when it has no room."""
+        query = {k: v for k, v in (("token", token), ("session", session), ("accept", "1" if accept else None)) if v}
         return _Connecting(url + (f"?{urlencode(query)}" if query else ""))
 
     async def _read(self) -> None:
@@ -142,7 +145,7 @@ async def watch(args: argparse.Namespace) -> dict:
     versions, sent, seen, frames, writer, first_frame_s = {}, {}, {}, 0, None, None
     switched = not args.prompt2
     start = time.monotonic()
-    async with StreamClient.connect(args.url, args.token, args.session) as client:
+    async with StreamClient.connect(args.url, args.token, args.session, args.accept_lower_fps) as client:
         if args.prompt:
             sent_at = time.monotonic()
             version = await client.set_prompt(args.prompt)
@@ -187,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds after connecting to send --prompt2 (default: %(default)s)",
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="how long to watch (default: %(default)s)")
+    parser.add_argument(
+        "--accept-lower-fps",
+        action="store_true",
+        help="take the lower frame rate a full server offers (default: refuse it and exit)",
+    )
     parser.add_argument("--save", type=Path, help="write the frames received to this MP4 (default: save nothing)")
     parser.add_argument("--fps", type=int, default=16, help="frame rate of the saved MP4 (default: %(default)s)")
     return parser
@@ -197,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = asyncio.run(watch(args))
     except Refused as refused:
-        retry = refused.info.get("retry_after_s")
-        print(f"error: {refused}" + (f"; try again in {retry:g} s" if retry else ""), file=sys.stderr)
+        retry, offer = refused.info.get("retry_after_s"), refused.info.get("offer_fps")
+        fix = f"; --accept-lower-fps takes {offer:g} fps now" if offer else ""
+        print(f"error: {refused}" + (f"; try again in {retry:g} s" if retry else "") + fix, file=sys.stderr)
         return 1
     except (OSError, RuntimeError, WebSocketException) as err:
         print(f"error: {err}", file=sys.stderr)

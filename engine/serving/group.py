@@ -51,10 +51,11 @@ class Outbox:
     def add(self, op: str, session: str, *args) -> None:
         self.ops.append([op, session, *args])
 
-    def round(self, steps: list[tuple[str, float | None]]) -> None:
-        """Cast the operations so far and this round's sessions (each with its fidelity threshold)."""
+    def round(self, steps: list[tuple[str, float | None, int | None]]) -> None:
+        """Cast the operations so far and this round's sessions, each with its fidelity: a feature-cache
+        threshold and a number of denoising steps for blocks that start now (None: as configured)."""
         ops, self.ops = self.ops, []
-        self.cast.send(encode({"ops": ops, "steps": [[sid, threshold] for sid, threshold in steps]}))
+        self.cast.send(encode({"ops": ops, "steps": [list(step) for step in steps]}))
 
     def stop(self) -> None:
         """Tell the followers to stop (they return from `follow`)."""
@@ -84,10 +85,11 @@ def follow(manager, cast: RoundCast) -> str:
         with torch.no_grad():
             for op in header["ops"]:
                 _apply(manager, streams, *op)
-            chosen = [(streams[str(sid)], threshold) for sid, threshold in header["steps"]]
-            for stream, threshold in chosen:
+            chosen = [streams[str(sid)] for sid, _, _ in header["steps"]]
+            for stream, (_, threshold, steps) in zip(chosen, header["steps"]):
                 stream.executor.skip.set_fidelity(threshold)
-            manager.step_streams([stream for stream, _ in chosen])
+                manager.set_steps(stream.ticks, steps)
+            manager.step_streams(chosen)
 
 
 def _apply(manager, streams: dict[str, Followed], op: str, session: str, *args) -> None:

@@ -43,15 +43,18 @@ class Refusal(Exception):
         retry_after_s: float | None = None,
         queue_position: int | None = None,
         ticket: str | None = None,
+        offer_fps: float | None = None,
     ):
         super().__init__(reason)
         self.reason, self.retry_after_s, self.queue_position = reason, retry_after_s, queue_position
         self.ticket = ticket
         """Keeps the place in a replica's queue: the viewer passes it back (`/ws?ticket=`) when retrying."""
+        self.offer_fps = offer_fps
+        """The frame rate the viewer would get if admitted anyway (`/ws?accept=1`); None: no offer."""
 
     def message(self) -> dict:
         return {"reason": self.reason, "retry_after_s": self.retry_after_s, "queue_position": self.queue_position,
-                "ticket": self.ticket}  # fmt: skip
+                "ticket": self.ticket, "offer_fps": self.offer_fps}  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -144,11 +147,18 @@ class Lobby:
     # -- on the event loop -----------------------------------------------------------------------
 
     async def open(
-        self, viewer, ticket: str | None = None, prompt: str | None = None, seed: int | None = None
+        self,
+        viewer,
+        ticket: str | None = None,
+        prompt: str | None = None,
+        seed: int | None = None,
+        accept: bool = False,
     ) -> Watched:
         """A new session for `viewer` on the replica with most room (Refusal when none takes it);
         with a `ticket` from an earlier refusal, its replica is asked first, keeping the place in
-        its queue. The viewer is in the session before the manager has it, so no frame is lost."""
+        its queue. `accept`: take a lower frame rate if that is what a replica offers (every
+        replica is first asked for a full-rate place, then the best offer is taken). The viewer
+        is in the session before the manager has it, so no frame is lost."""
         if not any(r.alive for r in self.replicas):
             self.refused += 1
             reason = "every replica has failed" if self.replicas else "the model is still loading"
@@ -160,17 +170,33 @@ class Lobby:
         ordered = by_headroom(self.replicas)
         ordered.sort(key=lambda r: str(r.index) != queued_on)  # stable: the rest by headroom
         for replica in ordered:
-            watched = Watched(secrets.token_urlsafe(9), number, replica, prompt, seed, opened_at=self.clock())
-            watched.viewers.add(viewer)
-            args = (prompt, seed, place) if place and str(replica.index) == queued_on else (prompt, seed)
-            answer = await self._ask(watched, replica.submit("open", *args), route=True)
-            if watched.local is not None:
-                replica.placed_since_stats += 1
-                self.sessions[watched.id], self.opened = watched, self.opened + 1
+            mine = place if place and str(replica.index) == queued_on else None
+            watched = await self._open_on(replica, viewer, number, prompt, seed, (mine,), refusals)
+            if watched is not None:
                 return watched
-            refusals.append(_refusal(answer, replica))
+        offers = sorted((r for r in refusals if r.offer_fps), key=lambda r: -r.offer_fps)
+        if accept and offers:  # the best offer first; it may be gone by now, so the next, ...
+            for refusal in offers:
+                mine = (refusal.ticket or "").partition(".")[2] or None
+                watched = await self._open_on(refusal.replica, viewer, number, prompt, seed, (mine, True), refusals)
+                if watched is not None:
+                    return watched
         self.refused += 1
-        raise min(refusals, key=lambda r: (r.retry_after_s is None, r.retry_after_s or 0))
+        raise min(refusals, key=lambda r: (r.retry_after_s is None, r.retry_after_s or 0, -(r.offer_fps or 0)))
+
+    async def _open_on(self, replica, viewer, number, prompt, seed, extra: tuple, refusals: list):
+        """The session if `replica`'s manager opens it (`extra`: ticket, accept), else None (its
+        refusal appended to `refusals`)."""
+        watched = Watched(secrets.token_urlsafe(9), number, replica, prompt, seed, opened_at=self.clock())
+        watched.viewers.add(viewer)
+        args = (prompt, seed, *extra) if any(extra) else (prompt, seed)
+        answer = await self._ask(watched, replica.submit("open", *args), route=True)
+        if watched.local is not None:
+            replica.placed_since_stats += 1
+            self.sessions[watched.id], self.opened = watched, self.opened + 1
+            return watched
+        refusals.append(_refusal(answer, replica))
+        return None
 
     async def join(self, public_id: str, viewer) -> Watched:
         """The session `public_id` names, with `viewer` in it (LookupError if it ended)."""
@@ -284,5 +310,7 @@ def _refusal(answer: dict, replica: Replica | None = None) -> Refusal:
         return Refusal(answer["error"])
     ticket = body.get("ticket")
     ticket = f"{replica.index}.{ticket}" if ticket and replica is not None else None
-    return Refusal(str(body.get("reason", "no room for another session")), body.get("retry_after_s"),
-                   body.get("queue_position"), ticket)  # fmt: skip
+    refusal = Refusal(str(body.get("reason", "no room for another session")), body.get("retry_after_s"),
+                      body.get("queue_position"), ticket, body.get("offer_fps"))  # fmt: skip
+    refusal.replica = replica  # who made the offer, if any
+    return refusal

@@ -27,7 +27,10 @@ Sessions (the default; `--shared-stream` gives every viewer one stream): on conn
 gets {"type": "session", "id": ..., "share": "/?session=ID", ...} and its controls act on that
 session only; `/ws?session=ID` joins (or, after a dropped connection, resumes) a session. A
 viewer the server cannot take gets {"type": "refused", "reason": ..., "retry_after_s": ...,
-"queue_position": ...} and the connection closes (1013); a session that ends (its replica failed,
+"queue_position": ..., "ticket": ..., "offer_fps": ...} and the connection closes (1013, its
+close reason the message's reason shortened to the 123 bytes a close frame holds). `offer_fps`,
+when not null, is the frame rate the viewer would get if admitted now anyway: it takes it by
+connecting again with `/ws?accept=1` (and its ticket). A session that ends (its replica failed,
 no viewer for longer than the grace period) sends {"type": "ended", "reason": ...} and closes.
 Server-wide stats: `GET /stats` (JSON) and `GET /metrics` (Prometheus text format, `prometheus`).
 """
@@ -45,6 +48,8 @@ from PIL import Image
 MAGIC = b"ARC1"
 HEADER = struct.Struct("<4sIdI")  # magic, frame index, timestamp, prompt version
 MAX_MESSAGE_BYTES = 4096
+MAX_CLOSE_REASON_BYTES = 123
+"""A WebSocket close frame's reason: 125 bytes of payload less the 2-byte code (RFC 6455 5.5)."""
 MAX_PROMPT_BYTES = 2000
 """A prompt's limit in UTF-8 bytes (2000 ASCII characters, or 500 emoji): what ranks exchange."""
 JPEG_QUALITY = 85
@@ -132,6 +137,21 @@ def clean_prompt(text: object) -> str:
 
 def _utf8_size(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))  # a lone surrogate is 3 bytes on the wire too
+
+
+def close_reason(text: str, limit: int = MAX_CLOSE_REASON_BYTES) -> str:
+    """`text` fitted to a close frame: whole words up to `limit` bytes of UTF-8, "..." where cut."""
+    if len(text.encode("utf-8")) <= limit:
+        return text
+    words, kept = text.split(" "), ""
+    for word in words:
+        longer = f"{kept} {word}" if kept else word
+        if len((longer + "...").encode("utf-8")) > limit:
+            break
+        kept = longer
+    if not kept:  # one word longer than the limit: cut it by bytes, whole characters only
+        kept = text.encode("utf-8")[: limit - 3].decode("utf-8", "ignore")
+    return kept.rstrip(" ;,:") + "..."
 
 
 def reply(kind: str, **fields) -> str:

@@ -16,29 +16,68 @@ tick, in one coalesced call where their shapes allow (engine/runtime/coalesce.py
   session that keeps up goes up only if its next block would still come late. Above
   `recover_above_s` it comes one rung down. Sessions that have not shown a frame yet have no
   clock to miss and keep full fidelity.
+* **Rungs.** A rung lowers fidelity by a feature-cache threshold (blocks skip some of their
+  steps) or, for few-step models, by running fewer denoising steps per block (4 -> 3 -> 2:
+  engine/plan/steps.py); each rung carries its measured PSNR, and those below `floor_db` are
+  not used. A rung's cost is the forwards a block takes: S' * (1 - skipped) + 1 (the commit).
 * **Admission.** A new session needs its KV bytes under the memory budget and the measured
   throughput (`Throughput`: seconds per round at each batch size) to cover every running session
-  at the stream's fps: n sessions fit when n * fps <= min(n, batch) * frames_per_tick / round_s.
+  at the stream's fps: n sessions fit when n * fps <= min(n, batch) * frames_per_tick / round_s,
+  times the floor's speedup when admitting at the floor (the default where a ladder is measured).
+  A viewer beyond that is offered the frame rate it would get (every session sharing the
+  rounds at the floor) when it is at least `min_offer_fps`; it may take it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-# The demo model's fidelity ladder: flowcache threshold -> PSNR (dB) of whole videos made with it
-# against the same videos uncached, and the share of block-steps it skipped, on the preset's own
-# 4-step plan (8 prompts x 8 blocks):
+
+class Rung(NamedTuple):
+    """One fidelity level of a ladder."""
+
+    threshold: float
+    """Feature-cache threshold (0: nothing skipped)."""
+    psnr_db: float
+    """PSNR of whole videos made at this rung against the same videos at full fidelity."""
+    skipped: float
+    """Share of the block-steps the cache skipped."""
+    steps: int | None = None
+    """Denoising steps per block (None: the plan's own)."""
+
+    def forwards(self, steps: int) -> float:
+        """Forwards per block on a plan of `steps` steps: its steps not skipped, and the commit."""
+        taken = steps if self.steps is None else min(self.steps, steps)
+        return taken * (1 - self.skipped) + 1
+
+
+# The demo model's fidelity ladder, measured on the preset's own 4-step plan (8 prompts x 8 blocks).
+# Cache thresholds:
 #   python -m launch.bench cache --plans self-forcing --policies flowcache \
 #       --thresholds 0 1.25 1.5 1.75 2 2.5 3 4 --prompts 8 --blocks 8
 # 0 -> inf (identical), 1.25 -> inf (nothing skipped), 1.5 / 1.75 / 2 / 2.5 -> 28.2 dB (a quarter of
 # the block-steps skipped: one of the two middle steps), 3 / 4 -> 23.7 dB (both middle steps).
 # A degraded chunk alone loses less than a whole video degraded throughout (errors compound).
 DEMO_LADDER: tuple[tuple[float, float, float], ...] = ((0.0, math.inf, 0.0), (2.0, 28.2, 0.25), (4.0, 23.7, 0.5))
-DEFAULT_FLOOR_DB = 25.0
-LADDERS = {"demo": DEMO_LADDER}
-"""Measured ladders by preset (flowcache). A preset without one runs at full fidelity only."""
+# Fewer denoising steps (engine/plan/steps.py: the first S' - 1 trained timesteps and the last),
+# whole videos against the same videos at 4 steps (24 prompts x 8 blocks):
+#   python -m launch.bench steps --prompts 24 --blocks 8
+# 3 steps (1000, 750, 250) -> 27.0 dB, 2 (1000, 250) -> 24.1 dB, 1 (1000) -> 21.7 dB. Adherence
+# (color / shape / motion read back, all three): 4 steps 0.75 / 0.58 / 0.92, 0.42; 3 steps
+# 0.75 / 0.46 / 0.92, 0.38; 2 steps 0.75 / 0.46 / 0.92, 0.29; 1 step 0.67 / 0.42 / 0.92, 0.29.
+# A block takes S' + 1 forwards: 2 steps serve 5/3 as many sessions as 4. Unlike a cache threshold,
+# whose skips depend on the content, fewer steps always save what they promise.
+DEMO_STEPS: tuple[Rung, ...] = (Rung(0.0, math.inf, 0.0), Rung(0.0, 27.0, 0.0, steps=3), Rung(0.0, 24.1, 0.0, steps=2),
+                                Rung(0.0, 21.7, 0.0, steps=1))  # fmt: skip
+DEFAULT_FLOOR_DB = 23.0
+"""The demo down to 2 steps: color and motion read back as at 4 steps, shape less often (above)."""
+LADDERS = {"demo": DEMO_STEPS}
+"""Measured ladders by preset. A preset without one runs at full fidelity only."""
 EXACT: tuple[tuple[float, float, float], ...] = ((0.0, math.inf, 0.0),)
+MIN_OFFER_FPS = 2.0
+"""A viewer is offered a lower frame rate only down to this; below it, refused."""
 
 ORDERS = ("slack", "fifo")
 
@@ -57,23 +96,26 @@ class Limits:
     degrade: bool = True
     degrade_below_s: float = 0.5
     recover_above_s: float = 1.0
-    ladder: tuple[tuple[float, float, float], ...] | None = None
-    """(cache threshold, PSNR dB, share of block-steps skipped) rungs, exact first (None: the
-    preset's measured one in LADDERS)."""
+    ladder: tuple[tuple, ...] | None = None
+    """Rungs (cache threshold, PSNR dB, share of block-steps skipped[, steps]), exact first, in
+    the order fidelity is lowered (None: the preset's measured one in LADDERS)."""
     floor_db: float = DEFAULT_FLOOR_DB
     """No rung below this PSNR is used."""
     throughput_admission: bool = True
-    admit_at_floor: bool = False
+    admit_at_floor: bool = True
     """Admit as many sessions as the throughput keeps at the floor's fidelity (more sessions, each
-    degraded when capacity is short), not at full fidelity."""
+    degraded when capacity is short), not at full fidelity. Without a measured ladder the floor
+    is full fidelity, so this changes nothing there."""
+    min_offer_fps: float = MIN_OFFER_FPS
+    """A viewer beyond capacity is offered the frame rate it would get down to this (0: never)."""
     headroom: float = 0.9
     """Share of the measured throughput that admission hands out."""
     queue: int = 8
     """Waiting places for connections beyond capacity."""
     retry_s: float = 2.0
     """Retry-after per place in the queue."""
-    ticket_s: float = 30.0
-    """A queued place not asked for again within this long is given up."""
+    ticket_s: float = 3.0
+    """A queued place not asked for again within this long after its retry-after is given up."""
     grace_s: float = 10.0
     """A session without viewers keeps its device state this long, then is suspended."""
     expire_s: float = 120.0
@@ -88,16 +130,20 @@ class Limits:
             raise ValueError("the fidelity ladder starts with the exact rung (threshold 0)")
 
     @property
-    def rungs(self) -> tuple[float, ...]:
-        """The thresholds within the floor, exact first (only the exact one without degradation)."""
-        usable = tuple(t for t, db, _ in self.ladder or EXACT if db >= self.floor_db)
+    def levels(self) -> tuple[Rung, ...]:
+        """The rungs within the floor, exact first (only the exact one without degradation)."""
+        usable = tuple(Rung(*rung) for rung in self.ladder or EXACT if rung[1] >= self.floor_db)
         return usable if self.degrade else usable[:1]
 
+    @property
+    def rungs(self) -> tuple[float, ...]:
+        """The cache thresholds of the usable rungs."""
+        return tuple(rung.threshold for rung in self.levels)
+
     def floor_speedup(self, steps: int) -> float:
-        """Forwards per block at full fidelity over those at the lowest usable rung, for a block of
-        `steps` steps and a commit (compute-bound: a skipped block-step costs nothing)."""
-        skipped = max((share for t, db, share in self.ladder or EXACT if db >= self.floor_db), default=0.0)
-        return (steps + 1) / (steps * (1 - skipped) + 1) if self.degrade else 1.0
+        """Forwards per block at full fidelity over those at the cheapest usable rung, for a plan
+        of `steps` steps (compute-bound: a skipped block-step costs nothing)."""
+        return (steps + 1) / min(rung.forwards(steps) for rung in self.levels)
 
 
 class Playout:
@@ -238,16 +284,21 @@ class Throughput:
         slope = max(slope, 0.0)
         return max(mean_s + slope * (batch - mean_k), 1e-6)
 
+    def per_session_fps(self, n: int, frames_per_tick: float, limits: Limits, speedup: float = 1.0) -> float | None:
+        """Frames per second each of `n` sessions gets when they share the rounds (None: nothing
+        measured yet); `speedup`: what lower fidelity adds to the speed measured at full fidelity."""
+        if not self.round_s:
+            return None
+        served = min(n, limits.batch)
+        return limits.headroom * speedup * served * frames_per_tick / self.estimate(served) / n
+
     def sessions(self, fps: float, frames_per_tick: float, limits: Limits, most: int, speedup: float = 1.0):
-        """How many sessions the measured speed keeps at `fps` (None: nothing measured yet);
-        `speedup`: what lower fidelity would add to the speed measured at full fidelity."""
+        """How many sessions the measured speed keeps at `fps` (None: nothing measured yet)."""
         if not self.round_s:
             return None
         fitting = 0
         for n in range(1, most + 1):
-            served = min(n, limits.batch)
-            round_s = self.estimate(served)
-            if n * fps <= limits.headroom * speedup * served * frames_per_tick / round_s:
+            if self.per_session_fps(n, frames_per_tick, limits, speedup) >= fps:
                 fitting = n
         return fitting
 
@@ -256,14 +307,18 @@ class Throughput:
 class Verdict:
     admit: bool
     reason: str = ""
+    memory: bool = True
+    """The KV memory has room (a viewer refused for speed alone may be offered a lower rate)."""
 
 
 def admission(*, running: int, kv_in_use: int, kv_per_session: int, capacity: int | None, limits: Limits) -> Verdict:
     """Whether one more session may run now, and if not, why (one line)."""
     if kv_in_use + kv_per_session > limits.kv_budget_bytes:
         fits = limits.kv_budget_bytes // max(kv_per_session, 1)
-        return Verdict(False, f"KV memory is full ({fits} sessions of {kv_per_session / 2**20:.1f} MiB fit the budget)")
+        return Verdict(False, f"KV memory is full ({fits} sessions of {kv_per_session / 2**20:.1f} MiB fit the budget)",
+                       memory=False)  # fmt: skip
     capacity = None if capacity is None else max(capacity, 1)  # one session always runs, however slow
     if limits.throughput_admission and capacity is not None and running + 1 > capacity:
-        return Verdict(False, f"the engine keeps {capacity} sessions at full frame rate and runs {running}")
+        fidelity = "at the quality floor" if limits.admit_at_floor and len(limits.levels) > 1 else "at full fidelity"
+        return Verdict(False, f"the engine keeps {capacity} sessions at full frame rate {fidelity} and runs {running}")
     return Verdict(True)

@@ -42,6 +42,7 @@ from engine.serving.protocol import (
     PROMETHEUS_TYPE,
     Control,
     ProtocolError,
+    close_reason,
     encode_frame,
     parse_control,
     prometheus,
@@ -294,7 +295,8 @@ class StreamServer:
             if "session" in query:
                 viewer.session = await self.lobby.join(query["session"][0], viewer)
             else:
-                viewer.session = await self.lobby.open(viewer, (query.get("ticket") or [None])[0])
+                accept = (query.get("accept") or ["0"])[0] not in ("", "0", "false")
+                viewer.session = await self.lobby.open(viewer, (query.get("ticket") or [None])[0], accept=accept)
         except Refusal as refusal:
             await _turn_away(viewer.connection, "refused", refusal.message())
             return False
@@ -388,7 +390,7 @@ async def _turn_away(connection: ServerConnection, kind: str, fields: dict, code
     """Say why in one JSON message, then close: a refused or ended viewer never just hangs."""
     try:
         await connection.send(reply(kind, **fields))
-        await connection.close(code, fields.get("reason", kind)[:100])
+        await connection.close(code, close_reason(fields.get("reason", kind)))
     except ConnectionClosed:
         pass
 

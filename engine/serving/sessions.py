@@ -18,6 +18,16 @@ frame, stops while the session is paused or has no viewer, and stalls when it re
 the video generated so far (it then waits; the seconds waited are stall seconds). A server whose
 viewers report what they have played passes that on with `played(id, seconds)`.
 
+Fidelity (scheduler.py's ladder): a rung is a feature-cache threshold, set on the session's skip
+part per round, or fewer denoising steps for a few-step model, set on its plan
+(engine/plan/steps.py: blocks that start from then on take that many steps). Steps change only
+for a session on one process (its executor places every block locally).
+
+Admission: a viewer beyond what the measured speed keeps at the floor's fidelity is refused with
+the frame rate it would get if admitted all the same (`Refused.offer_fps`, every session sharing
+the rounds); `open(..., accept=True)` takes it. A refusal without an offer is the last resort
+(the KV memory is full, or the rate would be below `Limits.min_offer_fps`).
+
 Life of a session: open (or queued with a retry-after) -> running -> viewer_left: idle for
 `grace_s`, device state kept -> suspended: its executor's state moved to host memory -> after
 `expire_s` expired and freed. `viewer_returned` / `join` bring an idle or suspended session back;
@@ -43,13 +53,28 @@ import numpy as np
 
 from engine.config import CacheConfig, ConfigError
 from engine.models.vae import to_uint8
+from engine.plan.sigmas import Schedule
+from engine.plan.steps import Adjustable, fewer_steps, step_choices
 from engine.plan.timeline import Tick, blocks_per_tick
 from engine.runtime.coalesce import step_together
 from engine.runtime.executor import Executor
+from engine.runtime.placement import Local
 from engine.runtime.session import Session
 from engine.sampling.noise import NoiseSource
 from engine.serving.group import Outbox
-from engine.serving.scheduler import EXACT, LADDERS, Limits, Playout, Standing, Throughput, admission, choose, next_rung
+from engine.serving.scheduler import (
+    EXACT,
+    LADDERS,
+    Limits,
+    Playout,
+    Rung,
+    Standing,
+    Throughput,
+    Verdict,
+    admission,
+    choose,
+    next_rung,
+)
 
 FPS_WINDOW_S = 3.0
 PROMPT_LOG = 1000
@@ -76,6 +101,9 @@ class Refused:
     """1 = next to be admitted; None when the queue is full too."""
     ticket: str | None = None
     """Pass it to `open` again to keep the place in the queue."""
+    offer_fps: float | None = None
+    """The frame rate this viewer would get if admitted now anyway (`open(..., accept=True)`);
+    None when there is no such offer (no room in memory, too slow, nothing measured yet)."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +118,11 @@ class Frames:
     version: int
     """The prompt version in force when the block finished."""
     threshold: float
-    """The highest feature-cache threshold its ticks ran under (0: full fidelity)."""
+    """The feature-cache threshold of its lowest-fidelity rung (0: nothing skipped)."""
+    rung: int = 0
+    """The lowest-fidelity rung its ticks ran under (0: full fidelity)."""
+    steps: int | None = None
+    """Denoising steps of that rung (None: the plan's own)."""
     latents: object = None
     """The block's clean latents `[1, C, F, h, w]` (what was decoded), for checks against a solo run."""
 
@@ -117,7 +149,7 @@ class Live:
     """When it became idle or suspended."""
     version: int = 1
     rung: int = 0
-    block_rung: float = 0.0
+    block_rung: int = 0
     waited: int = 0
     served_at: int = 0
     most_waited: int = 0
@@ -147,11 +179,15 @@ class SessionManager:
         plan = session.preset.plan
         if plan.schedule == "skyreels":
             raise ConfigError("sessions run endless plans (sequential, pyramid): the skyreels schedule is finite")
-        limits = self._with_ladder(limits, session)
-        if len(limits.rungs) > 1 and not session.preset.cache.enabled:
+        local = isinstance(session.executors(NoiseSource(0), blocks_in_forward=1).placement, Local)  # freed at once
+        limits = self._with_ladder(limits, session, local)
+        if any(rung.threshold > 0 for rung in limits.levels) and not session.preset.cache.enabled:
             # threshold 0 is exactly no caching; the scheduler raises it per session and round
             session = session.reconfigured(dataclasses.replace(session.preset, cache=CacheConfig(policy="flowcache")))
         self.session, self.limits, self.clock, self.outbox = session, limits, clock, outbox
+        self.schedules: dict[int, Schedule] = {
+            rung.steps: fewer_steps(session.preset.sampling, rung.steps) for rung in limits.levels if rung.steps
+        }  # fmt: skip
         self.fps = session.preset.stream.fps
         steps = session.schedule.steps
         self.offset = steps + 1 if plan.schedule == "sequential" else plan.offset
@@ -165,50 +201,74 @@ class SessionManager:
         self.rounds, self.refused, self.expired = 0, 0, 0
         self.batches: Counter[int] = Counter()
         self.recent: deque = deque()
-        self._frames_out = self._ticks_out = 0
 
     @staticmethod
-    def _with_ladder(limits: Limits, session: Session) -> Limits:
-        """The preset's measured flowcache ladder unless one was given; none under another policy."""
-        if limits.ladder is not None:
-            return limits
-        measured = session.preset.cache.policy in ("none", "flowcache")
-        return dataclasses.replace(limits, ladder=LADDERS.get(session.preset.name, EXACT) if measured else EXACT)
+    def _with_ladder(limits: Limits, session: Session, local: bool) -> Limits:
+        """The preset's measured ladder unless one was given (cache rungs only under flowcache or no
+        cache; step rungs only for a few-step model whose blocks all run on this process)."""
+        ladder = limits.ladder
+        if ladder is None:
+            ladder = LADDERS.get(session.preset.name, EXACT)
+        steps = step_choices(session.preset.sampling) if local else (session.schedule.steps,)
+        cache_ok = session.preset.cache.policy in ("none", "flowcache")
+
+        def usable(rung: Rung) -> bool:
+            return (rung.threshold == 0 or cache_ok) and (rung.steps is None or rung.steps in steps)
+
+        kept = tuple(rung for rung in ladder if usable(Rung(*rung)))
+        return dataclasses.replace(limits, ladder=kept if len(kept) > 1 else EXACT)
 
     # -- opening and closing ---------------------------------------------------------------------
 
-    def open(self, prompt: str, seed: int, ticket: str | None = None) -> Opened | Refused:
-        """A new session, or a refusal with a retry-after and a place in the queue (`ticket` keeps
-        the place: pass it back when retrying)."""
+    def open(self, prompt: str, seed: int, ticket: str | None = None, accept: bool = False) -> Opened | Refused:
+        """A new session, or a refusal with a retry-after, a place in the queue (`ticket` keeps
+        the place: pass it back when retrying) and maybe the frame rate on offer now. `accept`:
+        take that offer (the session is opened if there still is one)."""
         now = self.clock()
         self._drop_stale_tickets(now)
-        if ticket is not None and ticket in self.queue:
-            self.queue[ticket] = now
-        else:
+        if ticket not in self.queue:
             ticket = None  # unknown or given up: a new request, at the back
-        if next(iter(self.queue), ticket) != ticket or not self._verdict().admit:
-            return self._queued(now, ticket)
+        verdict = self._verdict()
+        taken = accept and not verdict.admit and self._offer(verdict) is not None
+        if not taken and (next(iter(self.queue), ticket) != ticket or not verdict.admit):
+            return self._queued(now, ticket, verdict)
         self.queue.pop(ticket, None)
         live = self._start(prompt, seed, now)
         self.sessions[live.id] = live
         return Opened(live.id)
 
-    def _queued(self, now: float, ticket: str | None = None) -> Refused:
+    def _queued(self, now: float, ticket: str | None, verdict: Verdict) -> Refused:
         self.refused += 1
-        reason = self._verdict().reason or "sessions queued before this one go first"
+        reason = verdict.reason or "sessions queued before this one go first"
+        offer = self._offer(verdict)
+        offered = "" if offer is None else f"; you may take {offer:.1f} fps now instead"
         if ticket is None:
             if len(self.queue) >= self.limits.queue:
-                return Refused(f"server full: {reason}; the queue is full too, try again later",
-                               self.limits.retry_s * (len(self.queue) + 1), None)  # fmt: skip
+                return Refused(f"server full: {reason}; the queue is full too, try again later{offered}",
+                               self.limits.retry_s * (len(self.queue) + 1), None, offer_fps=offer)  # fmt: skip
             ticket = secrets.token_urlsafe(8)
             self.queue[ticket] = now
         position = list(self.queue).index(ticket) + 1
-        return Refused(f"server full: {reason}; you are number {position} in the queue",
-                       self.limits.retry_s * position, position, ticket)  # fmt: skip
+        retry = self.limits.retry_s * position
+        self.queue[ticket] = now + retry + self.limits.ticket_s  # given up unless asked for again by then
+        return Refused(f"server full: {reason}; you are number {position} in the queue{offered}",
+                       retry, position, ticket, offer)  # fmt: skip
 
     def _drop_stale_tickets(self, now: float) -> None:
-        for ticket in [t for t, asked in self.queue.items() if now - asked > self.limits.ticket_s]:
+        for ticket in [t for t, deadline in self.queue.items() if now > deadline]:
             del self.queue[ticket]
+
+    def _offer(self, verdict: Verdict) -> float | None:
+        """The frame rate one more session would get now (every session sharing the rounds at the
+        floor), if memory has room for it and the rate is at least `min_offer_fps`."""
+        if verdict.admit or not verdict.memory or self.limits.min_offer_fps <= 0:
+            return None
+        running = sum(1 for s in self.sessions.values() if s.wants_ticks)
+        speedup = self.limits.floor_speedup(self.session.schedule.steps)
+        rate = self.throughput.per_session_fps(running + 1, self.frames_per_tick, self.limits, speedup)
+        if rate is None or rate < self.limits.min_offer_fps:
+            return None
+        return round(float(min(rate, self.fps)), 1)
 
     def _verdict(self):
         """Whether one more session may hold device state and ticks now."""
@@ -223,9 +283,17 @@ class SessionManager:
         executor.start()
         return executor
 
+    def _plan(self):
+        """The session's endless plan: one whose step count can change when the ladder has step rungs."""
+        if not self.schedules:
+            return self.session.plan(None)
+        plan, stream = self.session.preset.plan, self.session.preset.stream
+        offset = None if plan.schedule == "sequential" else plan.offset
+        return Adjustable(self.session.schedule, offset, stream.window_frames // stream.frames_per_block)
+
     def new_stream(self, seed: int) -> tuple[Executor, object]:
         """A session's executor and endless plan (the leader's and its followers' alike)."""
-        return self._executor(seed), self.session.plan(None)
+        return self._executor(seed), self._plan()
 
     def _start(self, prompt: str, seed: int, now: float) -> Live:
         executor, ticks = self.new_stream(seed)
@@ -340,33 +408,43 @@ class SessionManager:
 
     def _standing(self, live: Live, now: float) -> Standing:
         started = live.playout.first_at is not None
-        return Standing(live.id, live.playout.slack(now), live.waited, self._ticks_to_frames(live.next_tick.index),
+        return Standing(live.id, live.playout.slack(now), live.waited, self._ticks_to_frames(live),
                         started, live.served_at)  # fmt: skip
 
-    def _ticks_to_frames(self, tick: int) -> int:
-        """Ticks until the next block finishes: block b takes its last step at b * offset + steps - 1."""
-        last = self.session.schedule.steps - 1
-        block = max(0, -(-(tick - last) // self.offset))
-        return block * self.offset + last - tick + 1
+    def _ticks_to_frames(self, live: Live) -> int:
+        """Ticks until the session's next block finishes, its next tick included: the first working
+        block's steps left, or (a tick that only commits) a whole block at the rung's steps."""
+        working = [w for w in live.next_tick.work if not w.commit]
+        if working:
+            return working[0].steps - working[0].step
+        return (self.limits.levels[live.rung].steps or self.session.schedule.steps) + 1
 
     def _set_fidelity(self, chosen: list[Live], standings: list[Standing]) -> None:
-        rungs = self.limits.rungs
+        levels = self.limits.levels
         due = sum(1 for s in standings if s.slack_s < self.limits.target_slack_s)
         round_s = self.throughput.estimate(min(due, self.limits.batch))
         by_id = {s.id: s for s in standings}
         video_per_tick = self.frames_per_tick / self.fps
         for live in chosen:
             live.rung = next_rung(live.rung, by_id[live.id], round_s, due, self.limits, video_per_tick)
-            live.block_rung = max(live.block_rung, rungs[live.rung])
-            live.executor.skip.set_fidelity(rungs[live.rung] if live.rung else None)  # rung 0: as configured
+            live.block_rung = max(live.block_rung, live.rung)
+            rung = levels[live.rung]
+            live.executor.skip.set_fidelity(rung.threshold if live.rung else None)  # rung 0: as configured
+            self.set_steps(live.ticks, rung.steps)
+
+    def set_steps(self, ticks, steps: int | None) -> None:
+        """Blocks of this plan that start from now on take `steps` steps (None: the plan's own)."""
+        if self.schedules:
+            ticks.set_schedule(self.schedules.get(steps, self.session.schedule))
 
     def _step(self, chosen: list[Live]) -> list[list]:
         """One tick each; a session whose tick skipped its forward (feature caching) takes its next
         tick too, up to a block's worth, so a lower fidelity buys it speed. On a rank group, one
         tick each: whether a rank's tick skipped is its own, and the group must agree."""
         if self.outbox is not None:
-            self.outbox.round([(live.id, self.limits.rungs[live.rung] if live.rung else None) for live in chosen])
-            self._ticks_out += len(chosen)
+            levels = self.limits.levels
+            self.outbox.round([(live.id, levels[live.rung].threshold if live.rung else None, levels[live.rung].steps)
+                               for live in chosen])  # fmt: skip
             return self.step_streams(chosen)
         finished = [[] for _ in chosen]
         pending = list(range(len(chosen)))
@@ -374,7 +452,6 @@ class SessionManager:
             before = [chosen[i].executor.stats.forwards for i in pending]
             for i, blocks in zip(pending, self.step_streams([chosen[i] for i in pending])):
                 finished[i].extend(blocks)
-                self._ticks_out += 1
             pending = [i for i, b in zip(pending, before) if chosen[i].executor.stats.forwards == b]
             if not pending:
                 break
@@ -396,14 +473,15 @@ class SessionManager:
         out = []
         for block in blocks:
             pixels = to_uint8(live.decoder.decode(block.latents))
-            out.append(Frames(block.index, live.frames, pixels, live.version, live.block_rung, block.latents))
+            rung = self.limits.levels[live.block_rung]
+            out.append(Frames(block.index, live.frames, pixels, live.version, rung.threshold, live.block_rung,
+                              rung.steps, block.latents))  # fmt: skip
             live.degraded_blocks += live.block_rung > 0
-            live.block_rung = self.limits.rungs[live.rung]
+            live.block_rung = live.rung
             live.frames += len(pixels)
             live.playout.add(len(pixels), now)
             live.recent.append((now, len(pixels)))
             self.recent.append((now, len(pixels)))
-            self._frames_out += len(pixels)
         return out
 
     def _account(self, chosen: list[Live], standings: list[Standing], start: float, end: float) -> None:
@@ -437,10 +515,8 @@ class SessionManager:
 
     @property
     def frames_per_tick(self) -> float:
-        """Video frames a session gets per tick it is served (measured; the plan's latent frames
-        per block over ticks per block before anything was measured)."""
-        if self._ticks_out and self._frames_out:
-            return self._frames_out / self._ticks_out
+        """Video frames a session gets per tick it is served at full fidelity, in the long run: the
+        plan's frames per block over its ticks per block (a lower rung yields more, not counted)."""
         return self.session.preset.stream.frames_per_block / self.offset
 
     @property
@@ -462,6 +538,7 @@ class SessionManager:
             "prompt": live.prompt, "version": live.version, "slack_s": round(playout.slack(now), 3),
             "stalls": playout.stalls, "stall_s": round(playout.stall_s, 3),
             "fidelity_threshold": self.limits.rungs[live.rung], "fidelity_rung": live.rung,
+            "fidelity_steps": self.limits.levels[live.rung].steps or self.session.schedule.steps,
             "degraded_blocks": live.degraded_blocks, "cache_hits": None if hits is None else round(hits, 4),
             "fps": round(_rate(live.recent, now), 2), "frames": live.frames,
             "first_frame_s": None if playout.first_at is None else round(playout.first_at - live.opened_at, 3),

@@ -16,9 +16,10 @@ before the runs (rounds per second at each batch size x frames per round vs sess
 
 Policies, each with admission by the KV budget and the measured throughput:
 * engine: coalesced rounds of up to `--batch` sessions, least playout slack first, sessions above
-  the target slack wait, fidelity lowered (flowcache threshold, within the floor) before a stall;
+  the target slack wait, fidelity lowered (the preset's ladder: fewer steps or a flowcache
+  threshold, within the floor) before a stall, full fidelity counted at admission;
 * engine-floor: the engine admitting as many sessions as the measured speed keeps at the floor's
-  fidelity (Limits.admit_at_floor) instead of at full fidelity;
+  fidelity (Limits.admit_at_floor, the server's default) instead of at full fidelity;
 * round-robin: one session per forward, in turn, full fidelity;
 * fifo: coalesced rounds in the order sessions were last served, no slack priority, full fidelity.
 All three stop generating for a session whose viewer holds more than the target slack (2 s): a
@@ -49,7 +50,7 @@ import torch
 from engine.config import ConfigError
 from engine.eval.metrics import psnr
 from engine.loading import resolve_device
-from engine.serving.scheduler import Limits, Throughput
+from engine.serving.scheduler import DEFAULT_FLOOR_DB, Limits, Throughput
 from engine.serving.sessions import Opened, SessionManager
 from launch.benchmarks.adherence import eval_prompts
 from launch.benchmarks.common import session_for
@@ -81,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--switch-s", type=float, default=3.0, help="mean time between a viewer's prompt switches")
     parser.add_argument("--patience-s", type=float, default=5.0, help="a refused viewer gives up after this")
     parser.add_argument("--batch", type=int, default=4, help="sessions per round (engine and fifo)")
-    parser.add_argument("--floor-db", type=float, default=25.0, help="quality floor of degraded chunks")
+    parser.add_argument("--floor-db", type=float, default=DEFAULT_FLOOR_DB, help="quality floor of degraded chunks")
     parser.add_argument("--kv-budget-mib", type=float, default=64.0, help="KV memory budget")
     parser.add_argument("--admission", choices=["throughput", "memory"], default="throughput",
                         help="memory: admit by the KV budget alone, to see the policies overloaded")  # fmt: skip
@@ -228,7 +229,7 @@ def drive(mgr: SessionManager, viewers: list[Viewer], args) -> tuple[float, int]
             if viewer.sid in out:
                 viewer.chunks.extend(out[viewer.sid])
                 viewer.frames += sum(len(c.pixels) for c in out[viewer.sid])
-                viewer.degraded += sum(c.threshold > 0 for c in out[viewer.sid])
+                viewer.degraded += sum(c.rung > 0 for c in out[viewer.sid])
                 viewer.first_frame_at = viewer.first_frame_at or stamp
         if not out:
             time.sleep(0.002)
@@ -293,14 +294,14 @@ def summarize(load: float, offered: float, policy: str, viewers: list[Viewer], w
 def degraded_psnr(session, viewers: list[Viewer], args) -> float:
     """Mean PSNR of degraded chunks against the same sessions replayed alone at full fidelity."""
     scores = []
-    replayed = [v for v in viewers if any(c.threshold > 0 for c in v.chunks)][: args.psnr_sessions]
+    replayed = [v for v in viewers if any(c.rung > 0 for c in v.chunks)][: args.psnr_sessions]
     for viewer in replayed:
         blocks = min(len(viewer.chunks), args.psnr_blocks)
         log = viewer.prompt_log or [(0, viewer.prompts[0])]
         run = session.run(lambda tick, log=log: [p for t, p in log if t <= tick.index][-1], blocks=blocks,
                           seed=viewer.seed)  # fmt: skip
         for chunk, (_, alone) in zip(viewer.chunks[:blocks], run.frames()):
-            if chunk.threshold > 0:
+            if chunk.rung > 0:
                 scores.append(min(psnr(chunk.pixels, alone), 99.0))
     return float(np.mean(scores)) if scores else float("nan")
 
