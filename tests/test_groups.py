@@ -19,10 +19,14 @@ from group_worker import group_preset
 
 from engine.config import ConfigError
 from engine.loading import WeightPaths
+from engine.serving.group import Outbox, follow
+from engine.serving.scheduler import Limits
+from engine.serving.sessions import SessionManager
 from helpers import assert_close
 from launch.build import build_session
 from launch.cli import parallel_from_args, preset_from_args
 from launch.layouts import choose_layout, rank_layouts
+from launch.presets import get_preset
 from launch.stream import check_group, check_mode, parse_args
 from parallel.topology import ParallelConfig, Topology, TopologyError
 
@@ -135,3 +139,72 @@ def test_flags_of_groups_are_refused_where_they_mean_nothing():
         check_mode(parse_args(["--decode-rank"]), Topology(ParallelConfig(decode_rank=True), 0, 3, 0, None))
     with pytest.raises(ConfigError, match="drop --replicas, or drop --shared-stream"):
         check_mode(parse_args(["--shared-stream", "--replicas", "2"]), four)
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class _Cast:
+    """A group broadcast inside one process: the leader's packets, replayed to a follower."""
+
+    def __init__(self):
+        self.packets = []
+
+    def send(self, packet):
+        self.packets.append(packet.copy())
+
+    def recv(self):
+        return self.packets.pop(0)
+
+
+class _Recording(SessionManager):
+    """A follower's manager that keeps what its ranks' steps finish (on one process: every block)."""
+
+    def step_streams(self, streams):
+        out = super().step_streams(streams)
+        for stream, blocks in zip(streams, out):
+            self.finished.setdefault(id(stream), []).extend(b.latents for b in blocks)
+        return out
+
+
+def test_a_follower_replays_the_leaders_rounds_with_their_fidelity_and_steps(monkeypatch):
+    """The round packet carries everything a rank needs: a follower fed the leader's packets steps
+    the same sessions at the same rungs (the demo's step ladder, forced round by round) and its
+    blocks equal the leader's bit for bit; joins, a switch, a suspend and a close included."""
+    rungs = iter([0, 1, 1, 2, 2, 0, 1, 2, 3] * 20)
+    monkeypatch.setattr("engine.serving.sessions.next_rung", lambda *args: next(rungs))
+    session = build_session(get_preset("demo"), WeightPaths(), torch.device("cpu"), torch.float32)
+    cast, clock = _Cast(), _Clock()
+    limits = Limits(kv_budget_bytes=64 << 20, grace_s=0.0, floor_db=20.0, throughput_admission=False)
+    leader = SessionManager(session, limits, clock, outbox=Outbox(cast))
+    assert any(level.steps for level in leader.limits.levels), leader.limits.levels
+    follower = _Recording(session, limits, clock)
+    follower.finished = {}
+    led = {}
+    for index in range(14):
+        if index in (0, 2):
+            led[
+                leader.open("a red circle moving left" if index == 0 else "a blue square moving up", seed=index).id
+            ] = []
+        if index == 5:
+            leader.set_prompt(next(iter(led)), "a green triangle moving right")
+        if index == 8:
+            leader.viewer_left(list(led)[1])
+        if index == 11:
+            leader.viewer_returned(list(led)[1])
+        for sid, chunks in leader.round_blocks().items():
+            led[sid].extend(chunk.latents for chunk in chunks)
+        clock.t += 0.05
+    leader.close(list(led)[0])
+    leader.stop_group()
+    assert follow(follower, cast) == "stopped" and not cast.packets
+    got = sorted(follower.finished.values(), key=len)
+    want = sorted(led.values(), key=len)
+    assert [len(g) for g in got] == [len(w) for w in want] and all(len(w) >= 2 for w in want), (got, want)
+    for g, w in zip(got, want):
+        assert all(torch.equal(a, b) for a, b in zip(g, w)), "a follower's blocks differ from its leader's"
