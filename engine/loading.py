@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,168 +17,23 @@ import torch
 from engine.config import ModelConfig, Preset, TinyTextEncoder
 from engine.demo.pixels import CODEC_KEYS, PatchCodec, PatchDecoder
 from engine.demo.vocab import VocabEncoder
-from engine.footprint import Footprint, available_bytes, count, size, too_big_hint
+from engine.devices import SetupError
+from engine.footprint import Footprint, available_bytes, size, too_big_hint
 from engine.models.checkpoints.lora import LoraMerge, merge_lora
 from engine.models.checkpoints.validate import check_file_dtypes, check_tensors
 from engine.models.checkpoints.wan import load_opened, load_weights
 from engine.models.magi import LayerNorm1p, MagiModel, initial_bands
 from engine.models.magi_rope import MagiRope
 from engine.models.magi_tokens import SpecialTokens
+from engine.models.random_init import SMALL_MODEL_PARAMS, init_random_
 from engine.models.rope import Rope
 from engine.models.text_encoder import PromptEncoder, TextEncoder
 from engine.models.vae import StreamingDecoder, load_vae, random_vae
 from engine.models.wan import WanModel
 from engine.runtime.kv import KVCache
+from engine.weight_paths import WeightPaths, check_paths
 
 log = logging.getLogger(__name__)
-
-SMALL_MODEL_PARAMS = 50_000_000  # random weights below this size are drawn on the CPU
-
-
-class SetupError(RuntimeError):
-    """Weights or options that do not make a runnable pipeline (said before anything loads)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class WeightPaths:
-    """Where the weights come from. Presets with `random_init` need none of them."""
-
-    checkpoint: Path | None = None
-    """Transformer weights: any layout `engine.models.checkpoints.wan` reads."""
-    base: Path | None = None
-    """A Wan2.1 diffusers folder providing text_encoder/, tokenizer/, vae/ (and transformer/)."""
-    text_encoder: Path | None = None
-    tokenizer: Path | None = None
-    vae: Path | None = None
-    lora: Path | None = None
-    lora_alpha: float | None = None
-    ema: bool | None = None
-    special_tokens: Path | None = None
-    """MAGI-1's special_tokens.npz (from its code repository's example/assets/)."""
-    random: bool = False
-    """Seeded random weights for every part (timing runs, smoke tests)."""
-    seed: int = 0
-
-    @classmethod
-    def bundle(cls, folder: Path) -> WeightPaths:
-        """Every part from one folder laid out like the shipped weights (`BUNDLED_FILES`)."""
-        parts = {"checkpoint": "transformer", "text_encoder": "text_encoder", "vae": "vae"}
-        return cls(**{arg: folder / BUNDLED_FILES[part] for arg, part in parts.items()})
-
-    def resolved(self, part: str, preset: Preset | None = None) -> Path | None:
-        """The path for `part`: explicit flag, else --base, else the preset's bundled weights."""
-        explicit = {"transformer": self.checkpoint, "text_encoder": self.text_encoder, "vae": self.vae}[part]
-        if explicit or self.base:
-            return explicit or self.base
-        if preset is not None and preset.bundled_weights and part in BUNDLED_FILES:
-            return bundled_weights_dir(preset.bundled_weights) / BUNDLED_FILES[part]
-        return None
-
-
-BUNDLED_FILES = {
-    "transformer": "transformer.safetensors",
-    "text_encoder": "text_encoder.safetensors",
-    "vae": "latent_codec.safetensors",
-}
-
-
-PATH_FLAGS = {
-    "checkpoint": "--checkpoint",
-    "base": "--base",
-    "text_encoder": "--text-encoder",
-    "tokenizer": "--tokenizer",
-    "vae": "--vae",
-    "lora": "--lora",
-    "special_tokens": "--special-tokens",
-}
-
-
-def check_paths(weights: WeightPaths) -> None:
-    """Every path given must exist: said before anything loads, not after the transformer has."""
-    for field, flag in PATH_FLAGS.items():
-        path = getattr(weights, field)
-        if path is not None and not Path(path).exists():
-            raise SetupError(f"{flag} {path}: no such file or folder")
-
-
-def bundled_weights_dir(name: str) -> Path:
-    """Weights shipped inside the package (engine/weights/<name>)."""
-    return Path(__file__).resolve().parent / "weights" / name
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto`, `cpu`, `cuda`, `cuda:1`, ...: a device this machine has, or SetupError saying why not
-    (checked here, before anything is built, so the message is not torch's deep inside a load)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as err:
-        raise SetupError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from err
-    if device.type == "cuda":
-        _check_cuda(name, device)
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise SetupError(f"--device {name}: this machine or torch build has no MPS support; use --device cpu")
-    elif device.type not in ("cpu", "mps"):
-        raise SetupError(f"--device {name}: arcade runs on cpu, cuda or mps")
-    return device
-
-
-def _check_cuda(name: str, device: torch.device) -> None:
-    if torch.version.cuda is None and torch.version.hip is None:
-        raise SetupError(
-            f"--device {name}: this torch build ({torch.__version__}) has no CUDA support; "
-            "use --device cpu, or install a CUDA build of torch"
-        )
-    if not torch.cuda.is_available():
-        raise SetupError(
-            f"--device {name}: no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES?); use --device cpu"
-        )
-    count = torch.cuda.device_count()
-    if device.index is not None and device.index >= count:
-        raise SetupError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise SetupError(f"unknown dtype {name!r} (choose from auto, {', '.join(dtypes)})")
-    return dtypes[name]
-
-
-@torch.no_grad()
-def init_random_(model: torch.nn.Module, seed: int) -> None:
-    """Seeded weights shaped like PyTorch's defaults: U(+-1/sqrt(fan_in)), norms 1, modulation N/sqrt(dim)."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for name, param in _with_progress(model.named_parameters()):
-        if "norm" in name:
-            param.fill_(1.0 if name.endswith("weight") else 0.0)
-        elif "modulation" in name:
-            param.normal_(0.0, param.shape[-1] ** -0.5, generator=generator)
-        else:
-            fan_in = param[0].numel() if param.dim() > 1 else param.numel()
-            bound = fan_in**-0.5
-            param.uniform_(-bound, bound, generator=generator)
-
-
-def _with_progress(named: Iterable[tuple[str, torch.Tensor]], steps: int = 10) -> Iterator[tuple[str, torch.Tensor]]:
-    """`named`, logging every 1/steps of the parameters for big models (minutes on a CPU)."""
-    named = list(named)
-    total = sum(p.numel() for _, p in named)
-    if total < SMALL_MODEL_PARAMS:
-        yield from named
-        return
-    done, reported, start = 0, 0, time.perf_counter()
-    for name, param in named:
-        yield name, param
-        done += param.numel()
-        if done * steps >= (reported + 1) * total:
-            reported = done * steps // total
-            elapsed = time.perf_counter() - start
-            log.info("random weights: %d%% of %s parameters (%.0f s)", 100 * done // total, count(total), elapsed)
 
 
 def new_model(cfg: ModelConfig) -> WanModel | MagiModel:

@@ -21,7 +21,6 @@ from cache import make_policy
 from cache.skip import CacheSkip
 from engine.config import ConfigError, Preset, SpeedConfig
 from engine.loading import (
-    WeightPaths,
     build_decoder,
     build_kv_cache,
     build_model,
@@ -47,6 +46,7 @@ from engine.sampling.magi_guidance import WINDOW as MAGI_WINDOW
 from engine.sampling.magi_guidance import MagiGuidance
 from engine.sampling.noise import NoiseSource
 from engine.sampling.solvers import make_solver
+from engine.weight_paths import WeightPaths
 from parallel.cascade import CascadeRank
 from parallel.topology import Topology
 from parallel.ulysses import GroupExchange

@@ -36,8 +36,9 @@ from engine.config import (
     Preset,
     SpeedConfig,
 )
-from engine.loading import SetupError, WeightPaths, resolve_device
+from engine.devices import SetupError, resolve_device
 from engine.models.checkpoints.wan import CheckpointError
+from engine.weight_paths import WeightPaths
 from launch.presets import PRESETS, get_preset
 from launch.split import choose_split
 from parallel.topology import ParallelConfig, Topology, TopologyError

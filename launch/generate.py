@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from engine.argparsing import OneLineParser
 from engine.config import Preset
-from engine.loading import resolve_dtype
+from engine.devices import resolve_dtype
 from engine.models.vae import to_uint8
 from engine.serving.video import Mp4Writer
 from launch.cli import (

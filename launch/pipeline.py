@@ -32,10 +32,11 @@ import torch
 
 from cache import SUGGESTED_THRESHOLDS
 from engine.config import CacheConfig, Preset, SpeedConfig
-from engine.loading import WeightPaths, resolve_device, resolve_dtype
+from engine.devices import resolve_device, resolve_dtype
 from engine.runtime.outputs import RunStats
 from engine.runtime.session import Run, Session
 from engine.serving.video import Mp4Writer
+from engine.weight_paths import WeightPaths
 from launch.build import build_session
 from launch.presets import get_preset
 from parallel.topology import Topology

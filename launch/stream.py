@@ -28,7 +28,7 @@ import torch
 from engine.argparsing import OneLineParser
 from engine.config import ConfigError, Preset
 from engine.demo.vocab import ignored_words
-from engine.loading import resolve_dtype
+from engine.devices import resolve_dtype
 from engine.serving import flags
 from engine.serving.live import Controls, LiveStream, SessionDesk
 from engine.serving.replicas import LocalReplica, RemoteReplica, serve_replica

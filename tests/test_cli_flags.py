@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from engine.config import ConfigError
-from engine.loading import WeightPaths
 from engine.sampling.noise import NoiseSource
+from engine.weight_paths import WeightPaths
 from launch.build import build_session
 from launch.cli import (
     FLAGS,

@@ -14,8 +14,8 @@ import pytest
 import torch
 from sp_worker import run_preset
 
-from engine.loading import WeightPaths
 from engine.sampling.noise import NoiseSource
+from engine.weight_paths import WeightPaths
 from helpers import assert_close
 from launch.build import build_session
 from parallel.ulysses import yunchang_available

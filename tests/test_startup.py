@@ -22,7 +22,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {heavy!r}))
 """
 DEMO_SESSION = """
 import torch
-from engine.loading import WeightPaths
+from engine.weight_paths import WeightPaths
 from launch.build import build_session
 from launch.presets import get_preset
 session = build_session(get_preset("demo"), WeightPaths(), torch.device("cpu"), torch.float32)

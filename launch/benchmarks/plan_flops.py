@@ -21,7 +21,7 @@ from functools import cache
 import torch
 
 from engine.config import Preset
-from engine.loading import WeightPaths
+from engine.weight_paths import WeightPaths
 from launch.benchmarks.timing import calls_flops, steady_block_flops
 from launch.build import build_session
 from launch.presets import TINY_TEXT, TINY_VAE, TINY_WAN, get_preset
