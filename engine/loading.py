@@ -4,6 +4,8 @@ Each builder raises `SetupError` with the flag to pass when something it needs i
 anything heavy is loaded where possible. Every part loaded from files goes through the same value
 check as the transformer's checkpoint (floating-point dtypes, finite values: `CheckpointError`);
 the transformer's size and KV cache are checked against the free memory before it is allocated.
+What differs between model families (network, seeded weights, checkpoint layouts, rotary tables)
+is asked of the preset's family (engine/families/); the paths come from engine/weight_paths.py.
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ from engine.config import ModelConfig, Preset, TinyTextEncoder
 from engine.demo.pixels import CODEC_KEYS, PatchCodec, PatchDecoder
 from engine.demo.vocab import VocabEncoder
 from engine.devices import SetupError
+from engine.families import family_of
 from engine.footprint import Footprint, available_bytes, size, too_big_hint
 from engine.models.checkpoints.lora import LoraMerge, merge_lora
 from engine.models.checkpoints.validate import check_file_dtypes, check_tensors
-from engine.models.checkpoints.wan import load_opened, load_weights
-from engine.models.magi import LayerNorm1p, MagiModel, initial_bands
+from engine.models.magi import MagiModel
 from engine.models.magi_rope import MagiRope
 from engine.models.magi_tokens import SpecialTokens
-from engine.models.random_init import SMALL_MODEL_PARAMS, init_random_
+from engine.models.random_init import SMALL_MODEL_PARAMS
 from engine.models.rope import Rope
 from engine.models.text_encoder import PromptEncoder, TextEncoder
 from engine.models.vae import StreamingDecoder, load_vae, random_vae
@@ -38,14 +40,13 @@ log = logging.getLogger(__name__)
 
 def new_model(cfg: ModelConfig) -> WanModel | MagiModel:
     """The network of a model family (on the current default device; meta for counting)."""
-    return MagiModel(cfg) if cfg.family == "magi" else WanModel(cfg)
+    return family_of(cfg).new_model(cfg)
 
 
 def build_model(preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> WanModel | MagiModel:
     check_paths(weights)
     with torch.device("meta"):
         model = new_model(preset.model)
-    magi = preset.model.family == "magi"
     checkpoint = weights.resolved("transformer", preset)
     load = checkpoint is not None and not weights.random
     if not load and not (preset.random_init or weights.random):
@@ -56,7 +57,7 @@ def build_model(preset: Preset, weights: WeightPaths, device: torch.device, dtyp
         _load_streamed(model, preset, weights, Path(checkpoint), device, dtype)
     else:
         model.to_empty(device="cpu" if params < SMALL_MODEL_PARAMS else device)
-        (init_magi_random_ if magi else init_random_)(model, weights.seed)
+        family_of(preset.model).init_random_(model, weights.seed)
         if weights.lora is not None:
             merged = merge_lora(model, weights.lora, alpha=weights.lora_alpha)
             log.info("merged %d LoRA adapters from %s", merged, weights.lora)
@@ -72,10 +73,7 @@ def _load_streamed(
     start = time.perf_counter()
     model.cast(dtype)  # on the meta device: only sets the dtype each parameter is loaded in
     lora = LoraMerge(model, weights.lora, alpha=weights.lora_alpha) if weights.lora is not None else None
-    if preset.model.family == "magi":
-        ckpt = _load_magi(model, preset, path, device=device, edit=lora)
-    else:
-        ckpt = load_weights(model, path, ema=weights.ema, device=device, dtypes="model", edit=lora)
+    ckpt = family_of(preset.model).load_checkpoint(model, preset, weights, path, device=device, edit=lora)
     log.info("transformer: %s, loaded in %.1f s", ckpt.describe(), time.perf_counter() - start)
     if lora is not None:
         log.info("merged %d LoRA adapters from %s", lora.merged, weights.lora)
@@ -101,38 +99,6 @@ def stream_kv_bytes(preset: Preset, dtype: torch.dtype) -> int:
     # the two-branch batch [cond, uncond], as the executors' guidance builds it
     guided = sampling.magi.passes == 3 if sampling.magi is not None else sampling.guided
     return build_kv_cache(preset, dtype, "meta", batch=2 if guided else 1).nbytes
-
-
-def _load_magi(model: MagiModel, preset: Preset, path: Path, *, device: torch.device, edit=None):
-    """MAGI-1 weights; a folder with several `inference_weight*` variants gives the preset's."""
-    from engine.models.checkpoints.magi import open_magi_checkpoint
-
-    variant = None
-    if path.is_dir() and len(list(path.glob("inference_weight*"))) > 1:
-        variant = "inference_weight.distill" if preset.model.distill else "inference_weight"
-    ckpt = open_magi_checkpoint(path, variant)
-    folder = ckpt.files[0].parent.name  # the released folders say which kind they hold
-    distilled = ".distill" in folder
-    if folder.startswith("inference_weight") and distilled != preset.model.distill:
-        kind = "distilled" if distilled else "base"
-        raise SetupError(f"{ckpt.source} holds {kind} MAGI-1 weights but preset {preset.name} is not {kind}")
-    return load_opened(model, ckpt, device=device, dtypes="model", edit=edit)
-
-
-@torch.no_grad()
-def init_magi_random_(model: MagiModel, seed: int) -> None:
-    """Seeded MAGI-1 weights: linears U(+-1/sqrt(fan_in)); plain LayerNorms 1 / 0; the "1p"
-    norms store weight - 1, so 0; rotary bands at their initial 10000^(-i/16)."""
-    init_random_(model, seed)
-    for name, param in model.named_parameters():
-        if isinstance(_owner(model, name), LayerNorm1p) and name.endswith("weight"):
-            param.zero_()
-        elif name == "rope.bands":
-            param.copy_(initial_bands(param.shape[0]))
-
-
-def _owner(model: torch.nn.Module, name: str) -> torch.nn.Module:
-    return model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
 
 
 def build_text_encoder(preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> PromptEncoder:
@@ -263,12 +229,9 @@ def build_patch_codec(preset: Preset, weights: WeightPaths) -> PatchCodec:
 
 
 def build_rope(preset: Preset, device, model: WanModel | MagiModel | None = None) -> Rope | MagiRope:
-    """The rotary tables of the preset's family. MAGI-1's come from the model's learned bands
-    (without a model, e.g. to size a cache, from their initial values)."""
-    if preset.model.family == "magi":
-        bands = model.rope.bands if model is not None else initial_bands(preset.model.rope_bands)
-        return MagiRope(bands, latent_grid(preset), device)
-    return Rope(preset.model, latent_grid(preset), device)
+    """The rotary tables of the preset's family (MAGI-1's from the model's learned bands; without a
+    model, e.g. to size a cache, from their initial values)."""
+    return family_of(preset.model).rope(preset, latent_grid(preset), device, model)
 
 
 def latent_grid(preset: Preset) -> tuple[int, int]:

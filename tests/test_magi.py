@@ -15,7 +15,8 @@ import torch
 
 from engine.config import CacheConfig, MagiConfig, MagiGuidance, SamplingConfig
 from engine.devices import SetupError
-from engine.loading import MissingDecoder, build_special_tokens, init_magi_random_
+from engine.families.magi import init_magi_random_
+from engine.loading import MissingDecoder, build_special_tokens
 from engine.models.attention import LocalView
 from engine.models.magi import CaptionKV, MagiModel, MagiText, interleave_heads
 from engine.models.magi_rope import MagiRope

@@ -18,7 +18,7 @@ import torch
 
 from engine.devices import resolve_device
 from engine.eval.metrics import psnr, ssim
-from engine.models.flops import forward_flops
+from engine.families import forward_flops
 from engine.models.vae import to_uint8
 from engine.runtime.session import Session
 from engine.weight_paths import WeightPaths
