@@ -98,7 +98,10 @@ def stream_kv_bytes(preset: Preset, dtype: torch.dtype) -> int:
     sampling = preset.sampling
     # the two-branch batch [cond, uncond], as the executors' guidance builds it
     guided = sampling.magi.passes == 3 if sampling.magi is not None else sampling.guided
-    return build_kv_cache(preset, dtype, "meta", batch=2 if guided else 1).nbytes
+    # the rotary tables (not part of the cache's bytes) on the CPU: computing them on the meta
+    # device would make torch import its compiler stack, seconds before the first frame
+    rope = build_rope(preset, "cpu")
+    return build_kv_cache(preset, dtype, "meta", batch=2 if guided else 1, rope=rope).nbytes
 
 
 def build_text_encoder(preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> PromptEncoder:

@@ -2,7 +2,8 @@
 
 transformers (seconds of import time) loads only with a umT5 text encoder, diffusers only with a
 Wan VAE; the demo preset encodes prompts with its own vocabulary and decodes with its patch codec,
-so neither its entry points nor its whole build path may import them. `python -m launch.bench
+so neither its entry points nor its whole build path may import them. Nor torch's compiler stack,
+which only --compile needs. `python -m launch.bench
 startup` measures the seconds; this checks the modules, which hold under any load.
 
 pytest tests/test_startup.py
@@ -12,13 +13,15 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("transformers", "diffusers")
+HEAVY = ("transformers", "diffusers", "torch._dynamo", "sympy")
+"""Seconds of imports each: the text encoder's and the VAE's libraries, and torch's compiler stack
+(which arithmetic on meta tensors pulls in: a model is sized on the meta device first)."""
 BUILD_DEMO = """
 import json, sys
 import engine.generate, engine.stream
 import launch.generate, launch.stream
 {build}
-print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {heavy!r})))
+print(json.dumps(sorted(h for h in {heavy!r} if h in sys.modules)))
 """
 DEMO_SESSION = """
 import torch
@@ -50,3 +53,4 @@ def test_the_check_sees_them():
     """The check itself: a module that imports one of them is seen (a checker that reads nothing
     would pass the tests above); diffusers, the quicker of the two to import."""
     assert "diffusers" in _heavy_imported("import diffusers")
+    assert "torch._dynamo" in _heavy_imported("import torch._dynamo")
