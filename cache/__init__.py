@@ -2,6 +2,10 @@
 reused or predicted (one file per policy), and the executor that applies them from outside the
 model.
 
+May import: engine/ (never parallel/ or launch/). Main entry points: `make_policy` below, one
+policy per file (teacache, fbcache, bwcache, flowcache, scope), `skip.CacheSkip` (the executor's
+skip part) and `signals` (what a policy reads of a block).
+
     policy = make_policy("flowcache", threshold=0.05, steps=30, dim=model.cfg.dim)
 """
 

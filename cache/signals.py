@@ -7,13 +7,15 @@
   its real context (committed K/V and the other in-flight blocks' last K/V): FBCache's probe.
   It costs one layer's forward of the block; `probe_flops` counts it.
 Each is computed once per block per tick; the first two are identical across guidance branches.
+What a network offers is its family's (engine/families/: `Family.signals`, `modulated`,
+`first_layer`); the rest of this file reads no model internals.
 """
 
 from __future__ import annotations
 
 import torch
 
-from engine.models.flops import forward_flops
+from engine.families import family_of, forward_flops
 from engine.plan.sigmas import TRAIN_TIMESTEPS
 from engine.runtime.views import InFlightView
 
@@ -28,6 +30,7 @@ class Signals:
         self.executor, self.blocks, self.members = executor, tick_blocks, members
         self.text, self.branches = text, branches
         self.model = executor.model
+        self.family = family_of(self.model.cfg)
         self._memo: dict[tuple[str, int], torch.Tensor] = {}
         self.probe_flops = 0
 
@@ -46,8 +49,8 @@ class Signals:
 
     def modulated(self, block: int) -> torch.Tensor:
         def make():
-            _, e6 = self.model.time_modulation(self._sigma(block), self.executor.fps)
-            return self.model.blocks[0].attention_input(self.model.embed(self.members[block][0]), e6)[:, ::SUBSAMPLE]
+            latents = self.members[block][0]
+            return self.family.modulated(self.model, latents, self._sigma(block), self.executor.fps)[:, ::SUBSAMPLE]
 
         return self._cached("modulated", block, make)
 
@@ -59,12 +62,12 @@ class Signals:
         ex = self.executor
         latents, _ = self.members[block]
         x = ex.model.embed(latents).expand(self.branches, -1, -1)
-        _, e6 = ex.model.time_modulation(self._sigma(block).expand(self.branches, -1), ex.fps)
+        sigma = self._sigma(block).expand(self.branches, -1)
         # its real context: committed frames and the other blocks' last K/V (blocks never run yet left out)
         present = [b for b in self.blocks if b == block or b in ex.inflight]
         fill = lambda layer, _: {b: ex.inflight[b].layer(layer) for b in present if b != block}  # noqa: E731
         view = InFlightView(ex.cache, present, [block], ex.frames_per_block, ex.attention, fill=fill)
-        out = ex.model.blocks[0](x, e6, self.text.keys[0], self.text.values[0], 0, view)
+        out = self.family.first_layer(ex.model, x, sigma, ex.fps, self.text, view)
         cfg, tokens = ex.model.cfg, x.shape[1]
         one_layer = forward_flops(cfg, tokens, view.end, self.text.keys[0].shape[1]) // cfg.num_layers
         self.probe_flops += one_layer * self.branches

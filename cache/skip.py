@@ -21,7 +21,7 @@ import torch
 
 from cache.base import CachePolicy, CacheStats, Decision, StepInfo
 from cache.signals import FeatureTap, Signals
-from engine.models.flops import forward_flops
+from engine.families import forward_flops
 from engine.plan.sigmas import TRAIN_TIMESTEPS
 from engine.plan.timeline import Tick, Work
 

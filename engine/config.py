@@ -26,6 +26,9 @@ class WanConfig:
     """Wan2.1 DiT dimensions (the parameter layout every Wan-based causal checkpoint shares)."""
 
     family: ClassVar[str] = "wan"
+    """The model family (engine/families/): how its network is built, loaded, conditioned and counted."""
+    special_tokens: ClassVar[bool] = False
+    """Whether prompts may carry special caption tokens (MAGI-1's)."""
     dim: int
     """Hidden size (1536 for 1.3B, 5120 for 14B)."""
     ffn_dim: int
@@ -60,6 +63,9 @@ class WanConfig:
         _require(self.patch_size[0] == 1, "temporal patch size must be 1 (per-frame modulation)")
         _require(self.freq_dim % 2 == 0, "freq_dim must be even")
 
+    def check_preset(self, preset: Preset) -> None:
+        """What a preset of this family must hold (called by `Preset`): Wan models run every plan."""
+
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
@@ -82,6 +88,7 @@ class MagiConfig:
     """MAGI-1 DiT dimensions (`VideoDiTModel`; reference/skyreels-v2-and-magi-1.md §2.1, §2.6)."""
 
     family: ClassVar[str] = "magi"
+    special_tokens: ClassVar[bool] = True
     dim: int
     """hidden_size: 3072 (4.5B), 6144 (24B)."""
     ffn_dim: int
@@ -124,6 +131,20 @@ class MagiConfig:
         _require(self.rotary_dim <= self.head_dim, f"{self.rotary_dim} rotary channels exceed head_dim {self.head_dim}")
         _require(self.patch_size[0] == 1, "temporal patch size must be 1 (per-chunk modulation)")
         _require(self.x_rescale_factor > 0, "x_rescale_factor must be positive")
+
+    def check_preset(self, preset: Preset) -> None:
+        """What a preset of this family must hold (called by `Preset`)."""
+        plan, sampling = preset.plan, preset.sampling
+        _require(sampling.magi is not None, f"{preset.name}: MAGI-1 models need sampling.magi (their guidance)")
+        _require(plan.schedule != "skyreels", "MAGI-1 runs sequential, pyramid and cascade plans")
+        _require(plan.attention == "causal", "MAGI-1 chunks attend causally (the model was trained so)")
+        _require(preset.stream.sink_frames == 0, "MAGI-1 keeps no sink frames (its KV ranges count recent chunks)")
+        _require(
+            preset.cache.policy in ("none", "flowcache"),
+            "MAGI-1 caches with flowcache: the other policies read signals of Wan's layers",
+        )
+        if plan.history_reach is not None:
+            _require(sampling.steps % len(plan.history_reach) == 0, "steps must split into the history_reach stages")
 
     @property
     def head_dim(self) -> int:
@@ -480,28 +501,14 @@ class Preset:
                 "feature caching needs --compute selective: "
                 "--compute window reruns every block each tick by definition",
             )
-        _require(not self.text.special_tokens or self.model.family == "magi", "special caption tokens are MAGI-1's")
-        if self.model.family == "magi":
-            self._check_magi()
+        _require(not self.text.special_tokens or self.model.special_tokens, "special caption tokens are MAGI-1's")
+        self.model.check_preset(self)
         block = self.stream.frames_per_block
         for name in ("segment_frames", "overlap_frames"):
             value = getattr(self.plan, name)
             _require(
                 value is None or value % block == 0, f"{name} ({value}) must be a whole number of {block}-frame blocks"
             )
-
-    def _check_magi(self) -> None:
-        plan, sampling = self.plan, self.sampling
-        _require(sampling.magi is not None, f"{self.name}: MAGI-1 models need sampling.magi (their guidance)")
-        _require(plan.schedule != "skyreels", "MAGI-1 runs sequential, pyramid and cascade plans")
-        _require(plan.attention == "causal", "MAGI-1 chunks attend causally (the model was trained so)")
-        _require(self.stream.sink_frames == 0, "MAGI-1 keeps no sink frames (its KV ranges count recent chunks)")
-        _require(
-            self.cache.policy in ("none", "flowcache"),
-            "MAGI-1 caches with flowcache: the other policies read signals of Wan's layers",
-        )
-        if plan.history_reach is not None:
-            _require(sampling.steps % len(plan.history_reach) == 0, "steps must split into the history_reach stages")
 
     @property
     def latent_hw(self) -> tuple[int, int]:

@@ -4,14 +4,14 @@ Each builder raises `SetupError` with the flag to pass when something it needs i
 anything heavy is loaded where possible. Every part loaded from files goes through the same value
 check as the transformer's checkpoint (floating-point dtypes, finite values: `CheckpointError`);
 the transformer's size and KV cache are checked against the free memory before it is allocated.
+What differs between model families (network, seeded weights, checkpoint layouts, rotary tables)
+is asked of the preset's family (engine/families/); the paths come from engine/weight_paths.py.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,180 +19,34 @@ import torch
 from engine.config import ModelConfig, Preset, TinyTextEncoder
 from engine.demo.pixels import CODEC_KEYS, PatchCodec, PatchDecoder
 from engine.demo.vocab import VocabEncoder
-from engine.footprint import Footprint, available_bytes, count, size, too_big_hint
+from engine.devices import SetupError
+from engine.families import family_of
+from engine.footprint import Footprint, available_bytes, size, too_big_hint
 from engine.models.checkpoints.lora import LoraMerge, merge_lora
 from engine.models.checkpoints.validate import check_file_dtypes, check_tensors
-from engine.models.checkpoints.wan import load_opened, load_weights
-from engine.models.magi import LayerNorm1p, MagiModel, initial_bands
+from engine.models.magi import MagiModel
 from engine.models.magi_rope import MagiRope
 from engine.models.magi_tokens import SpecialTokens
+from engine.models.random_init import SMALL_MODEL_PARAMS
 from engine.models.rope import Rope
 from engine.models.text_encoder import PromptEncoder, TextEncoder
 from engine.models.vae import StreamingDecoder, load_vae, random_vae
 from engine.models.wan import WanModel
 from engine.runtime.kv import KVCache
+from engine.weight_paths import WeightPaths, check_paths
 
 log = logging.getLogger(__name__)
-
-SMALL_MODEL_PARAMS = 50_000_000  # random weights below this size are drawn on the CPU
-
-
-class SetupError(RuntimeError):
-    """Weights or options that do not make a runnable pipeline (said before anything loads)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class WeightPaths:
-    """Where the weights come from. Presets with `random_init` need none of them."""
-
-    checkpoint: Path | None = None
-    """Transformer weights: any layout `engine.models.checkpoints.wan` reads."""
-    base: Path | None = None
-    """A Wan2.1 diffusers folder providing text_encoder/, tokenizer/, vae/ (and transformer/)."""
-    text_encoder: Path | None = None
-    tokenizer: Path | None = None
-    vae: Path | None = None
-    lora: Path | None = None
-    lora_alpha: float | None = None
-    ema: bool | None = None
-    special_tokens: Path | None = None
-    """MAGI-1's special_tokens.npz (from its code repository's example/assets/)."""
-    random: bool = False
-    """Seeded random weights for every part (timing runs, smoke tests)."""
-    seed: int = 0
-
-    @classmethod
-    def bundle(cls, folder: Path) -> WeightPaths:
-        """Every part from one folder laid out like the shipped weights (`BUNDLED_FILES`)."""
-        parts = {"checkpoint": "transformer", "text_encoder": "text_encoder", "vae": "vae"}
-        return cls(**{arg: folder / BUNDLED_FILES[part] for arg, part in parts.items()})
-
-    def resolved(self, part: str, preset: Preset | None = None) -> Path | None:
-        """The path for `part`: explicit flag, else --base, else the preset's bundled weights."""
-        explicit = {"transformer": self.checkpoint, "text_encoder": self.text_encoder, "vae": self.vae}[part]
-        if explicit or self.base:
-            return explicit or self.base
-        if preset is not None and preset.bundled_weights and part in BUNDLED_FILES:
-            return bundled_weights_dir(preset.bundled_weights) / BUNDLED_FILES[part]
-        return None
-
-
-BUNDLED_FILES = {
-    "transformer": "transformer.safetensors",
-    "text_encoder": "text_encoder.safetensors",
-    "vae": "latent_codec.safetensors",
-}
-
-
-PATH_FLAGS = {
-    "checkpoint": "--checkpoint",
-    "base": "--base",
-    "text_encoder": "--text-encoder",
-    "tokenizer": "--tokenizer",
-    "vae": "--vae",
-    "lora": "--lora",
-    "special_tokens": "--special-tokens",
-}
-
-
-def check_paths(weights: WeightPaths) -> None:
-    """Every path given must exist: said before anything loads, not after the transformer has."""
-    for field, flag in PATH_FLAGS.items():
-        path = getattr(weights, field)
-        if path is not None and not Path(path).exists():
-            raise SetupError(f"{flag} {path}: no such file or folder")
-
-
-def bundled_weights_dir(name: str) -> Path:
-    """Weights shipped inside the package (engine/weights/<name>)."""
-    return Path(__file__).resolve().parent / "weights" / name
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto`, `cpu`, `cuda`, `cuda:1`, ...: a device this machine has, or SetupError saying why not
-    (checked here, before anything is built, so the message is not torch's deep inside a load)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as err:
-        raise SetupError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from err
-    if device.type == "cuda":
-        _check_cuda(name, device)
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise SetupError(f"--device {name}: this machine or torch build has no MPS support; use --device cpu")
-    elif device.type not in ("cpu", "mps"):
-        raise SetupError(f"--device {name}: arcade runs on cpu, cuda or mps")
-    return device
-
-
-def _check_cuda(name: str, device: torch.device) -> None:
-    if torch.version.cuda is None and torch.version.hip is None:
-        raise SetupError(
-            f"--device {name}: this torch build ({torch.__version__}) has no CUDA support; "
-            "use --device cpu, or install a CUDA build of torch"
-        )
-    if not torch.cuda.is_available():
-        raise SetupError(
-            f"--device {name}: no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES?); use --device cpu"
-        )
-    count = torch.cuda.device_count()
-    if device.index is not None and device.index >= count:
-        raise SetupError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise SetupError(f"unknown dtype {name!r} (choose from auto, {', '.join(dtypes)})")
-    return dtypes[name]
-
-
-@torch.no_grad()
-def init_random_(model: torch.nn.Module, seed: int) -> None:
-    """Seeded weights shaped like PyTorch's defaults: U(+-1/sqrt(fan_in)), norms 1, modulation N/sqrt(dim)."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for name, param in _with_progress(model.named_parameters()):
-        if "norm" in name:
-            param.fill_(1.0 if name.endswith("weight") else 0.0)
-        elif "modulation" in name:
-            param.normal_(0.0, param.shape[-1] ** -0.5, generator=generator)
-        else:
-            fan_in = param[0].numel() if param.dim() > 1 else param.numel()
-            bound = fan_in**-0.5
-            param.uniform_(-bound, bound, generator=generator)
-
-
-def _with_progress(named: Iterable[tuple[str, torch.Tensor]], steps: int = 10) -> Iterator[tuple[str, torch.Tensor]]:
-    """`named`, logging every 1/steps of the parameters for big models (minutes on a CPU)."""
-    named = list(named)
-    total = sum(p.numel() for _, p in named)
-    if total < SMALL_MODEL_PARAMS:
-        yield from named
-        return
-    done, reported, start = 0, 0, time.perf_counter()
-    for name, param in named:
-        yield name, param
-        done += param.numel()
-        if done * steps >= (reported + 1) * total:
-            reported = done * steps // total
-            elapsed = time.perf_counter() - start
-            log.info("random weights: %d%% of %s parameters (%.0f s)", 100 * done // total, count(total), elapsed)
 
 
 def new_model(cfg: ModelConfig) -> WanModel | MagiModel:
     """The network of a model family (on the current default device; meta for counting)."""
-    return MagiModel(cfg) if cfg.family == "magi" else WanModel(cfg)
+    return family_of(cfg).new_model(cfg)
 
 
 def build_model(preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> WanModel | MagiModel:
     check_paths(weights)
     with torch.device("meta"):
         model = new_model(preset.model)
-    magi = preset.model.family == "magi"
     checkpoint = weights.resolved("transformer", preset)
     load = checkpoint is not None and not weights.random
     if not load and not (preset.random_init or weights.random):
@@ -203,7 +57,7 @@ def build_model(preset: Preset, weights: WeightPaths, device: torch.device, dtyp
         _load_streamed(model, preset, weights, Path(checkpoint), device, dtype)
     else:
         model.to_empty(device="cpu" if params < SMALL_MODEL_PARAMS else device)
-        (init_magi_random_ if magi else init_random_)(model, weights.seed)
+        family_of(preset.model).init_random_(model, weights.seed)
         if weights.lora is not None:
             merged = merge_lora(model, weights.lora, alpha=weights.lora_alpha)
             log.info("merged %d LoRA adapters from %s", merged, weights.lora)
@@ -219,10 +73,7 @@ def _load_streamed(
     start = time.perf_counter()
     model.cast(dtype)  # on the meta device: only sets the dtype each parameter is loaded in
     lora = LoraMerge(model, weights.lora, alpha=weights.lora_alpha) if weights.lora is not None else None
-    if preset.model.family == "magi":
-        ckpt = _load_magi(model, preset, path, device=device, edit=lora)
-    else:
-        ckpt = load_weights(model, path, ema=weights.ema, device=device, dtypes="model", edit=lora)
+    ckpt = family_of(preset.model).load_checkpoint(model, preset, weights, path, device=device, edit=lora)
     log.info("transformer: %s, loaded in %.1f s", ckpt.describe(), time.perf_counter() - start)
     if lora is not None:
         log.info("merged %d LoRA adapters from %s", lora.merged, weights.lora)
@@ -247,39 +98,10 @@ def stream_kv_bytes(preset: Preset, dtype: torch.dtype) -> int:
     sampling = preset.sampling
     # the two-branch batch [cond, uncond], as the executors' guidance builds it
     guided = sampling.magi.passes == 3 if sampling.magi is not None else sampling.guided
-    return build_kv_cache(preset, dtype, "meta", batch=2 if guided else 1).nbytes
-
-
-def _load_magi(model: MagiModel, preset: Preset, path: Path, *, device: torch.device, edit=None):
-    """MAGI-1 weights; a folder with several `inference_weight*` variants gives the preset's."""
-    from engine.models.checkpoints.magi import open_magi_checkpoint
-
-    variant = None
-    if path.is_dir() and len(list(path.glob("inference_weight*"))) > 1:
-        variant = "inference_weight.distill" if preset.model.distill else "inference_weight"
-    ckpt = open_magi_checkpoint(path, variant)
-    folder = ckpt.files[0].parent.name  # the released folders say which kind they hold
-    distilled = ".distill" in folder
-    if folder.startswith("inference_weight") and distilled != preset.model.distill:
-        kind = "distilled" if distilled else "base"
-        raise SetupError(f"{ckpt.source} holds {kind} MAGI-1 weights but preset {preset.name} is not {kind}")
-    return load_opened(model, ckpt, device=device, dtypes="model", edit=edit)
-
-
-@torch.no_grad()
-def init_magi_random_(model: MagiModel, seed: int) -> None:
-    """Seeded MAGI-1 weights: linears U(+-1/sqrt(fan_in)); plain LayerNorms 1 / 0; the "1p"
-    norms store weight - 1, so 0; rotary bands at their initial 10000^(-i/16)."""
-    init_random_(model, seed)
-    for name, param in model.named_parameters():
-        if isinstance(_owner(model, name), LayerNorm1p) and name.endswith("weight"):
-            param.zero_()
-        elif name == "rope.bands":
-            param.copy_(initial_bands(param.shape[0]))
-
-
-def _owner(model: torch.nn.Module, name: str) -> torch.nn.Module:
-    return model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    # the rotary tables (not part of the cache's bytes) on the CPU: computing them on the meta
+    # device would make torch import its compiler stack, seconds before the first frame
+    rope = build_rope(preset, "cpu")
+    return build_kv_cache(preset, dtype, "meta", batch=2 if guided else 1, rope=rope).nbytes
 
 
 def build_text_encoder(preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> PromptEncoder:
@@ -410,12 +232,9 @@ def build_patch_codec(preset: Preset, weights: WeightPaths) -> PatchCodec:
 
 
 def build_rope(preset: Preset, device, model: WanModel | MagiModel | None = None) -> Rope | MagiRope:
-    """The rotary tables of the preset's family. MAGI-1's come from the model's learned bands
-    (without a model, e.g. to size a cache, from their initial values)."""
-    if preset.model.family == "magi":
-        bands = model.rope.bands if model is not None else initial_bands(preset.model.rope_bands)
-        return MagiRope(bands, latent_grid(preset), device)
-    return Rope(preset.model, latent_grid(preset), device)
+    """The rotary tables of the preset's family (MAGI-1's from the model's learned bands; without a
+    model, e.g. to size a cache, from their initial values)."""
+    return family_of(preset.model).rope(preset, latent_grid(preset), device, model)
 
 
 def latent_grid(preset: Preset) -> tuple[int, int]:

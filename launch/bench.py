@@ -19,58 +19,44 @@ python -m launch.bench layouts             # sessions layouts on 4 and 5 GPUs, m
 python -m launch.bench gpu-report --quick   # GPU: environment + one short variant; without --quick, the whole report
 python -m launch.bench coalesce            # k streams' forwards in one call vs k calls (demo, mid-wan)
 python -m launch.bench compile             # --compile: compiled vs eager ms per tick, compile time (demo, mid-wan)
+python -m launch.bench startup             # seconds to --help, to a refused flag, to the demo's first frame
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
-import torch
-
 from engine.argparsing import OneLineParser
-from launch.benchmarks import (
-    adherence,
-    cache,
-    cascade,
-    cascade_model,
-    coalesce,
-    compile,
-    gpu_report,
-    kv,
-    layouts,
-    load,
-    ranks,
-    selective,
-    serve,
-    soak,
-    speed,
-    steps,
-    switch,
-)
-from launch.cli import USER_ERRORS
-from launch.report import table, write_json
 
 BENCHMARKS = {
-    "selective": selective,
-    "adherence": adherence,
-    "cascade": cascade,
-    "switch": switch,
-    "cascade-model": cascade_model,
-    "cache": cache,
-    "speed": speed,
-    "steps": steps,
-    "ranks": ranks,
-    "soak": soak,
-    "kv": kv,
-    "load": load,
-    "layouts": layouts,
-    "serve": serve,
-    "gpu-report": gpu_report,
-    "coalesce": coalesce,
-    "compile": compile,
+    "selective": "selective",
+    "adherence": "adherence",
+    "cascade": "cascade",
+    "switch": "switch",
+    "cascade-model": "cascade_model",
+    "cache": "cache",
+    "speed": "speed",
+    "steps": "steps",
+    "ranks": "ranks",
+    "soak": "soak",
+    "kv": "kv",
+    "load": "load",
+    "layouts": "layouts",
+    "serve": "serve",
+    "gpu-report": "gpu_report",
+    "coalesce": "coalesce",
+    "compile": "compile",
+    "startup": "startup",
 }
+"""Subcommand -> module of launch/benchmarks/, imported only when its subcommand runs (or for
+--help): some import torch's compiler or the server, seconds that other benchmarks do not need."""
+
+
+def benchmark(name: str):
+    return importlib.import_module(f"launch.benchmarks.{BENCHMARKS[name]}")
 
 
 class HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -80,16 +66,24 @@ class HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m launch.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="name", required=True)
-    for name, module in BENCHMARKS.items():
+    chosen = argv if argv is not None else sys.argv[1:]
+    names = [chosen[0]] if chosen and chosen[0] in BENCHMARKS else list(BENCHMARKS)
+    for name in names:
+        module = benchmark(name)
         summary = module.__doc__.split("\n")[0]
         child = sub.add_parser(name, help=summary, description=module.__doc__,
                                formatter_class=HelpFormat)  # fmt: skip
         module.add_arguments(child)
         child.add_argument("--json", type=Path, default=Path(f"out/bench-{name}.json"), help="where to write results")
     args = parser.parse_args(argv)
+    import torch
+
+    from launch.cli import USER_ERRORS
+    from launch.report import table, write_json
+
     torch.set_grad_enabled(False)
     try:
-        rows, columns, settings = BENCHMARKS[args.name].run(args)
+        rows, columns, settings = benchmark(args.name).run(args)
     except USER_ERRORS as err:  # a typo in --preset or --device is one line, as in generate/stream
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -20,8 +20,8 @@ import torch
 from cache import make_policy
 from cache.skip import CacheSkip
 from engine.config import ConfigError, Preset, SpeedConfig
+from engine.families import family_of
 from engine.loading import (
-    WeightPaths,
     build_decoder,
     build_kv_cache,
     build_model,
@@ -48,6 +48,7 @@ from engine.sampling.magi_guidance import WINDOW as MAGI_WINDOW
 from engine.sampling.magi_guidance import MagiGuidance
 from engine.sampling.noise import NoiseSource
 from engine.sampling.solvers import make_solver
+from engine.weight_paths import WeightPaths
 from parallel.cascade import CascadeRank, OneStage
 from parallel.topology import Topology
 from parallel.ulysses import GroupExchange
@@ -70,8 +71,8 @@ def build_session(
     compiled forward, attention kernel and KV storage (checked against the device first)."""
     speed.check_device(device.type)
     model = build_model(preset, weights, device, dtype)
-    special = build_special_tokens(preset, weights)
-    prompts = Prompts(preset, model, build_text_encoder(preset, weights, device, dtype), device, special)
+    embed = family_of(preset.model).text_embedding(preset, model, build_special_tokens(preset, weights))
+    prompts = Prompts(preset, model, build_text_encoder(preset, weights, device, dtype), device, embed)
     decoder = build_decoder(preset, weights, device)
     assembly = Assembly(preset, model, device, topology, sharding or ulysses_for(topology, preset), speed)
     return Session(preset, model, prompts, decoder, device, assembly)
@@ -207,8 +208,7 @@ class Assembly:
             scratch_frames=blocks_in_forward * preset.stream.frames_per_block, ring_frames=ring_frames, rope=self.rope,
             head_shards=1 if self.sharding is None else self.sharding.size, storage=self.speed.kv_cache,
         )  # fmt: skip
-        if guidance.branches == 2 and preset.model.family == "magi":
-            cache.commit_from = 1  # the null-caption pass writes the clean K/V both passes read
+        cache.commit_from = family_of(preset.model).kv_commit_from(guidance.branches)
         return cache
 
     def guidance(self) -> Guidance:

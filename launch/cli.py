@@ -36,8 +36,9 @@ from engine.config import (
     Preset,
     SpeedConfig,
 )
-from engine.loading import SetupError, WeightPaths, resolve_device
+from engine.devices import SetupError, resolve_device
 from engine.models.checkpoints.wan import CheckpointError
+from engine.weight_paths import WeightPaths
 from launch.layouts import choose_layout
 from launch.presets import PRESETS, get_preset
 from launch.split import choose_split
@@ -447,11 +448,20 @@ PARALLEL_DEFAULTS = ParallelConfig()
 SPEED_DEFAULTS = SpeedConfig()
 
 
+UNSET_MEANS = {
+    "plan.offset": "none, one block at a time",
+    "plan.segment_frames": "none, one segment",
+    "cache.warmup": "none, 15%% of the steps",  # argparse expands %: %% prints one
+}
+"""What a preset field left unset (None) means, for --help."""
+
+
 def _default_text(flag: Flag, preset: Preset) -> str:
     section, field = flag.sets.split(".")
     if section in ("plan", "sampling", "cache", "stream"):
         value = preset.sampling.steps if field == "num_steps" else getattr(getattr(preset, section), field)
-        return f"the preset's; {preset.name}: {value!r}"
+        shown = UNSET_MEANS.get(flag.sets, "none") if value is None else repr(value)
+        return f"the preset's; {preset.name}: {shown}"
     if section == "parallel":
         return str(getattr(PARALLEL_DEFAULTS, field))
     if section == "speed":
@@ -459,6 +469,14 @@ def _default_text(flag: Flag, preset: Preset) -> str:
     if section == "process":
         return "chosen by the policy"
     return "the preset's bundled weights" if field in ("checkpoint", "text_encoder", "vae") else "none"
+
+
+def _help_text(flag: Flag, preset: Preset) -> str:
+    """The flag's help with its default, unless the help already says it; a switch is off."""
+    if "(default" in flag.help:
+        return flag.help
+    default = "off" if flag.action == "store_true" else _default_text(flag, preset)
+    return f"{flag.help} (default: {default})"
 
 
 def add_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
@@ -470,7 +488,7 @@ def add_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> Non
             continue
         title = GROUPS[section]
         group = groups.setdefault(title, parser.add_argument_group(title))
-        kwargs = {"help": f"{flag.help} (default: {_default_text(flag, preset)})", "default": None}
+        kwargs = {"help": _help_text(flag, preset), "default": None}
         if flag.action is not None:
             kwargs["action"] = flag.action
         if flag.action == "store_true":
@@ -504,6 +522,14 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     add_flags(parser, ("speed",))
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every command that runs a preset takes after its own flags: weights, plan, ranks, speed."""
+    add_weight_arguments(parser)
+    add_plan_arguments(parser)
+    add_parallel_arguments(parser)
+    add_speed_arguments(parser)
 
 
 def _given(args: argparse.Namespace, section: str) -> dict:

@@ -20,40 +20,27 @@ from tqdm import tqdm
 
 from engine.argparsing import OneLineParser
 from engine.config import Preset
-from engine.loading import resolve_dtype
+from engine.devices import resolve_dtype
 from engine.models.vae import to_uint8
+from engine.serving import flags
 from engine.serving.video import Mp4Writer
-from launch.cli import (
-    add_parallel_arguments,
-    add_plan_arguments,
-    add_preset_arguments,
-    add_speed_arguments,
-    add_weight_arguments,
-    preset_from_args,
-    process_from_args,
-    rank_device,
-    single_process_notes,
-    speed_from_args,
-    weights_from_args,
-)
+from launch import cli
 from launch.run import RankRun, on_ranks
 from parallel.topology import Topology
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m engine.generate", description=__doc__.split("\n\n")[0])
-    add_preset_arguments(parser)
-    parser.add_argument("--prompt", default="a red circle moving left", help="text prompt (default: %(default)s)")
+    cli.add_preset_arguments(parser)
+    parser.add_argument("--prompt", type=flags.prompt, default="a red circle moving left",
+                        help="text prompt, as a stream's viewers may send (default: %(default)s)")  # fmt: skip
     parser.add_argument(
         "--blocks", type=int, help="blocks to generate (default: about 5 seconds of video at the preset's fps)"
     )
     parser.add_argument("--seed", type=int, default=0, help="fixes the whole video (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("out.mp4"), help="output MP4 path (default: %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what gets loaded (default: off)")
-    add_weight_arguments(parser)
-    add_plan_arguments(parser)
-    add_parallel_arguments(parser)
-    add_speed_arguments(parser)
+    cli.add_run_arguments(parser)
     return parser
 
 
@@ -72,15 +59,15 @@ def default_blocks(preset: Preset, seconds: float = 5.0) -> int:
 
 
 def run(args: argparse.Namespace, topology: Topology) -> dict | None:
-    preset = preset_from_args(args)
+    preset = cli.preset_from_args(args)
     args.blocks = args.blocks or default_blocks(preset)
-    for note in single_process_notes(args, topology):
+    for note in cli.single_process_notes(args, topology):
         print(f"note: {note}", file=sys.stderr)
-    device = rank_device(args, topology)
+    device = cli.rank_device(args, topology)
     start = time.perf_counter()
-    threads = process_from_args(args).get("threads")
+    threads = cli.process_from_args(args).get("threads")
     dtype = resolve_dtype(args.dtype, device)
-    rank = RankRun(preset, weights_from_args(args), device, dtype, topology, threads, speed_from_args(args))
+    rank = RankRun(preset, cli.weights_from_args(args), device, dtype, topology, threads, cli.speed_from_args(args))
     blocks = rank.blocks(args.prompt, blocks=args.blocks, seed=args.seed)
     if not topology.is_decoder:
         for _ in blocks:  # compute ranks without output just run their share

@@ -32,10 +32,12 @@ import torch
 
 from cache import SUGGESTED_THRESHOLDS
 from engine.config import CacheConfig, Preset, SpeedConfig
-from engine.loading import WeightPaths, resolve_device, resolve_dtype
+from engine.devices import resolve_device, resolve_dtype
 from engine.runtime.outputs import RunStats
 from engine.runtime.session import Run, Session
+from engine.serving.protocol import clean_prompt
 from engine.serving.video import Mp4Writer
+from engine.weight_paths import WeightPaths
 from launch.build import build_session
 from launch.presets import get_preset
 from parallel.topology import Topology
@@ -65,17 +67,24 @@ class Chunk:
     """The prompt in force when the block finished."""
 
 
+def checked_prompt(prompt: str) -> str:
+    """`prompt` as given, if a stream's viewers could send it (the one rule of every entry point,
+    engine/serving/protocol.py's `clean_prompt`); else ValueError (ProtocolError) saying why."""
+    clean_prompt(prompt)
+    return prompt
+
+
 class Stream:
     """An endless stream; iterate for chunks, `set_prompt` to switch while it runs."""
 
     def __init__(self, session: Session, prompt: str, seed: int):
-        self.prompt = prompt
+        self.prompt = checked_prompt(prompt)
         self._run: Run = session.run(lambda tick: self.prompt, blocks=None, seed=seed)
         self._frames = self._run.frames()
 
     def set_prompt(self, prompt: str) -> None:
         """In-flight blocks take it at their next step (or, with the recache switch, at the next block)."""
-        self.prompt = prompt
+        self.prompt = checked_prompt(prompt)
 
     @property
     def stats(self) -> RunStats:
@@ -155,7 +164,7 @@ class StreamingPipeline:
     @torch.no_grad()
     def generate(self, prompt: str, *, blocks: int, seed: int = 0) -> Video:
         """A finite video of `blocks` blocks (on a cascade, the frames arrive on the sink rank)."""
-        run = self.session.run(prompt, blocks=blocks, seed=seed)
+        run = self.session.run(checked_prompt(prompt), blocks=blocks, seed=seed)
         parts = [frames for _, frames in run.frames()]
         frames = np.concatenate(parts) if parts else np.zeros((0, 0, 0, 3), np.uint8)
         return Video(frames, self.preset.stream.fps, run.stats)

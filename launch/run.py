@@ -15,10 +15,11 @@ from typing import TypeVar
 import torch
 
 from engine.config import Preset, SpeedConfig
-from engine.loading import WeightPaths, build_decoder
+from engine.loading import build_decoder
 from engine.plan.timeline import Tick
 from engine.runtime.outputs import Block, RunStats
 from engine.runtime.session import Run, Session
+from engine.weight_paths import WeightPaths
 from launch.build import EAGER, build_session
 from launch.cli import ALIKE_ON_EVERY_RANK, USER_ERRORS, parallel_from_args, preset_from_args, say_user_error
 from launch.threads import configure_threads

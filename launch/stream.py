@@ -34,7 +34,7 @@ import torch
 from engine.argparsing import OneLineParser
 from engine.config import ConfigError, Preset
 from engine.demo.vocab import ignored_words
-from engine.loading import resolve_dtype
+from engine.devices import resolve_dtype
 from engine.serving import flags
 from engine.serving.group import Outbox, follow
 from engine.serving.live import Controls, LiveStream, SessionDesk
@@ -45,11 +45,8 @@ from engine.serving.sessions import SessionManager
 from engine.serving.video import Mp4Writer
 from launch.build import build_session
 from launch.cli import (
-    add_parallel_arguments,
-    add_plan_arguments,
     add_preset_arguments,
-    add_speed_arguments,
-    add_weight_arguments,
+    add_run_arguments,
     preset_from_args,
     process_from_args,
     rank_device,
@@ -66,7 +63,7 @@ from parallel.topology import Topology
 log = logging.getLogger("launch.stream")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m engine.stream", description=__doc__.split("\n\n")[0])
     add_preset_arguments(parser)
     parser.add_argument("--prompt", type=flags.prompt, default="a red circle moving left",
@@ -83,10 +80,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="shared stream unpaced (default: paced to the fps)")  # fmt: skip
     add_session_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what gets loaded (default: off)")
-    add_weight_arguments(parser)
-    add_plan_arguments(parser)
-    add_parallel_arguments(parser)
-    add_speed_arguments(parser)
+    add_run_arguments(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if needs_token(args.host) and not args.token:
         parser.error(f"--host {args.host} makes the stream reachable from other machines: pass --token")

@@ -43,7 +43,7 @@ import math
 from dataclasses import dataclass
 
 from engine.config import Preset
-from engine.models.flops import forward_flops
+from engine.families import family_of, forward_flops
 from launch.presets import get_preset
 
 ANCHOR_FPS = {"self-forcing-1.3b": 16.5, "wan-14b-causal": 4.5}  # one H100, published
@@ -205,10 +205,10 @@ def _layer_time(preset, sp: int, query_tokens: int, key_tokens: int) -> float:
 
 def shard_factor(preset, sp: int, query_tokens: int, key_tokens: int, waves: bool = True) -> float:
     """A rank's forward time under sp N relative to the unsharded forward: 1/N when ideal (or for
-    MAGI-1, whose layer this does not describe), else by waves of tiles."""
+    a family whose layer this does not describe, MAGI-1's), else by waves of tiles."""
     if sp == 1:
         return 1.0
-    if not waves or preset.model.family != "wan":
+    if not waves or not family_of(preset.model).sp_layer_modelled:
         return 1.0 / sp
     return _layer_time(preset, sp, query_tokens, key_tokens) / _layer_time(preset, 1, query_tokens, key_tokens)
 

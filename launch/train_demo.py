@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 from engine.argparsing import OneLineParser
 from engine.demo.trainer import Trainer
 from engine.demo.training import TrainConfig
-from engine.loading import BUNDLED_FILES, resolve_device
+from engine.devices import resolve_device
+from engine.weight_paths import BUNDLED_FILES
 from launch.presets import get_preset
 
 CHECKPOINT = "checkpoint.pt"

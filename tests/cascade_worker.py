@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from engine.config import CacheConfig
-from engine.loading import WeightPaths
+from engine.weight_paths import WeightPaths
 from launch.build import build_session
 from launch.presets import get_preset
 from parallel.runtime import RankFailure, launched

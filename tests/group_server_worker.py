@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.loading import resolve_dtype  # noqa: E402
+from engine.devices import resolve_dtype  # noqa: E402
 from engine.serving.sessions import SessionManager  # noqa: E402
 from launch.build import build_session  # noqa: E402
 from launch.cli import rank_device, speed_from_args, weights_from_args  # noqa: E402

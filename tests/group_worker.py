@@ -20,10 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.config import CacheConfig  # noqa: E402
-from engine.loading import WeightPaths  # noqa: E402
 from engine.serving.group import Outbox, follow  # noqa: E402
 from engine.serving.scheduler import Limits  # noqa: E402
 from engine.serving.sessions import SessionManager  # noqa: E402
+from engine.weight_paths import WeightPaths  # noqa: E402
 from launch.build import build_session  # noqa: E402
 from launch.presets import get_preset  # noqa: E402
 from parallel.replicas import group_cast  # noqa: E402

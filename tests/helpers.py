@@ -11,8 +11,8 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
 from engine.config import WanConfig
-from engine.loading import init_random_
 from engine.models.checkpoints.wan import wan_to_diffusers
+from engine.models.random_init import init_random_
 from engine.models.rope import Rope
 from engine.models.wan import WanModel
 from engine.runtime.kv import KVCache

@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 
 from engine.config import CacheConfig
-from engine.loading import WeightPaths
 from engine.runtime.sharding import Ulysses
 from engine.sampling.noise import NoiseSource
+from engine.weight_paths import WeightPaths
 from launch.build import build_session
 from launch.presets import get_preset
 from parallel.ulysses import GroupExchange

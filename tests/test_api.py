@@ -58,3 +58,15 @@ def test_cache_and_plan_switch_by_calls(pipe):
     pipe.set_plan(schedule="sequential", offset=None, context="joint")
     assert torch.equal(torch.from_numpy(pipe.generate("a red circle", blocks=3, seed=0).frames),
                        torch.from_numpy(plain.frames))  # fmt: skip
+
+
+def test_the_api_takes_the_prompts_every_entry_point_takes(pipe):
+    """One prompt rule for the commands and the API (engine/serving/protocol.py's clean_prompt)."""
+    with pytest.raises(ValueError, match="prompt longer than 2000 bytes of UTF-8"):
+        pipe.generate("a" * 3000, blocks=1)
+    with pytest.raises(ValueError, match="non-empty"):
+        pipe.stream("   ")
+    stream = pipe.stream("a red circle moving left")
+    with pytest.raises(ValueError, match="control characters"):
+        stream.set_prompt("a blue\x00square")
+    assert stream.prompt == "a red circle moving left"

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from engine.config import ConfigError, SpeedConfig
-from engine.loading import WeightPaths
 from engine.runtime.backends import DeviceCaps, choose_attention
+from engine.weight_paths import WeightPaths
 from launch.build import build_session
 from launch.presets import get_preset
 from tests.helpers import assert_close

@@ -15,10 +15,11 @@ from cache.bwcache import BWCache
 from cache.flowcache import FlowCache
 from cache.scope import Scope
 from engine.config import CacheConfig, ConfigError, PlanConfig
-from engine.loading import WeightPaths, build_kv_cache
+from engine.loading import build_kv_cache
 from engine.models.wan import WanModel
 from engine.runtime.outputs import RunStats
 from engine.runtime.views import InFlightView
+from engine.weight_paths import WeightPaths
 from helpers import assert_close
 from launch.build import build_session
 from launch.presets import get_preset

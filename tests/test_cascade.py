@@ -15,7 +15,7 @@ import pytest
 import torch
 from cascade_worker import run_preset
 
-from engine.loading import WeightPaths
+from engine.weight_paths import WeightPaths
 from helpers import assert_close
 from launch.build import build_session
 from launch.presets import get_preset

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from engine.config import ConfigError
-from engine.loading import WeightPaths
 from engine.sampling.noise import NoiseSource
+from engine.weight_paths import WeightPaths
 from launch.build import build_session
 from launch.cli import (
     FLAGS,
@@ -140,3 +140,44 @@ def test_speed_flags_reach_the_session_or_are_refused_for_the_device():
     fp8 = _resolved([*tiny, "--kv-cache", "fp8"])
     session = build_session(fp8[0], WeightPaths(seed=3), torch.device("cpu"), torch.float32, speed=fp8[4])
     assert session.executors(NoiseSource(0), blocks_in_forward=1).cache.storage == "fp8"
+
+
+def _help_of(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """{--flag: its help as printed (after argparse's % expansion)}."""
+    formatter = parser._get_formatter()
+    return {
+        action.option_strings[-1]: formatter._expand_help(action)
+        for action in parser._actions
+        if action.option_strings and action.help
+    }
+
+
+@pytest.mark.parametrize("command", ["generate", "stream"])
+def test_help_states_each_default_once_and_never_none(command):
+    """A flag whose help already names its default is not followed by "(default: none)"; a switch
+    is off by default; a preset field left unset says what that means, not "None"."""
+    from launch.stream import build_parser as stream_parser
+
+    helps = _help_of(build_parser() if command == "generate" else stream_parser())
+    for flag, text in helps.items():
+        assert text.count("(default") <= 1, f"{flag}: {text}"
+        assert "None" not in text, f"{flag}: {text}"
+    assert helps["--tokenizer"].endswith("(default: beside the text encoder)")
+    assert "(default: none)" not in helps["--no-ema"] and "(default when present)" in helps["--no-ema"]
+    assert helps["--random-weights"].endswith("(default: off)")
+    assert helps["--offset"].endswith("demo: none, one block at a time)")
+    assert helps["--cache-warmup"].endswith("demo: none, 15% of the steps)")
+
+
+def test_one_prompt_rule_for_every_entry_point(capsys):
+    """engine.generate, engine.stream and engine.client refuse the same prompts, in one line."""
+    from engine.serving.client import build_parser as client_parser
+    from launch.stream import build_parser as stream_parser
+
+    long = "a" * 3000
+    for parser, flag in ((build_parser(), "--prompt"), (stream_parser(), "--prompt"), (client_parser(), "--prompt2")):
+        with pytest.raises(SystemExit) as exit:
+            parser.parse_args([flag, long])
+        assert exit.value.code == 2
+        assert "prompt longer than 2000 bytes of UTF-8 (it has 3000)" in capsys.readouterr().err
+    assert PARSER.parse_args(["--prompt", "a  red\tcircle"]).prompt == "a red circle"

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from engine.loading import WeightPaths
 from engine.models.wan import TextKV
 from engine.plan.sigmas import Schedule
 from engine.plan.timeline import Tick, blocks_per_tick
@@ -24,6 +23,7 @@ from engine.runtime.executor import Executor
 from engine.runtime.offload import state_tensors
 from engine.runtime.session import Session
 from engine.sampling.noise import NoiseSource
+from engine.weight_paths import WeightPaths
 from helpers import assert_close
 from launch.build import build_session
 from launch.presets import get_preset

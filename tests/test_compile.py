@@ -20,9 +20,9 @@ from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.config import ConfigError, SpeedConfig
-from engine.loading import WeightPaths
 from engine.runtime.compiled import FastForward
 from engine.sampling.noise import NoiseSource
+from engine.weight_paths import WeightPaths
 from launch.build import build_session
 from launch.presets import get_preset
 from tests.helpers import assert_close

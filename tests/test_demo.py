@@ -25,11 +25,11 @@ from engine.demo.vocab import VocabEncoder
 from engine.eval.adherence import adherence, blocks_to_follow, read_motion, read_video
 from engine.eval.horizons import background_brightness, horizon_scores
 from engine.eval.metrics import psnr, ssim
-from engine.loading import WeightPaths, bundled_weights_dir
 from engine.models.attention import LocalView
 from engine.models.checkpoints.wan import CheckpointError
 from engine.models.rope import Rope
 from engine.models.wan import TextKV, WanModel
+from engine.weight_paths import WeightPaths, bundled_weights_dir
 from launch.benchmarks.adherence import eval_prompts
 from launch.build import build_session
 from launch.presets import DEMO_VOCAB, get_preset

@@ -8,7 +8,6 @@ import dataclasses
 import pytest
 import torch
 
-from engine.loading import WeightPaths
 from engine.models.rope import Rope
 from engine.plan.sigmas import build_schedule
 from engine.plan.timeline import Tick, make_work
@@ -16,6 +15,7 @@ from engine.runtime.executor import Executor, StreamSetup
 from engine.runtime.session import Session
 from engine.sampling.noise import NoiseSource
 from engine.sampling.solvers import SelfForcingSolver
+from engine.weight_paths import WeightPaths
 from helpers import TINY, assert_close, tiny_cache, tiny_model
 from launch.build import build_session
 from launch.presets import get_preset

@@ -19,12 +19,13 @@ from test_magi import _distilled
 from torch._dynamo.utils import counters
 
 from engine.config import SpeedConfig
-from engine.loading import WeightPaths, build_kv_cache
+from engine.loading import build_kv_cache
 from engine.models.rope import Rope
 from engine.runtime.compiled import FastForward
 from engine.runtime.fp8 import E4M3, UNIT_ROUNDOFF, dequantise, quantise, roundtrip_bound
 from engine.runtime.kv import KVCache
 from engine.sampling.noise import NoiseSource
+from engine.weight_paths import WeightPaths
 from helpers import TINY, assert_close, tiny_model
 from launch.build import build_session
 from launch.presets import get_preset

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.loading import WeightPaths
 from engine.runtime.session import Session
 from engine.serving.video import read_frames
+from engine.weight_paths import WeightPaths
 from helpers import write_diffusers_folder, write_self_forcing_pt, write_wan_safetensors
 from launch.build import build_session
 from launch.generate import main

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.models.flops import forward_flops
+from engine.families import forward_flops
 from launch import bench
 from launch.benchmarks.forward_clock import BudgetSpent, ForwardClock
 from launch.benchmarks.gpu_report import COLUMNS, VARIANTS, analytic_limits, run_variant

@@ -18,10 +18,10 @@ import torch
 from group_worker import group_preset
 
 from engine.config import ConfigError
-from engine.loading import WeightPaths
 from engine.serving.group import Outbox, follow
 from engine.serving.scheduler import Limits
 from engine.serving.sessions import SessionManager
+from engine.weight_paths import WeightPaths
 from helpers import assert_close
 from launch.build import build_session
 from launch.cli import parallel_from_args, preset_from_args

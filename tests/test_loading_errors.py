@@ -12,12 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import loading
+from engine import loading, weight_paths
+from engine.devices import SetupError, resolve_device
 from engine.footprint import GIB, Footprint, available_bytes
-from engine.loading import SetupError, WeightPaths, resolve_device
+from engine.models import random_init
 from engine.models.checkpoints.wan import CheckpointError
 from engine.models.text_encoder import TextEncoder
 from engine.models.vae import random_vae
+from engine.weight_paths import WeightPaths
 from launch import bench, presets
 from launch.cli import USER_ERRORS
 
@@ -155,10 +157,10 @@ def test_nan_in_a_text_encoder_folder(tmp_path):
 
 def _demo_copy(tmp_path, part: str, change) -> WeightPaths:
     """The shipped demo weights, with one file's tensors changed."""
-    shipped = loading.bundled_weights_dir("demo")
-    for name in loading.BUNDLED_FILES.values():
+    shipped = weight_paths.bundled_weights_dir("demo")
+    for name in weight_paths.BUNDLED_FILES.values():
         shutil.copy(shipped / name, tmp_path / name)
-    path = tmp_path / loading.BUNDLED_FILES[part]
+    path = tmp_path / weight_paths.BUNDLED_FILES[part]
     save_file(change(load_file(str(path))), str(path))
     return WeightPaths.bundle(tmp_path)
 
@@ -221,8 +223,8 @@ def test_what_is_allocated_is_said_with_verbose(caplog):
 
 
 def test_random_init_of_a_big_model_reports_progress(monkeypatch, caplog):
-    monkeypatch.setattr(loading, "SMALL_MODEL_PARAMS", 1)  # tiny-wan counts as big
-    with caplog.at_level(logging.INFO, logger="engine.loading"):
+    monkeypatch.setattr(random_init, "SMALL_MODEL_PARAMS", 1)  # tiny-wan counts as big
+    with caplog.at_level(logging.INFO, logger="engine.models.random_init"):
         loading.build_model(TINY_WAN, WeightPaths(), CPU, torch.float32)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("random weights:")]
     assert len(lines) >= 5 and lines[-1].startswith(

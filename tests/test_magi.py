@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from engine.config import CacheConfig, MagiConfig, MagiGuidance, SamplingConfig
-from engine.loading import MissingDecoder, SetupError, WeightPaths, build_special_tokens, init_magi_random_
+from engine.devices import SetupError
+from engine.families.magi import init_magi_random_
+from engine.loading import MissingDecoder, build_special_tokens
 from engine.models.attention import LocalView
 from engine.models.magi import CaptionKV, MagiModel, MagiText, interleave_heads
 from engine.models.magi_rope import MagiRope
@@ -24,6 +26,7 @@ from engine.plan.timeline import pyramid
 from engine.sampling.magi_guidance import MagiGuidance as Guidance
 from engine.sampling.magi_guidance import step_size
 from engine.sampling.noise import NoiseSource
+from engine.weight_paths import WeightPaths
 from helpers import assert_close
 from launch.build import build_session
 from launch.presets import get_preset, parameter_count

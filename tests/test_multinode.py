@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from cascade_worker import run_preset
 
-from engine.loading import WeightPaths
+from engine.weight_paths import WeightPaths
 from helpers import assert_close
 from launch.build import build_session
 

@@ -121,6 +121,8 @@ def test_admission_refuses_beyond_the_kv_budget_or_the_throughput():
     slow = admission(running=3, kv_in_use=8 * MiB, kv_per_session=8 * MiB, capacity=3, limits=lim)
     assert not slow.admit and "keeps 3 sessions" in slow.reason
     assert admission(running=0, kv_in_use=0, kv_per_session=8 * MiB, capacity=0, limits=lim).admit  # one always runs
+    one = admission(running=1, kv_in_use=8 * MiB, kv_per_session=8 * MiB, capacity=1, limits=lim)
+    assert "the engine keeps 1 session at full frame rate" in one.reason  # not "1 sessions"
     off = Limits(kv_budget_bytes=64 * MiB, throughput_admission=False)
     assert admission(running=9, kv_in_use=8 * MiB, kv_per_session=8 * MiB, capacity=3, limits=off).admit
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 from websockets.exceptions import ConnectionClosed
 
-from engine.loading import WeightPaths
 from engine.serving.live import SessionDesk
 from engine.serving.protocol import MAX_CLOSE_REASON_BYTES, close_reason
 from engine.serving.replicas import LocalReplica
 from engine.serving.scheduler import Limits, Throughput
 from engine.serving.server import StreamServer
 from engine.serving.sessions import SessionManager
+from engine.weight_paths import WeightPaths
 from launch.build import build_session
 from launch.presets import get_preset
 from tests.test_serve_sessions import Viewer, url

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.loading import WeightPaths
 from engine.serving.scheduler import DEMO_LADDER, DEMO_STEPS, Limits
 from engine.serving.sessions import Opened, Refused, SessionError, SessionManager
+from engine.weight_paths import WeightPaths
 from launch.build import build_session
 from launch.presets import get_preset
 

@@ -16,13 +16,13 @@ from diffusers import (
 from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from engine.config import ConfigError, PlanConfig
-from engine.loading import WeightPaths
 from engine.models.attention import LocalView
 from engine.models.checkpoints.wan import CheckpointError, load_weights
 from engine.models.rope import Rope
 from engine.models.text_encoder import TextEncoder
 from engine.models.wan import WanModel
 from engine.plan.skyreels import plan_segments
+from engine.weight_paths import WeightPaths
 from helpers import assert_close, twin_dimensions, write_wan_shards
 from launch.build import build_session
 from launch.presets import get_preset

@@ -26,11 +26,11 @@ from test_faults import _kill_session, _session_alive, _worker
 from websockets.sync.client import connect
 
 from engine.config import ConfigError
-from engine.loading import WeightPaths
 from engine.runtime.sharding import Slice, Ulysses
 from engine.sampling.noise import NoiseSource
 from engine.serving.protocol import decode_frame
 from engine.serving.video import read_frames
+from engine.weight_paths import WeightPaths
 from helpers import assert_close
 from launch.build import build_session
 from launch.generate import main as generate

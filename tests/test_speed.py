@@ -6,8 +6,8 @@ pytest tests/test_speed.py
 import pytest
 import torch
 
-from engine.loading import WeightPaths
 from engine.sampling.noise import NoiseSource
+from engine.weight_paths import WeightPaths
 from launch.benchmarks.speed import matmul_peak_tflops, measure, time_split
 
 

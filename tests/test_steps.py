@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from engine.config import ConfigError, SamplingConfig
-from engine.loading import WeightPaths
 from engine.plan.sigmas import build_schedule
 from engine.plan.steps import Adjustable, fewer_steps, step_choices
 from engine.plan.timeline import pyramid, sequential
 from engine.sampling.noise import NoiseSource
+from engine.weight_paths import WeightPaths
 from launch.build import build_session
 from launch.presets import get_preset
 from tests.helpers import assert_close

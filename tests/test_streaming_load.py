@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import save_file
 
 from engine import loading
-from engine.loading import WeightPaths
 from engine.models.checkpoints import streaming
 from engine.models.checkpoints.lora import merge_lora
 from engine.models.checkpoints.magi import load_magi_weights, save_magi_checkpoint
 from engine.models.checkpoints.wan import CheckpointError, check_fit, load_weights, read_checkpoint
 from engine.models.magi import MagiModel
 from engine.models.wan import WanModel
+from engine.weight_paths import WeightPaths
 from helpers import tiny_model, write_wan_shards
 from launch import presets
 from launch.benchmarks.load import config, measure, write_checkpoint

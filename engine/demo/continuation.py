@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from engine.demo.reading import read_frame
 from engine.demo.scenes import (
     BACKGROUNDS,
     RADIUS,
@@ -29,7 +30,6 @@ from engine.demo.scenes import (
     switched,
     velocity_of,
 )
-from engine.eval.adherence import read_frame
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,12 @@ from engine.demo.training import (
     shape_weights,
 )
 from engine.demo.vocab import VocabEncoder
-from engine.loading import BUNDLED_FILES, init_random_
 from engine.models.checkpoints.wan import load_weights
+from engine.models.random_init import init_random_
 from engine.models.rope import Rope
 from engine.models.wan import WanModel
 from engine.plan.sigmas import build_schedule
+from engine.weight_paths import BUNDLED_FILES
 
 
 def build_model(preset: Preset, cfg: TrainConfig, device, init: Path | None) -> tuple[WanModel, VocabEncoder]:

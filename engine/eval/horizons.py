@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.demo.reading import FOREGROUND_DISTANCE, MIN_PIXELS
 from engine.demo.scenes import Description, foreground
-from engine.eval.adherence import FOREGROUND_DISTANCE, MIN_PIXELS, adherence
+from engine.eval.adherence import adherence
 
 
 def parse_horizon(text: str) -> tuple[int, int]:

@@ -1,5 +1,7 @@
 """Analytic FLOPs of one transformer forward (Wan, or MAGI-1 below) (multiply-add = 2 FLOPs), per guidance branch.
 
+`engine.families.forward_flops(cfg, ...)` picks the one of the config's family.
+
 Per layer, with Nq query tokens, Nk key tokens (committed context + the call's own), L text
 tokens, width d and FFN width f: self-attention projections 8 Nq d^2, attention 4 Nq Nk d,
 cross-attention projections (q, o; text K/V are cached per prompt) 4 Nq d^2 and attention
@@ -11,12 +13,10 @@ from __future__ import annotations
 
 import math
 
-from engine.config import MagiConfig, ModelConfig
+from engine.config import MagiConfig, WanConfig
 
 
-def forward_flops(cfg: ModelConfig, query_tokens: int, key_tokens: int, text_tokens: int) -> int:
-    if cfg.family == "magi":
-        return magi_forward_flops(cfg, query_tokens, key_tokens, text_tokens)
+def wan_forward_flops(cfg: WanConfig, query_tokens: int, key_tokens: int, text_tokens: int) -> int:
     d, f = cfg.dim, cfg.ffn_dim
     per_layer = (
         8 * query_tokens * d * d

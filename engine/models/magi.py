@@ -30,7 +30,7 @@ from torch import nn
 
 from engine.config import MagiConfig
 from engine.models.attention import AttentionView
-from engine.models.layers import linear
+from engine.models.layers import linear, scaled_normal
 from engine.models.tokens import Tokens
 
 CLEAN_T = 0.9999
@@ -157,7 +157,7 @@ class CaptionEmbedder(nn.Module):
         super().__init__()
         self.y_proj_xattn = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.SiLU())
         self.y_proj_adaln = nn.Sequential(nn.Linear(cfg.text_dim, cfg.cond_dim))
-        self.null_caption_embedding = nn.Parameter(torch.randn(cfg.caption_len, cfg.text_dim) / cfg.text_dim**0.5)
+        self.null_caption_embedding = scaled_normal(cfg.caption_len, cfg.text_dim, divisor=cfg.text_dim**0.5)
 
     def adaln_tokens(self) -> torch.Tensor:
         """`[2, cond_dim]`: the adaLN condition for a kept caption (row 0) and a dropped one (row 1)."""

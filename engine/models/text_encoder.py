@@ -1,5 +1,8 @@
 """Prompt -> text states for cross-attention: umT5 through transformers, with a prompt cache.
 
+transformers is imported only when a umT5 is built (from a folder or seeded random): importing
+it takes seconds, and the demo's presets encode prompts without it (engine/demo/vocab.py).
+
 Wan conditions on umT5-XXL hidden states of the prompt, zero beyond the prompt's own tokens and
 padded to `text_len` (512) tokens; cross-attention then attends to all of them. Real encoders load
 from a local transformers folder (Wan2.1 diffusers layout: `text_encoder/` + `tokenizer/`); tests
@@ -12,12 +15,15 @@ import html
 import json
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoTokenizer, ByT5Tokenizer, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
 from engine.config import TinyTextEncoder
 from engine.models.checkpoints.validate import check_file_dtypes, check_tensors
+
+if TYPE_CHECKING:  # transformers loads only with a real or random umT5 (seconds of import time)
+    from transformers import T5EncoderModel, UMT5EncoderModel
 
 CACHED_PROMPTS = 64
 
@@ -58,6 +64,8 @@ def _load_tokenizer(folder: Path):
         raise FileNotFoundError(
             f"{folder}: no such tokenizer folder (pass --tokenizer DIR, e.g. the pipeline's tokenizer/)"
         )
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as err:
@@ -119,6 +127,8 @@ class TextEncoder(PromptEncoder):
         dtype: torch.dtype = torch.float32,
         tokenizer_dir: str | Path | None = None,
     ) -> TextEncoder:
+        from transformers import T5EncoderModel, UMT5EncoderModel
+
         enc, tok = _find_folders(Path(encoder_dir), Path(tokenizer_dir) if tokenizer_dir else None)
         kind = T5EncoderModel if _check_umt5_folder(enc) == "t5" else UMT5EncoderModel
         tokenizer = _load_tokenizer(tok)
@@ -130,6 +140,8 @@ class TextEncoder(PromptEncoder):
     @classmethod
     def random(cls, spec: TinyTextEncoder, *, text_len: int, device: torch.device | str) -> TextEncoder:
         """A seeded random umT5 with a byte-level tokenizer (no files needed)."""
+        from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
         tokenizer = ByT5Tokenizer()
         config = UMT5Config(
             vocab_size=len(tokenizer),

@@ -5,23 +5,28 @@ convolutions that keep the last frames of every layer in a feature cache, but it
 cache at the end of each call. Here the cache (`_feat_map`) lives in the decoder object across
 calls, so decoding a stream block by block gives exactly the frames of one decode of the whole
 latent video: the first latent frame gives 1 frame, every later one `temporal_stride` (4).
+diffusers is imported only when a Wan VAE is built or loaded (the demo's codec needs none of it).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLWan
-from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
 from engine.config import VaeConfig
 from engine.models.checkpoints.wan import CheckpointError, read_safetensors, read_torch
 
+if TYPE_CHECKING:  # diffusers loads only with a Wan VAE (a second of import time)
+    from diffusers import AutoencoderKLWan
+
 
 def build_vae(cfg: VaeConfig) -> AutoencoderKLWan:
+    from diffusers import AutoencoderKLWan
+
     return AutoencoderKLWan(
         base_dim=cfg.base_dim,
         z_dim=cfg.z_dim,
@@ -39,6 +44,9 @@ def random_vae(cfg: VaeConfig, seed: int) -> AutoencoderKLWan:
 
 def load_vae(cfg: VaeConfig, path: str | Path) -> AutoencoderKLWan:
     """A diffusers `vae/` folder (or pipeline root), or Wan's own `Wan2.1_VAE.pth` / .safetensors."""
+    from diffusers import AutoencoderKLWan
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
     path = _vae_in_folder(Path(path)) if Path(path).is_dir() else Path(path)
     if path.is_dir():
         return AutoencoderKLWan.from_pretrained(str(path)).eval()

@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.config import WanConfig
 from engine.models.attention import AttentionView
-from engine.models.layers import linear
+from engine.models.layers import linear, scaled_normal
 from engine.models.tokens import Tokens
 
 # Parameters kept in float32 when the model is cast to bf16 (small, numerically sensitive).
@@ -179,7 +179,7 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(
             nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim)
         )
-        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+        self.modulation = scaled_normal(1, 6, cfg.dim, divisor=cfg.dim**0.5)
 
     def attention_input(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """The timestep-modulated input of self-attention, `[B, F*T, dim]` (what TeaCache watches)."""
@@ -214,7 +214,7 @@ class Head(nn.Module):
         super().__init__()
         self.norm = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
         self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
-        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+        self.modulation = scaled_normal(1, 2, cfg.dim, divisor=cfg.dim**0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         # x: [B, F*T, dim]; e: [B, F, dim] (time embedding before projection)

@@ -2,22 +2,22 @@
 
 The same prompt gives the same object back, so a prompt switch is a change of object (the
 recache switch and MAGI-1's guidance rely on it). With classifier-free guidance the prompt is
-stacked with the negative prompt along the batch ([cond, uncond]); MAGI-1 prompts carry their
-caption K/V and the model's learned null caption.
+stacked with the negative prompt along the batch ([cond, uncond]). How encoder states become
+K/V is the model family's (`embed`, from engine/families/: Wan's `embed_text`; MAGI-1's caption
+K/V beside the model's learned null caption).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
 from engine.config import Preset
-from engine.models.magi import CaptionKV, MagiModel, MagiText
-from engine.models.magi_tokens import SpecialTokens
+from engine.models.magi import MagiModel, MagiText
 from engine.models.text_encoder import PromptEncoder
 from engine.models.wan import TextKV, WanModel
-from engine.sampling.magi_guidance import magi_text
 
 KEPT = 8
 """Recent prompts whose K/V are kept (a live stream's viewers switch among a few)."""
@@ -30,12 +30,12 @@ class Prompts:
         model: WanModel | MagiModel,
         encoder: PromptEncoder,
         device: torch.device,
-        special: SpecialTokens | None = None,
+        embed: Callable[[torch.Tensor], TextKV | MagiText],
     ):
-        self.preset, self.model, self.encoder, self.device, self.special = preset, model, encoder, device, special
+        """`embed`: encoder states `[1, L, text_dim]`, zero past the prompt -> the model's K/V."""
+        self.preset, self.model, self.encoder, self.device, self.embed = preset, model, encoder, device, embed
         self._text_kv: OrderedDict[str, TextKV | MagiText] = OrderedDict()
         self._conditioning: OrderedDict[str, TextKV | MagiText] = OrderedDict()
-        self._null_caption: CaptionKV | None = None
 
     def text_kv(self, prompt: str) -> TextKV | MagiText:
         """Cross-attention K/V of one prompt."""
@@ -44,14 +44,7 @@ class Prompts:
     def _embed(self, prompt: str) -> TextKV | MagiText:
         with torch.no_grad():
             states = self.encoder.encode(prompt).to(self.device)  # [1, L, text_dim], zero past the prompt
-            if self.preset.model.family != "magi":
-                return self.model.embed_text(states)
-            if self._null_caption is None:
-                self._null_caption = self.model.null_caption()
-            length = max(int((states[0].abs().sum(-1) > 0).sum()), 1)  # real tokens (once per prompt)
-            if self.special is not None:
-                states, length = self.special.prepend(states, length, self.preset.text.special_tokens)
-            return magi_text(self.model, states, length, self._null_caption)
+            return self.embed(states)
 
     def conditioning(self, prompt: str) -> TextKV | MagiText:
         """The prompt's K/V; with guidance, stacked with the negative prompt's as batch [cond, uncond]."""

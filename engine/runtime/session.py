@@ -83,7 +83,7 @@ class Session:
         for part in ("model", "vae", "text", "stream"):
             if getattr(preset, part) != getattr(self.preset, part):
                 raise ConfigError(f"{preset.name}: a session can change its plan, sampling or cache, not its {part}")
-        prompts = Prompts(preset, self.model, self.prompts.encoder, self.device, self.prompts.special)
+        prompts = Prompts(preset, self.model, self.prompts.encoder, self.device, self.prompts.embed)
         return Session(preset, self.model, prompts, self.decoder, self.device, self.executors.for_preset(preset))
 
     def plan(self, num_blocks: int | None) -> Iterator[Tick]:

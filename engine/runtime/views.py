@@ -12,7 +12,7 @@
   context), or of a peer rank (a cascade). With every present block computed here and no `fill`,
   this is one plain forward over the tick.
 
-The mask is built from the frame each cache slot actually holds (`KVCache.slot_frames`): once
+The mask is built from the frame each cache slot actually holds (`Slots.slot_frames`): once
 the ring wraps, slot order is not frame order, and per-block KV reaches (MAGI-1) must admit the
 right frames. Committing is a separate, public step (`commit`), which the runtime calls after the
 forward: the forward still attends to the frames a commit evicts.
@@ -21,20 +21,38 @@ forward: the forward still attends to the frames a commit evicts.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
 from engine.models.attention import block_mask, check_mode
 from engine.runtime.outputs import BlockKV
 
-if TYPE_CHECKING:
-    from engine.runtime.kv import KVCache
-
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 """One block's keys (rotated) and values at one layer: `[B, F*T, H, Dh]` each."""
 Fill = Callable[[int, dict[int, LayerKV]], dict[int, LayerKV]]
 """fill(layer, fresh K/V of the computed blocks) -> K/V of the present blocks not computed here."""
+
+
+class Slots(Protocol):
+    """What a view uses of a KV cache (engine/runtime/kv.py's `KVCache`, which makes the views:
+    named here as a protocol so that the two modules do not import each other)."""
+
+    T: int  # tokens per frame
+    Q: int  # scratch frames
+    k: torch.Tensor
+    rope: Any  # the family's rotary tables
+
+    @property
+    def visible_frames(self) -> int: ...
+
+    def slot_frames(self) -> list[int]: ...
+
+    def read(self, layer: int, inflight_tokens: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def write(self, layer: int, offset: int, keys: torch.Tensor, values: torch.Tensor) -> None: ...
+
+    def commit_scratch(self, first_frame: int, frames: int, offset: int = 0) -> None: ...
 
 
 class InFlightView:
@@ -49,7 +67,7 @@ class InFlightView:
 
     def __init__(
         self,
-        cache: KVCache,
+        cache: Slots,
         present: list[int],
         computed: list[int],
         block_frames: int,

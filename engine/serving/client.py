@@ -27,6 +27,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from engine.argparsing import OneLineParser
+from engine.serving import flags
 from engine.serving.protocol import Frame, decode_frame
 from engine.serving.video import Mp4Writer
 
@@ -181,8 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--url", default="ws://127.0.0.1:8000/ws", help="the stream's WebSocket (default: %(default)s)")
     parser.add_argument("--token", help="the server's --token (default: none)")
     parser.add_argument("--session", help="join this session (its id from a share link) (default: a new one)")
-    parser.add_argument("--prompt", help="switch to this prompt on connecting (default: keep the stream's)")
-    parser.add_argument("--prompt2", help="switch to this prompt once, --switch-after seconds in (default: no switch)")
+    parser.add_argument("--prompt", type=flags.prompt,
+                        help="switch to this prompt on connecting (default: keep the stream's)")  # fmt: skip
+    parser.add_argument("--prompt2", type=flags.prompt,
+                        help="switch to this prompt once, --switch-after seconds in (default: no switch)")  # fmt: skip
     parser.add_argument(
         "--switch-after",
         type=float,

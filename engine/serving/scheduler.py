@@ -315,10 +315,15 @@ def admission(*, running: int, kv_in_use: int, kv_per_session: int, capacity: in
     """Whether one more session may run now, and if not, why (one line)."""
     if kv_in_use + kv_per_session > limits.kv_budget_bytes:
         fits = limits.kv_budget_bytes // max(kv_per_session, 1)
-        return Verdict(False, f"KV memory is full ({fits} sessions of {kv_per_session / 2**20:.1f} MiB fit the budget)",
-                       memory=False)  # fmt: skip
+        return Verdict(False, f"KV memory is full ({sessions(fits)} of {kv_per_session / 2**20:.1f} MiB fit the "
+                       "budget)", memory=False)  # fmt: skip
     capacity = None if capacity is None else max(capacity, 1)  # one session always runs, however slow
     if limits.throughput_admission and capacity is not None and running + 1 > capacity:
         fidelity = "at the quality floor" if limits.admit_at_floor and len(limits.levels) > 1 else "at full fidelity"
-        return Verdict(False, f"the engine keeps {capacity} sessions at full frame rate {fidelity} and runs {running}")
+        return Verdict(False, f"the engine keeps {sessions(capacity)} at full frame rate {fidelity} and runs {running}")
     return Verdict(True)
+
+
+def sessions(count: int) -> str:
+    """'1 session', '3 sessions'."""
+    return f"{count} session" + ("" if count == 1 else "s")

@@ -7,7 +7,6 @@ import threading
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 
 # BT.601 limited-range RGB -> YCbCr (what players assume for SD H.264 without colour tags).
@@ -61,6 +60,8 @@ class Mp4Writer:
         fps, width, height, crf = self._settings
         try:
             options = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"}
+            import av  # here, not at import: a command that writes no video does not load it
+
             with av.open(str(self.path), mode="w", options=options) as container:
                 stream = container.add_stream("libx264", rate=Fraction(fps, 1))
                 stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
@@ -114,5 +115,7 @@ class Mp4Writer:
 
 def read_frames(path: str | Path) -> np.ndarray:
     """All frames of a video as `[N, H, W, 3]` uint8."""
+    import av
+
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])

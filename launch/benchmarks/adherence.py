@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from engine.demo.scenes import COLORS, MOTIONS, SHAPES, Description
+from engine.devices import resolve_device
 from engine.eval.adherence import adherence, blocks_to_follow
 from engine.eval.horizons import background_brightness, horizon_scores, parse_horizon, summarize
-from engine.loading import WeightPaths, resolve_device
 from engine.runtime.session import Session
+from engine.weight_paths import WeightPaths
 from launch.benchmarks.common import generate_video, session_for
 from launch.presets import get_preset
 

@@ -20,9 +20,9 @@ from dataclasses import replace
 import numpy as np
 
 from engine.config import CacheConfig, PlanConfig, SpeedConfig
+from engine.devices import resolve_device
 from engine.eval.adherence import adherence
 from engine.eval.metrics import psnr, ssim
-from engine.loading import resolve_device
 from engine.runtime.session import Session
 from launch.benchmarks.adherence import eval_prompts
 from launch.benchmarks.common import generate_video, session_for

@@ -15,9 +15,9 @@ import dataclasses
 import numpy as np
 import torch
 
+from engine.devices import resolve_device
 from engine.eval.adherence import adherence
 from engine.eval.metrics import psnr, ssim
-from engine.loading import resolve_device
 from launch.benchmarks.adherence import eval_prompts
 from launch.benchmarks.common import generate_video, session_for
 from launch.presets import get_preset

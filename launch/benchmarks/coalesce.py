@@ -26,12 +26,13 @@ import torch.nn.functional as F
 
 from engine.config import ConfigError
 from engine.demo.scenes import COLORS, SHAPES
-from engine.loading import WeightPaths, resolve_device
+from engine.devices import resolve_device
 from engine.plan.timeline import Tick
 from engine.runtime.coalesce import shared_forward, step_together
 from engine.runtime.executor import Executor
 from engine.runtime.session import Session
 from engine.sampling.noise import NoiseSource
+from engine.weight_paths import WeightPaths
 from launch.benchmarks.common import session_for
 from launch.presets import get_preset
 

@@ -8,9 +8,10 @@ import numpy as np
 import torch
 
 from engine.config import Preset, SpeedConfig
-from engine.loading import WeightPaths, resolve_dtype
+from engine.devices import resolve_dtype
 from engine.runtime.outputs import RunStats
 from engine.runtime.session import Session
+from engine.weight_paths import WeightPaths
 from launch.build import EAGER, build_session
 from launch.threads import configure_threads
 

@@ -24,10 +24,11 @@ import torch
 from torch._dynamo.utils import counters
 
 from engine.config import SpeedConfig
-from engine.loading import WeightPaths, resolve_device
+from engine.devices import resolve_device
 from engine.plan.timeline import blocks_per_tick
 from engine.runtime.session import Session
 from engine.sampling.noise import NoiseSource
+from engine.weight_paths import WeightPaths
 from launch.benchmarks.common import session_for
 from launch.presets import get_preset
 

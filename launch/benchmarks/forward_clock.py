@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from engine.config import Preset
-from engine.models.flops import forward_flops
+from engine.families import forward_flops
 from launch.benchmarks.timing import op_shares, sync
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engine.loading import SetupError
+from engine.devices import SetupError
 from launch.benchmarks.timing import matmul_peak_tflops
 
 SDPA_BACKENDS = {

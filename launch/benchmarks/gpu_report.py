@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from engine.config import ConfigError
-from engine.loading import build_kv_cache, resolve_device, resolve_dtype
+from engine.devices import resolve_device, resolve_dtype
+from engine.loading import build_kv_cache
 from launch.benchmarks import gpu_env, gpu_markdown
 from launch.benchmarks.gpu_variant import VariantSpec
 from launch.benchmarks.plan_flops import steady_flops

@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 
 from engine.config import ConfigError, Preset
-from engine.loading import SetupError, WeightPaths, resolve_device, resolve_dtype
+from engine.devices import SetupError, resolve_device, resolve_dtype
 from engine.models.vae import to_uint8
 from engine.runtime.session import Session
+from engine.weight_paths import WeightPaths
 from launch.benchmarks.forward_clock import BudgetSpent, ForwardClock
 from launch.benchmarks.timing import calls_flops, profiled_shares, sync
 from launch.build import build_session

@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import SpeedConfig
+from engine.devices import resolve_device, resolve_dtype
 from engine.eval.metrics import psnr, ssim
-from engine.loading import WeightPaths, build_kv_cache, resolve_device, resolve_dtype
+from engine.loading import build_kv_cache
 from engine.runtime.kv import STORAGES
+from engine.weight_paths import WeightPaths
 from launch.benchmarks.adherence import eval_prompts
 from launch.benchmarks.common import generate_video, session_for
 from launch.presets import get_preset

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.config import WanConfig
-from engine.loading import resolve_device, resolve_dtype
+from engine.devices import resolve_device, resolve_dtype
 from engine.models.checkpoints.wan import check_fit, read_checkpoint, wan_to_diffusers
 from engine.models.wan import WanModel
 

@@ -21,19 +21,19 @@ from functools import cache
 import torch
 
 from engine.config import Preset
-from engine.loading import WeightPaths
+from engine.families import family_of
+from engine.weight_paths import WeightPaths
 from launch.benchmarks.timing import calls_flops, steady_block_flops
 from launch.build import build_session
-from launch.presets import TINY_TEXT, TINY_VAE, TINY_WAN, get_preset
+from launch.presets import TINY_TEXT, TINY_VAE, get_preset
 from launch.throughput import blocks_in_flight
 
 
 def stand_in(preset: Preset) -> Preset:
     """The preset's plan, sampling and stream frames with a 2-layer random network at 64x64."""
-    if preset.model.family == "magi":
-        model = dataclasses.replace(get_preset("magi-1-tiny").model, distill=preset.model.distill)
-    else:
-        model = dataclasses.replace(TINY_WAN, fps_embedding=preset.model.fps_embedding)
+    family = family_of(preset.model)
+    keeps = {switch: getattr(preset.model, switch) for switch in family.stand_in_keeps}
+    model = dataclasses.replace(get_preset(family.tiny_preset).model, **keeps)
     return dataclasses.replace(
         preset, name=f"{preset.name} (stand-in)", model=model, vae=TINY_VAE, random_init=True,
         text=dataclasses.replace(TINY_TEXT, special_tokens=preset.text.special_tokens),

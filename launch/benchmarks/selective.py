@@ -16,11 +16,12 @@ import time
 import numpy as np
 import torch
 
+from engine.devices import resolve_device
 from engine.eval.metrics import psnr, ssim
-from engine.loading import WeightPaths, resolve_device
-from engine.models.flops import forward_flops
+from engine.families import forward_flops
 from engine.models.vae import to_uint8
 from engine.runtime.session import Session
+from engine.weight_paths import WeightPaths
 from launch.benchmarks.common import session_for
 from launch.presets import get_preset
 

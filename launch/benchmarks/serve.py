@@ -48,8 +48,8 @@ import numpy as np
 import torch
 
 from engine.config import ConfigError
+from engine.devices import resolve_device
 from engine.eval.metrics import psnr
-from engine.loading import resolve_device
 from engine.serving.scheduler import DEFAULT_FLOOR_DB, Limits, Throughput
 from engine.serving.sessions import Opened, SessionManager
 from launch.benchmarks.adherence import eval_prompts

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.loading import WeightPaths, resolve_device
+from engine.devices import resolve_device
+from engine.weight_paths import WeightPaths
 from launch.benchmarks.common import session_for
 from launch.presets import get_preset
 

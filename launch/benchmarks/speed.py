@@ -21,8 +21,9 @@ import time
 
 import torch
 
-from engine.loading import WeightPaths, resolve_device, resolve_dtype
+from engine.devices import resolve_device, resolve_dtype
 from engine.runtime.session import Session
+from engine.weight_paths import WeightPaths
 from launch.benchmarks.timing import calls_flops, matmul_peak_tflops, profiled_shares, sync
 from launch.build import build_session
 from launch.presets import get_preset

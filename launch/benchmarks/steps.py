@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from engine.config import ConfigError
+from engine.devices import resolve_device
 from engine.eval.adherence import adherence
 from engine.eval.metrics import psnr, ssim
-from engine.loading import resolve_device
 from engine.plan.steps import fewer_steps, subset
 from launch.benchmarks.adherence import eval_prompts
 from launch.benchmarks.common import generate_video, session_for

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from engine.loading import resolve_device
+from engine.devices import resolve_device
 from engine.runtime.session import Session
 from engine.sampling.noise import NoiseSource
 from launch.benchmarks.common import session_for

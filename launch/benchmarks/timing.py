@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from engine.config import Preset
-from engine.models.flops import forward_flops
+from engine.families import forward_flops
 
 ATTENTION_OPS = ("attention", "flash", "_efficient_attention", "cudnn_attention", "softmax", "baddbmm", "bmm")
 LINEAR_OPS = ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::convolution", "gemm")
