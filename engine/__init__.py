@@ -2,7 +2,7 @@
 caching of its own (parallel/ and cache/ wrap it from outside; launch/ assembles it).
 
 May import: torch and the libraries a part loads; never cache/, parallel/ or launch/ (the `-m`
-shims hand over to launch/ under `__main__` only). Layers, bottom to top (tests/test_layering.py):
+shims hand over to launch/ under `__main__` only). Layers, bottom to top (tests/project/test_layering.py):
 config, argparsing, devices, footprint, weight_paths -> models -> plan -> sampling -> runtime ->
 serving -> demo -> eval -> families, loading -> the entry points.
 

@@ -16,13 +16,23 @@ of those, and tests that start a server or a CLI in a subprocess, train, compile
 inductor), run long streams, or build real-size models on the meta device: each took 15 s or more
 of a loaded 2-core machine. A test moved to another folder keeps its markers (the module's file
 name is the key).
+
+The folders mirror the packages (models, plan, runtime, cache, serving, parallel, launch, demo);
+project/ holds the rules that span every package (layering, style, docs, dependencies, families).
+support/ holds no tests: the shared helpers, the model-free fakes and the rank workers that tests
+launch by path. It goes on the path here, so that tests import them by bare name (`from helpers
+import assert_close`); a worker run by path finds them beside itself. Test file names stay unique
+across folders: pytest imports each test module by its bare name.
 """
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 ALL = "*"
 """Every test of the module."""

@@ -13,7 +13,7 @@ own. Each `Work` carries its block's step count, so the executor, the solver and
 know a block's last step without asking the plan. Commits stay in block order: a block starts no
 earlier than its plan allows (after the previous commit in a sequential plan, `offset` ticks after
 the previous start in a pyramid) and late enough that its commit follows its predecessor's. With
-one schedule throughout it yields exactly `sequential` / `pyramid` (tests/test_steps.py).
+one schedule throughout it yields exactly `sequential` / `pyramid` (tests/plan/test_steps.py).
 """
 
 from __future__ import annotations

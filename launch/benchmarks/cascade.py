@@ -3,7 +3,7 @@
 For offsets 1..3, joint vs lagged context and causal vs bidirectional attention among in-flight
 blocks, the same prompts and seeds are generated as with the sequential plan. Reported: PSNR and
 SSIM of the frames against the sequential frames, and prompt adherence (color, shape, motion) of
-each plan. One process runs the cascade's exact semantics (tests/test_cascade.py shows N ranks
+each plan. One process runs the cascade's exact semantics (tests/parallel/test_cascade.py shows N ranks
 give the same latents), so this measures quality, not speed.
 """
 

@@ -1,0 +1,118 @@
+"""Training the demo model on its own rollouts: the streams, their ground truth, exact resume.
+
+pytest tests/demo/test_demo_rollout.py
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from engine.demo.continuation import read_background, reanchor, render_block, start_scene
+from engine.demo.rollout import RolloutView
+from engine.demo.scenes import make_clip
+from engine.demo.trainer import Trainer
+from engine.demo.training import TrainConfig
+from engine.models.attention import LocalView
+from launch.presets import get_preset
+
+DEMO = get_preset("demo")
+TINY = dataclasses.replace(
+    DEMO,
+    model=dataclasses.replace(DEMO.model, dim=32, ffn_dim=64, num_heads=2, num_layers=2),
+    stream=dataclasses.replace(DEMO.stream, height=32, width=32),
+)
+TINY_CFG = TrainConfig(steps=4, batch=1, warmup=1, codec_clips=4, bf16=False, rollout_streams=3,
+                       rollout_min_blocks=1, rollout_max_blocks=2, rollout_switch=0.5)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster than several, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_scene_continues_block_by_block_and_reanchors_to_what_is_shown():
+    scene = start_scene(np.random.default_rng(3), 64, centred=True)
+    whole, _ = render_block(scene, 6, 64)
+    first, middle = render_block(scene, 3, 64)
+    second, _ = render_block(middle, 3, 64)
+    assert np.array_equal(whole, np.concatenate([first, second]))
+    assert np.abs(middle.position - 32).max() < 2 + 3 * 2.0 + 1e-6, "a stream starts near the centre"
+    moved = dataclasses.replace(middle, position=np.array([10.0, 50.0]))
+    shown, _ = render_block(moved, 1, 64)
+    read = reanchor(middle, shown[-1])
+    expected = (moved.position + moved.velocity) % 64  # the frame rendered after `moved`
+    assert np.abs(read.position - expected).max() < 0.5
+    assert reanchor(middle, np.zeros_like(shown[-1])).position is middle.position, "no shape: keep the scene"
+
+
+def test_the_background_is_read_back_from_frames():
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        scene = start_scene(rng, 64, centred=False)
+        frames, _ = render_block(scene, 3, 64)
+        assert read_background(frames) == scene.background
+    clip = make_clip(np.random.default_rng(1), frames=3)
+    assert 0 <= read_background(clip.frames) < 4
+
+
+def test_the_rollout_view_equals_a_block_causal_forward_over_the_window():
+    """Committed K/V (commit passes, as inference writes them) + the block's own: the same as one
+    block-causal forward over the context and the block, while the window holds them all."""
+    torch.manual_seed(0)
+    trainer = Trainer(TINY, dataclasses.replace(TINY_CFG, rollout_streams=1, own_start=1.0), torch.device("cpu"))
+    model, pool = trainer.model.eval(), trainer.pool
+    latents = torch.randn(1, 16, 9, 8, 8)  # [B, C, F, h, w]: three blocks
+    sigma = torch.tensor([[0.0] * 6 + [0.8] * 3])  # two committed blocks, then one being denoised
+    with torch.no_grad():
+        text = trainer._text(["a red circle moving left"])
+        for block in range(2):
+            commit = pool.view(record=True)
+            model(latents[:, :, 3 * block : 3 * block + 3], sigma[:, :3], text, commit)
+            pool.append([k for k, _ in commit.recorded], [v for _, v in commit.recorded], [0])
+        whole = model(latents, sigma, text, LocalView(trainer.rope, 0, 9, 3, "causal"))
+        alone = model(latents[:, :, 6:], sigma[:, 6:], text, pool.view())
+    assert isinstance(pool.view(), RolloutView) and pool.visible.all()
+    torch.testing.assert_close(alone, whole[:, :, 6:], atol=1e-5, rtol=1e-4)
+
+
+def _trained(steps: int, resume_after: int | None, tmp_path) -> Trainer:
+    trainer = Trainer(TINY, TINY_CFG, torch.device("cpu"))
+    for _ in range(steps if resume_after is None else resume_after):
+        trainer.train_step()
+    if resume_after is not None:
+        trainer.save(tmp_path / "checkpoint.pt")
+        trainer = Trainer(TINY, TINY_CFG, torch.device("cpu"))
+        trainer.load(tmp_path / "checkpoint.pt")
+        for _ in range(steps - resume_after):
+            trainer.train_step()
+    return trainer
+
+
+def test_training_resumes_bit_for_bit(tmp_path):
+    straight = _trained(4, None, tmp_path)
+    resumed = _trained(4, 2, tmp_path)
+    assert resumed.step == straight.step == 4
+    assert len(straight.losses["rollout"]) == 4
+    for a, b in zip(straight.params, resumed.params):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.ema.shadow, resumed.ema.shadow):
+        assert torch.equal(a, b)
+    assert torch.equal(straight.pool.keys, resumed.pool.keys)
+    assert straight.losses == resumed.losses
+    assert straight.rng.random() == resumed.rng.random()
+    fresh = Trainer(TINY, TINY_CFG, torch.device("cpu"))
+    assert not all(torch.equal(a, b) for a, b in zip(fresh.params, straight.params)), "training changed nothing"
+
+
+def test_the_training_command_never_writes_the_shipped_weights_by_default():
+    from launch.train_demo import parse_args
+
+    args = parse_args([])
+    assert args.out.as_posix() == "out/demo-train" and not args.resume
+    assert "engine/weights" not in args.out.as_posix()
