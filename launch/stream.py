@@ -282,7 +282,7 @@ def serve_sessions(args: argparse.Namespace, topology: Topology, make_manager: C
         print(f"note: {note}", file=sys.stderr)
     links, cast = replica_links(topology), group_cast(topology)  # every rank, before anything can fail
     serving, server = topology.rank == SERVING_RANK, None
-    leading, manager, local = topology.rank == topology.leader, None, None
+    leading, outbox, local = topology.rank == topology.leader, None, None
     try:
         if serving:  # listen before any weights load: a port in use is said at once
             server = StreamServer.for_sessions(args.prompt, args.seed, **_server_options(args, preset)).start()
@@ -296,7 +296,7 @@ def serve_sessions(args: argparse.Namespace, topology: Topology, make_manager: C
             _say_end(topology, run_follower(manager, cast, topology))
             return
         if not serving:
-            _say_end(topology, run_replica(GroupDesk(manager, topology), links[SERVING_RANK], manager))
+            _say_end(topology, run_replica(GroupDesk(manager, topology), links[SERVING_RANK], outbox))
             return
         remote = [GroupLink(i, link, peer, topology) for i, (peer, link) in enumerate(sorted(links.items()), start=1)]
         local = LocalReplica(0, GroupDesk(manager, topology), name=_group_name(topology, 0))
@@ -307,8 +307,8 @@ def serve_sessions(args: argparse.Namespace, topology: Topology, make_manager: C
     finally:
         if server is not None:
             server.stop()  # remote replicas are told to stop, and the local one's loop ends
-            if local is not None and local.failure.endswith("stopped"):
-                manager.stop_group()
+            if outbox is not None and local is not None and local.failure.endswith("stopped"):
+                outbox.stop()  # group 0's other ranks
 
 
 def _group_name(topology: Topology, leader: int) -> str:
@@ -364,11 +364,11 @@ class GroupLink(RemoteReplica):
             raise RuntimeError(f"{cause} (rank {self.topology.rank} saw: {type(err).__name__})") from err
 
 
-def run_replica(desk: SessionDesk, link, manager: SessionManager) -> str:
+def run_replica(desk: SessionDesk, link, outbox: Outbox | None) -> str:
     """Another group's leader: serve the serving rank's requests, then stop the group's followers."""
     ended = serve_replica(desk, link)
-    if ended == "stopped":
-        manager.stop_group()
+    if ended == "stopped" and outbox is not None:
+        outbox.stop()
     return ended
 
 

@@ -14,7 +14,7 @@ import pytest
 from serve_fakes import FakeManager
 
 from engine.config import ConfigError
-from launch.benchmarks.serve import check_flags, make_trace, measure, summarize
+from launch.benchmarks.serve import POLICIES, check_flags, make_trace, measure, summarize
 
 
 def test_viewers_through_the_server_measure_what_they_receive():
@@ -34,8 +34,14 @@ def test_viewers_through_the_server_measure_what_they_receive():
 
 
 def test_flags_that_would_do_nothing_are_refused():
-    base = dict(through="manager", max_viewers=None, policies=["engine", "fifo"])
+    base = dict(through="manager", max_viewers=None, policies=["engine", "fifo"], offered=None, layouts=None,
+                quick=False, loads=[0.5, 1.0, 2.0])  # fmt: skip
     check_flags(Namespace(**base))
+    with pytest.raises(ConfigError, match="--offered sets the load of --layouts runs"):
+        check_flags(Namespace(**{**base, "offered": 2.0}))
+    with pytest.raises(ConfigError, match="--layouts runs the engine behind the real server"):
+        check_flags(Namespace(**{**base, "layouts": ["1x2"], "through": "server"}))
+    check_flags(Namespace(**{**base, "layouts": ["1x2"], "policies": list(POLICIES), "offered": 2.0}))
     with pytest.raises(ConfigError, match="--max-viewers bounds --through server"):
         check_flags(Namespace(**{**base, "max_viewers": 8}))
     with pytest.raises(ConfigError, match="--through server serves the policies"):
