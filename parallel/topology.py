@@ -73,6 +73,21 @@ def _group_options(backend: str, timeout: timedelta):
     return options
 
 
+def _mesh(device_type: str, backend: str, timeout: timedelta, world: int, cascade: int, compute: int,
+          cfg: ParallelConfig) -> DeviceMesh:  # fmt: skip
+    """The compute ranks' mesh: ("cascade", "sp") for one group, ("replica", "cascade", "sp") for
+    several (a rank's cascade and sp groups are then its own group's). Its groups get the job's
+    timeout, not torch's default of 30 minutes (compute ranks only, with a decode rank)."""
+    group = world // cfg.replicas
+    starts = torch.arange(cfg.replicas).mul(group).view(-1, 1, 1)
+    ranks = starts + torch.arange(compute).view(1, cascade, cfg.sp)  # [replica, cascade, sp] global ranks
+    names = ("replica", "cascade", "sp")
+    if cfg.replicas == 1:  # one group: no replica dim (and no groups made for it)
+        ranks, names = ranks[0], names[1:]
+    groups = ((backend, _group_options(backend, timeout)),) * len(names)
+    return DeviceMesh(device_type, ranks, mesh_dim_names=names, backend_override=groups)
+
+
 class Topology:
     """The ranks of one run and their groups. `Topology.single()` is the one-process case."""
 
@@ -103,13 +118,7 @@ class Topology:
         timeout = timedelta(seconds=cfg.timeout_s)
         dist.init_process_group(backend, timeout=timeout)
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        group = world // cfg.replicas
-        starts = torch.arange(cfg.replicas).mul(group).view(-1, 1, 1)
-        ranks = starts + torch.arange(compute).view(1, cascade, cfg.sp)  # [replica, cascade, sp] global ranks
-        # the mesh's own groups (compute ranks only, with a decode rank) get the job's timeout,
-        # not torch's default of 30 minutes
-        groups = ((backend, _group_options(backend, timeout)),) * 3
-        mesh = DeviceMesh(device_type, ranks, mesh_dim_names=("replica", "cascade", "sp"), backend_override=groups)
+        mesh = _mesh(device_type, backend, timeout, world, cascade, compute, cfg)
         return cls(cfg, rank, world, local_rank, mesh)
 
     # -- roles -------------------------------------------------------------------------------

@@ -51,8 +51,7 @@ MULTIRANK = {
     "test_controls": {"test_accepted_prompts_reach_every_rank"},
     "test_groups": {"test_sessions_on_a_two_rank_cascade_equal_one_device",
                     "test_sessions_on_a_cascade_2_by_sp_2_equal_one_device",
-                    "test_sessions_on_sp_2_with_the_sequential_plan_equal_one_device",
-                    "test_two_groups_each_serve_their_own_sessions"},
+                    "test_sessions_on_sp_2_with_the_sequential_plan_equal_one_device"},
     "test_group_server": ALL,
 }  # fmt: skip
 

@@ -68,11 +68,14 @@ def _check(out: Path, preset, what: str, group: int = 0) -> None:
         )
 
 
-@pytest.mark.parametrize("plan", ["cascade:joint:1", "cascade:lagged:1"])
-def test_sessions_on_a_two_rank_cascade_equal_one_device(tmp_path, plan):
-    result = _launch(2, tmp_path, "--plan", plan)
+@pytest.mark.parametrize("plan, replicas", [("cascade:joint:1", 2), ("cascade:lagged:1", 1)])
+def test_sessions_on_a_two_rank_cascade_equal_one_device(tmp_path, plan, replicas):
+    """Joint context on 4 ranks as 2 groups of a 2-rank cascade (each group's leader runs its script
+    alone, and both are checked); lagged context on one group of 2."""
+    result = _launch(2 * replicas, tmp_path, "--plan", plan, "--replicas", str(replicas))
     assert result.returncode == 0, result.stderr[-3000:]
-    _check(tmp_path, group_preset("tiny-wan", plan), f"2-rank cascade, {plan}")
+    for group in range(replicas):
+        _check(tmp_path, group_preset("tiny-wan", plan), f"2-rank cascade, {plan}, group {group}", group)
 
 
 def test_sessions_on_a_cascade_2_by_sp_2_equal_one_device(tmp_path):
@@ -87,15 +90,6 @@ def test_sessions_on_sp_2_with_the_sequential_plan_equal_one_device(tmp_path):
     result = _launch(2, tmp_path, "--plan", plan, "--sp", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     _check(tmp_path, group_preset("tiny-wan", plan), "sp 2, sequential")
-
-
-def test_two_groups_each_serve_their_own_sessions(tmp_path):
-    """4 ranks as 2 groups of a 2-rank cascade: each group's leader runs its script alone."""
-    plan = "cascade:joint:1"
-    result = _launch(4, tmp_path, "--plan", plan, "--replicas", "2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    for group in (0, 1):
-        _check(tmp_path, group_preset("tiny-wan", plan), f"group {group} of 2", group)
 
 
 def test_the_layout_model_keeps_the_most_sessions_else_the_fastest():
