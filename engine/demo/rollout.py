@@ -28,6 +28,7 @@ import torch
 from engine.demo.continuation import Scene, read_background, reanchor, render_block, start_scene, switch_scene
 from engine.demo.pixels import PatchCodec
 from engine.demo.scenes import render
+from engine.demo.training import SWITCH_SPAN, flow_error
 from engine.models.rope import Rope
 from engine.models.wan import WanModel
 
@@ -75,6 +76,8 @@ class RolloutConfig:
     """Share of trained blocks whose noisy input is the sampler's own, not noised ground truth."""
     switch: float
     """Per-block probability of a prompt switch in a stream that has started."""
+    prefix_blocks: int = 1
+    """Ground-truth blocks committed first to a stream the model does not start (a clip it continues)."""
 
 
 class RolloutPool:
@@ -93,9 +96,10 @@ class RolloutPool:
         self.age = [0] * cfg.streams  # blocks committed since the stream started
         self.length = [0] * cfg.streams
         self.pick_background = [False] * cfg.streams
+        self.since_switch = [SWITCH_SPAN] * cfg.streams  # blocks since the stream's last prompt switch
 
     def state_dict(self) -> dict:
-        names = ("keys", "values", "visible", "scenes", "age", "length", "pick_background")
+        names = ("keys", "values", "visible", "scenes", "age", "length", "pick_background", "since_switch")
         return {n: getattr(self, n) for n in names}
 
     def load_state_dict(self, state: dict) -> None:
@@ -117,8 +121,9 @@ class RolloutPool:
         self.length[stream] = int(rng.integers(cfg.min_blocks, cfg.max_blocks + 1))
         own = bool(rng.random() < cfg.own_start)
         self.pick_background[stream] = own
+        self.since_switch[stream] = SWITCH_SPAN
         scene = start_scene(rng, self.size, centred=own or bool(rng.random() < 0.4))
-        if not own:
+        for _ in range(0 if own else cfg.prefix_blocks):
             frames, scene = render_block(scene, self.block, self.size)
             commit(self.codec.encode(frames[None], self.rope.device), scene.desc.prompt, stream)
         self.scenes[stream] = scene
@@ -131,6 +136,7 @@ class RolloutPool:
         for i, scene in enumerate(self.scenes):
             if self.age[i] > 0 and rng.random() < self.cfg.switch:
                 scene = self.scenes[i] = switch_scene(scene, rng)
+                self.since_switch[i] = 0
             before.append(render(scene.desc, tuple(scene.position), scene.radius, scene.background, self.size))
             frames, next_scene = render_block(scene, self.block, self.size)
             truth.append(frames)
@@ -148,6 +154,12 @@ class RolloutPool:
         shown = torch.ones(len(streams), self.block, dtype=torch.bool, device=self.visible.device)
         self.visible[streams] = torch.cat([self.visible[streams, self.block :], shown], dim=1)
 
+    def switch_boost(self, extra: float) -> torch.Tensor:
+        """`[B]`: 1 + `extra` for streams whose block (the one `targets` gave) is within SWITCH_SPAN
+        blocks of a prompt switch, 1 for the others."""
+        near = torch.tensor([s < SWITCH_SPAN for s in self.since_switch], dtype=torch.float32)
+        return 1.0 + extra * near
+
     def advance(self, generated: np.ndarray, after: list[Scene]) -> list[int]:
         """After each stream's block `[B, F, H, W, 3]` uint8 is committed: re-anchor its scene to
         what it shows; returns the streams that ended (to be started again)."""
@@ -157,6 +169,7 @@ class RolloutPool:
                 scene = Scene(scene.desc, scene.radius, read_background(generated[i]), scene.position, scene.velocity)
             self.scenes[i] = reanchor(scene, generated[i, -1])
             self.age[i] += 1
+            self.since_switch[i] += 1
             if self.age[i] >= self.length[i]:
                 ended.append(i)
         return ended
@@ -184,10 +197,11 @@ def sample_block(model: WanModel, text, pool: RolloutPool, sigmas: tuple[float, 
 
 
 def rollout_loss(model: WanModel, text, pool: RolloutPool, truth: torch.Tensor, inputs: list, weights: torch.Tensor,
-                 sigmas: tuple[float, ...], generator) -> torch.Tensor:  # fmt: skip
+                 sigmas: tuple[float, ...], generator, colors: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Weighted flow MSE of each stream's block against the ground truth `truth` `[B, C, F, h, w]`,
     at one of the sampler's levels per stream; the input is the noised truth or, with the pool's
-    `own_input` share, the sampler's own input at that level. weights: `[B, F, h, w]`."""
+    `own_input` share, the sampler's own input at that level. weights: `[B, F, h, w]`; `colors`:
+    the color term of `engine.demo.training.flow_error`."""
     B, _, F = truth.shape[:3]
     device = truth.device
     levels = torch.randint(len(inputs), (B,), generator=generator)
@@ -198,5 +212,5 @@ def rollout_loss(model: WanModel, text, pool: RolloutPool, truth: torch.Tensor, 
     sampled = torch.stack(inputs)[levels.to(device), torch.arange(B, device=device)]
     x = torch.where(own[:, None, None, None, None], sampled, (1 - s5) * truth + s5 * noise)
     flow = model(x, s[:, None].expand(B, F).contiguous(), text, pool.view())
-    error = (flow.float() - (x - truth) / s5).pow(2).mean(dim=1)  # [B, F, h, w]
+    error = flow_error(flow, (x - truth) / s5, colors)  # [B, F, h, w]
     return (error * weights).sum() / weights.sum()

@@ -24,11 +24,13 @@ from engine.demo.training import (
     EMA,
     TrainConfig,
     block_sigmas,
+    color_readout,
     context_first,
     diffusion_forcing_loss,
     fit_codec,
     learning_rate,
     make_batch,
+    pyramid_sigmas,
     shape_weights,
 )
 from engine.demo.vocab import VocabEncoder
@@ -68,6 +70,7 @@ class Trainer:
             self.codec = fit_codec(preset, cfg)
         else:
             self.codec = PatchCodec.load(init / BUNDLED_FILES["vae"], preset.vae.patch)
+        self.colors = color_readout(self.codec, cfg.color_weight)  # [3, k] or None
         self.model, self.words = build_model(preset, cfg, device, init)
         self.params = list(self.model.parameters()) + list(self.words.module.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
@@ -90,7 +93,7 @@ class Trainer:
     def _rollout_config(self) -> RolloutConfig:
         c = self.cfg
         return RolloutConfig(c.rollout_streams, c.rollout_min_blocks, c.rollout_max_blocks, c.own_start,
-                             c.own_input, c.rollout_switch)  # fmt: skip
+                             c.own_input, c.rollout_switch, c.prefix_blocks)  # fmt: skip
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
@@ -112,10 +115,12 @@ class Trainer:
         sigma = block_sigmas(
             cfg.batch, cfg.clip_blocks, self.block, cfg.clean_share, self.generator, self.grid, cfg.grid_share
         )
+        if cfg.pyramid_share:  # no draws at 0, so runs without it keep their random streams
+            sigma = pyramid_sigmas(sigma, self.sigmas, self.block, cfg.pyramid_share, self.generator)
         sigma = context_first(sigma, batch.mid_stream, self.block)
         noise = torch.randn(batch.latents.shape, generator=self.generator)
         batch, sigma, noise = batch.to(self.device), sigma.to(self.device), noise.to(self.device)
-        return diffusion_forcing_loss(self.model, self.words, self.rope, batch, sigma, noise, self.block)
+        return diffusion_forcing_loss(self.model, self.words, self.rope, batch, sigma, noise, self.block, self.colors)
 
     def _rollout(self) -> tuple[torch.Tensor, tuple]:
         """The streams' next blocks: generated as inference would, and trained against the truth."""
@@ -123,12 +128,13 @@ class Trainer:
         truth, before, prompts, after = pool.targets(self.rng)
         latents = self.codec.encode(truth, self.device)  # [B, C, F, h, w]
         frames = np.concatenate([before[:, None], truth], axis=1)  # the frame before shows where it was
-        weights = shape_weights(frames, self.codec.patch, self.cfg.shape_weight)[:, 1:].to(self.device)
+        weights = shape_weights(frames, self.codec.patch, self.cfg.shape_weight)[:, 1:]
+        weights = (weights * pool.switch_boost(self.cfg.switch_weight)[:, None, None, None]).to(self.device)
         shape, model = tuple(latents.shape), self.model
         with torch.no_grad():
             x0, inputs, recorded = sample_block(model, self._text(prompts), pool, self.sigmas, self.generator, shape)
         text = self._text(prompts)
-        loss = rollout_loss(self.model, text, pool, latents, inputs, weights, self.sigmas, self.generator)
+        loss = rollout_loss(self.model, text, pool, latents, inputs, weights, self.sigmas, self.generator, self.colors)
         return loss, (x0, recorded, after)
 
     def _commit_rollout(self, pending: tuple) -> None:
@@ -199,6 +205,7 @@ class Trainer:
         self.generator.set_state(state["torch"])
         torch.set_rng_state(state["torch_global"])
         self.codec = PatchCodec(self.codec.patch, state["codec"])
+        self.colors = color_readout(self.codec, self.cfg.color_weight)
         if self.pool is not None:
             self.pool.codec = self.codec
             self.pool.load_state_dict(state["pool"])

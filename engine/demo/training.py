@@ -8,6 +8,12 @@ prompt, so clips that switch description mid-way teach the model to follow a pro
 The loss is the flow-matching MSE on blocks that are not clean, weighted up where the shape is
 (in the frame or the frame before): the background is a few percent of the work once it is
 learned, and an unweighted loss is content to copy the shape where it last was instead of moving it.
+Two optional terms aim at what a viewer reads first. The codec is linear, so each latent pixel's
+mean RGB (the color its patch shows) is an exact linear readout of its latent: `color_weight`
+adds the squared error of that readout, scaled to be comparable with the per-channel MSE, so
+that error along the few directions that make a shape darker or bluer costs more than error
+along the texture directions. `switch_weight` weights up the blocks from a prompt switch on,
+where the model must redraw the shape instead of continuing its context.
 
 Diffusion forcing only ever shows the model true context. `engine.demo.rollout` adds blocks made
 on the model's own generated context (exposure bias: errors that compound over a long stream);
@@ -62,6 +68,10 @@ class TrainConfig:
     own_start: float = _option(0.5, "share of rollout streams whose first block the model makes itself")
     own_input: float = _option(0.5, "share of rollout blocks trained from the sampler's own noisy input")
     rollout_switch: float = _option(0.04, "per-block probability of a prompt switch in a rollout stream")
+    color_weight: float = _option(0.0, "weight of the decoded patch-color error next to the latent MSE (0: none)")
+    switch_weight: float = _option(0.0, "extra loss weight on the 2 blocks from a prompt switch on (0: none)")
+    pyramid_share: float = _option(0.0, "share of diffusion-forcing clips noised as a pyramid plan's joint forward")
+    prefix_blocks: int = _option(1, "ground-truth blocks a rollout stream that does not start itself begins with")
 
 
 def fit_codec(preset: Preset, cfg: TrainConfig) -> PatchCodec:
@@ -100,7 +110,46 @@ def make_batch(preset: Preset, cfg: TrainConfig, codec: PatchCodec, rng: np.rand
     frames = np.stack([c.frames for c in clips])
     prompts = [clip.prompts[b * block] for clip in clips for b in range(cfg.clip_blocks)]
     weights = shape_weights(frames, codec.patch, cfg.shape_weight)
+    boost = switch_boost([clip.prompts[::block] for clip in clips], cfg.switch_weight)  # [B, blocks]
+    weights = weights * boost.repeat_interleave(block, dim=1)[:, :, None, None]
     return Batch(codec.encode(frames), prompts, torch.from_numpy(mid_stream), weights)
+
+
+SWITCH_SPAN = 2  # blocks from a switch on that are weighted up: "followed within 2 blocks"
+
+
+def switch_boost(block_prompts: list[list[str]], extra: float) -> torch.Tensor:
+    """`[B, blocks]`: 1 + `extra` on the SWITCH_SPAN blocks from a prompt change on, 1 elsewhere."""
+    boost = torch.ones(len(block_prompts), len(block_prompts[0]))
+    for row, prompts in enumerate(block_prompts):
+        for b in range(1, len(prompts)):
+            if prompts[b] != prompts[b - 1]:
+                boost[row, b : b + SWITCH_SPAN] = 1.0 + extra
+    return boost
+
+
+def color_readout(codec: PatchCodec, weight: float) -> torch.Tensor | None:
+    """`[3, k]`: the mean RGB of a latent pixel's decoded patch per unit of latent (the codec is
+    linear, so this is exact up to clamping), scaled by sqrt(weight / |readout|^2) so that an error
+    spread evenly over the k channels costs `weight` times its MSE in the color term. None at 0."""
+    if not weight:
+        return None
+    p2 = codec.patch**2
+    average = torch.zeros(3, 3 * p2)
+    for c in range(3):  # patch channels are ordered (rgb, row, column)
+        average[c, c * p2 : (c + 1) * p2] = 1.0 / p2
+    readout = average @ codec.basis.T * codec.latent_std[None, :]
+    return readout * math.sqrt(weight / readout.pow(2).sum())
+
+
+def flow_error(flow: torch.Tensor, target: torch.Tensor, colors: torch.Tensor | None) -> torch.Tensor:
+    """`[B, F, h, w]`: per latent pixel, the MSE over channels of `flow - target` `[B, k, F, h, w]`,
+    plus the squared color readout of the same difference when `colors` (`color_readout`) is given."""
+    diff = flow.float() - target
+    error = diff.pow(2).mean(dim=1)
+    if colors is not None:
+        error = error + torch.einsum("ck,bkfhw->bcfhw", colors.to(diff.device), diff).pow(2).sum(dim=1)
+    return error
 
 
 def shape_weights(frames: np.ndarray, patch: int, extra: float) -> torch.Tensor:
@@ -141,6 +190,21 @@ def block_sigmas(
     return sigma.masked_fill(clean, 0.0).repeat_interleave(block_frames, dim=1)
 
 
+def pyramid_sigmas(sigma: torch.Tensor, levels: tuple[float, ...], block_frames: int, share: float,
+                   generator) -> torch.Tensor:  # fmt: skip
+    """`sigma` `[B, F]` with a `share` of its rows replaced by what one forward of a pyramid plan
+    holds: the last block at the sampler's step s (of `levels`, ending at 0), each earlier block
+    `offset` (1 or 2) steps further on, clean once past its commit. So the model sees the partly
+    denoised context of the cascade's joint forward, not only committed or independently noised."""
+    B, blocks, last = sigma.shape[0], sigma.shape[1] // block_frames, len(levels) - 1
+    pick = torch.rand(B, generator=generator) < share
+    step = torch.randint(last, (B, 1), generator=generator)
+    offset = torch.randint(1, 3, (B, 1), generator=generator)
+    behind = torch.arange(blocks - 1, -1, -1)[None, :]  # [1, blocks]: blocks each is behind the last
+    rows = torch.tensor(levels)[(step + offset * behind).clamp(max=last)]  # [B, blocks]
+    return torch.where(pick[:, None], rows.repeat_interleave(block_frames, dim=1), sigma)
+
+
 def diffusion_forcing_loss(
     model: WanModel,
     words: VocabEncoder,
@@ -149,15 +213,17 @@ def diffusion_forcing_loss(
     sigma: torch.Tensor,
     noise: torch.Tensor,
     block_frames: int,
+    colors: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Weighted MSE between predicted and true flow (noise - x0) over the noisy blocks."""
+    """Weighted MSE between predicted and true flow (noise - x0) over the noisy blocks (plus the
+    color term with `colors`, see `flow_error`)."""
     latents = batch.latents
     frames = latents.shape[2]
     s = sigma[:, None, :, None, None]
     noisy = (1 - s) * latents + s * noise
     text = model.embed_text(words.states(batch.prompts))  # batch B * blocks: one prompt per block
     flow = model(noisy, sigma, text, LocalView(rope, 0, frames, block_frames, "causal"))
-    error = (flow.float() - (noise - latents)).pow(2).mean(dim=1)  # [B, F, h, w]
+    error = flow_error(flow, noise - latents, colors)  # [B, F, h, w]
     weight = batch.weights.to(error.device) * (sigma > 0).float()[:, :, None, None]
     return (error * weight).sum() / weight.sum().clamp(min=1.0)
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from engine.demo.continuation import read_background, reanchor, render_block, start_scene
+from engine.demo.pixels import PatchCodec
 from engine.demo.rollout import RolloutView
 from engine.demo.scenes import make_clip
 from engine.demo.trainer import Trainer
-from engine.demo.training import TrainConfig
+from engine.demo.training import TrainConfig, color_readout, flow_error, pyramid_sigmas, switch_boost
 from engine.models.attention import LocalView
 from launch.presets import get_preset
 
@@ -25,6 +26,7 @@ TINY = dataclasses.replace(
 )
 TINY_CFG = TrainConfig(steps=4, batch=1, warmup=1, codec_clips=4, bf16=False, rollout_streams=3,
                        rollout_min_blocks=1, rollout_max_blocks=2, rollout_switch=0.5)  # fmt: skip
+STAGE4_CFG = dataclasses.replace(TINY_CFG, color_weight=2.0, switch_weight=3.0, prefix_blocks=2, pyramid_share=0.5)
 
 
 @pytest.fixture(autouse=True)
@@ -81,22 +83,23 @@ def test_the_rollout_view_equals_a_block_causal_forward_over_the_window():
     torch.testing.assert_close(alone, whole[:, :, 6:], atol=1e-5, rtol=1e-4)
 
 
-def _trained(steps: int, resume_after: int | None, tmp_path) -> Trainer:
-    trainer = Trainer(TINY, TINY_CFG, torch.device("cpu"))
+def _trained(steps: int, resume_after: int | None, tmp_path, cfg=TINY_CFG) -> Trainer:
+    trainer = Trainer(TINY, cfg, torch.device("cpu"))
     for _ in range(steps if resume_after is None else resume_after):
         trainer.train_step()
     if resume_after is not None:
         trainer.save(tmp_path / "checkpoint.pt")
-        trainer = Trainer(TINY, TINY_CFG, torch.device("cpu"))
+        trainer = Trainer(TINY, cfg, torch.device("cpu"))
         trainer.load(tmp_path / "checkpoint.pt")
         for _ in range(steps - resume_after):
             trainer.train_step()
     return trainer
 
 
-def test_training_resumes_bit_for_bit(tmp_path):
-    straight = _trained(4, None, tmp_path)
-    resumed = _trained(4, 2, tmp_path)
+@pytest.mark.parametrize("cfg", [TINY_CFG, STAGE4_CFG], ids=["stage3", "color-switch-prefix"])
+def test_training_resumes_bit_for_bit(tmp_path, cfg):
+    straight = _trained(4, None, tmp_path, cfg)
+    resumed = _trained(4, 2, tmp_path, cfg)
     assert resumed.step == straight.step == 4
     assert len(straight.losses["rollout"]) == 4
     for a, b in zip(straight.params, resumed.params):
@@ -106,7 +109,8 @@ def test_training_resumes_bit_for_bit(tmp_path):
     assert torch.equal(straight.pool.keys, resumed.pool.keys)
     assert straight.losses == resumed.losses
     assert straight.rng.random() == resumed.rng.random()
-    fresh = Trainer(TINY, TINY_CFG, torch.device("cpu"))
+    assert straight.pool.since_switch == resumed.pool.since_switch
+    fresh = Trainer(TINY, cfg, torch.device("cpu"))
     assert not all(torch.equal(a, b) for a, b in zip(fresh.params, straight.params)), "training changed nothing"
 
 
@@ -116,3 +120,55 @@ def test_the_training_command_never_writes_the_shipped_weights_by_default():
     args = parse_args([])
     assert args.out.as_posix() == "out/demo-train" and not args.resume
     assert "engine/weights" not in args.out.as_posix()
+
+
+def _patch_means(pixels: torch.Tensor, patch: int) -> torch.Tensor:
+    """`[B, 3, F, H, W]` -> the mean RGB of every patch `[B, 3, F, H/p, W/p]`."""
+    B, C, F, H, W = pixels.shape
+    return pixels.reshape(B, C, F, H // patch, patch, W // patch, patch).mean(dim=(4, 6))
+
+
+def test_the_color_readout_is_the_decoded_patch_color_and_costs_its_weight():
+    codec = PatchCodec.random(4, 16, seed=0)  # decodes latent 0 to gray 0: small deltas never clamp
+    delta = 0.05 * torch.randn(2, 16, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    decoded = _patch_means(codec.decode(delta) - codec.decode(torch.zeros_like(delta)), 4)  # [B, 3, F, h, w]
+    colors = color_readout(codec, 2.0)
+    read = torch.einsum("ck,bkfhw->bcfhw", colors, delta)
+    scale = read / decoded
+    print(f"scale min {scale.min():.6f} max {scale.max():.6f}")
+    assert torch.allclose(scale, scale.flatten()[0].expand_as(scale), rtol=1e-3), "not the patch color up to one scale"
+    assert abs(colors.pow(2).sum().item() - 2.0) < 1e-5
+    assert color_readout(codec, 0.0) is None
+
+
+def test_the_color_term_costs_a_darker_shape_more_than_an_equal_colorless_error():
+    codec = PatchCodec.random(4, 16, seed=0)
+    colors = color_readout(codec, 4.0)
+    darker = torch.linalg.pinv(colors) @ torch.tensor([-1.0, -1.0, -1.0])  # [k]: every patch darker, nothing else
+    colorless = torch.randn(16, generator=torch.Generator().manual_seed(2))
+    colorless -= torch.linalg.pinv(colors) @ (colors @ colorless)  # no change of any patch's mean color
+    colorless *= darker.norm() / colorless.norm()
+    target = torch.zeros(1, 16, 3, 2, 2)
+    as_error = lambda d, c: flow_error(target + d.view(1, 16, 1, 1, 1), target, c).mean().item()  # noqa: E731
+    assert as_error(darker, None) == pytest.approx(as_error(colorless, None))
+    assert as_error(colorless, colors) == pytest.approx(as_error(colorless, None), abs=1e-6)
+    dark, flat = as_error(darker, colors), as_error(colorless, colors)
+    assert dark > 2 * flat, (dark, flat)
+
+
+def test_the_two_blocks_from_a_switch_are_weighted_up():
+    boost = switch_boost([["a", "a", "b", "b", "b"], ["a", "a", "a", "a", "a"], ["a", "b", "c", "c", "c"]], 3.0)
+    assert boost.tolist() == [[1, 1, 4, 4, 1], [1, 1, 1, 1, 1], [1, 4, 4, 4, 1]]
+
+
+def test_pyramid_clips_hold_the_context_a_pyramid_forward_holds():
+    levels = (1.0, 0.75, 0.5, 0.25, 0.0)
+    sigma = pyramid_sigmas(torch.full((64, 9), 0.6), levels, 3, 1.0, torch.Generator().manual_seed(0))
+    blocks = sigma[:, ::3]  # [B, 3]
+    assert torch.equal(sigma, blocks.repeat_interleave(3, dim=1)), "a block has one level"
+    assert all(b in levels for b in blocks.flatten().tolist())
+    assert (blocks[:, -1] > 0).all(), "the last block is still being denoised"
+    assert (blocks[:, :-1] <= blocks[:, 1:]).all(), "earlier blocks are further on"
+    assert (blocks[:, 1] > 0).any() and (blocks[:, 0] == 0).any(), "partly denoised and committed context both occur"
+    kept = pyramid_sigmas(torch.full((64, 9), 0.6), levels, 3, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(kept, torch.full((64, 9), 0.6))
