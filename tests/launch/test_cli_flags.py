@@ -181,3 +181,19 @@ def test_one_prompt_rule_for_every_entry_point(capsys):
         assert exit.value.code == 2
         assert "prompt longer than 2000 bytes of UTF-8 (it has 3000)" in capsys.readouterr().err
     assert PARSER.parse_args(["--prompt", "a  red\tcircle"]).prompt == "a red circle"
+
+
+@pytest.mark.parametrize("command", ["generate", "stream"])
+def test_an_abbreviated_flag_is_refused_not_guessed(command, capsys):
+    # `--replica 2` once ran as `--replicas 2`: a typo must fail, not pick the nearest flag.
+    if command == "generate":
+        parser = build_parser()
+        argv = ["--block", "3"]
+    else:
+        from launch.stream import build_parser as stream_parser
+
+        parser = stream_parser()
+        argv = ["--replica", "2"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv)
+    assert "unrecognized arguments" in capsys.readouterr().err
