@@ -2,8 +2,9 @@
 
 Each builder raises `SetupError` with the flag to pass when something it needs is missing, before
 anything heavy is loaded where possible. Every part loaded from files goes through the same value
-check as the transformer's checkpoint (floating-point dtypes, finite values: `CheckpointError`);
-the transformer's size and KV cache are checked against the free memory before it is allocated.
+check as the transformer's checkpoint (floating-point dtypes, finite values: `CheckpointError`).
+Whether the parts fit the device is the memory plan's question, asked before any of them is built
+(launch/memory.py, counting these builders' parts on the meta device).
 What differs between model families (network, seeded weights, checkpoint layouts, rotary tables)
 is asked of the preset's family (engine/families/); the paths come from engine/weight_paths.py.
 """
@@ -21,7 +22,6 @@ from engine.demo.pixels import CODEC_KEYS, PatchCodec, PatchDecoder
 from engine.demo.vocab import VocabEncoder
 from engine.devices import SetupError
 from engine.families import family_of
-from engine.footprint import Footprint, available_bytes, size, too_big_hint
 from engine.models.checkpoints.lora import LoraMerge, merge_lora
 from engine.models.checkpoints.validate import check_file_dtypes, check_tensors
 from engine.models.magi import MagiModel
@@ -52,7 +52,6 @@ def build_model(preset: Preset, weights: WeightPaths, device: torch.device, dtyp
     if not load and not (preset.random_init or weights.random):
         raise SetupError(f"preset {preset.name} needs transformer weights: pass --checkpoint PATH (or --base DIR)")
     params = sum(p.numel() for p in model.parameters())
-    check_memory(preset, Footprint(params, dtype, stream_kv_bytes(preset, dtype), random_init=not load), device)
     if load:
         _load_streamed(model, preset, weights, Path(checkpoint), device, dtype)
     else:
@@ -77,31 +76,6 @@ def _load_streamed(
     log.info("transformer: %s, loaded in %.1f s", ckpt.describe(), time.perf_counter() - start)
     if lora is not None:
         log.info("merged %d LoRA adapters from %s", lora.merged, weights.lora)
-
-
-def check_memory(preset: Preset, footprint: Footprint, device: torch.device) -> None:
-    """Say what is about to be allocated; refuse (SetupError) what cannot fit in the free memory."""
-    free = available_bytes(device)
-    known = f"{size(free)} free" if free is not None else "free memory unknown"
-    log.info("%s on %s: %s; %s", preset.name, device, footprint.describe(), known)
-    if free is not None and footprint.needed > free:
-        raise SetupError(
-            f"preset {preset.name} needs {footprint.describe()} on {device}, but {size(free)} is free; "
-            + too_big_hint(device, footprint.dtype)
-        )
-
-
-def stream_kv_bytes(preset: Preset, dtype: torch.dtype) -> int:
-    """One stream's KV cache, measured on the meta device (0 when the plan reruns the window)."""
-    if preset.plan.compute != "selective":
-        return 0
-    sampling = preset.sampling
-    # the two-branch batch [cond, uncond], as the executors' guidance builds it
-    guided = sampling.magi.passes == 3 if sampling.magi is not None else sampling.guided
-    # the rotary tables (not part of the cache's bytes) on the CPU: computing them on the meta
-    # device would make torch import its compiler stack, seconds before the first frame
-    rope = build_rope(preset, "cpu")
-    return build_kv_cache(preset, dtype, "meta", batch=2 if guided else 1, rope=rope).nbytes
 
 
 def build_text_encoder(preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> PromptEncoder:

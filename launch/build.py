@@ -15,22 +15,23 @@ chosen here too, once per session, and said in one line (`Assembly.speed_line`).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from cache import make_policy
 from cache.skip import CacheSkip
 from engine.config import ConfigError, Preset, SpeedConfig
 from engine.families import family_of
+from engine.footprint import size
 from engine.loading import (
     build_decoder,
-    build_kv_cache,
     build_model,
     build_rope,
     build_special_tokens,
     build_text_encoder,
 )
 from engine.plan.sigmas import build_schedule
-from engine.plan.timeline import committed_blocks_needed
 from engine.runtime.backends import choose_attention, device_caps
 from engine.runtime.compiled import FastForward
 from engine.runtime.context import Joint, Lagged
@@ -43,15 +44,17 @@ from engine.runtime.sharding import ShardedModel, Ulysses
 from engine.runtime.sharding import refusal as sp_refusal
 from engine.runtime.skip import NoSkip
 from engine.runtime.switch import NextStep, Recache
-from engine.sampling.guidance import ClassifierFree, Guidance
-from engine.sampling.magi_guidance import WINDOW as MAGI_WINDOW
-from engine.sampling.magi_guidance import MagiGuidance
+from engine.sampling.guidance import Guidance
 from engine.sampling.noise import NoiseSource
 from engine.sampling.solvers import make_solver
 from engine.weight_paths import WeightPaths
+from launch.memory import MemoryPlan, check, plan_run
+from launch.parts import forward_blocks, make_guidance, stream_kv_cache
 from parallel.cascade import CascadeRank, OneStage
 from parallel.topology import Topology
 from parallel.ulysses import GroupExchange
+
+log = logging.getLogger(__name__)
 
 EAGER = SpeedConfig()
 """The default speed settings: eager forward, torch's attention kernels, K/V in the model's dtype."""
@@ -65,16 +68,27 @@ def build_session(
     topology: Topology | None = None,
     sharding: Ulysses | None = None,
     speed: SpeedConfig = EAGER,
+    memory: MemoryPlan | None = None,
+    gpu_memory: int | None = None,
 ) -> Session:
     """Load (or seed) the model, text encoder and decoder once; streams get their executors here.
     `sharding`: Ulysses over an sp group (default: the topology's, when it has sp > 1). `speed`:
-    compiled forward, attention kernel and KV storage (checked against the device first)."""
+    compiled forward, attention kernel and KV storage (checked against the device first). Nothing
+    loads before the memory plan (`memory`, or counted here against `gpu_memory` or the device's
+    free memory) says it fits: a run that cannot is refused in one line naming the flags that fit."""
     speed.check_device(device.type)
+    sharding = sharding or ulysses_for(topology, preset)
+    if memory is None:
+        shards = 1 if sharding is None else sharding.size
+        memory = plan_run(preset, weights, device, dtype, speed, weights, gpu_memory=gpu_memory, head_shards=shards)
+    check(memory, device)
+    log.info("memory plan for %s on %s: %s, budget %s", preset.name, device, memory.line(),
+             "unknown" if memory.budget is None else size(memory.budget))  # fmt: skip
     model = build_model(preset, weights, device, dtype)
     embed = family_of(preset.model).text_embedding(preset, model, build_special_tokens(preset, weights))
     prompts = Prompts(preset, model, build_text_encoder(preset, weights, device, dtype), device, embed)
     decoder = build_decoder(preset, weights, device)
-    assembly = Assembly(preset, model, device, topology, sharding or ulysses_for(topology, preset), speed)
+    assembly = Assembly(preset, model, device, topology, sharding, speed)
     return Session(preset, model, prompts, decoder, device, assembly)
 
 
@@ -149,9 +163,8 @@ class Assembly:
         preset, plan = self.preset, self.preset.plan
         frames = preset.stream.frames_per_block
         guidance = self.guidance()
-        if plan.switch == "recache":  # a recache reruns the whole visible window in one forward
-            blocks_in_forward = max(blocks_in_forward, -(-preset.stream.context_frames // frames))
-        cache = None if plan.compute == "window" else self._cache(guidance, blocks_in_forward, ring_frames)
+        blocks_in_forward = forward_blocks(preset, blocks_in_forward)
+        cache = None if plan.compute == "window" else self._cache(blocks_in_forward, ring_frames)
         setup = StreamSetup(
             schedule=self.schedule,
             solver=make_solver(preset.sampling.solver, self.schedule, noise),
@@ -191,30 +204,12 @@ class Assembly:
             warmup=cache.warmup,
         )  # fmt: skip
 
-    def _ring_frames(self) -> int:
-        """The stream's recent window, widened where per-block reaches (MAGI-1) need more history."""
-        plan, stream = self.preset.plan, self.preset.stream
-        if plan.history_reach is None:
-            return stream.ring_frames
-        offset = None if plan.schedule == "sequential" else plan.offset
-        needed = committed_blocks_needed(plan.history_reach, plan.commit_reach, self.schedule.steps, offset)
-        return max(stream.ring_frames, needed * stream.frames_per_block)
-
-    def _cache(self, guidance: Guidance, blocks_in_forward: int, ring_frames: int | None) -> KVCache:
-        preset = self.preset
-        ring_frames = self._ring_frames() if ring_frames is None else ring_frames
-        cache = build_kv_cache(
-            preset, self.model.dtype, self.device, batch=guidance.branches,
-            scratch_frames=blocks_in_forward * preset.stream.frames_per_block, ring_frames=ring_frames, rope=self.rope,
-            head_shards=1 if self.sharding is None else self.sharding.size, storage=self.speed.kv_cache,
-        )  # fmt: skip
-        cache.commit_from = family_of(preset.model).kv_commit_from(guidance.branches)
-        return cache
+    def _cache(self, blocks_in_forward: int, ring_frames: int | None) -> KVCache:
+        head_shards = 1 if self.sharding is None else self.sharding.size
+        return stream_kv_cache(self.preset, self.schedule, self.model.dtype, self.device,
+                               blocks_in_forward=blocks_in_forward, ring=ring_frames, rope=self.rope,
+                               head_shards=head_shards, storage=self.speed.kv_cache)  # fmt: skip
 
     def guidance(self) -> Guidance:
         """The model family's guidance: classifier-free (Wan) or MAGI-1's."""
-        sampling = self.preset.sampling
-        if sampling.magi is None:
-            return ClassifierFree(sampling.guidance_scale)
-        reach = self.preset.plan.history_reach
-        return MagiGuidance(sampling.magi, self.schedule, len(reach) if reach else MAGI_WINDOW, sampling.shortcut)
+        return make_guidance(self.preset, self.schedule)

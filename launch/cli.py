@@ -40,6 +40,7 @@ from engine.devices import SetupError, resolve_device
 from engine.models.checkpoints.wan import CheckpointError
 from engine.weight_paths import WeightPaths
 from launch.layouts import choose_layout
+from launch.memory import parse_bytes
 from launch.presets import PRESETS, get_preset
 from launch.split import choose_split
 from parallel.topology import ParallelConfig, Topology, TopologyError
@@ -150,6 +151,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _memory_size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 _SEQ = ("--schedule", "pyramid", "--offset", "1")
@@ -426,6 +434,15 @@ FLAGS: tuple[Flag, ...] = (
     ),
     # this process
     Flag(
+        "--gpu-memory",
+        "process.gpu_memory",
+        "device memory the run may use, e.g. 24GiB, 24GB, 512MiB: the memory plan is checked against it "
+        "before anything loads, and sessions are admitted within it (default: what the device has free; on "
+        "a CPU the host's available memory; python -m launch.presets --fit PRESET shows the plan)",
+        ("--gpu-memory", "64GiB"),
+        type=_memory_size,
+    ),
+    Flag(
         "--threads",
         "process.threads",
         "CPU threads of this process (launch/threads.py: 1 for small models on a CPU, else torch's)",
@@ -620,7 +637,7 @@ def speed_from_args(args: argparse.Namespace) -> SpeedConfig:
 
 
 def process_from_args(args: argparse.Namespace) -> dict:
-    """Settings of this process only (not of the stream): {"threads": N} when given."""
+    """Settings of this process only (not of the stream): {"threads": N, "gpu_memory": bytes} when given."""
     return _given(args, "process")
 
 

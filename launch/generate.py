@@ -65,9 +65,10 @@ def run(args: argparse.Namespace, topology: Topology) -> dict | None:
         print(f"note: {note}", file=sys.stderr)
     device = cli.rank_device(args, topology)
     start = time.perf_counter()
-    threads = cli.process_from_args(args).get("threads")
+    process = cli.process_from_args(args)
     dtype = resolve_dtype(args.dtype, device)
-    rank = RankRun(preset, cli.weights_from_args(args), device, dtype, topology, threads, cli.speed_from_args(args))
+    rank = RankRun(preset, cli.weights_from_args(args), device, dtype, topology, process.get("threads"),
+                   cli.speed_from_args(args), gpu_memory=process.get("gpu_memory"))  # fmt: skip
     blocks = rank.blocks(args.prompt, blocks=args.blocks, seed=args.seed)
     if not topology.is_decoder:
         for _ in blocks:  # compute ranks without output just run their share

@@ -41,6 +41,7 @@ class RankRun:
         topology: Topology,
         threads: int | None = None,
         speed: SpeedConfig = EAGER,
+        gpu_memory: int | None = None,
     ):
         if topology.cfg.replicas > 1:
             raise TopologyError("--replicas splits a sessions server (engine.stream) into rank groups; one stream "
@@ -49,7 +50,7 @@ class RankRun:
         self.preset, self.topology = preset, topology
         self.session: Session | None = None
         if topology.is_compute:
-            self.session = build_session(preset, weights, device, dtype, topology, speed=speed)
+            self.session = build_session(preset, weights, device, dtype, topology, speed=speed, gpu_memory=gpu_memory)
             configure_threads(threads, self.session.model, device)
             if topology.rank == 0:
                 print(self.session.executors.speed_line, file=sys.stderr)

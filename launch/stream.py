@@ -54,6 +54,7 @@ from launch.cli import (
     speed_from_args,
     weights_from_args,
 )
+from launch.memory import MemoryPlan, plan_run
 from launch.run import RankRun, on_ranks
 from launch.threads import configure_threads
 from parallel.faults import is_peer_trouble
@@ -103,8 +104,10 @@ def add_session_arguments(parser: argparse.ArgumentParser) -> None:
         "--session-memory",
         type=flags.mebibytes,
         metavar="MIB",
-        help=f"KV memory for the running sessions on each rank, in MiB: a cascade's ranks each hold a session's whole "
-        f"KV cache, an sp group's ranks 1/sp of it (default: {SESSION_MEMORY_MIB})",
+        help="KV memory for the running sessions on each rank, in MiB: a cascade's ranks each hold a session's whole "
+        "KV cache, an sp group's ranks 1/sp of it (default: from the memory plan, the sessions that fit beside the "
+        "model in --gpu-memory or the device's free memory, each with its KV cache, decoder cache and prompt K/V, "
+        f"times the KV cache of one; {SESSION_MEMORY_MIB} where the free memory is unknown)",
     )
     group.add_argument(
         "--grace",
@@ -141,15 +144,27 @@ SESSION_MEMORY_MIB = 1024
 EXPIRE_S = Limits.expire_s
 
 
-def session_limits(args: argparse.Namespace) -> Limits:
-    """The session manager's limits from the flags (refused with --shared-stream, which has none)."""
+def session_limits(args: argparse.Namespace, memory: MemoryPlan | None = None) -> Limits:
+    """The session manager's limits from the flags (refused with --shared-stream, which has none).
+    The KV budget: --session-memory if given, else what the memory plan leaves for sessions."""
     given = {d: getattr(args, d) for d in SESSION_FLAGS if getattr(args, d) is not None}
+    batch = given.get("session_batch", Limits.batch)
+    budget = given["session_memory"] << 20 if "session_memory" in given else planned_kv_budget(memory, batch)
     return Limits(
-        kv_budget_bytes=given.get("session_memory", SESSION_MEMORY_MIB) << 20,
+        kv_budget_bytes=budget,
         grace_s=given.get("grace", Limits.grace_s),
-        batch=given.get("session_batch", Limits.batch),
+        batch=batch,
         admit_at_floor=given.get("admit_at_floor", Limits.admit_at_floor),
     )
+
+
+def planned_kv_budget(memory: MemoryPlan | None, batch: int) -> int:
+    """The KV caches of the sessions the plan fits beside the model (`batch` of them in a forward):
+    a smaller card admits fewer. Without a plan or a known budget: SESSION_MEMORY_MIB."""
+    if memory is None or memory.budget is None:
+        return SESSION_MEMORY_MIB << 20
+    kv = max(memory.counts.kv[memory.options.kv_cache], 1)
+    return max(memory.sessions(batch), 1) * kv
 
 
 def _spelled(flag: str, value) -> str:
@@ -205,7 +220,8 @@ def _source(args: argparse.Namespace, preset: Preset, topology: Topology):
     on a decode rank."""
     device = rank_device(args, topology)
     dtype = resolve_dtype(args.dtype, device)
-    rank = RankRun(preset, weights_from_args(args), device, dtype, topology, speed=speed_from_args(args))
+    rank = RankRun(preset, weights_from_args(args), device, dtype, topology, speed=speed_from_args(args),
+                   gpu_memory=process_from_args(args).get("gpu_memory"))  # fmt: skip
     source = lambda prompt_for: rank.blocks(prompt_for, blocks=None, seed=args.seed)  # noqa: E731
 
     def cache_hits() -> float | None:
@@ -389,11 +405,13 @@ def _say_end(topology: Topology, ended: str) -> None:
 
 
 def _manager(args: argparse.Namespace, preset: Preset, topology: Topology, outbox: Outbox | None) -> SessionManager:
-    device = rank_device(args, topology)
-    session = build_session(preset, weights_from_args(args), device, resolve_dtype(args.dtype, device),
-                            topology=topology, speed=speed_from_args(args))  # fmt: skip
-    configure_threads(process_from_args(args).get("threads"), session.model, device)
-    return SessionManager(session, session_limits(args), outbox=outbox)
+    device, process = rank_device(args, topology), process_from_args(args)
+    dtype, weights, speed = resolve_dtype(args.dtype, device), weights_from_args(args), speed_from_args(args)
+    memory = plan_run(preset, weights, device, dtype, speed, weights, gpu_memory=process.get("gpu_memory"),
+                      head_shards=topology.cfg.sp)  # fmt: skip
+    session = build_session(preset, weights, device, dtype, topology=topology, speed=speed, memory=memory)
+    configure_threads(process.get("threads"), session.model, device)
+    return SessionManager(session, session_limits(args, memory), outbox=outbox)
 
 
 def _wait_for_stop() -> None:

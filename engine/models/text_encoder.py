@@ -26,6 +26,16 @@ if TYPE_CHECKING:  # transformers loads only with a real or random umT5 (seconds
     from transformers import T5EncoderModel, UMT5EncoderModel
 
 CACHED_PROMPTS = 64
+# The encoders the real checkpoints ship, as their transformers config.json files describe them:
+# Wan2.1's umT5-XXL (text_encoder/ of the diffusers folders) and MAGI-1's T5-v1.1-XXL. Sizing a
+# preset before its files are at hand (the memory plan) builds these on the meta device.
+XXL = {"d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+       "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32,
+       "tie_word_embeddings": False}  # fmt: skip
+REFERENCE_ENCODERS = {
+    "umt5": ("umT5-XXL", {**XXL, "vocab_size": 256384}),
+    "t5": ("T5-XXL", {**XXL, "vocab_size": 32128}),
+}
 
 
 def clean_prompt(prompt: str) -> str:
@@ -73,6 +83,41 @@ def _load_tokenizer(folder: Path):
         raise FileNotFoundError(
             f"{folder}: not a tokenizer folder (expected tokenizer.json or spiece.model beside its config: {detail})"
         ) from err
+
+
+def random_config(spec: TinyTextEncoder, vocab_size: int):
+    """The transformers config of a seeded random umT5 (byte-level vocabulary)."""
+    from transformers import UMT5Config
+
+    return UMT5Config(
+        vocab_size=vocab_size,
+        d_model=spec.d_model,
+        d_kv=spec.d_kv,
+        d_ff=spec.d_ff,
+        num_layers=spec.num_layers,
+        num_heads=spec.num_heads,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+    )
+
+
+def encoder_on_meta(
+    *, folder: Path | None = None, spec: TinyTextEncoder | None = None, reference: str = "umt5"
+) -> torch.nn.Module:
+    """The encoder `from_folder` (a folder's config.json), `random` (`spec`) or, with neither, the
+    reference checkpoint of `reference` would build, on the meta device: its tensors, no memory."""
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    if folder is not None:
+        enc, _ = _find_folders(Path(folder), None)
+        kind = _check_umt5_folder(enc)
+        config = (T5Config if kind == "t5" else UMT5Config).from_pretrained(str(enc))
+    elif spec is not None:
+        kind, config = "umt5", random_config(spec, len(ByT5Tokenizer()))
+    else:
+        kind, config = reference, (T5Config if reference == "t5" else UMT5Config)(**REFERENCE_ENCODERS[reference][1])
+    with torch.device("meta"):
+        return (T5EncoderModel if kind == "t5" else UMT5EncoderModel)(config)
 
 
 class PromptEncoder:
@@ -140,22 +185,12 @@ class TextEncoder(PromptEncoder):
     @classmethod
     def random(cls, spec: TinyTextEncoder, *, text_len: int, device: torch.device | str) -> TextEncoder:
         """A seeded random umT5 with a byte-level tokenizer (no files needed)."""
-        from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+        from transformers import ByT5Tokenizer, UMT5EncoderModel
 
         tokenizer = ByT5Tokenizer()
-        config = UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=spec.d_model,
-            d_kv=spec.d_kv,
-            d_ff=spec.d_ff,
-            num_layers=spec.num_layers,
-            num_heads=spec.num_heads,
-            relative_attention_num_buckets=8,
-            dropout_rate=0.0,
-        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
-            encoder = UMT5EncoderModel(config)
+            encoder = UMT5EncoderModel(random_config(spec, len(tokenizer)))
         return cls(tokenizer, encoder, text_len, device)
 
     @torch.no_grad()

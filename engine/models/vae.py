@@ -10,6 +10,7 @@ diffusers is imported only when a Wan VAE is built or loaded (the demo's codec n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -122,3 +123,28 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
     """`[B, 3, F, H, W]` in [-1, 1] -> `[F, H, W, 3]` uint8 of the first batch element."""
     pixels = ((video[0].float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return pixels.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def decode_on_meta(cfg: VaeConfig, block_shape: tuple[int, ...], blocks: int = 2) -> tuple[int, int, int]:
+    """(weight bytes, decoder state bytes, largest tensor bytes) of a `StreamingDecoder` that has
+    decoded `blocks` latent blocks of `block_shape` `[B, C, F, h, w]`: the Wan VAE built and run on
+    the meta device (shapes only, no memory). The state is the causal-convolution cache a stream
+    keeps between blocks, measured after `blocks` (its steady size from the second block on)."""
+    with torch.device("meta"):
+        vae = build_vae(cfg).eval()
+    weights = sum(t.numel() * t.element_size() for t in (*vae.parameters(), *vae.buffers()))
+    largest = [0]
+
+    def note(module, inputs, output):
+        if isinstance(output, torch.Tensor):
+            largest[0] = max(largest[0], output.numel() * output.element_size())
+
+    hooks = [module.register_forward_hook(note) for module in vae.decoder.modules()]
+    decoder = StreamingDecoder(vae, dataclasses.replace(cfg, latents_mean=(0.0,) * cfg.z_dim,
+                                                        latents_std=(1.0,) * cfg.z_dim))  # fmt: skip
+    for _ in range(blocks):
+        decoder.decode(torch.zeros(block_shape, device="meta"))
+    for hook in hooks:
+        hook.remove()
+    state = sum(t.numel() * t.element_size() for t in decoder._feat_map if isinstance(t, torch.Tensor))
+    return weights + decoder.mean.nbytes + decoder.std.nbytes, state, largest[0]

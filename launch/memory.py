@@ -1,0 +1,418 @@
+"""The memory plan: what every part of a run takes on the device, known before anything loads.
+
+Counted on the meta device from the code that builds each part, so the plan cannot drift from
+what loads: the transformer (`new_model` + `cast`, bytes per dtype, blocks apart from the rest),
+the text encoder (`encoder_on_meta`: the folder's config, the random one, or umT5-XXL / T5-XXL
+when no files are given), the VAE and its decoder's causal cache (`decode_on_meta`: the decoder run
+on meta tensors), the KV cache (`stream_kv_cache`, the executor's own sizing, bf16 or fp8).
+Estimated, by formula (they are not tensors anyone keeps):
+
+    activations = tokens x (8 dim + s (5 dim + 2 ffn))     one layer live: no autograd keeps the
+        tokens = branches x frames in the largest forward x tokens per frame; 8 dim: the float32
+        residual and its normed copy; 5 dim: q, k, v, attention out, projection; 2 ffn: the FFN's
+        hidden and its activation; s: the dtype's bytes. The VAE's decode peak (3 x its largest
+        tensor: input, output, one temporary) replaces it when larger.
+    prompt K/V  = 2 x layers x text_len x kv_heads x head_dim x s x branches   (cross-attention)
+    workspace   = 1 GiB on a GPU (CUDA context, cuBLAS workspaces, allocator rounding), 256 MiB on a CPU
+
+The options, cheapest to speed first (the search takes the cheapest set that fits):
+    1 --text-encoder-device swap   nothing per frame; a prompt switch copies the encoder over
+    2 --text-encoder-device cpu    nothing per frame; a prompt switch encodes on the CPU (seconds)
+    3 --kv-cache fp8               a dequantise per layer read; fidelity measured (docs/speed.md)
+    4 --weights fp8                a dequantise per Linear; block Linear weights e4m3 + float32 scales
+    5 --offload layers             blocks in pinned host memory, one streamed ahead: PCIe-bound
+A set's cost is the sum of 1, 2, 4, 8, 16 for its options: any set without offload is cheaper than
+any with it, and so on down the list. On a CPU the host is the device: moving parts to it saves
+nothing, so only the fp8 options are searched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import Preset
+from engine.devices import SetupError
+from engine.footprint import available_bytes, size
+from engine.loading import build_patch_codec, build_rope, new_model
+from engine.models.random_init import SMALL_MODEL_PARAMS
+from engine.plan.sigmas import build_schedule
+from engine.weight_paths import WeightPaths
+from launch.parts import endless_blocks_in_forward, frames_in_forward, make_guidance, stream_kv_cache
+
+GIB, MIB = 2**30, 2**20
+WORKSPACE = {"cuda": GIB, "cpu": 256 * MIB}
+CHOICES = {
+    "text_encoder": ("model", "swap", "cpu"),
+    "kv_cache": ("model", "fp8"),
+    "weights": ("native", "fp8"),
+    "offload": ("none", "layers"),
+}
+COSTS = {("text_encoder", "swap"): 1, ("text_encoder", "cpu"): 2, ("kv_cache", "fp8"): 4, ("weights", "fp8"): 8,
+         ("offload", "layers"): 16}  # fmt: skip
+FLAGS = {"text_encoder": "--text-encoder-device", "kv_cache": "--kv-cache", "weights": "--weights",
+         "offload": "--offload"}  # fmt: skip
+UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": MIB,
+         "g": GIB, "gb": 10**9, "gib": GIB, "t": 2**40, "tb": 10**12, "tib": 2**40}  # fmt: skip
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '24GB' (10^9), '24G' (GiB), '512MiB' -> bytes (an argparse type)."""
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = found and found.group(2).lower()
+    if not found or unit not in UNITS or float(found.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a memory size: write e.g. 24GiB, 24GB or 512MiB")
+    return int(float(found.group(1)) * UNITS[unit])
+
+
+@dataclass(frozen=True)
+class Options:
+    """The memory options of a run (their flags are named in FLAGS)."""
+
+    text_encoder: str = "model"
+    kv_cache: str = "model"
+    weights: str = "native"
+    offload: str = "none"
+
+    @property
+    def cost(self) -> int:
+        return sum(COSTS.get((name, value), 0) for name, value in dataclasses.asdict(self).items())
+
+    def flags(self) -> str:
+        """The flags that set what differs from the defaults ('' for none)."""
+        changed = [f"{FLAGS[k]} {v}" for k, v in dataclasses.asdict(self).items() if v != CHOICES[k][0]]
+        return " ".join(changed)
+
+    def short(self) -> str:
+        """For tables: 'as is', or e.g. 'te-cpu kv8 w8 off'."""
+        names = {"swap": "te-swap", "cpu": "te-cpu", "fp8": "", "layers": "off"}
+        parts = [names[self.text_encoder]] if self.text_encoder != "model" else []
+        parts += ["kv8"] if self.kv_cache == "fp8" else []
+        parts += ["w8"] if self.weights == "fp8" else []
+        parts += ["off"] if self.offload == "layers" else []
+        return " ".join(parts) or "as is"
+
+
+def options_of(*configs) -> Options:
+    """The options set on the run's configs (the speed and weight configs carry them)."""
+    fields = {"text_encoder": "text_encoder_device", "kv_cache": "kv_cache", "weights": "weights",
+              "offload": "offload"}  # fmt: skip
+    found = {}
+    for name, attr in fields.items():
+        for config in configs:
+            value = getattr(config, attr, None)
+            if isinstance(value, str) and value in CHOICES[name]:
+                found[name] = value
+    return Options(**found)
+
+
+def all_options(device_type: str) -> list[Options]:
+    """Every set, cheapest first (on a CPU only the fp8 ones: the host is the device there)."""
+    names = list(CHOICES)
+    sets = [Options(**dict(zip(names, values))) for values in itertools.product(*CHOICES.values())]
+    if device_type == "cpu":
+        sets = [s for s in sets if s.text_encoder == "model" and s.offload == "none"]
+    return sorted(sets, key=lambda s: s.cost)
+
+
+# -- counting (meta device) ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transformer:
+    """The transformer's bytes as it loads at the run dtype (parameters and buffers)."""
+
+    by_dtype: dict[str, int]
+    """All of it, per dtype name."""
+    blocks: int
+    """The transformer blocks' share (what --offload streams, what --weights fp8 shrinks)."""
+    largest_block: int
+    linear_weights: int
+    """Bytes of the blocks' Linear weights at their dtype ..."""
+    linear_fp8: int
+    """... and stored as e4m3 with a float32 scale per output channel."""
+    params: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_dtype.values())
+
+    def device_bytes(self, options: Options) -> int:
+        """On the device while denoising: all of it, or the rest plus two blocks (one computing,
+        the next arriving) when offloaded."""
+        shrink = self.linear_weights - self.linear_fp8 if options.weights == "fp8" else 0
+        if options.offload == "none":
+            return self.total - shrink
+        per_block = self.largest_block - shrink * self.largest_block // max(self.blocks, 1)
+        return self.total - self.blocks + 2 * per_block
+
+    def host_bytes(self, options: Options) -> int:
+        shrink = self.linear_weights - self.linear_fp8 if options.weights == "fp8" else 0
+        return self.blocks - shrink if options.offload == "layers" else 0
+
+
+def count_transformer(preset: Preset, dtype: torch.dtype) -> Transformer:
+    with torch.device("meta"):
+        model = new_model(preset.model)
+    model.cast(dtype)  # on meta: sets each tensor's dtype as the load gives it
+    in_blocks = {id(t) for t in (*model.blocks.parameters(), *model.blocks.buffers())}
+    by_dtype, blocks = Counter(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        by_dtype[_name(t.dtype)] += _nbytes(t)
+        blocks += _nbytes(t) if id(t) in in_blocks else 0
+    linears = [m for m in model.blocks.modules() if isinstance(m, torch.nn.Linear)]
+    return Transformer(
+        by_dtype=dict(by_dtype),
+        blocks=blocks,
+        largest_block=max(sum(_nbytes(t) for t in (*b.parameters(), *b.buffers())) for b in model.blocks),
+        linear_weights=sum(_nbytes(m.weight) for m in linears),
+        linear_fp8=sum(m.weight.numel() + 4 * m.out_features for m in linears),
+        params=sum(p.numel() for p in model.parameters()),
+    )
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def count_text_encoder(preset: Preset, weights: WeightPaths, dtype: torch.dtype) -> tuple[int, str]:
+    """(bytes, name) of the prompt encoder `build_text_encoder` makes for these weights."""
+    if preset.text.vocab is not None:  # a word table: text_dim per word, as VocabEncoder builds it
+        from engine.demo.vocab import WordEmbedding
+
+        with torch.device("meta"):
+            table = WordEmbedding(len(preset.text.vocab), preset.model.text_dim, preset.text.text_len)
+        return sum(_nbytes(t) for t in (*table.parameters(), *table.buffers())), "word table"
+    from engine.config import TinyTextEncoder
+    from engine.models.text_encoder import REFERENCE_ENCODERS, encoder_on_meta
+
+    folder = None if weights.random else weights.resolved("text_encoder")
+    reference = "t5" if preset.text.special_tokens else "umt5"
+    if folder is None and (preset.text.tiny is not None or weights.random):
+        spec = preset.text.tiny or TinyTextEncoder(d_model=preset.model.text_dim, num_layers=1, seed=weights.seed)
+        encoder, name, dtype = encoder_on_meta(spec=spec), "random umT5", torch.float32  # drawn in float32
+    else:
+        encoder = encoder_on_meta(folder=folder, reference=reference)
+        name = "umT5" if folder is not None else REFERENCE_ENCODERS[reference][0]
+    # from_pretrained loads at `dtype`, keeping the T5 "wo" layers in float32 under float16 only
+    total = sum(p.numel() * (4 if dtype == torch.float16 and ".wo." in n else dtype.itemsize)
+                for n, p in encoder.named_parameters())  # fmt: skip
+    return total + sum(_nbytes(b) for b in encoder.buffers()), name
+
+
+def count_vae(preset: Preset, weights: WeightPaths) -> tuple[int, int, int]:
+    """(weights, one stream's decoder state, the decode's largest tensor) of the preset's decoder."""
+    if preset.vae.kind == "magi":
+        return 0, 0, 0  # no decoder yet: latents only
+    if preset.vae.kind == "patches":
+        codec = build_patch_codec(preset, weights)
+        return sum(_nbytes(t) for t in vars(codec).values() if isinstance(t, torch.Tensor)), 0, 0
+    from engine.models.vae import decode_on_meta
+
+    return decode_on_meta(preset.vae, preset.latent_shape(preset.stream.frames_per_block))
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Every part of one preset at one dtype, options aside."""
+
+    preset: str
+    device_type: str
+    dtype: torch.dtype
+    transformer: Transformer
+    text_encoder: int
+    text_encoder_name: str
+    vae: int
+    decode_state: int
+    decode_peak: int
+    kv: dict[str, int]
+    prompt_kv: int
+    activations: int
+    tokens: int
+    random_draw: int
+    """float32 bytes of random weights drawn on the device (0 when loaded, or drawn on the CPU)."""
+    workspace: int
+
+
+def count(preset: Preset, weights: WeightPaths, dtype: torch.dtype, device_type: str, head_shards: int = 1) -> Counts:
+    """Count every part of `preset` on the meta device (seconds for the largest presets)."""
+    schedule = build_schedule(preset.sampling)
+    branches = make_guidance(preset, schedule).branches
+    transformer = count_transformer(preset, dtype)
+    vae, state, largest = count_vae(preset, weights)
+    text, text_name = count_text_encoder(preset, weights, dtype)
+    tokens = branches * frames_in_forward(preset, schedule) * preset.tokens_per_frame
+    random = weights.random or (preset.random_init and weights.resolved("transformer", preset) is None)
+    return Counts(
+        preset=preset.name, device_type=device_type, dtype=dtype, transformer=transformer,
+        text_encoder=text, text_encoder_name=text_name, vae=vae, decode_state=state, decode_peak=3 * largest,
+        kv=_kv(preset, schedule, dtype, head_shards), prompt_kv=_prompt_kv(preset, dtype, branches),
+        activations=_activations(preset, dtype, tokens // head_shards), tokens=tokens,
+        random_draw=transformer.params * 4 if random and transformer.params >= SMALL_MODEL_PARAMS else 0,
+        workspace=WORKSPACE.get(device_type, WORKSPACE["cuda"]),
+    )  # fmt: skip
+
+
+def _kv(preset: Preset, schedule, dtype: torch.dtype, head_shards: int) -> dict[str, int]:
+    if preset.plan.compute == "window":  # the window is rerun every tick: no cache
+        return {"model": 0, "fp8": 0}
+    blocks, rope = endless_blocks_in_forward(preset, schedule), build_rope(preset, "cpu")
+    return {storage: stream_kv_cache(preset, schedule, dtype, "meta", blocks_in_forward=blocks, rope=rope,
+                                     head_shards=head_shards, storage=storage).nbytes
+            for storage in ("model", "fp8")}  # fmt: skip
+
+
+def _prompt_kv(preset: Preset, dtype: torch.dtype, branches: int) -> int:
+    cfg = preset.model
+    return 2 * cfg.num_layers * preset.text.text_len * cfg.kv_heads * cfg.head_dim * dtype.itemsize * branches
+
+
+def _activations(preset: Preset, dtype: torch.dtype, tokens: int) -> int:
+    cfg = preset.model
+    ffn = cfg.ffn_dim * (2 if getattr(cfg, "gated_linear_unit", False) else 1)
+    return tokens * (8 * cfg.dim + dtype.itemsize * (5 * cfg.dim + 2 * ffn))
+
+
+# -- the plan --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    device: int
+    host: int = 0
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where every part goes under `options`, and whether the peak fits `budget` (None: unknown)."""
+
+    counts: Counts
+    options: Options
+    budget: int | None
+
+    @property
+    def parts(self) -> list[Part]:
+        c, o = self.counts, self.options
+        t = c.transformer
+        weights = ", ".join(f"{size(b)} {d}" for d, b in sorted(c.transformer.by_dtype.items()) if b)
+        text_device = c.text_encoder if o.text_encoder == "model" else 0
+        return [
+            Part("transformer", t.device_bytes(o), t.host_bytes(o), _weights_note(weights, o)),
+            Part("text encoder", text_device, c.text_encoder - text_device,
+                 f"{c.text_encoder_name}{'' if o.text_encoder == 'model' else ', ' + o.text_encoder}"),
+            Part("VAE", c.vae, 0, "float32"),
+            Part("KV cache", c.kv[o.kv_cache], 0, "fp8" if o.kv_cache == "fp8" else _name(c.dtype)),
+            Part("stream state", c.decode_state + c.prompt_kv, 0, "decoder cache + prompt K/V"),
+            Part("activations", self.activations, 0, f"largest tick: {c.tokens:,} tokens"),
+            Part("workspace", c.workspace),
+        ]  # fmt: skip
+
+    @property
+    def activations(self) -> int:
+        return max(self.counts.activations, self.counts.decode_peak)
+
+    @property
+    def phases(self) -> dict[str, int]:
+        """The device's peak in each phase: a stream runs; the encoder swapped in; random weights drawn."""
+        c, parts = self.counts, self.parts
+        same_memory = sum(p.host for p in parts) if c.device_type == "cpu" else 0  # the host is the device
+        resident = sum(p.device for p in parts if p.name != "activations") + same_memory
+        phases = {"run": resident + self.activations}
+        if self.options.text_encoder == "swap":
+            phases["prompt switch"] = resident + (c.text_encoder if c.device_type != "cpu" else 0)
+        if c.random_draw:
+            phases["random weights"] = c.random_draw + c.workspace
+        return phases
+
+    @property
+    def needed(self) -> int:
+        return max(self.phases.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.needed <= self.budget
+
+    @property
+    def per_session(self) -> int:
+        """What one more stream adds: its KV cache and its state (decoder cache, prompt K/V)."""
+        c = self.counts
+        return c.kv[self.options.kv_cache] + c.decode_state + c.prompt_kv
+
+    def sessions(self, batch: int = 1) -> int:
+        """Streams that fit `budget` beside the model, `batch` of them coalesced in one forward."""
+        if self.budget is None:
+            raise ValueError("no budget to fit sessions into")
+        fixed = self.needed - self.per_session
+        n = 0
+        while fixed + (n + 1) * self.per_session + min(batch - 1, n) * self.counts.activations <= self.budget:
+            n += 1
+        return n
+
+    def line(self) -> str:
+        """'needs 17.3 GiB (transformer 2.6 + text encoder 10.6 + ...)' for messages."""
+        shown = " + ".join(f"{p.name} {p.device / GIB:.1f}" for p in self.parts if p.device)
+        return f"needs {size(self.needed)} ({shown} GiB)"
+
+
+def _weights_note(weights: str, options: Options) -> str:
+    notes = [weights] + (["block Linears fp8"] if options.weights == "fp8" else [])
+    return ", ".join(notes + (["blocks on the host, 2 on the device"] if options.offload == "layers" else []))
+
+
+def cheapest(counts: Counts, budget: int) -> MemoryPlan | None:
+    """The cheapest set of options whose plan fits `budget` (None: none does)."""
+    for options in all_options(counts.device_type):
+        plan = MemoryPlan(counts, options, budget)
+        if plan.fits:
+            return plan
+    return None
+
+
+def device_budget(device: torch.device, gpu_memory: int | None) -> int | None:
+    """--gpu-memory, capped by what the device has free (CUDA's free bytes; on a CPU the available
+    host memory); without it, what the device has free (None: unknown, nothing is refused)."""
+    free = available_bytes(device)
+    if gpu_memory is None or free is None:
+        return gpu_memory if free is None else free
+    return min(gpu_memory, free)
+
+
+def check(plan: MemoryPlan, device: torch.device | str) -> None:
+    """Refuse a plan that cannot fit, in one line: what it needs, what the device has, what fits."""
+    if plan.fits:
+        return
+    counts, budget = plan.counts, plan.budget
+    start = f"preset {counts.preset} {plan.line()} on {device}, which has {size(budget)}"
+    better = cheapest(counts, budget)
+    if better is not None:
+        shown = f"python -m launch.presets --fit {counts.preset} --gpu-memory {budget / GIB:.0f}GiB"
+        raise SetupError(f"{start}: with {better.options.flags()} it needs {size(better.needed)} and fits ({shown})")
+    least = min((MemoryPlan(counts, o, budget) for o in all_options(counts.device_type)), key=lambda p: p.needed)
+    raise SetupError(f"{start}: even with {least.options.flags() or 'every option'} it needs "
+                     f"{size(least.needed)}; use a device with more memory or a smaller preset")  # fmt: skip
+
+
+def plan_run(
+    preset: Preset,
+    weights: WeightPaths,
+    device: torch.device,
+    dtype: torch.dtype,
+    *configs,
+    gpu_memory: int | None = None,
+    head_shards: int = 1,
+) -> MemoryPlan:
+    """The plan of a run about to be built, against the device's budget (`configs`: where the
+    memory options are set)."""
+    counts = count(preset, weights, dtype, device.type, head_shards)
+    return MemoryPlan(counts, options_of(*configs), device_budget(device, gpu_memory))
