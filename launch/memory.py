@@ -360,9 +360,9 @@ class MemoryPlan:
         return n
 
     def line(self) -> str:
-        """'needs 17.3 GiB (transformer 2.6 + text encoder 10.6 + ...)' for messages."""
-        shown = " + ".join(f"{p.name} {p.device / GIB:.1f}" for p in self.parts if p.device)
-        return f"needs {size(self.needed)} ({shown} GiB)"
+        """'needs 27.39 GiB (transformer 2.68 GiB + text encoder 10.58 GiB + ...)' for messages."""
+        shown = " + ".join(f"{p.name} {size(p.device)}" for p in self.parts if p.device)
+        return f"needs {size(self.needed)} ({shown})"
 
 
 def _weights_note(weights: str, options: Options) -> str:

@@ -2,10 +2,13 @@
 
 python -m launch.presets            # list them
 python -m launch.presets --counts   # parameter counts and KV memory, built on the meta device
+python -m launch.presets --fit wan-14b-causal --gpu-memory 32GiB   # will it fit? (launch/fit.py)
+python -m launch.presets --fit all  # every preset at 12, 16, 24, 32, 48 and 80 GiB
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 from collections.abc import Callable
@@ -319,19 +322,38 @@ def _print_counts(names: list[str]) -> None:
         print(f"{name:<20} {params:>14,} {preset.tokens_per_frame:>13} {kv:>8.2f} G")
 
 
+def _memory_size(text: str) -> int:
+    from launch.memory import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m launch.presets", description="List presets and their sizes.")
     parser.add_argument("--counts", action="store_true", help="print parameter counts (meta device) and KV memory")
+    parser.add_argument("--fit", metavar="PRESET", help="the memory plan of PRESET (or all) on a GPU: where every "
+                        "part goes and the cheapest options that fit (default: off)")  # fmt: skip
+    parser.add_argument("--gpu-memory", type=_memory_size, help="with --fit: the GPU's memory, e.g. 24GiB "
+                        "(default: a table at 12, 16, 24, 32, 48 and 80 GiB)")  # fmt: skip
     parser.add_argument("names", nargs="*", help="presets to show (default: all)")
     args = parser.parse_args(argv)
-    names = args.names or list(PRESETS)
+    if args.gpu_memory is not None and args.fit is None:
+        parser.error("--gpu-memory goes with --fit PRESET")
+    names = [args.fit] if args.fit not in (None, "all") else args.names or list(PRESETS)
     try:
         for name in names:
             get_preset(name)  # fail early on a typo
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.counts:
+    if args.fit is not None:
+        from launch.fit import print_fit
+
+        print_fit([get_preset(name) for name in names], args.gpu_memory)
+    elif args.counts:
         _print_counts(names)
     else:
         for name in names:

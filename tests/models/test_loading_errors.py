@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from engine import loading, weight_paths
 from engine.devices import SetupError, resolve_device
-from engine.footprint import GIB, Footprint, available_bytes
+from engine.footprint import GIB, available_bytes
 from engine.models import random_init
 from engine.models.checkpoints.wan import CheckpointError
 from engine.models.text_encoder import TextEncoder
@@ -188,38 +188,27 @@ def test_shipped_demo_weights_pass():
 
 
 def test_a_preset_too_big_for_the_free_memory_is_refused_before_allocating(monkeypatch):
-    monkeypatch.setattr(loading, "available_bytes", lambda device: 4 * GIB)
+    from launch import build, memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 4 * GIB)
     monkeypatch.setattr(torch.nn.Module, "to_empty", lambda *a, **k: pytest.fail("allocated before the check"))
     sf = presets.get_preset("self-forcing-1.3b")
     with pytest.raises(SetupError) as info:
-        loading.build_model(sf, WeightPaths(random=True), CPU, torch.float32)
+        build.build_session(sf, WeightPaths(random=True), CPU, torch.float32)
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith("preset self-forcing-1.3b needs 1.42 B parameters (5.29 GiB at float32) + KV cache ")
-    assert "on cpu, but 4.00 GiB is free; try --dtype bfloat16" in message and "--device cuda" in message
-
-
-def test_the_footprint_counts_weights_and_the_kv_cache():
-    sf = presets.get_preset("self-forcing-1.3b")
-    kv = loading.stream_kv_bytes(sf, torch.bfloat16)
-    assert kv == loading.build_kv_cache(sf, torch.bfloat16, "meta").nbytes > 5 * GIB  # 21 frames of 1560 tokens
-    big = Footprint(presets.parameter_count(sf), torch.bfloat16, kv, random_init=True)
-    assert big.needed == big.params * 4 + kv  # random weights are drawn in float32 first
-    loaded = Footprint(big.params, torch.bfloat16, kv, random_init=False)
-    assert loaded.needed == big.params * 2 + kv
-    guided = presets.get_preset("magi-1-tiny")  # 3-pass guidance: a [cond, uncond] cache
-    assert (
-        loading.stream_kv_bytes(guided, torch.float32)
-        == 2 * loading.build_kv_cache(guided, torch.float32, "meta").nbytes
-    )
-    assert loading.stream_kv_bytes(presets.get_preset("skyreels-v2-df-tiny"), torch.float32) == 0  # reruns the window
+    assert message.startswith("preset self-forcing-1.3b needs ") and "(transformer 5.29 GiB + " in message, message
+    assert "on cpu, which has 4.00 GiB: even with --kv-cache fp8 --weights fp8 it needs " in message, message
 
 
 def test_what_is_allocated_is_said_with_verbose(caplog):
-    with caplog.at_level(logging.INFO, logger="engine.loading"):
-        loading.build_model(TINY_WAN, WeightPaths(), CPU, torch.float32)
-    said = r"tiny-wan on cpu: [\d,]+ parameters \([\d.]+ MiB at float32\) \+ KV cache [\d.]+ MiB = at least [\d.]+ MiB;"
-    assert re.search(said + r" [\d.]+ [MG]iB free", caplog.text), caplog.text
+    from launch.build import build_session
+
+    with caplog.at_level(logging.INFO, logger="launch.build"):
+        build_session(TINY_WAN, WeightPaths(), CPU, torch.float32)
+    said = r"memory plan for tiny-wan on cpu: needs [\d.]+ [MG]iB \(transformer [\d.]+ MiB \+ text encoder [\d.]+ MiB"
+    said += r" \+ .* \+ workspace 0.25 GiB\), budget [\d.]+ [MG]iB"
+    assert re.search(said, caplog.text), caplog.text
 
 
 def test_random_init_of_a_big_model_reports_progress(monkeypatch, caplog):
