@@ -396,11 +396,15 @@ def check(plan: MemoryPlan, device: torch.device | str) -> None:
     start = f"preset {counts.preset} {plan.line()} on {device}, which has {size(budget)}"
     better = cheapest(counts, budget)
     if better is not None:
-        shown = f"python -m launch.presets --fit {counts.preset} --gpu-memory {budget / GIB:.0f}GiB"
-        raise SetupError(f"{start}: with {better.options.flags()} it needs {size(better.needed)} and fits ({shown})")
-    least = min((MemoryPlan(counts, o, budget) for o in all_options(counts.device_type)), key=lambda p: p.needed)
-    raise SetupError(f"{start}: even with {least.options.flags() or 'every option'} it needs "
-                     f"{size(least.needed)}; use a device with more memory or a smaller preset")  # fmt: skip
+        shown = f" (python -m launch.presets --fit {counts.preset} --gpu-memory {budget / GIB:.0f}GiB: the plan)"
+        shown = shown if counts.device_type == "cuda" and budget >= GIB else ""
+        raise SetupError(f"{start}: with {better.options.flags()} it needs {size(better.needed)} and fits{shown}")
+    searched = all_options(counts.device_type)
+    least = min((MemoryPlan(counts, o, budget) for o in searched), key=lambda p: p.needed)
+    tried = {(k, v) for o in searched for k, v in dataclasses.asdict(o).items() if v != CHOICES[k][0]}
+    flags = ", ".join(f"{FLAGS[k]} {v}" for k, values in CHOICES.items() for v in values if (k, v) in tried)
+    raise SetupError(f"{start}: no set of the options ({flags}) fits, the least needs {size(least.needed)}; "
+                     "use a device with more memory or a smaller preset")  # fmt: skip
 
 
 def plan_run(

@@ -11,6 +11,7 @@ diffusers is imported only when a Wan VAE is built or loaded (the demo's codec n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -125,11 +126,13 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
     return pixels.permute(1, 2, 3, 0).cpu().numpy()
 
 
+@functools.lru_cache(maxsize=16)
 def decode_on_meta(cfg: VaeConfig, block_shape: tuple[int, ...], blocks: int = 2) -> tuple[int, int, int]:
     """(weight bytes, decoder state bytes, largest tensor bytes) of a `StreamingDecoder` that has
     decoded `blocks` latent blocks of `block_shape` `[B, C, F, h, w]`: the Wan VAE built and run on
     the meta device (shapes only, no memory). The state is the causal-convolution cache a stream
-    keeps between blocks, measured after `blocks` (its steady size from the second block on)."""
+    keeps between blocks, measured after `blocks` (its steady size from the second block on).
+    Kept per shape: meta kernels run through Python, seconds for the full-size decoder."""
     with torch.device("meta"):
         vae = build_vae(cfg).eval()
     weights = sum(t.numel() * t.element_size() for t in (*vae.parameters(), *vae.buffers()))
