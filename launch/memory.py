@@ -186,10 +186,10 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def count_text_encoder(preset: Preset, weights: WeightPaths, dtype: torch.dtype) -> tuple[int, str]:
     """(bytes, name) of the prompt encoder `build_text_encoder` makes for these weights."""
-    if preset.text.vocab is not None:  # a word table: text_dim per word, as VocabEncoder builds it
-        from engine.demo.vocab import WordEmbedding
+    if preset.text.vocab is not None:  # a word table, as VocabEncoder builds it: kilobytes, built on the
+        from engine.demo.vocab import WordEmbedding  # CPU (its init on meta would import torch's compiler)
 
-        with torch.device("meta"):
+        with torch.random.fork_rng(devices=[]):  # its random init leaves the global generator as it was
             table = WordEmbedding(len(preset.text.vocab), preset.model.text_dim, preset.text.text_len)
         return sum(_nbytes(t) for t in (*table.parameters(), *table.buffers())), "word table"
     from engine.config import TinyTextEncoder

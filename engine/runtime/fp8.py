@@ -83,7 +83,8 @@ class Fp8Frames:
         self.k_scale = torch.ones((*shape[:-1], 1), dtype=torch.float32, device=device)
         self.v_scale = torch.ones((*shape[:-1], 1), dtype=torch.float32, device=device)
         self.work_k = torch.zeros((batch, work_tokens, heads, head_dim), dtype=dtype, device=device)
-        self.work_v = torch.zeros_like(self.work_k)
+        # not zeros_like: on the meta device (the memory plan sizes this cache there) it imports sympy
+        self.work_v = torch.zeros(self.work_k.shape, dtype=dtype, device=device)
 
     @property
     def nbytes(self) -> int:
