@@ -10,8 +10,9 @@ Estimated, by formula (they are not tensors anyone keeps):
     activations = tokens x (8 dim + s (5 dim + 2 ffn))     one layer live: no autograd keeps the
         tokens = branches x frames in the largest forward x tokens per frame; 8 dim: the float32
         residual and its normed copy; 5 dim: q, k, v, attention out, projection; 2 ffn: the FFN's
-        hidden and its activation; s: the dtype's bytes. The VAE's decode peak (3 x its largest
-        tensor: input, output, one temporary) replaces it when larger.
+        hidden and its activation; s: the dtype's bytes. The VAE's decode peak replaces it when
+        larger: that one is measured, the decoder run on meta tensors with every tensor it makes
+        counted until freed (engine/models/vae.py `LiveBytes`).
     prompt K/V  = 2 x layers x text_len x kv_heads x head_dim x s x branches   (cross-attention)
     workspace   = 1 GiB on a GPU (CUDA context, cuBLAS workspaces, allocator rounding), 256 MiB on a CPU
 
@@ -210,7 +211,7 @@ def count_text_encoder(preset: Preset, weights: WeightPaths, dtype: torch.dtype)
 
 
 def count_vae(preset: Preset, weights: WeightPaths) -> tuple[int, int, int]:
-    """(weights, one stream's decoder state, the decode's largest tensor) of the preset's decoder."""
+    """(weights, one stream's decoder state, a block's decode peak above it) of the preset's decoder."""
     if preset.vae.kind == "magi":
         return 0, 0, 0  # no decoder yet: latents only
     if preset.vae.kind == "patches":
@@ -248,13 +249,13 @@ def count(preset: Preset, weights: WeightPaths, dtype: torch.dtype, device_type:
     schedule = build_schedule(preset.sampling)
     branches = make_guidance(preset, schedule).branches
     transformer = count_transformer(preset, dtype)
-    vae, state, largest = count_vae(preset, weights)
+    vae, state, peak = count_vae(preset, weights)
     text, text_name = count_text_encoder(preset, weights, dtype)
     tokens = branches * frames_in_forward(preset, schedule) * preset.tokens_per_frame
     random = weights.random or (preset.random_init and weights.resolved("transformer", preset) is None)
     return Counts(
         preset=preset.name, device_type=device_type, dtype=dtype, transformer=transformer,
-        text_encoder=text, text_encoder_name=text_name, vae=vae, decode_state=state, decode_peak=3 * largest,
+        text_encoder=text, text_encoder_name=text_name, vae=vae, decode_state=state, decode_peak=peak,
         kv=_kv(preset, schedule, dtype, head_shards), prompt_kv=_prompt_kv(preset, dtype, branches),
         activations=_activations(preset, dtype, tokens // head_shards), tokens=tokens,
         random_draw=transformer.params * 4 if random and transformer.params >= SMALL_MODEL_PARAMS else 0,

@@ -13,11 +13,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from engine.config import VaeConfig
 from engine.models.checkpoints.wan import CheckpointError, read_safetensors, read_torch
@@ -126,28 +129,48 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
     return pixels.permute(1, 2, 3, 0).cpu().numpy()
 
 
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensors the ops under it made that are still alive, and their peak: a memory
+    profile of code run on the meta device. Views and in-place results (an input returned) make
+    no new memory; a made tensor counts until it is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def _freed(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view:
+            return out
+        inputs = {id(a) for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        for made in tree_leaves(out):
+            if isinstance(made, torch.Tensor) and id(made) not in inputs:
+                nbytes = made.numel() * made.element_size()
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(made, self._freed, nbytes)
+        return out
+
+
 @functools.lru_cache(maxsize=16)
-def decode_on_meta(cfg: VaeConfig, block_shape: tuple[int, ...], blocks: int = 2) -> tuple[int, int, int]:
-    """(weight bytes, decoder state bytes, largest tensor bytes) of a `StreamingDecoder` that has
-    decoded `blocks` latent blocks of `block_shape` `[B, C, F, h, w]`: the Wan VAE built and run on
-    the meta device (shapes only, no memory). The state is the causal-convolution cache a stream
-    keeps between blocks, measured after `blocks` (its steady size from the second block on).
-    Kept per shape: meta kernels run through Python, seconds for the full-size decoder."""
+def decode_on_meta(cfg: VaeConfig, block_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(weight bytes, decoder state bytes, decode peak bytes) of a `StreamingDecoder` decoding
+    latent blocks of `block_shape` `[B, C, F, h, w]`: the Wan VAE built and run on the meta device
+    (shapes only, no memory). The state is the causal-convolution cache a stream keeps between
+    blocks, after two blocks (its steady size); the peak is what the second block's decode makes
+    on top of it (activations, the new cache, the frames). Kept per shape: meta kernels run through
+    Python, seconds for the full-size decoder."""
     with torch.device("meta"):
         vae = build_vae(cfg).eval()
     weights = sum(t.numel() * t.element_size() for t in (*vae.parameters(), *vae.buffers()))
-    largest = [0]
-
-    def note(module, inputs, output):
-        if isinstance(output, torch.Tensor):
-            largest[0] = max(largest[0], output.numel() * output.element_size())
-
-    hooks = [module.register_forward_hook(note) for module in vae.decoder.modules()]
-    decoder = StreamingDecoder(vae, dataclasses.replace(cfg, latents_mean=(0.0,) * cfg.z_dim,
-                                                        latents_std=(1.0,) * cfg.z_dim))  # fmt: skip
-    for _ in range(blocks):
+    stats = dataclasses.replace(cfg, latents_mean=(0.0,) * cfg.z_dim, latents_std=(1.0,) * cfg.z_dim)
+    decoder = StreamingDecoder(vae, stats)
+    with torch.no_grad(), LiveBytes() as live:
         decoder.decode(torch.zeros(block_shape, device="meta"))
-    for hook in hooks:
-        hook.remove()
+        steady, live.peak = live.live, live.live
+        decoder.decode(torch.zeros(block_shape, device="meta"))
     state = sum(t.numel() * t.element_size() for t in decoder._feat_map if isinstance(t, torch.Tensor))
-    return weights + decoder.mean.nbytes + decoder.std.nbytes, state, largest[0]
+    return weights + decoder.mean.nbytes + decoder.std.nbytes, state, live.peak - steady
