@@ -83,6 +83,9 @@ def test_an_impossible_gpu_memory_is_refused_in_one_line(capsys, tmp_path, monke
         build_session(mid, WeightPaths(), CPU, torch.float32, gpu_memory=(as_is + kv8) // 2)
     message = str(refused.value)
     assert "\n" not in message and f": with --kv-cache fp8 it needs {size(kv8)} and fits" in message, message
+    assert presets.main(["--fit", "tiny-wan", "--gpu-memory", "12GiB"]) == 0  # the plan, as a table
+    shown = capsys.readouterr().out
+    assert "| KV cache | " in shown and "fits as is" in shown, shown
     assert parse_bytes("24GiB") == 24 * GIB and parse_bytes("24GB") == 24 * 10**9 and parse_bytes("512MiB") == 2**29
 
 
