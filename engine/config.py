@@ -570,6 +570,11 @@ class SpeedConfig:
         )
         _require(self.weights in WEIGHT_STORAGES, f"weights must be one of {WEIGHT_STORAGES}")
         _require(self.offload in OFFLOAD_MODES, f"offload must be one of {OFFLOAD_MODES}")
+        _require(
+            self.offload == "none" or self.compile == "off",
+            "--offload layers rebinds each block's weights as it streams, which a compiled forward would "
+            "trace as constants: use --compile off with --offload layers",
+        )
 
     def check_device(self, device_type: str) -> None:
         """Refuse choices the device cannot run (one line, with the fix)."""
@@ -577,9 +582,3 @@ class SpeedConfig:
             self.compile != "graphs" or device_type == "cuda",
             f"--compile graphs captures CUDA graphs; this run is on {device_type}: use --compile default",
         )
-        for flag, value, default in (
-            ("--text-encoder-device", self.text_encoder_device, "model"),
-            ("--weights", self.weights, "native"),
-            ("--offload", self.offload, "none"),
-        ):
-            _require(value == default, f"{flag} {value} is not built in this version yet: use {flag} {default}")
