@@ -124,3 +124,16 @@ def output_bound(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> 
 def stored_bytes(blocks: nn.ModuleList) -> int:
     """Bytes of the blocks' parameters as stored (e4m3 payloads, scales and everything else)."""
     return sum(p.numel() * p.element_size() for p in blocks.parameters())
+
+
+def blocks_bytes(blocks: nn.ModuleList, storage: str) -> int:
+    """Bytes `blocks` (native, e.g. on the meta device after `model.cast(dtype)`) take with their
+    Linear weights stored `native` or `fp8` (1 byte each + a float32 scale per output channel);
+    everything else as it is. Equals `stored_bytes` after `quantise_blocks` (a test checks)."""
+    total = stored_bytes(blocks)
+    if storage == "fp8":
+        for layer in blocks.modules():
+            if isinstance(layer, nn.Linear):
+                weight = layer.weight
+                total += weight.numel() * (1 - weight.element_size()) + 4 * weight.shape[0]
+    return total
