@@ -47,6 +47,9 @@ from engine.weight_paths import WeightPaths
 from launch.parts import endless_blocks_in_forward, frames_in_forward, make_guidance, stream_kv_cache
 
 GIB, MIB = 2**30, 2**20
+RESIDENT_BLOCKS, SLOTS = 1, 2
+"""--offload layers (engine/runtime/streamed_layers.py): the first block stays on the device (the
+feature caches probe it), the others stream through two device slots."""
 WORKSPACE = {"cuda": GIB, "cpu": 256 * MIB}
 CHOICES = {
     "text_encoder": ("model", "swap", "cpu"),
@@ -138,23 +141,28 @@ class Transformer:
     linear_fp8: int
     """... and stored as e4m3 with a float32 scale per output channel."""
     params: int
+    num_blocks: int
 
     @property
     def total(self) -> int:
         return sum(self.by_dtype.values())
 
-    def device_bytes(self, options: Options) -> int:
-        """On the device while denoising: all of it, or the rest plus two blocks (one computing,
-        the next arriving) when offloaded."""
+    def _per_block(self, options: Options) -> int:
         shrink = self.linear_weights - self.linear_fp8 if options.weights == "fp8" else 0
+        return self.largest_block - shrink * self.largest_block // max(self.blocks, 1)
+
+    def device_bytes(self, options: Options) -> int:
+        """On the device while denoising: all of it (the blocks' Linears in fp8 with --weights
+        fp8), or with --offload layers the rest, the resident first block and two slots."""
         if options.offload == "none":
-            return self.total - shrink
-        per_block = self.largest_block - shrink * self.largest_block // max(self.blocks, 1)
-        return self.total - self.blocks + 2 * per_block
+            return self.total - (self.linear_weights - self.linear_fp8 if options.weights == "fp8" else 0)
+        return self.total - self.blocks + (RESIDENT_BLOCKS + SLOTS) * self._per_block(options)
 
     def host_bytes(self, options: Options) -> int:
-        shrink = self.linear_weights - self.linear_fp8 if options.weights == "fp8" else 0
-        return self.blocks - shrink if options.offload == "layers" else 0
+        """The streamed blocks, kept in (pinned) host memory."""
+        if options.offload == "none":
+            return 0
+        return (self.num_blocks - RESIDENT_BLOCKS) * self._per_block(options)
 
 
 def count_transformer(preset: Preset, dtype: torch.dtype) -> Transformer:
@@ -174,6 +182,7 @@ def count_transformer(preset: Preset, dtype: torch.dtype) -> Transformer:
         linear_weights=sum(_nbytes(m.weight) for m in linears),
         linear_fp8=sum(m.weight.numel() + 4 * m.out_features for m in linears),
         params=sum(p.numel() for p in model.parameters()),
+        num_blocks=len(model.blocks),
     )
 
 
@@ -332,8 +341,10 @@ class MemoryPlan:
         phases = {"run": resident + self.activations}
         if self.options.text_encoder == "swap":
             phases["prompt switch"] = resident + (c.text_encoder if c.device_type != "cpu" else 0)
-        if c.random_draw:
+        if c.random_draw and self.options.offload == "none":  # streamed blocks are drawn on the host
             phases["random weights"] = c.random_draw + c.workspace
+        if self.options.weights == "fp8" and self.options.offload == "none" and c.device_type != "cpu":
+            phases["load"] = c.transformer.total + c.workspace  # loaded whole, then its blocks quantised
         return phases
 
     @property
@@ -368,7 +379,7 @@ class MemoryPlan:
 
 def _weights_note(weights: str, options: Options) -> str:
     notes = [weights] + (["block Linears fp8"] if options.weights == "fp8" else [])
-    return ", ".join(notes + (["blocks on the host, 2 on the device"] if options.offload == "layers" else []))
+    return ", ".join(notes + (["blocks streamed from the host: the first and 2 slots on the device"] if options.offload == "layers" else []))
 
 
 def cheapest(counts: Counts, budget: int) -> MemoryPlan | None:

@@ -407,7 +407,7 @@ def _say_end(topology: Topology, ended: str) -> None:
 def _manager(args: argparse.Namespace, preset: Preset, topology: Topology, outbox: Outbox | None) -> SessionManager:
     device, process = rank_device(args, topology), process_from_args(args)
     dtype, weights, speed = resolve_dtype(args.dtype, device), weights_from_args(args), speed_from_args(args)
-    memory = plan_run(preset, weights, device, dtype, speed, weights, gpu_memory=process.get("gpu_memory"),
+    memory = plan_run(preset, weights, device, dtype, speed, gpu_memory=process.get("gpu_memory"),
                       head_shards=topology.cfg.sp)  # fmt: skip
     session = build_session(preset, weights, device, dtype, topology=topology, speed=speed, memory=memory)
     configure_threads(process.get("threads"), session.model, device)
