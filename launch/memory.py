@@ -379,7 +379,8 @@ class MemoryPlan:
 
 def _weights_note(weights: str, options: Options) -> str:
     notes = [weights] + (["block Linears fp8"] if options.weights == "fp8" else [])
-    return ", ".join(notes + (["blocks streamed from the host: the first and 2 slots on the device"] if options.offload == "layers" else []))
+    streamed = ["blocks streamed from the host: the first and 2 slots on the device"]
+    return ", ".join(notes + (streamed if options.offload == "layers" else []))
 
 
 def cheapest(counts: Counts, budget: int) -> MemoryPlan | None:
