@@ -343,7 +343,7 @@ class MemoryPlan:
             phases["prompt switch"] = resident + (c.text_encoder if c.device_type != "cpu" else 0)
         if c.random_draw and self.options.offload == "none":  # streamed blocks are drawn on the host
             phases["random weights"] = c.random_draw + c.workspace
-        if self.options.weights == "fp8" and self.options.offload == "none" and c.device_type != "cpu":
+        if self.options.weights == "fp8" and self.options.offload == "none":
             phases["load"] = c.transformer.total + c.workspace  # loaded whole, then its blocks quantised
         return phases
 

@@ -48,6 +48,22 @@ def test_the_plan_counts_what_a_session_allocates(name):
     if name == "tiny-wan":  # the decoder's causal cache after two blocks (decoding mid-wan's takes too long)
         assert len(list(session.run("a red circle moving left", blocks=2, seed=0).frames())) == 2
         assert counts.decode_state == sum(t.nbytes for t in decoder._feat_map if isinstance(t, torch.Tensor)) > 0
+        check_the_options_as_built(preset, counts)
+
+
+def check_the_options_as_built(preset, counts):
+    """fp8 blocks streamed from the host: the resident part (the rest, block 0, two slots) and
+    the host part are what the plan says (on a CPU the slots are plain tensors)."""
+    speed = SpeedConfig(weights="fp8", offload="layers")
+    model = build_session(preset, WeightPaths(), CPU, torch.float32, speed=speed).model
+    streamed = model.blocks
+    resident = {id(t): t for t in (*model.parameters(), *model.buffers()) if not t.is_meta}
+    device = sum(t.numel() * t.element_size() for t in resident.values()) + streamed.slot_bytes
+    [part] = [
+        p for p in MemoryPlan(counts, Options(weights="fp8", offload="layers"), None).parts if p.name == "transformer"
+    ]
+    assert (part.device, part.host) == (device, streamed.host_bytes), (part, device, streamed.host_bytes)
+    assert part.device + part.host < counts.transformer.total  # fp8 saved
 
 
 def test_the_real_size_plans_equal_their_meta_counts():
