@@ -198,7 +198,7 @@ def test_a_preset_too_big_for_the_free_memory_is_refused_before_allocating(monke
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith("preset self-forcing-1.3b needs ") and "(transformer 5.29 GiB + " in message, message
-    assert "on cpu, which has 4.00 GiB: even with --kv-cache fp8 --weights fp8 it needs " in message, message
+    assert "on cpu, which has 4.00 GiB: no set of the options (--kv-cache fp8, --weights fp8) fits" in message, message
 
 
 def test_what_is_allocated_is_said_with_verbose(caplog):
