@@ -1,4 +1,4 @@
-"""How much memory the device has free, and how sizes are said.
+"""How much memory the device has free, and how sizes are said and read.
 
 The memory plan (launch/memory.py) counts every part of a run on the meta device and compares the
 peak with `available_bytes`: a preset too big for the machine is refused in one line before
@@ -7,6 +7,7 @@ anything is allocated, instead of swapping for minutes.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -16,6 +17,20 @@ MEMINFO = Path("/proc/meminfo")
 CGROUP = Path("/sys/fs/cgroup")
 # cgroup v2, then v1: (limit, usage). A container's limit can be far below the host's free RAM.
 CGROUP_FILES = (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"))
+
+
+UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+         "g": GIB, "gb": 10**9, "gib": GIB, "t": 2**40, "tb": 10**12, "tib": 2**40}  # fmt: skip
+"""Memory sizes: KiB/MiB/GiB/TiB and bare K/M/G/T are powers of 2, kB/MB/GB/TB powers of 10."""
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '24GB' (10^9), '24G' (GiB), '512MiB' -> bytes (an argparse type)."""
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = found and found.group(2).lower()
+    if not found or unit not in UNITS or float(found.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a memory size: write e.g. 24GiB, 24GB or 512MiB")
+    return int(float(found.group(1)) * UNITS[unit])
 
 
 def count(n: int) -> str:

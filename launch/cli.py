@@ -40,10 +40,10 @@ from engine.config import (
     SpeedConfig,
 )
 from engine.devices import SetupError, resolve_device
+from engine.footprint import parse_bytes
 from engine.models.checkpoints.wan import CheckpointError
 from engine.weight_paths import WeightPaths
 from launch.layouts import choose_layout
-from launch.memory import parse_bytes
 from launch.presets import PRESETS, get_preset
 from launch.split import choose_split
 from parallel.topology import ParallelConfig, Topology, TopologyError

@@ -30,18 +30,19 @@ nothing, so only the fp8 options are searched.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
-import re
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
-from engine.config import Preset
+from engine.config import Preset, TinyTextEncoder
 from engine.devices import SetupError
 from engine.footprint import available_bytes, size
 from engine.loading import build_patch_codec, build_rope, new_model
 from engine.models.random_init import SMALL_MODEL_PARAMS
+from engine.models.text_encoder import REFERENCE_ENCODERS, encoder_on_meta
 from engine.plan.sigmas import build_schedule
 from engine.weight_paths import WeightPaths
 from launch.parts import endless_blocks_in_forward, frames_in_forward, make_guidance, stream_kv_cache
@@ -61,17 +62,6 @@ COSTS = {("text_encoder", "swap"): 1, ("text_encoder", "cpu"): 2, ("kv_cache", "
          ("offload", "layers"): 16}  # fmt: skip
 FLAGS = {"text_encoder": "--text-encoder-device", "kv_cache": "--kv-cache", "weights": "--weights",
          "offload": "--offload"}  # fmt: skip
-UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": MIB,
-         "g": GIB, "gb": 10**9, "gib": GIB, "t": 2**40, "tb": 10**12, "tib": 2**40}  # fmt: skip
-
-
-def parse_bytes(text: str) -> int:
-    """'24GiB', '24GB' (10^9), '24G' (GiB), '512MiB' -> bytes (an argparse type)."""
-    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    unit = found and found.group(2).lower()
-    if not found or unit not in UNITS or float(found.group(1)) <= 0:
-        raise ValueError(f"{text!r} is not a memory size: write e.g. 24GiB, 24GB or 512MiB")
-    return int(float(found.group(1)) * UNITS[unit])
 
 
 @dataclass(frozen=True)
@@ -166,8 +156,14 @@ class Transformer:
 
 
 def count_transformer(preset: Preset, dtype: torch.dtype) -> Transformer:
+    return _count_transformer(preset.model, dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _count_transformer(cfg, dtype: torch.dtype) -> Transformer:
+    """Kept per config: a network depends on nothing else."""
     with torch.device("meta"):
-        model = new_model(preset.model)
+        model = new_model(cfg)
     model.cast(dtype)  # on meta: sets each tensor's dtype as the load gives it
     in_blocks = {id(t) for t in (*model.blocks.parameters(), *model.blocks.buffers())}
     by_dtype, blocks = Counter(), 0
@@ -202,21 +198,31 @@ def count_text_encoder(preset: Preset, weights: WeightPaths, dtype: torch.dtype)
         with torch.random.fork_rng(devices=[]):  # its random init leaves the global generator as it was
             table = WordEmbedding(len(preset.text.vocab), preset.model.text_dim, preset.text.text_len)
         return sum(_nbytes(t) for t in (*table.parameters(), *table.buffers())), "word table"
-    from engine.config import TinyTextEncoder
-    from engine.models.text_encoder import REFERENCE_ENCODERS, encoder_on_meta
-
     folder = None if weights.random else weights.resolved("text_encoder")
     reference = "t5" if preset.text.special_tokens else "umt5"
     if folder is None and (preset.text.tiny is not None or weights.random):
         spec = preset.text.tiny or TinyTextEncoder(d_model=preset.model.text_dim, num_layers=1, seed=weights.seed)
-        encoder, name, dtype = encoder_on_meta(spec=spec), "random umT5", torch.float32  # drawn in float32
-    else:
-        encoder = encoder_on_meta(folder=folder, reference=reference)
-        name = "umT5" if folder is not None else REFERENCE_ENCODERS[reference][0]
+        return _encoder_bytes(None, spec, reference, torch.float32), "random umT5"  # drawn in float32
+    name = "umT5" if folder is not None else REFERENCE_ENCODERS[reference][0]
+    return _encoder_bytes(folder, None, reference, dtype), name
+
+
+def _encoder_bytes(folder, spec, reference: str, dtype: torch.dtype) -> int:
+    if folder is None:  # nothing read from files: the same answer every time
+        return _encoder_bytes_kept(spec, reference, dtype)
+    return _encoder_bytes_of(encoder_on_meta(folder=folder), dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _encoder_bytes_kept(spec, reference: str, dtype: torch.dtype) -> int:
+    return _encoder_bytes_of(encoder_on_meta(spec=spec, reference=reference), dtype)
+
+
+def _encoder_bytes_of(encoder: torch.nn.Module, dtype: torch.dtype) -> int:
     # from_pretrained loads at `dtype`, keeping the T5 "wo" layers in float32 under float16 only
     total = sum(p.numel() * (4 if dtype == torch.float16 and ".wo." in n else dtype.itemsize)
                 for n, p in encoder.named_parameters())  # fmt: skip
-    return total + sum(_nbytes(b) for b in encoder.buffers()), name
+    return total + sum(_nbytes(b) for b in encoder.buffers())
 
 
 def count_vae(preset: Preset, weights: WeightPaths) -> tuple[int, int, int]:

@@ -30,6 +30,7 @@ from engine.config import (
     WanConfig,
 )
 from engine.demo.scenes import COLORS, SHAPES
+from engine.footprint import parse_bytes
 
 WAN_1_3B = WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
 WAN_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
@@ -323,8 +324,6 @@ def _print_counts(names: list[str]) -> None:
 
 
 def _memory_size(text: str) -> int:
-    from launch.memory import parse_bytes
-
     try:
         return parse_bytes(text)
     except ValueError as err:

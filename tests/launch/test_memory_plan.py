@@ -12,7 +12,7 @@ import torch
 
 from engine.config import SpeedConfig
 from engine.devices import SetupError
-from engine.footprint import GIB, size
+from engine.footprint import GIB, parse_bytes, size
 from engine.loading import new_model
 from engine.sampling.noise import NoiseSource
 from engine.serving.scheduler import Limits
@@ -21,7 +21,7 @@ from engine.weight_paths import WeightPaths
 from launch import generate, presets
 from launch.build import Assembly, build_session
 from launch.fit import gpu_counts
-from launch.memory import MemoryPlan, Options, cheapest, count, parse_bytes
+from launch.memory import MemoryPlan, Options, cheapest, count
 from launch.stream import parse_args, session_limits
 
 CPU = torch.device("cpu")
