@@ -19,7 +19,7 @@ CGROUP = Path("/sys/fs/cgroup")
 CGROUP_FILES = (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"))
 
 
-UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+UNITS = {"b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
          "g": GIB, "gb": 10**9, "gib": GIB, "t": 2**40, "tb": 10**12, "tib": 2**40}  # fmt: skip
 """Memory sizes: KiB/MiB/GiB/TiB and bare K/M/G/T are powers of 2, kB/MB/GB/TB powers of 10."""
 
@@ -28,8 +28,8 @@ def parse_bytes(text: str) -> int:
     """'24GiB', '24GB' (10^9), '24G' (GiB), '512MiB' -> bytes (an argparse type)."""
     found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     unit = found and found.group(2).lower()
-    if not found or unit not in UNITS or float(found.group(1)) <= 0:
-        raise ValueError(f"{text!r} is not a memory size: write e.g. 24GiB, 24GB or 512MiB")
+    if not found or unit not in UNITS or float(found.group(1)) <= 0:  # a bare number too: bytes or GiB?
+        raise ValueError(f"{text!r} is not a memory size with a unit: write e.g. 24GiB, 24GB or 512MiB")
     return int(float(found.group(1)) * UNITS[unit])
 
 
