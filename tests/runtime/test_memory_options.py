@@ -21,6 +21,7 @@ from engine.runtime.fp8_weights import Fp8Linear, output_bound, roundtrip_bound
 from engine.runtime.streamed_layers import StreamedBlocks, stream_blocks
 from engine.weight_paths import WeightPaths
 from launch.build import build_session
+from launch.pipeline import StreamingPipeline
 from launch.presets import get_preset
 
 CPU = torch.device("cpu")
@@ -119,6 +120,14 @@ def test_fp8_weights_are_stored_in_a_byte():
     error = (layer.dequantised() - weight).abs()
     assert (error <= roundtrip_bound(weight, layer.weight_scale)).all(), error.max()
     assert error.max() > 0 and layer.weight_scale.flatten().unique().numel() == layer.out_features
+
+
+def test_the_python_api_takes_the_memory_options():
+    pipe = StreamingPipeline.from_preset("tiny-wan", random_weights=True, device="cpu", weights="fp8",
+                                         offload="layers", text_encoder_device="cpu")  # fmt: skip
+    line = pipe.speed_line
+    assert "weights: fp8" in line and "offload: 1 of 2 blocks" in line and "text encoder: on the host" in line, line
+    assert pipe.generate("a red circle", blocks=1).frames.shape[0] > 0
 
 
 def test_fp8_and_compile_with_offload_are_refused_in_one_line(monkeypatch):
