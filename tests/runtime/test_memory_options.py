@@ -17,7 +17,7 @@ import torch
 from engine.config import ConfigError, SpeedConfig
 from engine.runtime import fp8_weights
 from engine.runtime.fp8 import UNIT_ROUNDOFF
-from engine.runtime.fp8_weights import Fp8Linear, output_bound, roundtrip_bound
+from engine.runtime.fp8_weights import Fp8Linear, blocks_bytes, output_bound, roundtrip_bound, stored_bytes
 from engine.runtime.streamed_layers import StreamedBlocks, stream_blocks
 from engine.weight_paths import WeightPaths
 from launch.build import build_session
@@ -113,7 +113,11 @@ def test_fp8_linears_stay_within_the_e4m3_bound():
 
 
 def test_fp8_weights_are_stored_in_a_byte():
+    """Payload e4m3, a scale per output channel, every element within e4m3's rounding; the bytes
+    counted on a native model (what a memory plan reads) equal those the quantised blocks hold."""
     session = _session("tiny-wan", weights="fp8")
+    native = _session("tiny-wan").model.blocks
+    assert blocks_bytes(native, "fp8") == stored_bytes(session.model.blocks) < blocks_bytes(native, "native")
     layer = session.model.blocks[0].ffn[0]
     assert layer.weight_fp8.dtype == torch.float8_e4m3fn and layer.weight_scale.shape == (layer.out_features, 1)
     weight = _session("tiny-wan").model.blocks[0].ffn[0].weight
