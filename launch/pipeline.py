@@ -4,6 +4,7 @@
 
     pipe = StreamingPipeline.from_preset("demo")                 # the shipped demo model
     fast = StreamingPipeline.from_preset("demo", compile="default")  # compiled forward (SpeedConfig)
+    small = StreamingPipeline.from_preset("demo", weights="fp8", offload="layers", text_encoder_device="cpu")
     video = pipe.generate("a red circle moving left", blocks=8, seed=0)
     video.frames.shape, video.stats.forwards                     # [N, 64, 64, 3] uint8
     video.save("out/circle.mp4")
