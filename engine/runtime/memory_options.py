@@ -7,7 +7,8 @@
 
 The options are `SpeedConfig` fields (engine/config.py); the session is built in this order:
 refusals first (before anything loads), then the transformer where its blocks will live
-(`model_home`: the host when they are streamed), its blocks quantised, then streamed; the text
+(`model_home`: the host when they are streamed or quantised), its blocks quantised a block at a
+time on the device, then streamed (or the whole model moved to the device); the text
 encoder at `encoder_home`, swapping to the device if asked. `MemoryPlacement.line` says what
 was done, in the session's start-up line.
 """
@@ -52,8 +53,9 @@ def refuse_early(speed: SpeedConfig, device: torch.device) -> None:
 
 
 def model_home(speed: SpeedConfig, device: torch.device) -> torch.device:
-    """Where the transformer is built: on the host when its blocks are to be streamed from there."""
-    return HOST if speed.offload == "layers" else device
+    """Where the transformer is built: on the host when its blocks are to be streamed from there, or
+    quantised on their way to the device (the native model need never fit on the device)."""
+    return HOST if speed.offload == "layers" or speed.weights == "fp8" else device
 
 
 def encoder_home(speed: SpeedConfig, device: torch.device) -> torch.device:
@@ -64,22 +66,24 @@ def place_model(model: nn.Module, speed: SpeedConfig, device: torch.device) -> M
     """Quantise the blocks (fp8), then stream them (offload), as `speed` says; in place."""
     placement = MemoryPlacement(text_encoder=_encoder_words(speed, device))
     if speed.weights == "fp8":
-        placement.weights = "fp8 (" + quantise_on(model.blocks, device, torchao=speed.offload == "none") + ")"
+        placement.weights = "fp8 (" + quantise_on(model.blocks, device, keep=speed.offload == "none") + ")"
     if speed.offload == "layers":
         placement.streamed = stream_blocks(model, device)
+    else:
+        model.to(device)
     return placement
 
 
-def quantise_on(blocks: nn.ModuleList, device: torch.device, torchao: bool) -> str:
-    """The blocks' Linears to fp8, each block quantised on `device` and left where it was (a block
-    at a time on the device: the host's CPU converts float8 an element at a time)."""
-    home = next(blocks.parameters()).device
-    if home == device:
-        return fp8_weights.quantise_blocks(blocks, device, torchao=torchao)
+def quantise_on(blocks: nn.ModuleList, device: torch.device, keep: bool) -> str:
+    """The blocks' Linears to fp8, a block at a time on `device` (the host's CPU converts float8 an
+    element at a time, and the native blocks need never all be on the device); each then stays on
+    the device (`keep`) or goes back where it was (to be streamed). torchao only for kept blocks."""
+    home, used = next(blocks.parameters()).device, "arcade e4m3"
     for block in blocks:
         block.to(device)
-        used = fp8_weights.quantise_blocks(nn.ModuleList([block]), device, torchao=False)
-        block.to(home)
+        used = fp8_weights.quantise_blocks(nn.ModuleList([block]), device, torchao=keep)
+        if not keep:
+            block.to(home)
     return used
 
 

@@ -16,14 +16,15 @@ reached one outside the iteration would fail loudly, not silently read host memo
 On a CPU the "device" is the CPU: the slots are separate tensors and the copies plain `copy_`s,
 which is how the tests check the mechanism (`copies` counts them).
 
-Why not accelerate's hooks: `cpu_offload_with_hook` moves a whole model on and off the device
-(the model, not its layers), and `AlignDevicesHook` copies a module's weights in its pre-forward
-hook on the compute stream, from unpinned host tensors, without prefetching the next module, so
-every copy stalls the GPU; it also allocates the device copies anew per call. Here the copies
-overlap compute and the device memory is two fixed slots.
+Why not accelerate's hooks: `cpu_offload_with_hook` moves a whole model on and off the device (the
+model, not its layers), and `AlignDevicesHook` (accelerate 1.16) copies a module's weights in its
+pre-forward hook on the compute stream, from unpinned host tensors, without prefetching the next
+module, so every copy stalls the GPU; it also allocates the device copies anew per call. Here the
+copies overlap compute and the device memory is two fixed slots.
 
-Time per forward (launch/throughput.py, `offload_forward_s`): with c the compute of one block and
-m = block bytes / host-to-device bandwidth, about rest + resident * c + (L - resident) * max(c, m).
+Time per forward (launch/throughput.py, `offload_forward_s`): with c the compute of one block (the
+resident forward / L) and m = block bytes / host-to-device bandwidth, about
+resident * c + (L - resident) * max(c, m).
 """
 
 from __future__ import annotations

@@ -17,10 +17,11 @@ import torch
 from engine.config import ConfigError, SpeedConfig
 from engine.runtime import fp8_weights
 from engine.runtime.fp8 import UNIT_ROUNDOFF
-from engine.runtime.fp8_weights import Fp8Linear, output_bound, roundtrip_bound
+from engine.runtime.fp8_weights import Fp8Linear, blocks_bytes, output_bound, roundtrip_bound, stored_bytes
 from engine.runtime.streamed_layers import StreamedBlocks, stream_blocks
 from engine.weight_paths import WeightPaths
 from launch.build import build_session
+from launch.pipeline import StreamingPipeline
 from launch.presets import get_preset
 
 CPU = torch.device("cpu")
@@ -112,13 +113,25 @@ def test_fp8_linears_stay_within_the_e4m3_bound():
 
 
 def test_fp8_weights_are_stored_in_a_byte():
+    """Payload e4m3, a scale per output channel, every element within e4m3's rounding; the bytes
+    counted on a native model (what a memory plan reads) equal those the quantised blocks hold."""
     session = _session("tiny-wan", weights="fp8")
+    native = _session("tiny-wan").model.blocks
+    assert blocks_bytes(native, "fp8") == stored_bytes(session.model.blocks) < blocks_bytes(native, "native")
     layer = session.model.blocks[0].ffn[0]
     assert layer.weight_fp8.dtype == torch.float8_e4m3fn and layer.weight_scale.shape == (layer.out_features, 1)
     weight = _session("tiny-wan").model.blocks[0].ffn[0].weight
     error = (layer.dequantised() - weight).abs()
     assert (error <= roundtrip_bound(weight, layer.weight_scale)).all(), error.max()
     assert error.max() > 0 and layer.weight_scale.flatten().unique().numel() == layer.out_features
+
+
+def test_the_python_api_takes_the_memory_options():
+    pipe = StreamingPipeline.from_preset("tiny-wan", random_weights=True, device="cpu", weights="fp8",
+                                         offload="layers", text_encoder_device="cpu")  # fmt: skip
+    line = pipe.speed_line
+    assert "weights: fp8" in line and "offload: 1 of 2 blocks" in line and "text encoder: on the host" in line, line
+    assert pipe.generate("a red circle", blocks=1).frames.shape[0] > 0
 
 
 def test_fp8_and_compile_with_offload_are_refused_in_one_line(monkeypatch):
