@@ -43,6 +43,34 @@ def new_model(cfg: ModelConfig) -> WanModel | MagiModel:
     return family_of(cfg).new_model(cfg)
 
 
+def missing_weights(preset: Preset, weights: WeightPaths) -> str | None:
+    """The builders' own refusal for a part the weights do not give (None: every part is there),
+    asked before anything is built or sized: a missing file is said before the memory it would take."""
+    check_paths(weights)
+    if weights.random:
+        return None
+    if weights.resolved("transformer", preset) is None and not preset.random_init:
+        return _no_transformer(preset)
+    if preset.text.vocab is None and preset.text.tiny is None and weights.resolved("text_encoder") is None:
+        return _no_text_encoder(preset)
+    if preset.vae.kind == "wan" and weights.resolved("vae") is None and not preset.random_init:
+        return _no_vae(preset)
+    return None
+
+
+def _no_transformer(preset: Preset) -> str:
+    return f"preset {preset.name} needs transformer weights: pass --checkpoint PATH (or --base DIR)"
+
+
+def _no_text_encoder(preset: Preset) -> str:
+    return (f"preset {preset.name} needs a umT5 text encoder: pass --text-encoder DIR "
+            "(a transformers folder, e.g. Wan2.1-T2V-1.3B-Diffusers/text_encoder) or --base DIR")  # fmt: skip
+
+
+def _no_vae(preset: Preset) -> str:
+    return f"preset {preset.name} needs VAE weights: pass --vae PATH (folder or Wan2.1_VAE.pth) or --base DIR"
+
+
 def build_model(preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype) -> WanModel | MagiModel:
     check_paths(weights)
     with torch.device("meta"):
@@ -50,7 +78,7 @@ def build_model(preset: Preset, weights: WeightPaths, device: torch.device, dtyp
     checkpoint = weights.resolved("transformer", preset)
     load = checkpoint is not None and not weights.random
     if not load and not (preset.random_init or weights.random):
-        raise SetupError(f"preset {preset.name} needs transformer weights: pass --checkpoint PATH (or --base DIR)")
+        raise SetupError(_no_transformer(preset))
     params = sum(p.numel() for p in model.parameters())
     if load:
         _load_streamed(model, preset, weights, Path(checkpoint), device, dtype)
@@ -150,10 +178,7 @@ def _umt5_encoder(preset: Preset, weights: WeightPaths, device: torch.device, dt
         spec = preset.text.tiny or TinyTextEncoder(d_model=preset.model.text_dim, num_layers=1, seed=weights.seed)
         encoder = TextEncoder.random(spec, text_len=preset.text.text_len, device=device)
     else:
-        raise SetupError(
-            f"preset {preset.name} needs a umT5 text encoder: pass --text-encoder DIR "
-            "(a transformers folder, e.g. Wan2.1-T2V-1.3B-Diffusers/text_encoder) or --base DIR"
-        )
+        raise SetupError(_no_text_encoder(preset))
     return encoder
 
 
@@ -189,9 +214,7 @@ def build_decoder(
     elif preset.random_init or weights.random:
         vae = random_vae(preset.vae, weights.seed)
     else:
-        raise SetupError(
-            f"preset {preset.name} needs VAE weights: pass --vae PATH (folder or Wan2.1_VAE.pth) or --base DIR"
-        )
+        raise SetupError(_no_vae(preset))
     return StreamingDecoder(vae.to(device), preset.vae)
 
 

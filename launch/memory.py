@@ -40,7 +40,7 @@ import torch
 from engine.config import Preset, TinyTextEncoder
 from engine.devices import SetupError
 from engine.footprint import available_bytes, size
-from engine.loading import build_patch_codec, build_rope, new_model
+from engine.loading import build_patch_codec, build_rope, missing_weights, new_model
 from engine.models.random_init import SMALL_MODEL_PARAMS
 from engine.models.text_encoder import REFERENCE_ENCODERS, encoder_on_meta
 from engine.plan.sigmas import build_schedule
@@ -436,6 +436,9 @@ def plan_run(
     head_shards: int = 1,
 ) -> MemoryPlan:
     """The plan of a run about to be built, against the device's budget (`configs`: where the
-    memory options are set)."""
+    memory options are set). A part the weights do not give is refused first, as its builder would."""
+    missing = missing_weights(preset, weights)
+    if missing:
+        raise SetupError(missing)
     counts = count(preset, weights, dtype, device.type, head_shards)
     return MemoryPlan(counts, options_of(*configs), device_budget(device, gpu_memory))
