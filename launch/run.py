@@ -78,7 +78,12 @@ def check_ranks(preset: Preset, topology: Topology) -> None:
     """Refuse a layout the preset's plan cannot use. A cascade takes any `cascade x sp` (+ decode
     rank); every other plan (sequential, pyramid, skyreels) runs on one sp group whose ranks share
     each forward (+ a decode rank, but for skyreels); the sink rank writes or serves."""
-    if not topology.distributed or preset.plan.schedule == "cascade":
+    if not topology.distributed:
+        return
+    if preset.plan.schedule == "cascade":
+        if topology.cascade_size > 1 and preset.plan.compute != "selective":
+            raise TopologyError("cascade stages hand each other the KV cache, which --compute "
+                                f"{preset.plan.compute} does not build: add --compute selective")  # fmt: skip
         return
     schedule, compute = preset.plan.schedule, topology.compute_ranks
     if topology.cascade_size > 1:

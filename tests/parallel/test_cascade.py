@@ -6,6 +6,7 @@ Each multi-rank case is one `torchrun --standalone` launch of tests/support/casc
 outer timeout; the sink rank saves latents, compared here with the one-device executor.
 """
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -144,6 +145,13 @@ def test_layouts_that_do_not_fit_fail_clearly():
         topology.check_plan(3, 4, 2)
     assert [topology.owner(b) for b in range(7)] == [0, 1, 2, 3, 4, 0, 1]
     assert not Topology.single().distributed and Topology.single().is_decoder
+    from launch.presets import get_preset
+    from launch.run import check_ranks
+
+    skyreels = get_preset("skyreels-v2-df-tiny")  # reruns its window by default: no KV cache to hand on
+    cascade = dataclasses.replace(skyreels, plan=dataclasses.replace(skyreels.plan, schedule="cascade", offset=2))
+    with pytest.raises(TopologyError, match="add --compute selective"):
+        check_ranks(cascade, Topology(ParallelConfig(), 0, 2, 0, None))
 
 
 def test_parallel_auto_picks_a_split_and_says_why(tmp_path):

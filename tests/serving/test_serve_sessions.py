@@ -369,6 +369,12 @@ def test_session_flags_reach_the_limits_or_are_refused():
         with pytest.raises(ConfigError, match=f"{argv[0]} applies to one shared stream: add --shared-stream"):
             check_mode(parse_args(argv), Topology.single())
         check_mode(parse_args([*argv, "--shared-stream"]), Topology.single())
+    from launch.stream import sessions_preset
+
+    window = ["--preset", "skyreels-v2-df-tiny", "--schedule", "pyramid", "--offset", "2"]
+    with pytest.raises(ConfigError, match="add --compute selective"):
+        sessions_preset(parse_args(window), Topology.single())  # once a traceback in the session manager
+    sessions_preset(parse_args([*window, "--compute", "selective"]), Topology.single())
 
 
 def test_the_client_opens_joins_and_is_refused():
