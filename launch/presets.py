@@ -73,7 +73,9 @@ WAN22_VAE = VaeConfig(
     base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, pixel_patch=2,
     latents_mean=WAN22_LATENTS_MEAN, latents_std=WAN22_LATENTS_STD,
 )  # fmt: skip
-TINY_WAN22_VAE = dataclasses.replace(WAN22_VAE, base_dim=8, decoder_base_dim=12, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
+TINY_WAN22_VAE = dataclasses.replace(
+    WAN22_VAE, base_dim=8, decoder_base_dim=12, dim_mult=(1, 2, 2, 2), num_res_blocks=1
+)
 
 
 DEMO_VOCAB = ("a", "an", *COLORS, *SHAPES, "moving", "bouncing", "up", "down", "left", "right")

@@ -58,7 +58,7 @@ def load_vae(cfg: VaeConfig, path: str | Path) -> AutoencoderKLWan:
 
     path = _vae_in_folder(Path(path)) if Path(path).is_dir() else Path(path)
     if path.is_dir():
-        return AutoencoderKLWan.from_pretrained(str(path)).eval()
+        return _same_variant(AutoencoderKLWan.from_pretrained(str(path)).eval(), cfg, path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such VAE file or folder")
     raw = read_safetensors(path) if path.name.endswith(".safetensors") else read_torch(path)
@@ -75,6 +75,18 @@ def load_vae(cfg: VaeConfig, path: str | Path) -> AutoencoderKLWan:
         )
     vae.load_state_dict(state, strict=True)
     return vae.eval()
+
+
+def _same_variant(vae: AutoencoderKLWan, cfg: VaeConfig, path: Path) -> AutoencoderKLWan:
+    """A folder's own config builds the VAE: refuse one of the other Wan generation (a Wan2.1 VAE
+    for a Wan2.2 preset decodes 16 channels, not 48)."""
+    found = (vae.config.z_dim, vae.config.patch_size or 1)
+    if found != (cfg.z_dim, cfg.pixel_patch):
+        raise CheckpointError(
+            f"{path}: a VAE with {found[0]} latent channels and pixel patch {found[1]}; the preset needs "
+            f"{cfg.z_dim} and {cfg.pixel_patch} (Wan2.1 VAEs have 16 and 1, Wan2.2's 48 and 2)"
+        )
+    return vae
 
 
 def _vae_in_folder(folder: Path) -> Path:
