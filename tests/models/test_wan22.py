@@ -13,6 +13,7 @@ from diffusers import AutoencoderKLWan
 from safetensors.torch import save_file
 
 from engine.config import SpeedConfig, VaeConfig, WanConfig
+from engine.families import forward_flops
 from engine.loading import build_kv_cache
 from engine.models.attention import LocalView
 from engine.models.checkpoints.wan import CheckpointError, load_weights, read_checkpoint
@@ -22,9 +23,10 @@ from engine.models.vae import StreamingDecoder, load_vae, random_vae
 from engine.models.wan import WanModel
 from engine.weight_paths import WeightPaths
 from helpers import assert_close, diffusers_twin, tiny_model, write_diffusers_folder
+from launch.benchmarks.gpu_report import analytic_limits
 from launch.build import build_session
 from launch.presets import TINY_WAN22_VAE, get_preset, parameter_count
-from launch.throughput import sp_refusal
+from launch.throughput import DECODE_S, decode_seconds, sp_refusal
 
 # TI2V-5B's layout (48 channels in and out, patch 1x2x2, 128-wide heads) at tiny widths
 TINY22 = WanConfig(dim=64, ffn_dim=96, num_heads=2, num_layers=2, in_channels=48, out_channels=48, text_dim=32,
@@ -170,6 +172,11 @@ def test_real_presets_shapes_sizes_and_sp_degrees():
     assert [n for n in range(1, 25) if sp_refusal(longlive, n) is None] == [1, 2, 3, 4, 6, 8, 12, 24]
     base = get_preset("wan2.2-ti2v-5b")
     assert base.pixel_frames(1) == 121 and base.model == longlive.model and base.vae == longlive.vae
+    limit = analytic_limits(["longlive2-5b"])[0]  # the GPU report's row: 4 steps + the commit pass
+    assert limit["block_tflop"] == pytest.approx(5 * forward_flops(longlive.model, 7040, 32 * 880, 512) / 1e12)
+    assert 30 < limit["fps_at_700"] < 36, limit  # 32 frames per block
+    assert decode_seconds(longlive) == pytest.approx(530.8e12 / (0.35 * 989e12))  # Wan2.2 VAE, 32 frames at 720p
+    assert decode_seconds(get_preset("self-forcing-1.3b")) == pytest.approx(DECODE_S)
 
 
 # -- the tiny variant through the runtime -------------------------------------------------------
