@@ -23,7 +23,8 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class WanConfig:
-    """Wan2.1 DiT dimensions (the parameter layout every Wan-based causal checkpoint shares)."""
+    """Wan2.1 DiT dimensions (the parameter layout every Wan-based causal checkpoint shares, and
+    Wan2.2-TI2V-5B's)."""
 
     family: ClassVar[str] = "wan"
     """The model family (engine/families/): how its network is built, loaded, conditioned and counted."""
