@@ -23,7 +23,8 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class WanConfig:
-    """Wan2.1 DiT dimensions (the parameter layout every Wan-based causal checkpoint shares)."""
+    """Wan2.1 DiT dimensions (the parameter layout every Wan-based causal checkpoint shares, and
+    Wan2.2-TI2V-5B's)."""
 
     family: ClassVar[str] = "wan"
     """The model family (engine/families/): how its network is built, loaded, conditioned and counted."""
@@ -174,16 +175,25 @@ class VaeConfig:
     """The latent space: the Wan2.1 VAE (diffusers `AutoencoderKLWan`), or patchified pixels (demo)."""
 
     kind: str = "wan"
-    """wan: the causal 3D VAE (stride 4 x 8 x 8); patches: principal components of p x p pixel
-    patches (engine/demo/pixels.py), one latent frame per video frame; magi: MAGI-1's transformer
-    VAE (stride 4 x 8 x 8, 4 frames per latent frame; not implemented yet: latents only)."""
+    """wan: the causal 3D VAE (Wan2.1: stride 4 x 8 x 8; Wan2.2: 4 x 16 x 16, see `pixel_patch`);
+    patches: principal components of p x p pixel patches (engine/demo/pixels.py), one latent frame
+    per video frame; magi: MAGI-1's transformer VAE (stride 4 x 8 x 8, 4 frames per latent frame;
+    not implemented yet: latents only)."""
     patch: int = 4
     """patches: patch size p (z_dim components of the 3 p^2 patch values)."""
     base_dim: int = 96
+    """Encoder width (Wan2.1: 96; Wan2.2: 160)."""
+    decoder_base_dim: int | None = None
+    """Decoder width when it differs from the encoder's (Wan2.2: 256)."""
     z_dim: int = 16
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     temporal_downsample: tuple[bool, ...] = (False, True, True)
+    is_residual: bool = False
+    """Wan2.2: every level adds a parameter-free resampled shortcut around its residual blocks."""
+    pixel_patch: int = 1
+    """Wan2.2: 2. Pixels are folded p x p into channels before the encoder (3 -> 12 channels) and
+    unfolded after the decoder, so the spatial stride is p x 2^(levels - 1) (2 x 8 = 16)."""
     latents_mean: tuple[float, ...] | None = None
     """Per-channel latent statistics; None means 'use the loaded VAE's own config'."""
     latents_std: tuple[float, ...] | None = None
@@ -194,10 +204,11 @@ class VaeConfig:
         )
         for stats in (self.latents_mean, self.latents_std):
             _require(stats is None or len(stats) == self.z_dim, "latents_mean/std need z_dim entries")
+        _require(self.pixel_patch >= 1, "pixel_patch must be >= 1")
 
     @property
     def spatial_stride(self) -> int:
-        return self.patch if self.kind == "patches" else 2 ** (len(self.dim_mult) - 1)
+        return self.patch if self.kind == "patches" else self.pixel_patch * 2 ** (len(self.dim_mult) - 1)
 
     @property
     def temporal_stride(self) -> int:

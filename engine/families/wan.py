@@ -1,5 +1,6 @@
 """The Wan family: Wan2.1 DiTs and the models built on their layout (Self-Forcing, CausVid,
-SkyReels-V2, LongLive, the demo model). A variant is a preset, not a family: SkyReels-V2 is a Wan
+SkyReels-V2, LongLive, the demo model), and Wan2.2-TI2V-5B (LongLive-2.0's base: the same layout
+with 48 latent channels). A variant is a preset, not a family: SkyReels-V2 is a Wan
 network with its own plan (engine/plan/skyreels.py).
 """
 

@@ -33,7 +33,7 @@ from launch.presets import get_preset
 MEASURED = ["fps", "fps_est", "fps_decoded", "first_frame_s", "startup_s", "build_s", "forward_ms", "decode_ms",
             "tflops", "mfu", "block_tflop", "analytic_block_tflop", "limit_fps_peak", "limit_fps_700", "attention",
             "linear", "rest", "kv_gib"]  # fmt: skip
-RAN = ["sf-eager", "sf-compiled", "magi-eager", "skyreels-eager", "sf-eager-fp8kv"]
+RAN = ["sf-eager", "sf-compiled", "magi-eager", "skyreels-eager", "sf-eager-fp8kv", "ll2-eager"]
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_throughput_model_received_the_measured_times(report):
     preset = get_preset("tiny-wan")
     period = (preset.sampling.steps + 1) * measured["forward_ms"] / 1000 + measured["decode_ms"] / 1000
     assert one["fps"] == pytest.approx(12 / period, rel=1e-6), (one, period)
-    assert {m["variant"] for m in data["cascade_model"]} == {"sf-eager", "sf-compiled", "sf-eager-fp8kv"}
+    assert {m["variant"] for m in data["cascade_model"]} == {"sf-eager", "sf-compiled", "sf-eager-fp8kv", "ll2-eager"}
 
 
 @pytest.mark.timeout(1800)
