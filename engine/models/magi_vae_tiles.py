@@ -19,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.config import MagiVaeConfig
 from engine.models.magi_vae import MagiVae
 
 PREFIX_VIDEO_FRAMES = 32
@@ -86,11 +85,11 @@ def tiled_encode(vae: MagiVae, video: torch.Tensor) -> torch.Tensor:
 def tiled_decode(vae: MagiVae, z: torch.Tensor) -> torch.Tensor:
     """Posterior samples `[B, z, t, h, w]` (unscaled) -> pixels `[B, 3, T, 8h, 8w]` (not clamped)."""
     cfg = vae.cfg
-    tile_latent = cfg.tile_px // cfg.patch_size
+    tile_latent, frames = cfg.tile_px // cfg.patch_size, cfg.tile_latent_frames
     overlap = int(cfg.tile_px * cfg.tile_overlap)
     return _tiled(
         z, vae.decode,
-        tile=(cfg.tile_latent_frames, tile_latent), step=(cfg.tile_latent_frames, int(tile_latent * (1 - cfg.tile_overlap))),
+        tile=(frames, tile_latent), step=(frames, int(tile_latent * (1 - cfg.tile_overlap))),
         extent=overlap, keep=(cfg.tile_frames, cfg.tile_px - overlap), chained=False,
     )  # fmt: skip
 
