@@ -105,6 +105,10 @@ class MagiStreamingDecoder:
     def reset(self) -> None:
         """Nothing to forget: chunks decode independently (no temporal overlap)."""
 
+    def encode(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 frames `[T, H, W, 3]` at the stream's size -> latents `[1, z, T / 4, h, w]`."""
+        return encode_frames(self.vae, frames)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         param = next(self.vae.parameters())
@@ -113,19 +117,36 @@ class MagiStreamingDecoder:
 
 
 @torch.no_grad()
+def encode_frames(vae: MagiVae, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 frames `[T, H, W, 3]` -> latents `[1, z, T', H/8, W/8]` as the DiT sees them: scaled to
+    [-1, 1], tiled-encoded, x scale_factor. T' = T / 4 (a single frame: 1)."""
+    pixels = torch.as_tensor(np.asarray(frames))
+    if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {pixels.dtype} {tuple(pixels.shape)}")
+    param = next(vae.parameters())
+    video = pixels.permute(3, 0, 1, 2)[None].to(param.device, torch.float32) / 127.5 - 1.0  # [1, 3, T, H, W]
+    return tiled_encode(vae, video.to(param.dtype)).float() * vae.cfg.scale_factor
+
+
 def encode_prefix(vae: MagiVae, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
     """An image `[H, W, 3]` or clip `[T, H, W, 3]` (uint8, already at the stream's size) -> the clean
-    prefix latents `[1, z, T', H/8, W/8]` MAGI-1 conditions on, as its `process_image` /
+    prefix latents `[1, z, T', H/8, W/8]` exactly as MAGI-1's `process_image` /
     `process_prefix_video` make them: the clip's first 32 frames (an image: one frame, one latent
-    frame), scaled to [-1, 1], tiled-encoded, x scale_factor.
+    frame), encoded by `encode_frames`.
 
     How MAGI-1 uses them: the first `T' // chunk_width` chunks are committed clean; the rest pad
     the start of the next chunk, which is denoised with them held fixed (an image: 1 latent frame
     of chunk 0, whose 4 decoded frames stay in the video)."""
     pixels = torch.as_tensor(np.asarray(frames))
-    if pixels.dtype != torch.uint8 or pixels.dim() not in (3, 4) or pixels.shape[-1] != 3:
-        raise ValueError(f"prefix frames must be uint8 [H, W, 3] or [T, H, W, 3], got {tuple(pixels.shape)}")
     clip = pixels[None] if pixels.dim() == 3 else pixels[:PREFIX_VIDEO_FRAMES]
-    param = next(vae.parameters())
-    video = clip.permute(3, 0, 1, 2)[None].to(param.device, torch.float32) / 127.5 - 1.0  # [1, 3, T, H, W]
-    return tiled_encode(vae, video.to(param.dtype)).float() * vae.cfg.scale_factor
+    return encode_frames(vae, clip)
+
+
+def stretch_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 `[T, H, W, 3]` scaled to `height` x `width` without keeping the aspect ratio: MAGI-1's
+    default ("fit": ffmpeg's scale filter, bicubic); here torch's antialiased bicubic."""
+    if frames.shape[1:3] == (height, width):
+        return frames
+    pixels = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    pixels = torch.nn.functional.interpolate(pixels, size=(height, width), mode="bicubic", antialias=True)
+    return pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
