@@ -533,6 +533,12 @@ class Preset:
         )
         if self.text.tiny is not None:
             _require(self.text.tiny.d_model == self.model.text_dim, "tiny text encoder width must equal text_dim")
+        tile = self.vae.magi.tile_latent_frames
+        _require(
+            self.vae.kind != "magi" or self.stream.frames_per_block % tile == 0,
+            f"MAGI-1's VAE decodes each chunk by itself: {self.stream.frames_per_block}-frame chunks must be "
+            f"whole {tile}-frame temporal tiles",
+        )
         _require(
             self.plan.switch == "next-step" or self.stream.sink_frames == 0,
             "--switch recache reruns the visible window in one forward, which a sink would split: "

@@ -5,6 +5,7 @@ that code can be imported (MAGI1_REFERENCE=path/to/MAGI-1 and its imports instal
 pytest tests/models/test_magi_vae.py
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from engine.config import ConfigError
 from engine.families import family_of
 from engine.models.checkpoints.magi_vae import load_magi_vae
 from engine.models.checkpoints.validate import CheckpointError
@@ -62,6 +64,8 @@ def test_tiles_chunks_and_prefix_shapes(vae):
     decoder = MagiStreamingDecoder(vae)
     chunks = [decoder.decode(z[:, :, i : i + 2] * CFG.scale_factor) for i in (0, 2, 4)]
     assert_close(torch.cat(chunks, dim=2), whole.clamp(-1, 1), 1e-6, "chunk-by-chunk vs whole tiled decode")
+    with pytest.raises(ConfigError, match="whole 2-frame temporal tiles"):  # chunks that split a tile
+        dataclasses.replace(TINY, stream=dataclasses.replace(TINY.stream, frames_per_block=3, window_frames=6))
     frames = np.random.default_rng(0).integers(0, 256, (40, 64, 64, 3), dtype=np.uint8)
     assert encode_prefix(vae, frames).shape == (1, 4, 8, 8, 8), "MAGI-1 encodes the first 32 frames"
     family = family_of(TINY.model)
