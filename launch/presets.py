@@ -17,6 +17,7 @@ from engine.config import (
     ConfigError,
     MagiConfig,
     MagiGuidance,
+    MagiVaeConfig,
     PlanConfig,
     Preset,
     SamplingConfig,
@@ -258,7 +259,14 @@ MAGI_24B = MagiConfig(
 MAGI_BASE = MagiGuidance(passes=3)
 MAGI_DISTILL = MagiGuidance(passes=1, nearly_clean_t=0.3)
 MAGI_REACH = (5, 4, 3, 2)
-MAGI_SPECIAL = ("hq", "duration")  # PAD_HQ=1 PAD_DURATION=1, as MAGI-1's run scripts set them
+MAGI_SPECIAL = ("hq", "duration")
+# A one-layer MAGI-1 VAE (same 4 x 8 x 8 patches) with 32-pixel tiles, so 64x64 frames still tile
+# and blend as 720p frames do, and 8-frame temporal tiles: one 2-latent-frame chunk each.
+TINY_MAGI_VAE = VaeConfig(
+    kind="magi", z_dim=4,
+    magi=MagiVaeConfig(dim=256, num_layers=1, num_heads=4, z_dim=4, trained_size=32, trained_frames=8, tile_px=32,
+                       tile_frames=8),
+)  # fmt: skip  # PAD_HQ=1 PAD_DURATION=1, as MAGI-1's run scripts set them
 
 
 def _magi(name: str, model: MagiConfig, steps: int, guidance: MagiGuidance, size: tuple[int, int], what: str) -> Preset:
@@ -322,7 +330,7 @@ def magi_1_tiny() -> Preset:
             freq_dim=32,
             rope_bands=4,
         ),  # fmt: skip
-        vae=TINY_VAE,
+        vae=TINY_MAGI_VAE,
         text=dataclasses.replace(TINY_TEXT, special_tokens=MAGI_SPECIAL),
         stream=StreamConfig(height=64, width=64, frames_per_block=2, window_frames=4, fps=24),
         sampling=SamplingConfig(timesteps=None, num_steps=8, spacing="magi", solver="euler", magi=MAGI_BASE),
