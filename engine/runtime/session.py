@@ -44,9 +44,9 @@ class ExecutorFactory(Protocol):
         ...
 
 
-StartEncoder = Callable[[np.ndarray, int], torch.Tensor]
-"""(frames `[T, H, W, 3]` uint8, most latent frames) -> clean start latents (the family's
-`encode_start` on this session's decoder)."""
+StartEncoder = Callable[[object, np.ndarray, int], torch.Tensor]
+"""(the session's decoder, frames `[T, H, W, 3]` uint8, most latent frames) -> clean start
+latents (the family's `encode_start` for the preset)."""
 
 
 class Run:
@@ -126,7 +126,7 @@ class Session:
         if self.start_encoder is None:
             raise ConfigError(f"{self.preset.name}: this session cannot start a stream from given frames")
         with torch.no_grad():
-            return self.start_encoder(frames, self.start_capacity())
+            return self.start_encoder(self.decoder, frames, self.start_capacity())
 
     def plan(self, num_blocks: int | None, pre_ready: int = 0) -> Iterator[Tick]:
         """The preset's sequential or pyramid plan (SkyReels plans are built per segment);
