@@ -152,7 +152,7 @@ class Session:
         """Start a stream of `blocks` new blocks (None: endless). `prompt` may depend on the tick
         (prompt switches); `initial(b)` overrides block b's starting noise; `start`: clean latents
         (`encode_start`) committed first. Bad plans fail here, before any work."""
-        prefix = self._start_blocks(start)
+        prefix = self.start_blocks(start)
         conditioning = self.prompts.conditioning
         text = (lambda tick: conditioning(prompt(tick))) if callable(prompt) else conditioning(prompt)
         noise, executors = NoiseSource(seed), []
@@ -169,7 +169,7 @@ class Session:
         ticks = self.plan(total, pre_ready=len(prefix))
         return Run(executor.run(ticks, text, initial=initial, prefix=prefix), executors, self.decoder, start)
 
-    def _start_blocks(self, start: torch.Tensor | None) -> dict[int, torch.Tensor]:
+    def start_blocks(self, start: torch.Tensor | None) -> dict[int, torch.Tensor]:
         """{block: clean latents `[1, C, F, h, w]`} of a given start (blocks 0 .. P-1)."""
         if start is None:
             return {}
