@@ -339,8 +339,8 @@ def test_a_session_restarts_from_an_upload_and_others_go_on(session):
     mgr = manager(session)
     moved, calm = mgr.open(RED, seed=3).id, mgr.open(BLUE, seed=4).id
     frames = collect(mgr, 4)
-    for upload, says in ((base64.b64encode(b"plain text").decode(), "not an image or video"),
-                         ("%%%", "base64"), (base64.b64encode(png.getvalue()[:60]).decode(), "corrupt PNG")):  # fmt: skip
+    hostile = {"not an image or video": b"plain text", "corrupt PNG": png.getvalue()[:60]}
+    for says, upload in [("base64", "%%%")] + [(k, base64.b64encode(v).decode()) for k, v in hostile.items()]:
         with pytest.raises((MediaError, SessionError), match=says):
             mgr.start_from(moved, upload)
     assert mgr.start_from(moved, base64.b64encode(png.getvalue()).decode()) == {"blocks": 1, "latent_frames": 3}
