@@ -77,7 +77,8 @@ def build_session(
     prompts = Prompts(preset, model, build_text_encoder(preset, weights, device, dtype), device, embed)
     decoder = build_decoder(preset, weights, device)
     assembly = Assembly(preset, model, device, topology, sharding or ulysses_for(topology, preset), speed)
-    start_encoder = functools.partial(family_of(preset.model).encode_start, preset)
+    on_ranks = topology is not None and topology.distributed  # a given start is not yet shared between ranks
+    start_encoder = None if on_ranks else functools.partial(family_of(preset.model).encode_start, preset)
     return Session(preset, model, prompts, decoder, device, assembly, start_encoder)
 
 
