@@ -28,6 +28,7 @@ from engine.loading import (
     build_rope,
     build_special_tokens,
     build_text_encoder,
+    encoders_for,
 )
 from engine.plan.sigmas import build_schedule
 from engine.plan.timeline import committed_blocks_needed
@@ -75,7 +76,7 @@ def build_session(
     prompts = Prompts(preset, model, build_text_encoder(preset, weights, device, dtype), device, embed)
     decoder = build_decoder(preset, weights, device)
     assembly = Assembly(preset, model, device, topology, sharding or ulysses_for(topology, preset), speed)
-    return Session(preset, model, prompts, decoder, device, assembly)
+    return Session(preset, model, prompts, decoder, device, assembly, encoders_for(preset, decoder, device))
 
 
 def ulysses_for(topology: Topology | None, preset: Preset, backend: str = "auto") -> Ulysses | None:

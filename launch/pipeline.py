@@ -17,13 +17,17 @@
         if chunk.index == 8:
             break
 
+    clip = (frame for frame in my_frames)                          # uint8 [H, W, 3] each, or a FrameFeed
+    for chunk in pipe.stream("a blue circle moving right", video_in=clip, strength=0.6):
+        ...                                                          # restyled input; prompt-only once it ends
+
 Settings change through calls, not by editing frozen presets; the model is loaded once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +39,7 @@ from engine.config import CacheConfig, Preset, SpeedConfig
 from engine.devices import resolve_device, resolve_dtype
 from engine.runtime.outputs import RunStats
 from engine.runtime.session import Run, Session
+from engine.runtime.video_in import VideoIn
 from engine.serving.protocol import clean_prompt
 from engine.serving.video import Mp4Writer
 from engine.weight_paths import WeightPaths
@@ -77,10 +82,15 @@ def checked_prompt(prompt: str) -> str:
 class Stream:
     """An endless stream; iterate for chunks, `set_prompt` to switch while it runs."""
 
-    def __init__(self, session: Session, prompt: str, seed: int):
+    def __init__(self, session: Session, prompt: str, seed: int, video_in: Iterable | None = None, **video):
         self.prompt = checked_prompt(prompt)
-        self._run: Run = session.run(lambda tick: self.prompt, blocks=None, seed=seed)
+        self._run: Run = session.run(lambda tick: self.prompt, blocks=None, seed=seed, video_in=video_in, **video)
         self._frames = self._run.frames()
+
+    @property
+    def video_in(self) -> VideoIn | None:
+        """The input part of a video-in stream (blocks taken from it, whether it has ended)."""
+        return getattr(self._run, "video_in", None)
 
     def set_prompt(self, prompt: str) -> None:
         """In-flight blocks take it at their next step (or, with the recache switch, at the next block)."""
@@ -162,12 +172,29 @@ class StreamingPipeline:
         return self.set_plan(schedule="cascade", offset=offset, context=context)
 
     @torch.no_grad()
-    def generate(self, prompt: str, *, blocks: int, seed: int = 0) -> Video:
-        """A finite video of `blocks` blocks (on a cascade, the frames arrive on the sink rank)."""
-        run = self.session.run(checked_prompt(prompt), blocks=blocks, seed=seed)
+    def generate(
+        self, prompt: str, *, blocks: int, seed: int = 0, video_in: Iterable | None = None, strength: float = 1.0
+    ) -> Video:
+        """A finite video of `blocks` blocks (on a cascade, the frames arrive on the sink rank).
+        `video_in`: uint8 `[H, W, 3]` frames each block starts from, noised to `strength`."""
+        video = {} if video_in is None else {"video_in": video_in, "strength": strength}
+        run = self.session.run(checked_prompt(prompt), blocks=blocks, seed=seed, **video)
         parts = [frames for _, frames in run.frames()]
         frames = np.concatenate(parts) if parts else np.zeros((0, 0, 0, 3), np.uint8)
         return Video(frames, self.preset.stream.fps, run.stats)
 
-    def stream(self, prompt: str, *, seed: int = 0) -> Stream:
-        return Stream(self.session, prompt, seed)
+    def stream(
+        self,
+        prompt: str,
+        *,
+        seed: int = 0,
+        video_in: Iterable | None = None,
+        strength: float = 0.6,
+        wait_s: float | None = None,
+    ) -> Stream:
+        """An endless stream; with `video_in` (an iterator of uint8 `[H, W, 3]` frames or a
+        FrameFeed) each block starts from the input's next frames noised to `strength` in (0, 1],
+        and once the input ends the stream goes on from the prompt. A feed waits `wait_s` for a
+        block's frames before holding the last picture (None: as long as it takes)."""
+        video = {} if video_in is None else {"strength": strength, "wait_s": wait_s}
+        return Stream(self.session, prompt, seed, video_in, **video)

@@ -74,10 +74,12 @@ class FrameFeed:
         """Up to `count` frames, oldest first, waiting until `count` are queued or the feed closes.
 
         Fewer than `count` come back only when the feed closed (its last frames) or `timeout`
-        seconds passed; an empty list after close means the input has ended.
+        seconds passed; an empty list after close means the input has ended. A `count` above the
+        capacity waits for a full queue.
         """
+        need = min(count, self.capacity)
         with self._ready:
-            self._ready.wait_for(lambda: self._closed or len(self._frames) >= count, timeout)
+            self._ready.wait_for(lambda: self._closed or len(self._frames) >= need, timeout)
             return [self._frames.popleft() for _ in range(min(count, len(self._frames)))]
 
     def finished(self) -> bool:

@@ -6,11 +6,15 @@ model, prompt K/V, the decoder); `run(prompt, blocks=, seed=)` starts one stream
 `stats` say what the executor did (forwards, ticks, cache decisions). Which executor parts a
 run uses (context, placement, caching, switch) was decided when the session was assembled
 (launch/build.py): `executors(noise, blocks_in_forward, ring_frames)` makes one per stream.
+
+Video in: `run(prompt, blocks=, seed=, video_in=frames, strength=S)` starts each block from the
+input's next frames, encoded by the session's `encoder` and noised to S (engine/runtime/video_in.py),
+on the preset's sequential or pyramid plan; blocks after the input ends start from noise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 import numpy as np
@@ -19,12 +23,14 @@ import torch
 from engine.config import ConfigError, Preset
 from engine.models.vae import to_uint8
 from engine.plan.sigmas import Schedule, build_schedule
+from engine.plan.steps import Adjustable
 from engine.plan.skyreels import Segment, plan_segments
 from engine.plan.timeline import Tick, blocks_per_tick, pyramid, sequential
 from engine.runtime.executor import Executor
 from engine.runtime.outputs import Block, RunStats
 from engine.runtime.prompts import Prompts
 from engine.runtime.segments import run_segments
+from engine.runtime.video_in import Encoder, VideoIn
 from engine.sampling.noise import NoiseSource
 
 
@@ -69,12 +75,25 @@ class Run:
             yield block, to_uint8(self._decoder.decode(block.latents))
 
 
+PER_STEP_SOLVERS = ("self-forcing", "euler")
+"""Solvers that read a step's sigmas from its `Work`: a block may then start at any strength."""
+
+
 class Session:
     def __init__(
-        self, preset: Preset, model, prompts: Prompts, decoder, device: torch.device, executors: ExecutorFactory
+        self,
+        preset: Preset,
+        model,
+        prompts: Prompts,
+        decoder,
+        device: torch.device,
+        executors: ExecutorFactory,
+        encoders: Callable[[], Encoder] | None = None,
     ):
+        """`encoders()`: a fresh frames -> latents encoder of the family's VAE for one stream's video
+        in (None: the family has none here)."""
         self.preset, self.model, self.prompts, self.decoder = preset, model, prompts, decoder
-        self.device, self.executors = device, executors
+        self.device, self.executors, self.encoders = device, executors, encoders
         self.schedule: Schedule = build_schedule(preset.sampling)
 
     def reconfigured(self, preset: Preset) -> Session:
@@ -84,7 +103,8 @@ class Session:
             if getattr(preset, part) != getattr(self.preset, part):
                 raise ConfigError(f"{preset.name}: a session can change its plan, sampling or cache, not its {part}")
         prompts = Prompts(preset, self.model, self.prompts.encoder, self.device, self.prompts.embed)
-        return Session(preset, self.model, prompts, self.decoder, self.device, self.executors.for_preset(preset))
+        executors = self.executors.for_preset(preset)
+        return Session(preset, self.model, prompts, self.decoder, self.device, executors, self.encoders)
 
     def plan(self, num_blocks: int | None) -> Iterator[Tick]:
         """The preset's sequential or pyramid plan (SkyReels plans are built per segment)."""
@@ -103,12 +123,20 @@ class Session:
         blocks: int | None,
         seed: int,
         initial: Callable[[int], torch.Tensor] | None = None,
+        video_in: Iterable | None = None,
+        strength: float = 1.0,
+        wait_s: float | None = None,
     ) -> Run:
         """Start a stream of `blocks` blocks (None: endless). `prompt` may depend on the tick (prompt
-        switches); `initial(b)` overrides block b's starting noise. Bad plans fail here, before any work."""
+        switches); `initial(b)` overrides block b's starting noise. `video_in`: input frames (a
+        FrameFeed or an iterator of uint8 `[H, W, 3]`), each block noised to `strength`; a feed
+        waits `wait_s` for a block's frames before holding the last picture. Bad plans fail here,
+        before any work."""
         conditioning = self.prompts.conditioning
         text = (lambda tick: conditioning(prompt(tick))) if callable(prompt) else conditioning(prompt)
         noise, executors = NoiseSource(seed), []
+        if video_in is not None:
+            return self._video_run(text, blocks, noise, VideoIn(**self._video_in_args(video_in, strength, noise, wait_s)))
 
         def make(noise: NoiseSource, blocks_in_forward: int, ring_frames: int | None = None) -> Executor:
             executors.append(self.executors(noise, blocks_in_forward=blocks_in_forward, ring_frames=ring_frames))
@@ -119,6 +147,39 @@ class Session:
         offset = None if self.preset.plan.schedule == "sequential" else self.preset.plan.offset
         executor = make(noise, blocks_per_tick(self.schedule, offset, blocks))
         return Run(executor.run(self.plan(blocks), text, initial=initial), executors, self.decoder)
+
+    def _video_in_args(self, source: Iterable, strength: float, noise: NoiseSource, wait_s: float | None) -> dict:
+        """VideoIn's arguments, or ConfigError saying why this session cannot take video in."""
+        name, sampling = self.preset.name, self.preset.sampling
+        if self.encoders is None:
+            raise ConfigError(f"preset {name}: its family has no encoder here, so it cannot take video in")
+        if self.preset.plan.schedule not in ("sequential", "pyramid") or sampling.solver not in PER_STEP_SOLVERS:
+            raise ConfigError(
+                f"preset {name}: video in runs sequential or pyramid plans with a per-step solver "
+                f"({', '.join(PER_STEP_SOLVERS)}), not {self.preset.plan.schedule} with {sampling.solver}"
+            )
+        stream = self.preset.stream
+
+        def pixel_frames(block: int) -> int:
+            return self.preset.pixel_frames(block + 1) - self.preset.pixel_frames(block)
+
+        return dict(source=source, encoder=self.encoders(), schedule=self.schedule, strength=strength, noise=noise,
+                    pixel_frames=pixel_frames, size=(stream.height, stream.width), wait_s=wait_s)  # fmt: skip
+
+    def video_plan(self, blocks: int | None, video: VideoIn) -> Adjustable:
+        """The preset's sequential or pyramid plan, each block's schedule chosen by the input."""
+        stream, plan = self.preset.stream, self.preset.plan
+        offset = None if plan.schedule == "sequential" else plan.offset
+        window = stream.window_frames // stream.frames_per_block
+        return Adjustable(self.schedule, offset, window, num_blocks=blocks, choose=video.schedule_for)
+
+    def _video_run(self, text, blocks: int | None, noise: NoiseSource, video: VideoIn) -> Run:
+        offset = None if self.preset.plan.schedule == "sequential" else self.preset.plan.offset
+        executor = self.executors(noise, blocks_in_forward=blocks_per_tick(self.schedule, offset, blocks))
+        initial = lambda block: video.initial(block, executor.block_shape, executor.device)  # noqa: E731
+        run = Run(executor.run(self.video_plan(blocks, video), text, initial=initial), [executor], self.decoder)
+        run.video_in = video
+        return run
 
     def _skyreels(self, make, text, noise: NoiseSource, blocks: int | None, initial) -> Iterator[Block]:
         if blocks is None:
