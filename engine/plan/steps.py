@@ -25,7 +25,6 @@ takes: the strength schedule while input frames last, the full one after (engine
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Callable
 
 from engine.config import ConfigError, SamplingConfig

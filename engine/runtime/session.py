@@ -23,8 +23,8 @@ import torch
 from engine.config import ConfigError, Preset
 from engine.models.vae import to_uint8
 from engine.plan.sigmas import Schedule, build_schedule
-from engine.plan.steps import Adjustable
 from engine.plan.skyreels import Segment, plan_segments
+from engine.plan.steps import Adjustable
 from engine.plan.timeline import Tick, blocks_per_tick, pyramid, sequential
 from engine.runtime.executor import Executor
 from engine.runtime.outputs import Block, RunStats
@@ -136,7 +136,8 @@ class Session:
         text = (lambda tick: conditioning(prompt(tick))) if callable(prompt) else conditioning(prompt)
         noise, executors = NoiseSource(seed), []
         if video_in is not None:
-            return self._video_run(text, blocks, noise, VideoIn(**self._video_in_args(video_in, strength, noise, wait_s)))
+            video = VideoIn(**self._video_in_args(video_in, strength, noise, wait_s))
+            return self._video_run(text, blocks, noise, video)
 
         def make(noise: NoiseSource, blocks_in_forward: int, ring_frames: int | None = None) -> Executor:
             executors.append(self.executors(noise, blocks_in_forward=blocks_in_forward, ring_frames=ring_frames))
