@@ -30,3 +30,47 @@ def test_the_feed_drops_the_oldest_frames_counts_them_and_ends_cleanly():
     producer.join()
     assert feed.take(3) == [] and feed.finished() and not feed.push(_frame(1))
     assert list(feed) == [] and feed.stats() == {"pushed": 6, "dropped": 2, "queued": 0}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from launch.pipeline import StreamingPipeline
+
+    return StreamingPipeline.from_preset("demo")
+
+
+def _offsets(video: np.ndarray, clip: np.ndarray) -> list[float]:
+    """Per frame, how far (px, on the torus) the shape read from `video` is from the clip's."""
+    from engine.eval.adherence import read_video
+
+    pairs = zip(read_video(video).frames, read_video(clip).frames)
+    return [np.abs((a.center - b.center + 32) % 64 - 32).max() for a, b in pairs if a.center is not None and b.center is not None]
+
+
+def test_a_red_clip_under_a_blue_prompt_turns_blue_and_keeps_its_motion_then_the_prompt_goes_on(pipe):
+    """Demo model: a red circle moving right in (starting off-centre), "a blue circle moving
+    right" at strength 0.6 -> a blue circle that moves right where the input's circle is;
+    strength 1 is the text-to-video stream bit for bit (its circle starts at the centre, away
+    from the input's); once the clip ends the stream goes on from the prompt."""
+    from engine.demo import scenes
+    from engine.eval.adherence import read_video
+
+    red = scenes.parse_prompt("a red circle moving right")
+    clip = scenes.make_clip(np.random.default_rng(1), frames=18, description=red).frames
+    prompt = "a blue circle moving right"
+    out = pipe.generate(prompt, blocks=6, seed=0, video_in=iter(clip), strength=0.6).frames
+    reading = read_video(out)
+    assert (reading.color, reading.shape, reading.motion) == ("blue", "circle", "right"), reading
+    offsets = _offsets(out, clip)
+    assert len(offsets) >= 15 and np.median(offsets) < 4.0, f"the output strays from the input: {offsets}"
+
+    t2v = pipe.generate(prompt, blocks=6, seed=0).frames
+    full = pipe.generate(prompt, blocks=6, seed=0, video_in=iter(clip), strength=1.0).frames
+    assert np.array_equal(full, t2v), f"strength 1 differs from text-to-video: {np.abs(full - t2v.astype(int)).max()}"
+    assert np.median(_offsets(t2v, clip)) > 8.0, "the position check cannot tell input-following from not"
+
+    stream = pipe.stream(prompt, seed=0, video_in=iter(clip[:6]), strength=0.6)
+    chunks = [chunk.frames for chunk, _ in zip(stream, range(6))]
+    assert stream.video_in.ended and stream.video_in.blocks_in == 2
+    after = read_video(np.concatenate(chunks[2:]))
+    assert (after.color, after.motion) == ("blue", "right"), after
