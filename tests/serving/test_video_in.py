@@ -43,8 +43,8 @@ def _offsets(video: np.ndarray, clip: np.ndarray) -> list[float]:
     """Per frame, how far (px, on the torus) the shape read from `video` is from the clip's."""
     from engine.eval.adherence import read_video
 
-    pairs = zip(read_video(video).frames, read_video(clip).frames)
-    return [np.abs((a.center - b.center + 32) % 64 - 32).max() for a, b in pairs if a.center is not None and b.center is not None]
+    pairs = [(a.center, b.center) for a, b in zip(read_video(video).frames, read_video(clip).frames)]
+    return [np.abs((a - b + 32) % 64 - 32).max() for a, b in pairs if a is not None and b is not None]
 
 
 def test_a_red_clip_under_a_blue_prompt_turns_blue_and_keeps_its_motion_then_the_prompt_goes_on(pipe):
