@@ -18,7 +18,7 @@ one schedule throughout it yields exactly `sequential` / `pyramid` (tests/plan/t
 Video in (video-to-video) uses the same plan: `from_strength(schedule, S)` is the schedule of a
 block that starts from an input block noised to sigma S (the plan's steps below S run, the first
 of them from S), and `Adjustable(..., choose=)` asks, as each block may start, which schedule it
-takes: the strength schedule while input frames last, the full one after (engine/runtime/video_in.py).
+takes: the strength schedule while input frames last, the plan's own after (engine/runtime/video_in.py).
 `num_blocks` makes the plan finite: no block starts past it, and it ends once the last commits.
 """
 
@@ -78,10 +78,10 @@ class Adjustable:
         window_blocks: int | None = None,
         *,
         num_blocks: int | None = None,
-        choose: Callable[[int], Schedule] | None = None,
+        choose: Callable[[int], Schedule | None] | None = None,
     ):
         """`choose(b)`: block b's schedule, asked (maybe more than once) while b waits to start;
-        None: `schedule`, as `set_schedule` last set it."""
+        None (or its answer None): `schedule`, as `set_schedule` last set it."""
         if offset is not None and offset <= 0:
             raise ValueError("an endless pyramid needs offset > 0")
         self.schedule, self.offset, self.window_blocks = schedule, offset, window_blocks
@@ -116,7 +116,8 @@ class Adjustable:
         return Tick(tick, tuple(work), (begin, end))
 
     def _upcoming(self) -> Schedule:
-        return self.schedule if self.choose is None else self.choose(self.next_block)
+        chosen = None if self.choose is None else self.choose(self.next_block)
+        return self.schedule if chosen is None else chosen
 
     def _start(self, tick: int) -> None:
         schedule = self._upcoming()

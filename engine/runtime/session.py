@@ -136,8 +136,7 @@ class Session:
         text = (lambda tick: conditioning(prompt(tick))) if callable(prompt) else conditioning(prompt)
         noise, executors = NoiseSource(seed), []
         if video_in is not None:
-            video = VideoIn(**self._video_in_args(video_in, strength, noise, wait_s))
-            return self._video_run(text, blocks, noise, video)
+            return self._video_run(text, blocks, noise, self.video_input(video_in, strength, noise, wait_s))
 
         def make(noise: NoiseSource, blocks_in_forward: int, ring_frames: int | None = None) -> Executor:
             executors.append(self.executors(noise, blocks_in_forward=blocks_in_forward, ring_frames=ring_frames))
@@ -149,8 +148,9 @@ class Session:
         executor = make(noise, blocks_per_tick(self.schedule, offset, blocks))
         return Run(executor.run(self.plan(blocks), text, initial=initial), executors, self.decoder)
 
-    def _video_in_args(self, source: Iterable, strength: float, noise: NoiseSource, wait_s: float | None) -> dict:
-        """VideoIn's arguments, or ConfigError saying why this session cannot take video in."""
+    def video_input(self, source: Iterable, strength: float, noise: NoiseSource, wait_s: float | None) -> VideoIn:
+        """The input part of one stream (its `noise`), or ConfigError saying why this session
+        cannot take video in."""
         name, sampling = self.preset.name, self.preset.sampling
         if self.encoders is None:
             raise ConfigError(f"preset {name}: its family has no encoder here, so it cannot take video in")
@@ -164,8 +164,8 @@ class Session:
         def pixel_frames(block: int) -> int:
             return self.preset.pixel_frames(block + 1) - self.preset.pixel_frames(block)
 
-        return dict(source=source, encoder=self.encoders(), schedule=self.schedule, strength=strength, noise=noise,
-                    pixel_frames=pixel_frames, size=(stream.height, stream.width), wait_s=wait_s)  # fmt: skip
+        return VideoIn(source, self.encoders(), self.schedule, strength, noise, pixel_frames=pixel_frames,
+                       size=(stream.height, stream.width), wait_s=wait_s)  # fmt: skip
 
     def video_plan(self, blocks: int | None, video: VideoIn) -> Adjustable:
         """The preset's sequential or pyramid plan, each block's schedule chosen by the input."""

@@ -13,7 +13,8 @@ Rules:
   first asks about it (the moment the engine could start it), so a live source's freshest frames
   are used and the older ones have been dropped by the feed;
 * a live feed that has fewer frames than a block after `wait_s` gives what it has, the last frame
-  repeated (a stalled camera holds its picture); a feed with none repeats the previous block's;
+  repeated (a stalled camera holds its picture); a feed with none repeats the previous block's,
+  and before its first frames the blocks run from the prompt alone (`wait_s` None: wait for them);
 * a strength at or above the schedule's first sigma starts there (the full schedule); where that
   sigma is 1 (every explicit-timestep preset) the starting latents are 0 x0 + 1 noise, exactly
   the stream's noise, so the output is the text-to-video one bit for bit.
@@ -46,13 +47,14 @@ class FrameSource:
         self._last: np.ndarray | None = None  # the previous block's frames, for a stalled feed
 
     def block(self, count: int) -> np.ndarray | None:
-        """`[count, H, W, 3]` uint8, or None once the source has ended."""
+        """`[count, H, W, 3]` uint8; None when there is no picture (the source ended, or a live
+        feed has not sent its first frames within `wait_s`)."""
         if self.ended:
             return None
         if self.feed is None:
             frames = self._pull(count)
-        else:  # the first block waits as long as it takes: there is no picture to hold yet
-            frames = self.feed.take(count, None if self._last is None else self.wait_s)
+        else:
+            frames = self.feed.take(count, self.wait_s)
             if not frames and not self.feed.finished():
                 return self._last  # a live feed with nothing new: hold the picture
         if not frames:
@@ -100,23 +102,24 @@ class VideoIn:
         `size`: (height, width) the encoder takes."""
         self.frames = FrameSource(source, wait_s)
         self.encoder, self.noise, self.size = encoder, noise, size
-        self.full, self.strong = schedule, from_strength(schedule, strength)
+        self.strong = from_strength(schedule, strength)
         self.strength = min(strength, schedule.sigmas[0])
         self.pixel_frames = pixel_frames
         self.latents: dict[int, torch.Tensor] = {}  # encoded input of started blocks, until used
-        self._chosen: dict[int, Schedule] = {}
+        self._chosen: dict[int, Schedule | None] = {}
         self.blocks_in = 0  # blocks that started from input frames
 
     @property
     def ended(self) -> bool:
         return self.frames.ended
 
-    def schedule_for(self, block: int) -> Schedule:
-        """Block `block`'s schedule; its frames are taken and encoded the first time it is asked."""
+    def schedule_for(self, block: int) -> Schedule | None:
+        """Block `block`'s schedule, None for no input (the plan's own, from noise); its frames are
+        taken and encoded the first time it is asked."""
         if block not in self._chosen:
             frames = self.frames.block(self.pixel_frames(block))
             if frames is None:
-                self._chosen[block] = self.full
+                self._chosen[block] = None
             else:
                 with torch.no_grad():
                     self.latents[block] = self.encoder(resized(frames, *self.size))
@@ -124,6 +127,12 @@ class VideoIn:
                 self.blocks_in += 1
             self._chosen.pop(block - 2, None)  # the plan asks only about the block that waits
         return self._chosen[block]
+
+    def stats(self) -> dict:
+        """Blocks started from input, whether it ended, and a feed's counts (pushed, dropped)."""
+        feed = self.frames.feed
+        counts = feed.stats() if hasattr(feed, "stats") else {}
+        return {"blocks_in": self.blocks_in, "ended": self.ended, **counts}
 
     def initial(self, block: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """Block `block`'s starting latents `shape` = [B, C, F, h, w]: the stream's noise for
@@ -136,3 +145,22 @@ class VideoIn:
             raise ValueError(f"the encoder gave latents {list(latents.shape)} for a block of {list(shape)}")
         s = self.strength
         return (1.0 - s) * latents.to(device, torch.float32) + s * noise
+
+
+class InputSlot:
+    """Where a running stream takes video in, plugged in or out between blocks (a server's
+    session: a camera that arrives after the session opened). Empty, blocks take the plan's own
+    schedule and the stream's noise, exactly as without a slot."""
+
+    def __init__(self, executor):
+        self.executor = executor
+        self.video: VideoIn | None = None
+
+    def schedule_for(self, block: int) -> Schedule | None:
+        return None if self.video is None else self.video.schedule_for(block)
+
+    def initial(self, block: int) -> torch.Tensor:
+        ex = self.executor
+        if self.video is None:
+            return ex.noise.noise(ex.block_shape, block, 0, ex.device)
+        return self.video.initial(block, ex.block_shape, ex.device)

@@ -74,3 +74,29 @@ def test_a_red_clip_under_a_blue_prompt_turns_blue_and_keeps_its_motion_then_the
     assert stream.video_in.ended and stream.video_in.blocks_in == 2
     after = read_video(np.concatenate(chunks[2:]))
     assert (after.color, after.motion) == ("blue", "right"), after
+
+
+def test_a_session_takes_a_live_feed_counts_what_it_drops_and_goes_on_after_it_ends(pipe):
+    """A server session with a FrameFeed plugged in: the round never waits for it, frames pushed
+    faster than blocks start are dropped oldest-first and counted, and after close() the session
+    keeps streaming from its prompt."""
+    from engine.demo import scenes
+    from engine.serving.scheduler import Limits
+    from engine.serving.sessions import SessionManager
+
+    clock = iter(range(10**6))
+    manager = SessionManager(pipe.session, Limits(kv_budget_bytes=64 << 20, degrade=False), lambda: next(clock))
+    sid = manager.open("a blue circle moving right", seed=0).id
+    feed = FrameFeed(capacity=4)
+    assert manager.video_in(sid, feed, strength=0.6) == {"strength": 0.6}
+    red = scenes.parse_prompt("a red circle moving right")
+    for frame in scenes.make_clip(np.random.default_rng(1), frames=10, description=red).frames:
+        feed.push(frame)
+    blocks = []
+    while len(blocks) < 3:
+        blocks += manager.round().get(sid, [])
+    assert manager.stats(sid)["video_in"] == {"blocks_in": 2, "ended": False, "pushed": 10, "dropped": 6, "queued": 0}
+    feed.close()
+    while len(blocks) < 5:
+        blocks += manager.round().get(sid, [])
+    assert manager.stats(sid)["video_in"]["ended"] and len(blocks) == 5 and blocks[4].shape == (3, 64, 64, 3)
