@@ -61,15 +61,22 @@ class RankRun:
         self.run: Run | None = None
 
     def blocks(
-        self, prompt: str | Callable[[Tick], str], *, blocks: int | None, seed: int, **video_in
+        self,
+        prompt: str | Callable[[Tick], str],
+        *,
+        blocks: int | None,
+        seed: int,
+        start: torch.Tensor | None = None,
+        **video_in,
     ) -> Iterator[Block]:
         """This rank's finished blocks, in order: every block on the sink rank, none elsewhere.
         `prompt(tick)` is called once per tick on every rank (live streams broadcast controls there).
-        `video_in`, `strength`: video-to-video on one process (Session.run)."""
+        `start`: clean latents the stream starts from (one process only, for now); `video_in`,
+        `strength`: video-to-video on one process (Session.run)."""
         if video_in and (self.session is None or self.topology.distributed):
             raise ConfigError("--video-in runs on one process (not under torchrun)")
         if self.session is not None:
-            self.run = self.session.run(prompt, blocks=blocks, seed=seed, **video_in)
+            self.run = self.session.run(prompt, blocks=blocks, seed=seed, start=start, **video_in)
             return iter(self.run) if self.topology.is_decoder else _share_only(self.run)
         on_tick = prompt if callable(prompt) else (lambda tick: None)
         return decode_rank_plan(self.preset, self.topology, blocks, on_tick=on_tick)

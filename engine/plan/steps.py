@@ -76,19 +76,22 @@ class Adjustable:
         schedule: Schedule,
         offset: int | None,
         window_blocks: int | None = None,
+        pre_ready: int = 0,
         *,
         num_blocks: int | None = None,
         choose: Callable[[int], Schedule | None] | None = None,
     ):
         """`choose(b)`: block b's schedule, asked (maybe more than once) while b waits to start;
-        None (or its answer None): `schedule`, as `set_schedule` last set it."""
+        None (or its answer None): `schedule`, as `set_schedule` last set it. `num_blocks`
+        counts the `pre_ready` ones."""
         if offset is not None and offset <= 0:
             raise ValueError("an endless pyramid needs offset > 0")
         self.schedule, self.offset, self.window_blocks = schedule, offset, window_blocks
         self.num_blocks, self.choose = num_blocks, choose
-        self.flight: list[tuple[int, int, Schedule]] = []
-        """(block, start tick, schedule) of the blocks started and not yet committed, in order."""
-        self.next_block, self.tick = 0, 0
+        self.flight: list[tuple[int, int, Schedule]] = [(b, -schedule.steps, schedule) for b in range(pre_ready)]
+        """(block, start tick, schedule) of the blocks started and not yet committed, in order
+        (`pre_ready` clean start blocks: as if started S ticks ago, so they commit at tick 0)."""
+        self.next_block, self.tick = pre_ready, 0
         self.earliest = 0
         """The plan's own earliest start of the next block (before the commit-order rule)."""
         self.last_commit = -1
@@ -108,8 +111,8 @@ class Adjustable:
         if not self.flight:
             raise StopIteration  # only a finite plan runs out
         work = [make_work(schedule, block, tick - start) for block, start, schedule in self.flight]
-        if self.flight and work[0].commit:
-            self.flight.pop(0)
+        while self.flight and tick - self.flight[0][1] == self.flight[0][2].steps:
+            self.flight.pop(0)  # committing this tick (a given start's blocks all at tick 0)
         end = work[-1].block + 1
         begin = 0 if self.window_blocks is None else max(0, end - self.window_blocks)
         self.tick += 1

@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from engine.media import fit_frames
 from engine.plan.sigmas import Schedule
 from engine.plan.steps import from_strength
 from engine.sampling.noise import NoiseSource
@@ -73,16 +73,6 @@ class FrameSource:
         return frames
 
 
-def resized(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Frames `[F, H, W, 3]` uint8 scaled to the stream's size (area-averaged when shrinking)."""
-    if frames.shape[1:3] == (height, width):
-        return frames
-    video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
-    mode = "area" if frames.shape[1] >= height and frames.shape[2] >= width else "bilinear"
-    scaled = F.interpolate(video, size=(height, width), mode=mode)
-    return scaled.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 class VideoIn:
     """One stream's input: which schedule each block takes and the latents it starts from."""
 
@@ -99,7 +89,8 @@ class VideoIn:
         wait_s: float | None = None,
     ):
         """`pixel_frames(b)`: input frames block b takes (the family's temporal stride decides);
-        `size`: (height, width) the encoder takes."""
+        `size`: (height, width) the encoder takes (frames of another size are center-cropped to
+        its aspect ratio and resized, as a given start's are)."""
         self.frames = FrameSource(source, wait_s)
         self.encoder, self.noise, self.size = encoder, noise, size
         self.strong = from_strength(schedule, strength)
@@ -122,7 +113,7 @@ class VideoIn:
                 self._chosen[block] = None
             else:
                 with torch.no_grad():
-                    self.latents[block] = self.encoder(resized(frames, *self.size))
+                    self.latents[block] = self.encoder(fit_frames(frames, *self.size))
                 self._chosen[block] = self.strong
                 self.blocks_in += 1
             self._chosen.pop(block - 2, None)  # the plan asks only about the block that waits

@@ -33,6 +33,12 @@ when not null, is the frame rate the viewer would get if admitted now anyway: it
 connecting again with `/ws?accept=1` (and its ticket). A session that ends (its replica failed,
 no viewer for longer than the grace period) sends {"type": "ended", "reason": ...} and closes.
 Server-wide stats: `GET /stats` (JSON) and `GET /metrics` (Prometheus text format, `prometheus`).
+
+Start from pixels (sessions only): one binary message, UPLOAD_MAGIC (b"ARCU") followed by an
+image or clip file of at most MAX_UPLOAD_BYTES, restarts the viewer's session from it (its frames
+become the stream's first blocks, engine/serving/sessions.py `start_from`). The type is read from
+the content, never a name; the answer is {"type": "ack", "of": "start", "blocks": N} or one
+{"type": "error", ...} to that viewer only (too large, another type, corrupt, a shared stream).
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from engine.media import MediaError, sniff
 
 MAGIC = b"ARC1"
 HEADER = struct.Struct("<4sIdI")  # magic, frame index, timestamp, prompt version
@@ -187,3 +195,30 @@ def _number(value: object) -> float | None:
 
 def _metric(name: str) -> str:
     return "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+
+
+# -- start from pixels: an uploaded image or clip ------------------------------------------------
+
+UPLOAD_MAGIC = b"ARCU"
+MAX_UPLOAD_BYTES = 4 * 2**20
+"""An upload's file (4 MiB): a photo, or a few seconds of video; frames past engine/media's limits
+are refused too."""
+
+
+def is_upload(message: str | bytes) -> bool:
+    return isinstance(message, bytes) and message[:4] == UPLOAD_MAGIC
+
+
+def upload_file(message: bytes, limit: int = MAX_UPLOAD_BYTES) -> bytes:
+    """The file an upload message carries, if its size and first bytes are acceptable; else
+    ProtocolError (one line). Decoding is left to engine/media."""
+    data = message[len(UPLOAD_MAGIC) :]
+    if not data:
+        raise ProtocolError("an upload needs a file after its 4-byte header")
+    if len(data) > limit:
+        raise ProtocolError(f"upload of {len(data) / 2**20:.1f} MiB is over the limit of {limit / 2**20:.1f} MiB")
+    try:
+        sniff(data)
+    except MediaError as err:
+        raise ProtocolError(f"upload: {err}") from None
+    return data

@@ -47,6 +47,7 @@ goes to the group's other ranks, which step their share of the same sessions in 
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 import secrets
@@ -58,6 +59,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.config import CacheConfig, ConfigError
+from engine.devices import SetupError
+from engine.media import MediaLimits, load_media
 from engine.models.vae import to_uint8
 from engine.plan.sigmas import Schedule
 from engine.plan.steps import Adjustable, fewer_steps, step_choices
@@ -183,8 +186,10 @@ class SessionManager:
         limits: Limits,
         clock: Callable[[], float] = time.monotonic,
         outbox: Outbox | None = None,
+        media_limits: MediaLimits | None = None,
     ):
-        """`outbox`: on a rank group's leader, where the group's other ranks hear of every round."""
+        """`outbox`: on a rank group's leader, where the group's other ranks hear of every round.
+        `media_limits`: what `start_from` accepts (engine/media's defaults)."""
         plan = session.preset.plan
         if plan.schedule == "skyreels":
             raise ConfigError("sessions run endless plans (sequential, pyramid): the skyreels schedule is finite")
@@ -194,6 +199,7 @@ class SessionManager:
             # threshold 0 is exactly no caching; the scheduler raises it per session and round
             session = session.reconfigured(dataclasses.replace(session.preset, cache=CacheConfig(policy="flowcache")))
         self.session, self.limits, self.clock, self.outbox = session, limits, clock, outbox
+        self.media_limits = media_limits or MediaLimits()
         self.schedules: dict[int, Schedule] = {
             rung.steps: fewer_steps(session.preset.sampling, rung.steps) for rung in limits.levels if rung.steps
         }  # fmt: skip
@@ -287,33 +293,35 @@ class SessionManager:
         return admission(running=running, kv_in_use=self.kv_bytes, kv_per_session=self.kv_per_session,
                          capacity=capacity, limits=self.limits)  # fmt: skip
 
-    def _executor(self, seed: int) -> Executor:
-        executor = self.session.executors(NoiseSource(seed), blocks_in_forward=self.in_forward)
-        executor.start()
+    def _executor(self, seed: int, prefix: dict | None = None) -> Executor:
+        in_forward = max(self.in_forward, len(prefix or ()) + 1)  # a start's commits beside the first block
+        executor = self.session.executors(NoiseSource(seed), blocks_in_forward=in_forward)
+        executor.start(prefix=prefix)
         return executor
 
-    def _plan(self, slot: InputSlot | None = None):
+    def _plan(self, pre_ready: int = 0, slot: InputSlot | None = None):
         """The session's endless plan: one whose step count can change when the ladder has step
         rungs, and whose blocks' schedules a video-in slot chooses."""
         if not self.schedules and slot is None:
-            return self.session.plan(None)
+            return self.session.plan(None, pre_ready=pre_ready)
         plan, stream = self.session.preset.plan, self.session.preset.stream
         offset = None if plan.schedule == "sequential" else plan.offset
         window = stream.window_frames // stream.frames_per_block
-        return Adjustable(self.session.schedule, offset, window, choose=slot and slot.schedule_for)
+        return Adjustable(self.session.schedule, offset, window, pre_ready, choose=slot and slot.schedule_for)
 
     def new_stream(self, seed: int) -> tuple[Executor, object]:
         """A session's executor and endless plan (the leader's and its followers' alike)."""
         return self._executor(seed), self._plan()
 
-    def _slotted_stream(self, seed: int) -> tuple[Executor, object, InputSlot | None]:
-        """`new_stream`, with a slot for video in when the manager runs on one process."""
+    def _slotted_stream(self, seed: int, prefix: dict | None = None) -> tuple[Executor, object, InputSlot | None]:
+        """`new_stream` (after a given start's `prefix` blocks), with a slot for video in when the
+        manager runs on one process."""
+        executor = self._executor(seed, prefix)
         if self.outbox is not None:
-            return *self.new_stream(seed), None
-        executor = self._executor(seed)
+            return executor, self._plan(len(prefix or ())), None
         slot = InputSlot(executor)
-        executor.start(initial=slot.initial)
-        return executor, self._plan(slot), slot
+        executor.start(initial=slot.initial, prefix=prefix)
+        return executor, self._plan(len(prefix or ()), slot), slot
 
     def _start(self, prompt: str, seed: int, now: float) -> Live:
         executor, ticks, slot = self._slotted_stream(seed)
@@ -368,6 +376,33 @@ class SessionManager:
         video = None if source is None else self.session.video_input(source, strength, live.executor.noise, 0.0)
         live.slot.video = video
         return {"strength": None if video is None else video.strength}
+
+    def start_from(self, sid: str, upload: str) -> dict:
+        """Restart the session's stream from an uploaded image or clip (`upload`: the file's bytes
+        in base64, checked by engine/media): its frames, encoded by the family's VAE, become the
+        stream's first blocks and the session goes on from them under its prompt and seed. The
+        viewer's video goes on (its frame count too); what came before is dropped."""
+        live = self._get(sid)
+        if self.outbox is not None:
+            raise SessionError("a session on a rank group cannot start from an upload yet; use one-process replicas")
+        if live.state == "suspended":
+            raise SessionError("the session is suspended: resume it before starting it from an upload")
+        try:
+            data = base64.b64decode(upload, validate=True)
+        except (ValueError, TypeError) as err:
+            raise SessionError("an upload must be base64 text") from err
+        try:
+            start = self.session.encode_start(load_media(data, self.media_limits).frames)
+        except SetupError as err:  # a family without an encoder for given frames (yet)
+            raise SessionError(str(err)) from None
+        prefix = self.session.start_blocks(start)
+        live.executor, live.ticks, live.slot = self._slotted_stream(live.seed, prefix)  # video in unplugged
+        live.next_tick = next(live.ticks)
+        self.set_steps(live.ticks, self.limits.levels[live.rung].steps)
+        live.decoder.reset()
+        live.decoder.decode(start)  # a causal decoder goes on from the given frames
+        live.prompt_log = [(0, live.prompt)]
+        return {"blocks": len(prefix), "latent_frames": int(start.shape[2])}
 
     def pause(self, sid: str) -> None:
         live = self._get(sid)

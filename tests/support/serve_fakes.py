@@ -51,6 +51,7 @@ class FakeManager:
         self.sessions: dict[str, FakeSession] = {}
         self.rounds, self.refused, self._ids, self._boom = 0, 0, 0, False
         self.tickets: list = []
+        self.uploads: list = []
 
     def open(self, prompt: str, seed: int, ticket: str | None = None, accept: bool = False):
         self.tickets.append(ticket)
@@ -94,6 +95,12 @@ class FakeManager:
 
     def close(self, session_id):
         self.sessions.pop(session_id, None)
+
+    def start_from(self, session_id, upload: str):
+        """Records the upload (base64 text, as the server sends it); the session goes on."""
+        self._get(session_id)
+        self.uploads.append((session_id, upload))
+        return {"blocks": 1}
 
     def explode(self):
         self._boom = True
