@@ -124,7 +124,7 @@ class Stream:
     @property
     def video_in(self) -> VideoIn | None:
         """The input part of a video-in stream (blocks taken from it, whether it has ended)."""
-        return getattr(self._run, "video_in", None)
+        return self._run.video_in
 
     def set_prompt(self, prompt: str) -> None:
         """In-flight blocks take it at their next step (or, with the recache switch, at the next block)."""

@@ -70,16 +70,20 @@ class FrameFeed:
             self._closed = True
             self._ready.notify_all()
 
-    def take(self, count: int, timeout: float | None = None) -> list[np.ndarray]:
-        """Up to `count` frames, oldest first, waiting until `count` are queued or the feed closes.
+    def take(self, count: int, timeout: float | None = None, newest: bool = False) -> list[np.ndarray]:
+        """Up to `count` frames in order, waiting until `count` are queued or the feed closes.
 
         Fewer than `count` come back only when the feed closed (its last frames) or `timeout`
         seconds passed; an empty list after close means the input has ended. A `count` above the
-        capacity waits for a full queue.
+        capacity waits for a full queue. `newest`: the last `count` queued frames, the older ones
+        dropped (and counted): a live consumer that wants the freshest picture.
         """
         need = min(count, self.capacity)
         with self._ready:
             self._ready.wait_for(lambda: self._closed or len(self._frames) >= need, timeout)
+            while newest and len(self._frames) > count:
+                self._frames.popleft()
+                self.dropped += 1
             return [self._frames.popleft() for _ in range(min(count, len(self._frames)))]
 
     def finished(self) -> bool:

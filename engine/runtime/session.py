@@ -61,6 +61,8 @@ class Run:
     def __init__(self, blocks: Iterator[Block], executors: list[Executor], decoder, start: torch.Tensor | None = None):
         self._blocks, self._executors, self._decoder = blocks, executors, decoder
         self.start = start
+        self.video_in: VideoIn | None = None
+        """The input part of a video-in stream (None: no video in)."""
         """The clean latents the stream started from `[1, C, P * F, h, w]` (None: from noise)."""
 
     def __iter__(self) -> Iterator[Block]:

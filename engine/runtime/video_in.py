@@ -10,8 +10,9 @@ its prompt (text-to-video), seen through the K/V of the blocks before.
 
 Rules:
 * a source is read once per block, in block order; each block's frames are taken when the plan
-  first asks about it (the moment the engine could start it), so a live source's freshest frames
-  are used and the older ones have been dropped by the feed;
+  first asks about it (the moment the engine could start it). A feed read without waiting
+  (`wait_s` set: a live session) gives its newest frames, the older ones dropped and counted; a
+  feed read with `wait_s` None gives every frame in order unless the feed itself overflowed;
 * a live feed that has fewer frames than a block after `wait_s` gives what it has, the last frame
   repeated (a stalled camera holds its picture); a feed with none repeats the previous block's,
   and before its first frames the blocks run from the prompt alone (`wait_s` None: wait for them);
@@ -54,7 +55,7 @@ class FrameSource:
         if self.feed is None:
             frames = self._pull(count)
         else:
-            frames = self.feed.take(count, self.wait_s)
+            frames = self.feed.take(count, self.wait_s, newest=self.wait_s is not None)
             if not frames and not self.feed.finished():
                 return self._last  # a live feed with nothing new: hold the picture
         if not frames:

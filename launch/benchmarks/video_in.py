@@ -66,7 +66,7 @@ def _stream(session, blocks: int, seed: int, clip: np.ndarray | None, strength: 
     video = {} if clip is None else {"video_in": iter(clip), "strength": strength}
     wall, cpu, first, frames = time.perf_counter(), time.process_time(), None, 0
     run = session.run(PROMPT, blocks=blocks, seed=seed, **video)
-    encoder = getattr(run, "video_in", None) and run.video_in.encoder
+    encoder = run.video_in and run.video_in.encoder
     for _, pixels in run.frames():
         first = first or time.perf_counter() - wall
         frames += len(pixels)

@@ -30,6 +30,10 @@ def test_the_feed_drops_the_oldest_frames_counts_them_and_ends_cleanly():
     producer.join()
     assert feed.take(3) == [] and feed.finished() and not feed.push(_frame(1))
     assert list(feed) == [] and feed.stats() == {"pushed": 6, "dropped": 2, "queued": 0}
+    live = FrameFeed(capacity=4)  # a live consumer takes the newest frames, the older ones counted
+    for value in range(4):
+        live.push(_frame(value))
+    assert [int(f[0, 0, 0]) for f in live.take(2, timeout=0, newest=True)] == [2, 3] and live.dropped == 2
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +81,10 @@ def test_a_red_clip_under_a_blue_prompt_turns_blue_and_keeps_its_motion_then_the
 
 
 def test_a_session_takes_a_live_feed_counts_what_it_drops_and_goes_on_after_it_ends(pipe):
-    """A server session with a FrameFeed plugged in: the round never waits for it, frames pushed
-    faster than blocks start are dropped oldest-first and counted, and after close() the session
-    keeps streaming from its prompt."""
+    """A server session with a FrameFeed plugged in: the round never waits for it and takes the
+    newest frames; frames pushed faster than blocks start are dropped oldest-first and counted
+    (6 by the full queue, 1 by the block that took the newest 3); after close() the session keeps
+    streaming from its prompt."""
     from engine.demo import scenes
     from engine.serving.scheduler import Limits
     from engine.serving.sessions import SessionManager
@@ -95,7 +100,7 @@ def test_a_session_takes_a_live_feed_counts_what_it_drops_and_goes_on_after_it_e
     blocks = []
     while len(blocks) < 3:
         blocks += manager.round().get(sid, [])
-    assert manager.stats(sid)["video_in"] == {"blocks_in": 2, "ended": False, "pushed": 10, "dropped": 6, "queued": 0}
+    assert manager.stats(sid)["video_in"] == {"blocks_in": 2, "ended": False, "pushed": 10, "dropped": 7, "queued": 0}
     feed.close()
     while len(blocks) < 5:
         blocks += manager.round().get(sid, [])
