@@ -105,3 +105,35 @@ def test_a_session_takes_a_live_feed_counts_what_it_drops_and_goes_on_after_it_e
     while len(blocks) < 5:
         blocks += manager.round().get(sid, [])
     assert manager.stats(sid)["video_in"]["ended"] and len(blocks) == 5 and blocks[4].shape == (3, 64, 64, 3)
+
+
+def test_the_cli_restyles_a_clip_and_refuses_bad_input_in_one_line(tmp_path, capsys):
+    """`engine.generate --video-in clip.mp4 --strength S` writes the restyled video (and goes on
+    from the prompt past the clip's end); a missing clip, a text file, a strength out of range or
+    without --video-in are one-line errors (exit code 2)."""
+    from engine.demo import scenes
+    from engine.eval.adherence import read_video
+    from engine.serving.video import Mp4Writer, read_frames
+    from launch.generate import main
+
+    red = scenes.parse_prompt("a red circle moving right")
+    with Mp4Writer(tmp_path / "red.mp4", fps=16, width=64, height=64) as writer:
+        writer.write(scenes.make_clip(np.random.default_rng(1), frames=9, description=red).frames)
+    out = tmp_path / "blue.mp4"
+    argv = ["--video-in", str(tmp_path / "red.mp4"), "--prompt", "a blue circle moving right", "--blocks", "4"]
+    assert main([*argv, "--strength", "0.6", "--out", str(out)]) == 0
+    frames = read_frames(out)
+    assert frames.shape == (12, 64, 64, 3) and read_video(frames[:9]).color == "blue"
+    (tmp_path / "notes.txt").write_text("not a video")
+    capsys.readouterr()  # the run's own lines
+    refused = {
+        "no such clip": ["--video-in", str(tmp_path / "missing.mp4")],
+        "not a readable video": ["--video-in", str(tmp_path / "notes.txt")],
+        "must lie in (0, 1]": [*argv, "--strength", "1.5"],
+        "--strength goes with --video-in": ["--strength", "0.5"],
+    }
+    for says, args in refused.items():
+        with pytest.raises(SystemExit) as exited:
+            main(args)
+        err = capsys.readouterr().err.strip()
+        assert exited.value.code == 2 and says in err and len(err.splitlines()) == 1, err
