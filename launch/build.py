@@ -78,8 +78,9 @@ def build_session(
     prompts = Prompts(preset, model, build_text_encoder(preset, weights, device, dtype), device, embed)
     decoder = build_decoder(preset, weights, device)
     assembly = Assembly(preset, model, device, topology, sharding or ulysses_for(topology, preset), speed)
-    start_encoder = functools.partial(family_of(preset.model).encode_start, preset)
-    encoders = encoders_for(preset, decoder, device)
+    on_ranks = topology is not None and topology.distributed  # a given start is not yet shared between ranks
+    start_encoder = None if on_ranks else functools.partial(family_of(preset.model).encode_start, preset)
+    encoders = None if on_ranks else encoders_for(preset, decoder, device)  # video in: one process, likewise
     return Session(preset, model, prompts, decoder, device, assembly, start_encoder, encoders)
 
 

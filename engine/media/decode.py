@@ -86,7 +86,9 @@ def _video(data: bytes, kind: str, name: str, limits: MediaLimits) -> Media:
             if not container.streams.video:
                 raise MediaError(f"{name}: a {kind.upper()} file without a video stream")
             stream = container.streams.video[0]
-            check_pixels(stream.codec_context.width, stream.codec_context.height, limits, name)
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if width and height:  # a container may leave them to the first frame, checked there
+                check_pixels(width, height, limits, name)
             frames = _decoded(container, stream, limits, name)
             fps = float(stream.average_rate) if stream.average_rate else None
     except MediaError:

@@ -141,7 +141,8 @@ class Session:
         """Given frames `[T, H, W, 3]` uint8 (an image: T = 1; any size, center-cropped and resized)
         -> the clean latents `[1, C, P * F, h, w]` a stream starts from (the family's VAE)."""
         if self.start_encoder is None:
-            raise ConfigError(f"{self.preset.name}: this session cannot start a stream from given frames")
+            raise ConfigError(f"{self.preset.name}: this session cannot start a stream from given frames (a stream "
+                              "on ranks cannot yet: run it on one process)")  # fmt: skip
         with torch.no_grad():
             return self.start_encoder(self.decoder, frames, self.start_capacity())
 
