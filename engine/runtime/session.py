@@ -201,7 +201,10 @@ class Session:
         cannot take video in."""
         name, sampling = self.preset.name, self.preset.sampling
         if self.encoders is None:
-            raise ConfigError(f"preset {name}: its family has no encoder here, so it cannot take video in")
+            raise ConfigError(
+                f"preset {name}: this session has no encoder for video in (its family has none, "
+                "or it runs on several ranks)"
+            )
         if self.preset.plan.schedule not in ("sequential", "pyramid") or sampling.solver not in PER_STEP_SOLVERS:
             raise ConfigError(
                 f"preset {name}: video in runs sequential or pyramid plans with a per-step solver "
