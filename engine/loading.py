@@ -34,6 +34,7 @@ from engine.models.random_init import SMALL_MODEL_PARAMS
 from engine.models.rope import Rope
 from engine.models.text_encoder import PromptEncoder, TextEncoder
 from engine.models.vae import StreamingDecoder, load_vae, random_vae
+from engine.models.vae_encoder import StreamingEncoder
 from engine.models.wan import WanModel
 from engine.runtime.kv import KVCache
 from engine.weight_paths import WeightPaths, check_paths
@@ -219,6 +220,17 @@ def build_magi_vae(preset: Preset, weights: WeightPaths) -> MagiVae:
         f"preset {preset.name} needs MAGI-1's VAE: pass --vae DIR (ckpt/vae of sand-ai/MAGI-1, "
         "holding diffusion_pytorch_model.safetensors) or --base DIR (the folder holding ckpt/)"
     )
+
+
+def encoders_for(preset: Preset, decoder, device: torch.device):
+    """A maker of one stream's video-in encoder (frames -> normalised latents) from the loaded
+    decoder's weights: the demo's codec, or the Wan VAE's encoder; None for a family without one."""
+    if isinstance(decoder, PatchDecoder):
+        codec = decoder.codec
+        return lambda: lambda frames: codec.encode(frames, device)
+    if isinstance(decoder, StreamingDecoder):
+        return lambda: StreamingEncoder(decoder.vae, preset.vae)
+    return None
 
 
 def build_patch_codec(preset: Preset, weights: WeightPaths) -> PatchCodec:

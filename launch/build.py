@@ -30,6 +30,7 @@ from engine.loading import (
     build_rope,
     build_special_tokens,
     build_text_encoder,
+    encoders_for,
 )
 from engine.plan.sigmas import build_schedule
 from engine.plan.timeline import committed_blocks_needed
@@ -79,7 +80,8 @@ def build_session(
     assembly = Assembly(preset, model, device, topology, sharding or ulysses_for(topology, preset), speed)
     on_ranks = topology is not None and topology.distributed  # a given start is not yet shared between ranks
     start_encoder = None if on_ranks else functools.partial(family_of(preset.model).encode_start, preset)
-    return Session(preset, model, prompts, decoder, device, assembly, start_encoder)
+    encoders = None if on_ranks else encoders_for(preset, decoder, device)  # video in: one process, likewise
+    return Session(preset, model, prompts, decoder, device, assembly, start_encoder, encoders)
 
 
 def ulysses_for(topology: Topology | None, preset: Preset, backend: str = "auto") -> Ulysses | None:

@@ -17,6 +17,10 @@
         if chunk.index == 8:
             break
 
+    clip = (frame for frame in my_frames)                          # uint8 [H, W, 3] each, or a FrameFeed
+    for chunk in pipe.stream("a blue circle moving right", video_in=clip, strength=0.6):
+        ...                                                          # restyled input; prompt-only once it ends
+
 Settings change through calls, not by editing frozen presets; the model is loaded once.
 
 A stream may start from pixels: `image=` (image-to-video) or `video=` (continue a clip), each a
@@ -32,7 +36,7 @@ committed as the stream's first blocks. The given frames are not part of the out
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +49,7 @@ from engine.devices import resolve_device, resolve_dtype
 from engine.media import MediaError, MediaLimits, load_image, load_video
 from engine.runtime.outputs import RunStats
 from engine.runtime.session import Run, Session
+from engine.runtime.video_in import VideoIn
 from engine.serving.protocol import clean_prompt
 from engine.serving.video import Mp4Writer
 from engine.weight_paths import WeightPaths
@@ -111,10 +116,15 @@ def start_latents(session: Session, image: Pixels | None, video: Pixels | None) 
 class Stream:
     """An endless stream; iterate for chunks, `set_prompt` to switch while it runs."""
 
-    def __init__(self, session: Session, prompt: str, seed: int, start: torch.Tensor | None = None):
+    def __init__(self, session: Session, prompt: str, seed: int, start: torch.Tensor | None = None, **video_in):
         self.prompt = checked_prompt(prompt)
-        self._run: Run = session.run(lambda tick: self.prompt, blocks=None, seed=seed, start=start)
+        self._run: Run = session.run(lambda tick: self.prompt, blocks=None, seed=seed, start=start, **video_in)
         self._frames = self._run.frames()
+
+    @property
+    def video_in(self) -> VideoIn | None:
+        """The input part of a video-in stream (blocks taken from it, whether it has ended)."""
+        return self._run.video_in
 
     def set_prompt(self, prompt: str) -> None:
         """In-flight blocks take it at their next step (or, with the recache switch, at the next block)."""
@@ -205,15 +215,35 @@ class StreamingPipeline:
         image: Pixels | None = None,
         video: Pixels | None = None,
         include_start: bool = False,
+        video_in: Iterable | None = None,
+        strength: float = 0.6,
     ) -> Video:
         """A finite video of `blocks` new blocks (on a cascade, the frames arrive on the sink rank),
-        from noise or from a given `image` / `video` (see the module's docstring)."""
+        from noise or from a given `image` / `video` (see the module's docstring). `video_in`:
+        uint8 `[H, W, 3]` frames each block starts from, noised to `strength` (video-to-video)."""
         start = start_latents(self.session, image, video)
-        run = self.session.run(checked_prompt(prompt), blocks=blocks, seed=seed, start=start)
+        v2v = {} if video_in is None else {"video_in": video_in, "strength": strength}
+        run = self.session.run(checked_prompt(prompt), blocks=blocks, seed=seed, start=start, **v2v)
         parts = [frames for _, frames in run.frames(include_start=include_start)]
         frames = np.concatenate(parts) if parts else np.zeros((0, 0, 0, 3), np.uint8)
         return Video(frames, self.preset.stream.fps, run.stats)
 
-    def stream(self, prompt: str, *, seed: int = 0, image: Pixels | None = None, video: Pixels | None = None) -> Stream:
-        """An endless stream, from noise or from a given `image` / `video` (never re-emitted)."""
-        return Stream(self.session, prompt, seed, start_latents(self.session, image, video))
+    def stream(
+        self,
+        prompt: str,
+        *,
+        seed: int = 0,
+        image: Pixels | None = None,
+        video: Pixels | None = None,
+        video_in: Iterable | None = None,
+        strength: float = 0.6,
+        wait_s: float | None = None,
+    ) -> Stream:
+        """An endless stream, from noise or from a given `image` / `video` (never re-emitted).
+        With `video_in` (an iterator of uint8 `[H, W, 3]` frames or a FrameFeed) each block starts
+        from the input's next frames noised to `strength` in (0, 1], and once the input ends the
+        stream goes on from the prompt. A feed waits `wait_s` for a block's frames before holding
+        the last picture (None: as long as it takes)."""
+        start = start_latents(self.session, image, video)
+        v2v = {} if video_in is None else {"video_in": video_in, "strength": strength, "wait_s": wait_s}
+        return Stream(self.session, prompt, seed, start, **v2v)

@@ -3,7 +3,9 @@
 May import: numpy, Pillow and PyAV (loaded only inside the functions that decode), and nothing of
 arcade's. Main entry points: `load_media` (an image or a clip, told apart by content),
 `load_image`, `load_video`, `fit_frames` (center-crop + resize to a stream's size), `MediaLimits`
-and `MediaError` (every refusal: one line saying what is wrong and what to do).
+and `MediaError` (every refusal: one line saying what is wrong and what to do). For video in
+(video-to-video): `feed.FrameFeed` (a live source's bounded, drop-oldest queue of frames) and
+`frames.clip_frames` (a clip read frame by frame, for streams that take it as it plays).
 
 Rules of this package:
 * the type comes from the content's magic bytes, never from a file name;

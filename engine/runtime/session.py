@@ -12,11 +12,15 @@ segment's clean prefix) before any new block. New blocks are numbered after them
 not yielded again, but `frames()` decodes it first so that a causal decoder continues from it. Which executor parts a
 run uses (context, placement, caching, switch) was decided when the session was assembled
 (launch/build.py): `executors(noise, blocks_in_forward, ring_frames)` makes one per stream.
+
+Video in: `run(prompt, blocks=, seed=, video_in=frames, strength=S)` starts each block from the
+input's next frames, encoded by the session's `encoder` and noised to S (engine/runtime/video_in.py),
+on the preset's sequential or pyramid plan; blocks after the input ends start from noise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 import numpy as np
@@ -26,11 +30,13 @@ from engine.config import ConfigError, Preset
 from engine.models.vae import to_uint8
 from engine.plan.sigmas import Schedule, build_schedule
 from engine.plan.skyreels import Segment, plan_segments
+from engine.plan.steps import Adjustable
 from engine.plan.timeline import Tick, blocks_per_tick, pyramid, sequential
 from engine.runtime.executor import Executor
 from engine.runtime.outputs import Block, RunStats
 from engine.runtime.prompts import Prompts
 from engine.runtime.segments import run_segments
+from engine.runtime.video_in import Encoder, VideoIn
 from engine.sampling.noise import NoiseSource
 
 
@@ -55,6 +61,8 @@ class Run:
     def __init__(self, blocks: Iterator[Block], executors: list[Executor], decoder, start: torch.Tensor | None = None):
         self._blocks, self._executors, self._decoder = blocks, executors, decoder
         self.start = start
+        self.video_in: VideoIn | None = None
+        """The input part of a video-in stream (None: no video in)."""
         """The clean latents the stream started from `[1, C, P * F, h, w]` (None: from noise)."""
 
     def __iter__(self) -> Iterator[Block]:
@@ -88,6 +96,10 @@ class Run:
             yield block, to_uint8(self._decoder.decode(block.latents))
 
 
+PER_STEP_SOLVERS = ("self-forcing", "euler")
+"""Solvers that read a step's sigmas from its `Work`: a block may then start at any strength."""
+
+
 class Session:
     def __init__(
         self,
@@ -98,9 +110,13 @@ class Session:
         device: torch.device,
         executors: ExecutorFactory,
         start_encoder: StartEncoder | None = None,
+        encoders: Callable[[], Encoder] | None = None,
     ):
+        """`start_encoder`: given frames -> a stream's clean start; `encoders()`: a fresh frames ->
+        latents encoder of the family's VAE for one stream's video in (None: the family has none)."""
         self.preset, self.model, self.prompts, self.decoder = preset, model, prompts, decoder
-        self.device, self.executors, self.start_encoder = device, executors, start_encoder
+        self.device, self.executors = device, executors
+        self.start_encoder, self.encoders = start_encoder, encoders
         self.schedule: Schedule = build_schedule(preset.sampling)
 
     def reconfigured(self, preset: Preset) -> Session:
@@ -111,7 +127,8 @@ class Session:
                 raise ConfigError(f"{preset.name}: a session can change its plan, sampling or cache, not its {part}")
         prompts = Prompts(preset, self.model, self.prompts.encoder, self.device, self.prompts.embed)
         executors = self.executors.for_preset(preset)
-        return Session(preset, self.model, prompts, self.decoder, self.device, executors, self.start_encoder)
+        return Session(preset, self.model, prompts, self.decoder, self.device, executors, self.start_encoder,
+                       self.encoders)  # fmt: skip
 
     def start_capacity(self) -> int:
         """Latent frames of given start a stream keeps (whole blocks): what a new block can see
@@ -149,14 +166,23 @@ class Session:
         seed: int,
         initial: Callable[[int], torch.Tensor] | None = None,
         start: torch.Tensor | None = None,
+        video_in: Iterable | None = None,
+        strength: float = 1.0,
+        wait_s: float | None = None,
     ) -> Run:
         """Start a stream of `blocks` new blocks (None: endless). `prompt` may depend on the tick
         (prompt switches); `initial(b)` overrides block b's starting noise; `start`: clean latents
-        (`encode_start`) committed first. Bad plans fail here, before any work."""
+        (`encode_start`) committed first. `video_in`: input frames (a FrameFeed or an iterator of
+        uint8 `[H, W, 3]`), each block noised to `strength`; a feed waits `wait_s` for a block's
+        frames before holding the last picture. Bad plans fail here, before any work."""
         prefix = self.start_blocks(start)
         conditioning = self.prompts.conditioning
         text = (lambda tick: conditioning(prompt(tick))) if callable(prompt) else conditioning(prompt)
         noise, executors = NoiseSource(seed), []
+        if video_in is not None:
+            if prefix:
+                raise ConfigError("a stream takes either a given start or video in, not both")
+            return self._video_run(text, blocks, noise, self.video_input(video_in, strength, noise, wait_s))
 
         def make(noise: NoiseSource, blocks_in_forward: int, ring_frames: int | None = None) -> Executor:
             executors.append(self.executors(noise, blocks_in_forward=blocks_in_forward, ring_frames=ring_frames))
@@ -169,6 +195,43 @@ class Session:
         executor = make(noise, blocks_per_tick(self.schedule, offset, total, len(prefix)))
         ticks = self.plan(total, pre_ready=len(prefix))
         return Run(executor.run(ticks, text, initial=initial, prefix=prefix), executors, self.decoder, start)
+
+    def video_input(self, source: Iterable, strength: float, noise: NoiseSource, wait_s: float | None) -> VideoIn:
+        """The input part of one stream (its `noise`), or ConfigError saying why this session
+        cannot take video in."""
+        name, sampling = self.preset.name, self.preset.sampling
+        if self.encoders is None:
+            raise ConfigError(
+                f"preset {name}: this session has no encoder for video in (its family has none, "
+                "or it runs on several ranks)"
+            )
+        if self.preset.plan.schedule not in ("sequential", "pyramid") or sampling.solver not in PER_STEP_SOLVERS:
+            raise ConfigError(
+                f"preset {name}: video in runs sequential or pyramid plans with a per-step solver "
+                f"({', '.join(PER_STEP_SOLVERS)}), not {self.preset.plan.schedule} with {sampling.solver}"
+            )
+        stream = self.preset.stream
+
+        def pixel_frames(block: int) -> int:
+            return self.preset.pixel_frames(block + 1) - self.preset.pixel_frames(block)
+
+        return VideoIn(source, self.encoders(), self.schedule, strength, noise, pixel_frames=pixel_frames,
+                       size=(stream.height, stream.width), wait_s=wait_s)  # fmt: skip
+
+    def video_plan(self, blocks: int | None, video: VideoIn) -> Adjustable:
+        """The preset's sequential or pyramid plan, each block's schedule chosen by the input."""
+        stream, plan = self.preset.stream, self.preset.plan
+        offset = None if plan.schedule == "sequential" else plan.offset
+        window = stream.window_frames // stream.frames_per_block
+        return Adjustable(self.schedule, offset, window, num_blocks=blocks, choose=video.schedule_for)
+
+    def _video_run(self, text, blocks: int | None, noise: NoiseSource, video: VideoIn) -> Run:
+        offset = None if self.preset.plan.schedule == "sequential" else self.preset.plan.offset
+        executor = self.executors(noise, blocks_in_forward=blocks_per_tick(self.schedule, offset, blocks))
+        initial = lambda block: video.initial(block, executor.block_shape, executor.device)  # noqa: E731
+        run = Run(executor.run(self.video_plan(blocks, video), text, initial=initial), [executor], self.decoder)
+        run.video_in = video
+        return run
 
     def start_blocks(self, start: torch.Tensor | None) -> dict[int, torch.Tensor]:
         """{block: clean latents `[1, C, F, h, w]`} of a given start (blocks 0 .. P-1)."""

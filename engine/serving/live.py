@@ -180,8 +180,9 @@ class LiveStream:
 # -- many sessions: one manager, driven by one thread ----------------------------------------------
 
 SESSION_OPS = ("open", "join", "set_prompt", "pause", "resume", "viewer_left", "viewer_returned", "close",
-               "start_from")  # fmt: skip
-"""What the server may ask of a session manager (engine/serving/sessions.py); nothing else is called."""
+               "start_from", "video_in")  # fmt: skip
+"""What the server may ask of a session manager (engine/serving/sessions.py); nothing else is called.
+`video_in` hands over a live source object: only a replica in the serving process takes it."""
 
 
 class SessionHost(Protocol):

@@ -39,6 +39,12 @@ image or clip file of at most MAX_UPLOAD_BYTES, restarts the viewer's session fr
 become the stream's first blocks, engine/serving/sessions.py `start_from`). The type is read from
 the content, never a name; the answer is {"type": "ack", "of": "start", "blocks": N} or one
 {"type": "error", ...} to that viewer only (too large, another type, corrupt, a shared stream).
+
+Video in from a clip (sessions only): one binary message, VIDEO_IN_MAGIC (b"ARCV"), the strength
+as a float32 little-endian in (0, 1], then a clip file under the same limits and checks as an
+upload. From its next block the viewer's session restyles the clip under its prompt (each block
+starts from the clip's next frames noised to the strength), then goes on from the prompt once the
+clip ends. The answer is {"type": "ack", "of": "video_in", "frames": N, "strength": S} or one error.
 """
 
 from __future__ import annotations
@@ -207,6 +213,24 @@ are refused too."""
 
 def is_upload(message: str | bytes) -> bool:
     return isinstance(message, bytes) and message[:4] == UPLOAD_MAGIC
+
+
+VIDEO_IN_MAGIC = b"ARCV"
+VIDEO_IN_HEADER = struct.Struct("<4sf")  # magic, strength
+
+
+def is_video_in(message: str | bytes) -> bool:
+    return isinstance(message, bytes) and message[:4] == VIDEO_IN_MAGIC
+
+
+def video_in_upload(message: bytes, limit: int = MAX_UPLOAD_BYTES) -> tuple[float, bytes]:
+    """(strength, clip file) of a video-in message, checked as an upload; else ProtocolError."""
+    if len(message) < VIDEO_IN_HEADER.size:
+        raise ProtocolError("a video-in upload is b'ARCV', a float32 strength, then the clip")
+    _, strength = VIDEO_IN_HEADER.unpack_from(message)
+    if not 0.0 < strength <= 1.0:  # NaN fails too
+        raise ProtocolError(f"video-in strength must lie in (0, 1], got {strength:g}")
+    return strength, upload_file(UPLOAD_MAGIC + message[VIDEO_IN_HEADER.size :], limit)
 
 
 def upload_file(message: bytes, limit: int = MAX_UPLOAD_BYTES) -> bytes:

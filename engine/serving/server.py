@@ -49,10 +49,12 @@ from engine.serving.protocol import (
     close_reason,
     encode_frame,
     is_upload,
+    is_video_in,
     parse_control,
     prometheus,
     reply,
     upload_file,
+    video_in_upload,
 )
 
 PAGE = Path(__file__).with_name("viewer.html")
@@ -375,6 +377,8 @@ class StreamServer:
     async def _answer(self, message: str | bytes, viewer: Viewer) -> str:
         if is_upload(message):
             return await self._upload_answer(message, viewer)
+        if is_video_in(message):
+            return await self._video_in_answer(message, viewer)
         try:
             control = parse_control(message)
         except ProtocolError as err:
@@ -400,6 +404,23 @@ class StreamServer:
             return reply("error", error=str(err))
         answer = await self.lobby.control(viewer.session, "start_from", base64.b64encode(data).decode("ascii"))
         return reply("error", error=answer["error"]) if "error" in answer else reply("ack", of="start", **answer["ok"])
+
+    async def _video_in_answer(self, message: bytes, viewer: Viewer) -> str:
+        """The viewer's session restyles an uploaded clip (protocol.py's video-in message): checked
+        and decoded here, off the event loop, within the upload limits; errors go to this viewer."""
+        if viewer.session is None:
+            return reply("error", error="a shared stream cannot take video in (each viewer's session can)")
+        try:
+            strength, data = video_in_upload(message, self.media_limits.max_bytes)
+            media = await asyncio.to_thread(load_media, data, self.media_limits)
+        except (ProtocolError, MediaError) as err:
+            return reply("error", error=str(err))
+        if media.is_image:
+            return reply("error", error="video in takes a clip, not an image (an image starts a stream: b'ARCU')")
+        answer = await self.lobby.control(viewer.session, "video_in", iter(media.frames), strength)
+        if "error" in answer:
+            return reply("error", error=answer["error"])
+        return reply("ack", of="video_in", frames=len(media.frames), strength=round(strength, 4))
 
     def _prompt_ack(self, version: int, text: str) -> str:
         """The ack of an accepted prompt: its version, the text as accepted, the words the model ignores."""

@@ -23,6 +23,12 @@ part per round, or fewer denoising steps for a few-step model, set on its plan
 (engine/plan/steps.py: blocks that start from then on take that many steps). Steps change only
 for a session on one process (its executor places every block locally).
 
+Video in: `video_in(id, source, strength)` plugs a source (a `FrameFeed` a camera pushes into, or
+any iterator of uint8 `[H, W, 3]` frames) into a running session: from its next block on, each
+block starts from the source's newest frames noised to `strength` (engine/runtime/video_in.py);
+the round never waits for a feed (a stalled one holds its last picture), and once the source ends
+the session goes on from its prompt. `video_in(id, None)` unplugs it. Sessions on one process only.
+
 Admission: a viewer beyond what the measured speed keeps at the floor's fidelity is refused with
 the frame rate it would get if admitted all the same (`Refused.offer_fps`, every session sharing
 the rounds); `open(..., accept=True)` takes it. A refusal without an offer is the last resort
@@ -63,6 +69,7 @@ from engine.runtime.coalesce import step_together
 from engine.runtime.executor import Executor
 from engine.runtime.placement import Local
 from engine.runtime.session import Session
+from engine.runtime.video_in import InputSlot
 from engine.sampling.noise import NoiseSource
 from engine.serving.group import Outbox
 from engine.serving.scheduler import (
@@ -164,6 +171,8 @@ class Live:
     """(time, frames) of recent blocks, for its FPS."""
     prompt_log: list = field(default_factory=list)
     """(tick index, prompt) of every prompt it ran under, first at tick 0."""
+    slot: InputSlot | None = None
+    """Where video in plugs in (None on a rank group: sessions there take none)."""
 
     @property
     def wants_ticks(self) -> bool:
@@ -290,25 +299,36 @@ class SessionManager:
         executor.start(prefix=prefix)
         return executor
 
-    def _plan(self, pre_ready: int = 0):
-        """The session's endless plan: one whose step count can change when the ladder has step rungs."""
-        if not self.schedules:
+    def _plan(self, pre_ready: int = 0, slot: InputSlot | None = None):
+        """The session's endless plan: one whose step count can change when the ladder has step
+        rungs, and whose blocks' schedules a video-in slot chooses."""
+        if not self.schedules and slot is None:
             return self.session.plan(None, pre_ready=pre_ready)
         plan, stream = self.session.preset.plan, self.session.preset.stream
         offset = None if plan.schedule == "sequential" else plan.offset
         window = stream.window_frames // stream.frames_per_block
-        return Adjustable(self.session.schedule, offset, window, pre_ready=pre_ready)
+        return Adjustable(self.session.schedule, offset, window, pre_ready, choose=slot and slot.schedule_for)
 
     def new_stream(self, seed: int) -> tuple[Executor, object]:
         """A session's executor and endless plan (the leader's and its followers' alike)."""
         return self._executor(seed), self._plan()
 
+    def _slotted_stream(self, seed: int, prefix: dict | None = None) -> tuple[Executor, object, InputSlot | None]:
+        """`new_stream` (after a given start's `prefix` blocks), with a slot for video in when the
+        manager runs on one process."""
+        executor = self._executor(seed, prefix)
+        if self.outbox is not None:
+            return executor, self._plan(len(prefix or ())), None
+        slot = InputSlot(executor)
+        executor.start(initial=slot.initial, prefix=prefix)
+        return executor, self._plan(len(prefix or ()), slot), slot
+
     def _start(self, prompt: str, seed: int, now: float) -> Live:
-        executor, ticks = self.new_stream(seed)
+        executor, ticks, slot = self._slotted_stream(seed)
         decoder = copy.copy(self.session.decoder)  # shares the weights; its own causal state
         decoder.reset()
         live = Live(secrets.token_urlsafe(6), seed, prompt, self.session.prompts.conditioning(prompt),
-                    executor, decoder, ticks, next(ticks), Playout(self.fps), now)  # fmt: skip
+                    executor, decoder, ticks, next(ticks), Playout(self.fps), now, slot=slot)  # fmt: skip
         live.prompt_log.append((0, prompt))
         self._tell("open", live.id, seed, prompt)
         return live
@@ -347,6 +367,16 @@ class SessionManager:
         del live.prompt_log[1:-PROMPT_LOG]
         return live.version
 
+    def video_in(self, sid: str, source, strength: float = 0.6) -> dict:
+        """Plug `source` (a FrameFeed, or an iterator of uint8 `[H, W, 3]` frames; None unplugs)
+        into the session: blocks that start from now on take its frames, noised to `strength`."""
+        live = self._get(sid)
+        if live.slot is None:
+            raise ConfigError("video in runs on sessions of one process, not on a rank group")
+        video = None if source is None else self.session.video_input(source, strength, live.executor.noise, 0.0)
+        live.slot.video = video
+        return {"strength": None if video is None else video.strength}
+
     def start_from(self, sid: str, upload: str) -> dict:
         """Restart the session's stream from an uploaded image or clip (`upload`: the file's bytes
         in base64, checked by engine/media): its frames, encoded by the family's VAE, become the
@@ -366,7 +396,7 @@ class SessionManager:
         except SetupError as err:  # a family without an encoder for given frames (yet)
             raise SessionError(str(err)) from None
         prefix = self.session.start_blocks(start)
-        live.executor, live.ticks = self._executor(live.seed, prefix), self._plan(pre_ready=len(prefix))
+        live.executor, live.ticks, live.slot = self._slotted_stream(live.seed, prefix)  # video in unplugged
         live.next_tick = next(live.ticks)
         self.set_steps(live.ticks, self.limits.levels[live.rung].steps)
         live.decoder.reset()
@@ -578,6 +608,7 @@ class SessionManager:
             "fps": round(_rate(live.recent, now), 2), "frames": live.frames,
             "first_frame_s": None if playout.first_at is None else round(playout.first_at - live.opened_at, 3),
             "most_waited_rounds": live.most_waited,
+            "video_in": None if live.slot is None or live.slot.video is None else live.slot.video.stats(),
         }  # fmt: skip
 
     def server_stats(self) -> dict:
