@@ -280,6 +280,8 @@ def offload_rows(rows: list[dict]) -> list[dict]:
                                        row.get("h2d_gbps") or HOST_LINKS["pcie5"])  # fmt: skip
             line["bound"] = timing.bound
             line["fps_model"] = resident.get("fps", 0) * resident["forward_ms"] / 1000 / timing.forward_s
+        else:
+            line["note"] = f"no prediction: {variant.resident} measured no forward"
         model.append(line)
     return model
 
