@@ -600,6 +600,9 @@ class Preset:
 COMPILE_MODES = ("off", "default", "graphs")
 KV_STORAGES = ("model", "fp8")
 ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn")
+TEXT_ENCODER_DEVICES = ("model", "cpu", "swap")
+WEIGHT_STORAGES = ("native", "fp8")
+OFFLOAD_MODES = ("none", "layers")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -615,11 +618,32 @@ class SpeedConfig:
     attention: str = "auto"
     """SDPA backend: auto (the fastest exact one the device has, chosen once and reported), or
     math, flash, efficient, cudnn."""
+    text_encoder_device: str = "model"
+    """Where the text encoder lives: model (on the model's device), cpu (kept and run in host memory;
+    the embeddings move to the device) or swap (kept in host memory, moved to the device to encode a
+    new prompt, moved back after)."""
+    weights: str = "native"
+    """Storage of the transformer blocks' Linear weights: native (the model's dtype) or fp8 (float8
+    e4m3 with per-output-channel scales, dequantized to the compute dtype per matmul)."""
+    offload: str = "none"
+    """none (every block resident on the device) or layers (the transformer blocks kept in host memory,
+    block i+1 copied to the device while block i computes; the same math as resident)."""
 
     def __post_init__(self) -> None:
         _require(self.compile in COMPILE_MODES, f"compile must be one of {COMPILE_MODES}")
         _require(self.kv_cache in KV_STORAGES, f"kv_cache must be one of {KV_STORAGES}")
         _require(self.attention in ATTENTION_BACKENDS, f"attention must be one of {ATTENTION_BACKENDS}")
+        _require(
+            self.text_encoder_device in TEXT_ENCODER_DEVICES,
+            f"text_encoder_device must be one of {TEXT_ENCODER_DEVICES}",
+        )
+        _require(self.weights in WEIGHT_STORAGES, f"weights must be one of {WEIGHT_STORAGES}")
+        _require(self.offload in OFFLOAD_MODES, f"offload must be one of {OFFLOAD_MODES}")
+        _require(
+            self.offload == "none" or self.compile == "off",
+            "--offload layers rebinds each block's weights as it streams, which a compiled forward would "
+            "trace as constants: use --compile off with --offload layers",
+        )
 
     def check_device(self, device_type: str) -> None:
         """Refuse choices the device cannot run (one line, with the fix)."""

@@ -21,6 +21,8 @@ python -m launch.bench coalesce            # k streams' forwards in one call vs 
 python -m launch.bench compile             # --compile: compiled vs eager ms per tick, compile time (demo, mid-wan)
 python -m launch.bench startup             # seconds to --help, to a refused flag, to the demo's first frame
 python -m launch.bench v2v                 # video-to-video vs text-to-video: time to first frame, FPS
+python -m launch.bench text-encoder        # umT5-XXL encode on this CPU (--text-encoder-device cpu), 1 and all threads
+python -m launch.bench weights             # fp8 weights: fidelity on the demo (PSNR), bytes of the presets' blocks
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ BENCHMARKS = {
     "compile": "compile",
     "startup": "startup",
     "v2v": "video_in",
+    "text-encoder": "text_encoder",
+    "weights": "weights",
 }
 """Subcommand -> module of launch/benchmarks/, imported only when its subcommand runs (or for
 --help): some import torch's compiler or the server, seconds that other benchmarks do not need."""

@@ -9,8 +9,10 @@ place that chooses among them. For every stream it builds an executor from the p
     switch    = NextStep | Recache             plan.switch
 
 Combinations that mean nothing are refused by the config (engine/config.py) with the reason.
-How fast the same math runs (`SpeedConfig`: compiled forward, attention kernel, KV storage) is
-chosen here too, once per session, and said in one line (`Assembly.speed_line`).
+How fast the same math runs (`SpeedConfig`: compiled forward, attention kernel, KV storage) and
+where the weights live (fp8 weights, streamed blocks, the text encoder's device:
+engine/runtime/memory_options.py) are chosen here too, once per session, and said in one line
+(`Assembly.speed_line`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from engine.runtime.compiled import FastForward
 from engine.runtime.context import Joint, Lagged
 from engine.runtime.executor import Executor, Parts, StreamSetup
 from engine.runtime.kv import KVCache
+from engine.runtime.memory_options import MemoryPlacement, encoder_home, model_home, place_model, refuse_early
 from engine.runtime.placement import Local
 from engine.runtime.prompts import Prompts
 from engine.runtime.session import Session
@@ -73,11 +76,17 @@ def build_session(
     `sharding`: Ulysses over an sp group (default: the topology's, when it has sp > 1). `speed`:
     compiled forward, attention kernel and KV storage (checked against the device first)."""
     speed.check_device(device.type)
-    model = build_model(preset, weights, device, dtype)
+    refuse_early(speed, device)
+    model = build_model(preset, weights, model_home(speed, device), dtype)
+    memory = place_model(model, speed, device)
     embed = family_of(preset.model).text_embedding(preset, model, build_special_tokens(preset, weights))
-    prompts = Prompts(preset, model, build_text_encoder(preset, weights, device, dtype), device, embed)
+    encoder = build_text_encoder(preset, weights, encoder_home(speed, device), dtype)
+    if speed.text_encoder_device == "swap":
+        encoder.swap_to(device)
+    prompts = Prompts(preset, model, encoder, device, embed)
     decoder = build_decoder(preset, weights, device)
     assembly = Assembly(preset, model, device, topology, sharding or ulysses_for(topology, preset), speed)
+    assembly.memory = memory
     on_ranks = topology is not None and topology.distributed  # a given start is not yet shared between ranks
     start_encoder = None if on_ranks else functools.partial(family_of(preset.model).encode_start, preset)
     encoders = None if on_ranks else encoders_for(preset, decoder, device)  # video in: one process, likewise
@@ -105,6 +114,8 @@ class Assembly:
         fast: FastForward | None = None,
     ):
         self.preset, self.model, self.device, self.sharding, self.speed = preset, model, device, sharding, speed
+        self.memory = MemoryPlacement()
+        """Where the weights live (build_session sets it; said in `speed_line`)."""
         self.topology = topology or Topology.single()
         self._check_speed()
         self.fast = fast or FastForward(model, speed, choose_attention(speed.attention, device_caps(device)))
@@ -114,12 +125,15 @@ class Assembly:
 
     def for_preset(self, preset: Preset) -> Assembly:
         """Executors for another plan: same model, same (already compiled) forward."""
-        return Assembly(preset, self.model, self.device, self.topology, self.sharding, self.speed, self.fast)
+        other = Assembly(preset, self.model, self.device, self.topology, self.sharding, self.speed, self.fast)
+        other.memory = self.memory
+        return other
 
     @property
     def speed_line(self) -> str:
         """How the forward runs here, in one line (entry points say it at start-up)."""
-        return self.fast.line()
+        line = self.fast.line()
+        return line if self.memory == MemoryPlacement() else f"{line}; {self.memory.line}"
 
     def _check_speed(self) -> None:
         """Refuse a compiled forward where this runtime would break its graph."""

@@ -28,10 +28,13 @@ from engine.config import (
     COMPUTE,
     CONTEXTS,
     KV_STORAGES,
+    OFFLOAD_MODES,
     SCHEDULES,
     SINK_MODES,
     SOLVERS,
     SWITCHES,
+    TEXT_ENCODER_DEVICES,
+    WEIGHT_STORAGES,
     ConfigError,
     Preset,
     SpeedConfig,
@@ -425,6 +428,31 @@ FLAGS: tuple[Flag, ...] = (
         ("--attention-backend", "math"),
         choices=ATTENTION_BACKENDS,
     ),
+    # memory (what the device holds)
+    Flag(
+        "--text-encoder-device",
+        "speed.text_encoder_device",
+        "where the text encoder lives: model (its device), cpu (encodes on the host) or swap (moved to the "
+        "device to encode a new prompt, then back)",
+        ("--text-encoder-device", "cpu"),
+        choices=TEXT_ENCODER_DEVICES,
+    ),
+    Flag(
+        "--weights",
+        "speed.weights",
+        "the transformer blocks' Linear weights: native (the model's dtype) or fp8 (e4m3, per-channel scales; "
+        "computed in the model's dtype)",
+        ("--weights", "fp8"),
+        choices=WEIGHT_STORAGES,
+    ),
+    Flag(
+        "--offload",
+        "speed.offload",
+        "layers: transformer blocks kept in host memory, each copied to the device while the one before "
+        "computes (the same output as resident)",
+        ("--offload", "layers"),
+        choices=OFFLOAD_MODES,
+    ),
     # this process
     Flag(
         "--threads",
@@ -441,7 +469,7 @@ GROUPS = {
     "cache": "feature caching (cache/)",
     "weights": "weights",
     "parallel": "ranks (under torchrun)",
-    "speed": "speed (the same math on this device)",
+    "speed": "speed and memory (the same model on this device)",
     "process": "this process",
 }
 FLAG_BY_DEST = {flag.dest: flag for flag in FLAGS}

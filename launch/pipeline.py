@@ -4,6 +4,7 @@
 
     pipe = StreamingPipeline.from_preset("demo")                 # the shipped demo model
     fast = StreamingPipeline.from_preset("demo", compile="default")  # compiled forward (SpeedConfig)
+    small = StreamingPipeline.from_preset("demo", weights="fp8", offload="layers", text_encoder_device="cpu")
     video = pipe.generate("a red circle moving left", blocks=8, seed=0)
     video.frames.shape, video.stats.forwards                     # [N, 64, 64, 3] uint8
     video.save("out/circle.mp4")
@@ -162,18 +163,23 @@ class StreamingPipeline:
         compile: str = "off",
         kv_cache: str = "model",
         attention: str = "auto",
+        weights: str = "native",
+        offload: str = "none",
+        text_encoder_device: str = "model",
     ) -> StreamingPipeline:
         """Load a preset (`python -m launch.presets` lists them) with its weights: the shipped ones
         for the demo, a checkpoint (+ a Wan2.1 diffusers `base` for text encoder and VAE) for real
         models, or seeded random weights. Under torchrun pass the topology of `parallel.runtime.launched`.
         Speed (the same math): `compile` off | default | graphs (CUDA), `kv_cache` model | fp8,
-        `attention` auto | math | flash | efficient | cudnn (see `speed_line`)."""
+        `attention` auto | math | flash | efficient | cudnn (see `speed_line`). Memory: `weights`
+        native | fp8, `offload` none | layers, `text_encoder_device` model | cpu | swap."""
         paths = {"checkpoint": checkpoint, "base": base, "text_encoder": text_encoder, "vae": vae, "lora": lora}
-        weights = WeightPaths(**{k: Path(v) for k, v in paths.items() if v is not None}, random=random_weights)
+        files = WeightPaths(**{k: Path(v) for k, v in paths.items() if v is not None}, random=random_weights)
         torch_device = resolve_device(device)
-        speed = SpeedConfig(compile=compile, kv_cache=kv_cache, attention=attention)
+        speed = SpeedConfig(compile=compile, kv_cache=kv_cache, attention=attention, weights=weights,
+                            offload=offload, text_encoder_device=text_encoder_device)  # fmt: skip
         dtype_ = resolve_dtype(dtype, torch_device)
-        return cls(build_session(get_preset(name), weights, torch_device, dtype_, topology, speed=speed))
+        return cls(build_session(get_preset(name), files, torch_device, dtype_, topology, speed=speed))
 
     @property
     def speed_line(self) -> str:

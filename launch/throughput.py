@@ -315,3 +315,45 @@ def splits(gpus: int, sps: list[int] | None = None) -> list[Split]:
             if compute % sp == 0 and (sps is None or sp in sps):
                 found.append(Split(compute // sp, sp, decode))
     return found
+
+
+# Blocks streamed from host memory (--offload layers, engine/runtime/streamed_layers.py). The host
+# link is PCIe: 5.0 x16 (H100/H200, RTX 5090) moves about 50 GB/s from pinned memory, 4.0 x16
+# (RTX 4090, A100 PCIe) about 25 GB/s: assumed, not measured here (the GPU report measures it).
+HOST_LINKS = {"pcie5": 50.0, "pcie4": 25.0}
+"""GB/s host-to-device from pinned memory."""
+
+
+@dataclass(frozen=True)
+class OffloadTime:
+    forward_s: float
+    """One forward with the blocks streamed."""
+    copy_s: float
+    """One block's copy: block bytes / bandwidth."""
+    block_s: float
+    """One block's compute: the resident forward / layers."""
+
+    @property
+    def bound(self) -> str:
+        return "copy" if self.copy_s > self.block_s else "compute"
+
+
+def offload_forward_s(forward_s: float, layers: int, block_bytes: float, gbytes_per_s: float,
+                      resident: int = 1) -> OffloadTime:  # fmt: skip
+    """A forward whose blocks after the first `resident` stream from host memory. With c the
+    compute of one block (the resident forward / layers: the embeddings and head are a few percent,
+    counted in c) and m = block bytes / bandwidth, block i+1 copies while block i computes into the
+    other of two slots, so each streamed block takes max(c, m):
+
+        t = resident * c + (layers - resident) * max(c, m)
+
+    (the first streamed block's copy overlaps the resident blocks; it is not on the path)."""
+    c, m = forward_s / layers, block_bytes / (gbytes_per_s * 1e9)
+    return OffloadTime(forward_s=resident * c + (layers - resident) * max(c, m), copy_s=m, block_s=c)
+
+
+def offload_fps(resident_fps: float, forward_s: float, layers: int, block_bytes: float, gbytes_per_s: float,
+                resident: int = 1) -> float:  # fmt: skip
+    """Denoising FPS with the blocks streamed: the resident FPS x resident forward / streamed forward."""
+    timing = offload_forward_s(forward_s, layers, block_bytes, gbytes_per_s, resident)
+    return resident_fps * forward_s / timing.forward_s

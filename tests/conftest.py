@@ -63,6 +63,7 @@ BROWSER = {
 SLOW = {
     "test_stream": ALL,  # a real server process with the demo model behind it
     "test_gpu_report": {"test_every_variant_reports_its_fields", "test_speed_options_ran_for_real",
+                        "test_smaller_cards_stream_their_blocks_and_meet_the_offload_model",
                         "test_one_failure_stops_no_other", "test_steady_state_flops_match_the_analytic_count",
                         "test_throughput_model_received_the_measured_times", "test_markdown_table_renders",
                         "test_a_variant_past_its_time_is_killed_with_its_processes"},

@@ -60,6 +60,10 @@ class VocabEncoder(PromptEncoder):
     def width(self) -> int:
         return self.module.words.embedding_dim
 
+    @property
+    def network(self) -> nn.Module:
+        return self.module
+
     @classmethod
     def create(cls, vocab: tuple[str, ...], text_len: int, width: int, device="cpu") -> VocabEncoder:
         return cls(vocab, text_len, WordEmbedding(len(vocab), width, text_len), device)

@@ -6,10 +6,16 @@ import torch
 from torch import nn
 
 
+def compute_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a linear layer computes in: its weight's, or, for a layer that stores its weight in
+    another format (fp8 weights, engine/runtime/fp8_weights.py), the one it says."""
+    return getattr(layer, "compute_dtype", None) or layer.weight.dtype
+
+
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)` in the layer's own dtype: norms and embeddings run in float32 while the linear
     weights may be bf16, so inputs are cast to the weights rather than the weights to the inputs."""
-    return layer(x.to(layer.weight.dtype))
+    return layer(x.to(compute_dtype(layer)))
 
 
 def scaled_normal(*shape: int, divisor: float) -> nn.Parameter:

@@ -30,7 +30,7 @@ from torch import nn
 
 from engine.config import MagiConfig
 from engine.models.attention import AttentionView
-from engine.models.layers import linear, scaled_normal
+from engine.models.layers import compute_dtype, linear, scaled_normal
 from engine.models.tokens import Tokens
 
 CLEAN_T = 0.9999
@@ -292,7 +292,7 @@ class AdaModulate(nn.Module):
 
     def forward(self, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # condition: [B, F, cond_dim] -> gates (attention, MLP), each [B, F, dim] float32
-        gates = self.proj(F.silu(condition).to(self.proj[0].weight.dtype)).float()
+        gates = self.proj(F.silu(condition).to(compute_dtype(self.proj[0]))).float()
         gates = GATE_SOFTCAP * torch.tanh(gates / GATE_SOFTCAP)
         return gates.chunk(2, dim=-1)
 
@@ -316,7 +316,7 @@ class MagiLayer(nn.Module):
         frames = condition.shape[1]
         gate_attn, gate_mlp = self.ada_modulate_layer(condition)
         h = _norm(self.self_attention.linear_qkv.layer_norm, x)
-        attn = self.self_attention(h.to(self.mlp.linear_fc1.weight.dtype), layer, view, text, clean)
+        attn = self.self_attention(h.to(compute_dtype(self.mlp.linear_fc1)), layer, view, text, clean)
         x = x + self.self_attn_post_norm(_gated(attn, gate_attn, frames))
         return x + self.mlp_post_norm(_gated(self.mlp(x), gate_mlp, frames))
 
@@ -364,7 +364,7 @@ class MagiModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.videodit_blocks.layers[0].mlp.linear_fc1.weight.dtype
+        return compute_dtype(self.videodit_blocks.layers[0].mlp.linear_fc1)
 
     # -- conditioning, computed once per caption ----------------------------------------------------
 

@@ -78,23 +78,55 @@ def _load_tokenizer(folder: Path):
 class PromptEncoder:
     """Prompts -> `[B, text_len, width]` float32 states, keeping the most recent prompts' states.
 
-    Subclasses give `width` and `_encode_uncached(prompts)`.
+    Subclasses give `width`, `network` (the module holding the weights, at `device`) and
+    `_encode_uncached(prompts)`. `swap_to(device)` keeps the weights where they are (host memory)
+    and copies them to `device` only to encode prompts not seen yet, dropping the copies after:
+    the device holds them for one encode, and the cached states stay on the host.
     """
 
     width: int
+    device: torch.device
+    network: torch.nn.Module
 
     def __init__(self) -> None:
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._swap: torch.device | None = None
+        self.swaps = 0
+        """Encodes that copied the weights to the swap device and back."""
 
     def _encode_uncached(self, prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError
+
+    def swap_to(self, device: torch.device) -> None:
+        """Encode on `device` with weights kept at `self.device` (pinned there when copying to CUDA)."""
+        self._swap = torch.device(device)
+        if self._swap.type == "cuda":
+            for t in [*self.network.parameters(), *self.network.buffers()]:
+                t.data = t.data.pin_memory()
+
+    def _encode_placed(self, prompts: list[str]) -> torch.Tensor:
+        """`_encode_uncached` where the weights are, or on the swap device with copies of them."""
+        if self._swap is None:
+            return self._encode_uncached(prompts)
+        home, tensors = self.device, [*self.network.parameters(), *self.network.buffers()]
+        kept = [t.data for t in tensors]
+        try:
+            for t in tensors:
+                t.data = t.data.to(self._swap, non_blocking=True, copy=True)
+            self.device = self._swap
+            return self._encode_uncached(prompts).to(home)
+        finally:
+            for t, data in zip(tensors, kept):
+                t.data = data
+            self.device = home
+            self.swaps += 1
 
     def encode(self, prompts: str | list[str]) -> torch.Tensor:
         """`[B, text_len, width]` float32 states for one prompt or a batch."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if missing:
-            for prompt, states in zip(missing, self._encode_uncached(missing)):
+            for prompt, states in zip(missing, self._encode_placed(missing)):
                 self._cache[prompt] = states
         for prompt in prompts:
             self._cache.move_to_end(prompt)
@@ -116,6 +148,10 @@ class TextEncoder(PromptEncoder):
     @property
     def width(self) -> int:
         return self.encoder.config.d_model
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.encoder
 
     @classmethod
     def from_folder(

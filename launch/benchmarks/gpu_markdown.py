@@ -15,6 +15,8 @@ ANCHORS = {
 CASCADE_COLUMNS = ["variant", "gpus", "split", "forward_ms", "decode_ms", "fps", "denoise_fps", "latency_s"]
 LIMIT_COLUMNS = ["preset", "plan", "block_tflop", "fps_at_peak", "fps_at_700"]
 KV_COLUMNS = ["preset", "kv_gib_bf16", "kv_gib_fp8"]
+SMALL_CARD_COLUMNS = ["variant", "memory_cap", "options", "fps", "resident_fps", "vs_resident", "fps_model",
+                      "bound", "h2d_gbps", "block_mb", "peak_gib", "note"]  # fmt: skip
 
 
 def cell(value) -> str:
@@ -109,6 +111,11 @@ def render(report: dict, columns: list[str]) -> str:
         "## Cascade throughput model, fed with the measured forward and decode times (modelled, NVLink)",
         "",
         table(report["cascade_model"], CASCADE_COLUMNS),
+        "",
+        "## Smaller cards: memory-capped variants, and the offload model's FPS from the resident forward "
+        "(launch/throughput.py offload_fps)",
+        "",
+        table(report.get("offload_model", []), SMALL_CARD_COLUMNS),
         "",
         "## Variants that did not finish",
         "",

@@ -6,14 +6,17 @@
 
 Variants: self-forcing-1.3b eager, compiled, compiled + CUDA graphs and with an fp8 KV cache;
 wan-14b-causal, magi-1-4.5b-distill, skyreels-v2-df-1.3b and longlive2-5b (LongLive-2.0 on
-Wan2.2-TI2V-5B, 1280x704) eager. Each runs in its own process
+Wan2.2-TI2V-5B, 1280x704) eager; and two smaller cards, by a memory cap: self-forcing-1.3b at
+12 GB and wan-14b-causal at 32 GB, with the options that make them fit (text encoder on the host,
+blocks streamed from host memory; for 14B fp8 weights and KV), each against its resident variant
+and the offload model's prediction (launch/throughput.py). Each runs in its own process
 (launch/benchmarks/gpu_variant.py) under a time budget, so a failure (out of memory, a compile
-error) is recorded and the rest go on, and the whole run ends by `--deadline-s`. Per variant:
-steady-state FPS (denoising; and with decoding), first-frame latency from session start and from
-process start, ms per forward, the profiler's attention / linear split, achieved TFLOP/s against
-the measured matmul peak and the analytic limit (engine/models/flops.py: the FPS if every FLOP of
-a block ran at the peak, or at a nominal 700 TFLOP/s), KV memory and peak device memory. The
-measured forward and decode times then go into the cascade throughput model
+error) is recorded and the rest go on, and the whole run ends by `--deadline-s`.
+Per variant: steady-state FPS (denoising; and with decoding), first-frame latency from session
+start and from process start, ms per forward, the profiler's attention / linear split, achieved
+TFLOP/s against the measured matmul peak and the analytic limit (engine/models/flops.py: the FPS if
+every FLOP of a block ran at the peak, or at a nominal 700 TFLOP/s), KV memory and peak device
+memory. The measured forward and decode times then go into the cascade throughput model
 (launch/throughput.py). Written to `--out`: report.json and report.md (card, torch, command line).
 """
 
@@ -45,7 +48,7 @@ from launch.benchmarks.timing import guidance_branches, limit_fps
 from launch.presets import get_preset
 from launch.report import environment
 from launch.split import rank_splits
-from launch.throughput import NVLINK, block_forward_s
+from launch.throughput import HOST_LINKS, NVLINK, block_forward_s, offload_forward_s
 
 NOMINAL_TFLOPS = 700.0  # dense bf16 an H100 sustains in practice (the issue's yardstick for the limit)
 CASCADE_GPUS = 5  # Block Cascading's published setting
@@ -63,6 +66,15 @@ class Variant:
     kv_cache: str = "model"
     budget_s: float = 60.0
     """Seconds from process start after which no new block starts (an H200's run in mind)."""
+    weights: str = "native"
+    offload: str = "none"
+    text_encoder_device: str = "model"
+    memory_gb: float | None = None
+    """A smaller card: the process may use this many GB (10^9 bytes) of the device, through
+    torch.cuda.set_per_process_memory_fraction (not applied off CUDA)."""
+    resident: str | None = None
+    """The variant of the same preset with every block on the device: its measured forward and
+    FPS feed the offload model's prediction of this one (launch/throughput.py offload_fps)."""
 
 
 VARIANTS = (  # the order they run in: when --deadline-s runs out, the last ones are skipped
@@ -73,7 +85,27 @@ VARIANTS = (  # the order they run in: when --deadline-s runs out, the last ones
     Variant("wan14b-eager", "wan-14b-causal", budget_s=55),
     Variant("magi-eager", "magi-1-4.5b-distill", budget_s=60),
     Variant("skyreels-eager", "skyreels-v2-df-1.3b", budget_s=60),
-    Variant("ll2-eager", "longlive2-5b", budget_s=60),  # last: its analytic rows are there even if skipped
+    Variant("ll2-eager", "longlive2-5b", budget_s=60),
+    Variant(
+        "sf-12gb",
+        "self-forcing-1.3b",
+        budget_s=60,
+        offload="layers",
+        text_encoder_device="cpu",
+        memory_gb=12,
+        resident="sf-eager",
+    ),
+    Variant(
+        "wan14b-32gb",
+        "wan-14b-causal",
+        kv_cache="fp8",
+        budget_s=240,
+        weights="fp8",
+        offload="layers",
+        text_encoder_device="cpu",
+        memory_gb=32,
+        resident="wan14b-eager",
+    ),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -123,7 +155,9 @@ def spec_for(variant: Variant, args: argparse.Namespace, budget_s: float) -> Var
     preset = TINY[variant.preset] if args.tiny else variant.preset
     quick = args.quick
     return VariantSpec(
-        name=variant.name, preset=preset, compile=variant.compile, kv_cache=variant.kv_cache, device=args.device,
+        name=variant.name, preset=preset, compile=variant.compile, kv_cache=variant.kv_cache, weights=variant.weights,
+        offload=variant.offload, text_encoder_device=variant.text_encoder_device, memory_gb=variant.memory_gb,
+        device=args.device,
         dtype=args.dtype, warmup=1 if quick else warmup_blocks(preset), blocks=min(args.blocks, 2) if quick else
         args.blocks, profile=not quick, budget_s=budget_s, inject_failure=args.inject_failure == variant.name,
         per_forward=get_preset(preset).plan.schedule != "sequential",
@@ -209,7 +243,8 @@ def cascade_rows(rows: list[dict]) -> list[dict]:
     model = []
     for row in rows:
         preset = get_preset(row["preset"])
-        if not row.get("forward_ms") or preset.plan.schedule != "sequential":
+        capped = BY_NAME.get(row["name"], Variant("", "")).memory_gb is not None  # one small card: not a split
+        if not row.get("forward_ms") or preset.plan.schedule != "sequential" or capped:
             continue
         forward_s = block_forward_s(row["preset"], {row["preset"]: row["forward_ms"]})
         decode_s = row["decode_ms"] / 1000
@@ -222,6 +257,34 @@ def cascade_rows(rows: list[dict]) -> list[dict]:
             model.append({"variant": row["name"], "preset": row["preset"], "gpus": gpus, "split": str(split),
                           "forward_ms": 1000 * forward_s, "decode_ms": row["decode_ms"], "fps": timing.fps,
                           "denoise_fps": timing.denoise_fps, "latency_s": timing.latency_s})  # fmt: skip
+    return model
+
+
+def offload_rows(rows: list[dict]) -> list[dict]:
+    """Each memory-capped variant against its resident variant: measured FPS, and the FPS the offload
+    model predicts from the resident forward, the streamed block's bytes and the measured pinned
+    host-to-device bandwidth (else PCIe 5's nominal 50 GB/s)."""
+    by_name, model = {row["name"]: row for row in rows}, []
+    for variant in VARIANTS:
+        row, resident = by_name.get(variant.name), by_name.get(variant.resident or "")
+        if row is None or variant.memory_gb is None:
+            continue
+        options = [f"--{k.replace('_', '-')} {getattr(variant, k)}" for k in ("text_encoder_device", "weights",
+                   "offload", "kv_cache") if getattr(variant, k) != getattr(Variant("", ""), k)]  # fmt: skip
+        line = {"variant": variant.name, "memory_cap": row.get("memory_cap"), "options": " ".join(options),
+                "fps": row.get("fps"), "peak_gib": row.get("peak_gib"), "h2d_gbps": row.get("h2d_gbps"),
+                "block_mb": row.get("block_mb")}  # fmt: skip
+        if resident and resident.get("fps") and row.get("fps"):
+            line["resident_fps"], line["vs_resident"] = resident["fps"], row["fps"] / resident["fps"]
+        if resident and resident.get("forward_ms") and row.get("block_mb"):
+            layers = get_preset(row["preset"]).model.num_layers
+            timing = offload_forward_s(resident["forward_ms"] / 1000, layers, row["block_mb"] * 1e6,
+                                       row.get("h2d_gbps") or HOST_LINKS["pcie5"])  # fmt: skip
+            line["bound"] = timing.bound
+            line["fps_model"] = resident.get("fps", 0) * resident["forward_ms"] / 1000 / timing.forward_s
+        else:
+            line["note"] = f"no prediction: {variant.resident} measured no forward"
+        model.append(line)
     return model
 
 
@@ -278,6 +341,7 @@ def run(args: argparse.Namespace):
         report["variants"].append(_section(report, row["name"], analyse, row, env["peak_tflops"]) or row)
         _write(report, args.out, start)  # a report killed later still has every variant so far
     report["cascade_model"] = _section(report, "cascade_model", cascade_rows, report["variants"])
+    report["offload_model"] = _section(report, "offload_model", offload_rows, report["variants"])
     _write(report, args.out, start)
     print(f"wrote {args.out / 'report.json'} and {args.out / 'report.md'}", file=sys.stderr)
     return report["variants"], COLUMNS, {"out": str(args.out), "card": env["card"], "torch": torch.__version__}
@@ -293,7 +357,8 @@ def _section(report: dict, name: str, make, *args):
 
 
 def _write(report: dict, out: Path, start: float) -> None:
-    report = {"analytic_limits": [], "kv_memory": [], "cascade_model": [], **report, "wall_s": time.time() - start}
+    report = {"analytic_limits": [], "kv_memory": [], "cascade_model": [], "offload_model": [], **report,
+              "wall_s": time.time() - start}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "report.md").write_text(gpu_markdown.render(report, COLUMNS))

@@ -8,8 +8,10 @@ start-up (imports, CUDA, building with random weights) is measured from a real p
 The result file is rewritten after every phase: a variant killed at its time limit still
 reports what it measured. Phases:
 
-1. speed options (engine.config.SpeedConfig): an option this build or device lacks makes the
-   variant "not available: <reason>" ("CUDA only: ..." for CUDA graphs off CUDA);
+1. speed and memory options (engine.config.SpeedConfig): an option this build or device lacks
+   makes the variant "not available: <reason>" ("CUDA only: ..." for CUDA graphs off CUDA); a
+   smaller card is a memory cap (`memory_gb`: torch.cuda.set_per_process_memory_fraction), and the
+   pinned host-to-device bandwidth is measured (what streamed blocks are copied at);
 2. build the session with seeded random weights (the preset's real-size VAE included);
 3. one stream: the first block decoded (first-frame latency from session start, and from process
    start), `warmup` blocks, `blocks` timed blocks: denoising and decoding are timed apart, with a
@@ -44,6 +46,8 @@ from launch.threads import configure_threads
 
 PROMPT = "a red circle moving left"
 GIB = 2**30
+MEMORY_DEFAULTS = {"weights": "native", "offload": "none", "text_encoder_device": "model"}
+MEMORY_OPTIONS = tuple(MEMORY_DEFAULTS)
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,11 @@ class VariantSpec:
     preset: str
     compile: str = "off"
     kv_cache: str = "model"
+    weights: str = "native"
+    offload: str = "none"
+    text_encoder_device: str = "model"
+    memory_gb: float | None = None
+    """Cap the device memory this process may use (CUDA: set_per_process_memory_fraction)."""
     device: str = "auto"
     dtype: str = "auto"
     warmup: int = 2
@@ -79,7 +88,8 @@ class Recorder:
 
     def __init__(self, path: Path, spec: VariantSpec):
         self.path, self.row = path, {"name": spec.name, "preset": spec.preset, "compile": spec.compile,
-                                     "kv_cache": spec.kv_cache, "status": "started"}  # fmt: skip
+                                     "kv_cache": spec.kv_cache, "weights": spec.weights, "offload": spec.offload,
+                                     "text_encoder_device": spec.text_encoder_device, "status": "started"}  # fmt: skip
 
     def update(self, **fields) -> None:
         self.row |= fields
@@ -88,7 +98,8 @@ class Recorder:
 
 def speed_config(spec: VariantSpec, device: torch.device):
     """The variant's SpeedConfig (None where this build has none and the variant asks for nothing)."""
-    plain = spec.compile == "off" and spec.kv_cache == "model"
+    memory = {k: getattr(spec, k) for k in MEMORY_OPTIONS if getattr(spec, k) != MEMORY_DEFAULTS[k]}
+    plain = spec.compile == "off" and spec.kv_cache == "model" and not memory
     try:
         from engine.config import SpeedConfig
     except ImportError:
@@ -98,11 +109,51 @@ def speed_config(spec: VariantSpec, device: torch.device):
             return None
         raise Unavailable("not available: this build has no speed options (SpeedConfig, build_session(speed=))")
     try:
-        speed = SpeedConfig(compile=spec.compile, kv_cache=spec.kv_cache)
+        speed = SpeedConfig(compile=spec.compile, kv_cache=spec.kv_cache, **memory)
         speed.check_device(device.type)
-    except ConfigError as err:
+    except (ConfigError, TypeError) as err:  # TypeError: a build whose SpeedConfig lacks the memory options
         raise Unavailable(_refusal(spec, device, err)) from err
     return speed
+
+
+def cap_memory(spec: VariantSpec, device: torch.device) -> str | None:
+    """Hold the process to `memory_gb` of the device, as on a smaller card; what was done, in words."""
+    if spec.memory_gb is None:
+        return None
+    if device.type != "cuda":
+        return f"{spec.memory_gb:g} GB cap not applied: {device.type} has no per-process memory fraction"
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, spec.memory_gb * 1e9 / total), device)
+    return f"capped at {spec.memory_gb:g} GB of {total / 1e9:.1f} GB"
+
+
+def host_to_device_gbps(device: torch.device, megabytes: int = 256) -> float | None:
+    """Pinned host -> device copy bandwidth, GB/s (the median of 5 copies; None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    host = torch.empty(megabytes * 2**20, dtype=torch.uint8).pin_memory()
+    target = torch.empty_like(host, device=device)
+    times = []
+    for _ in range(5):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(host, non_blocking=True)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return host.numel() / sorted(times)[2] / 1e9
+
+
+def memory_fields(session: Session) -> dict:
+    """Where the weights went: the streamed blocks' bytes (per block) and the slots on the device."""
+    memory = getattr(session.executors, "memory", None)
+    streamed = getattr(memory, "streamed", None)
+    if streamed is None:
+        return {}
+    blocks = len(streamed) - streamed.resident
+    return {"streamed_blocks": blocks, "block_mb": streamed.host_bytes / max(blocks, 1) / 1e6,
+            "slots_gib": streamed.slot_bytes / GIB, "copies": streamed.copies}  # fmt: skip
 
 
 def _refusal(spec: VariantSpec, device: torch.device, err: Exception) -> str:
@@ -115,7 +166,8 @@ def build(spec: VariantSpec, rec: Recorder) -> Session:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     speed = speed_config(spec, device)
-    rec.update(device=str(device), dtype=str(dtype).removeprefix("torch."), import_s=_since_spawn(spec))
+    rec.update(device=str(device), dtype=str(dtype).removeprefix("torch."), import_s=_since_spawn(spec),
+               memory_cap=cap_memory(spec, device), h2d_gbps=host_to_device_gbps(device))  # fmt: skip
     start = time.perf_counter()
     options = {} if speed is None else {"speed": speed}
     session = build_session(get_preset(spec.preset), WeightPaths(random=True), device, dtype, **options)
@@ -166,6 +218,7 @@ def stream(session: Session, spec: VariantSpec, rec: Recorder) -> None:
         rec.update(note=f"budget of {spec.budget_s:.0f} s: stopped inside block {len(marks)} ({forwards} forwards)")
     rec.update(
         **steady(preset, marks, spec.warmup),
+        **memory_fields(session),
         kv_gib=run.kv_bytes / GIB,
         peak_gib=_peak(device),
         block_s=[round(m["denoise_s"], 4) for m in marks],

@@ -29,11 +29,13 @@ from launch.benchmarks.gpu_variant import VariantSpec, final_status, steady
 from launch.benchmarks.plan_flops import counted_block_flops
 from launch.benchmarks.timing import steady_block_flops
 from launch.presets import get_preset
+from launch.throughput import HOST_LINKS, offload_forward_s
 
 MEASURED = ["fps", "fps_est", "fps_decoded", "first_frame_s", "startup_s", "build_s", "forward_ms", "decode_ms",
             "tflops", "mfu", "block_tflop", "analytic_block_tflop", "limit_fps_peak", "limit_fps_700", "attention",
             "linear", "rest", "kv_gib"]  # fmt: skip
-RAN = ["sf-eager", "sf-compiled", "magi-eager", "skyreels-eager", "sf-eager-fp8kv", "ll2-eager"]
+RAN = ["sf-eager", "sf-compiled", "magi-eager", "skyreels-eager", "sf-eager-fp8kv", "ll2-eager", "sf-12gb",
+       "wan14b-32gb"]
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +77,36 @@ def test_speed_options_ran_for_real(report):
     assert "KV cache: fp8" in rows["sf-eager-fp8kv"]["speed_line"], rows["sf-eager-fp8kv"]["speed_line"]
     assert rows["sf-eager-fp8kv"]["kv_gib"] != rows["sf-eager"]["kv_gib"]  # another storage, another size
     assert rows["sf-graphs"]["status"].startswith("CUDA only:"), rows["sf-graphs"]["status"]
+
+
+@pytest.mark.timeout(1800)
+def test_smaller_cards_stream_their_blocks_and_meet_the_offload_model(report):
+    """The memory-capped variants ran with their options (the cap itself is CUDA's: said, not
+    applied, on a CPU), copied blocks, and the offload model predicted their FPS from the resident
+    variant's forward; a CPU has no host link to model, so nothing is asserted of the ratio."""
+    data = report[0]
+    rows = {row["name"]: row for row in data["variants"]}
+    for name, options in (("sf-12gb", "offload: 1 of 2"), ("wan14b-32gb", "weights: fp8 (arcade e4m3)")):
+        row = rows[name]
+        assert options in row["speed_line"] and "text encoder: on the host" in row["speed_line"], row["speed_line"]
+        assert "cap not applied" in row["memory_cap"] and row["copies"] > 0 and row["block_mb"] > 0, row
+    model = {m["variant"]: m for m in data["offload_model"]}
+    assert set(model) == {"sf-12gb", "wan14b-32gb"}, data["offload_model"]
+    one = model["sf-12gb"]
+    assert one["fps_model"] > 0 and one["resident_fps"] > 0 and one["bound"] in ("copy", "compute"), one
+    assert model["wan14b-32gb"]["note"] == "no prediction: wan14b-eager measured no forward"  # the injected failure
+    assert "--weights fp8 --offload layers --kv-cache fp8" in model["wan14b-32gb"]["options"]
+    assert rows["wan14b-32gb"]["block_mb"] < rows["sf-12gb"]["block_mb"]  # the same tiny model, fp8 blocks
+    assert "## Smaller cards" in report[1]
+
+
+def test_offload_model_formula():
+    """t = resident c + (L - resident) max(c, m): compute-bound when a block copies faster than it
+    computes (self-forcing-1.3b on PCIe 5), copy-bound otherwise (wan-14b-causal bf16 on PCIe 4)."""
+    fast = offload_forward_s(0.150, 30, 93e6, HOST_LINKS["pcie5"])
+    assert fast.bound == "compute" and fast.forward_s == pytest.approx(0.150)
+    slow = offload_forward_s(0.533, 40, 703e6, HOST_LINKS["pcie4"])
+    assert slow.bound == "copy" and slow.forward_s == pytest.approx(0.533 / 40 + 39 * 703e6 / 25e9)
 
 
 @pytest.mark.timeout(1800)

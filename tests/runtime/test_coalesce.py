@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from engine.config import SpeedConfig
 from engine.models.wan import TextKV
 from engine.plan.sigmas import Schedule
 from engine.plan.timeline import Tick, blocks_per_tick
@@ -25,7 +26,7 @@ from engine.runtime.session import Session
 from engine.sampling.noise import NoiseSource
 from engine.weight_paths import WeightPaths
 from helpers import assert_close
-from launch.build import build_session
+from launch.build import EAGER, build_session
 from launch.presets import get_preset
 
 CPU = torch.device("cpu")
@@ -37,10 +38,10 @@ step and block to block through its KV cache: perturbing a solo stream's startin
 part in 1e7 moves its blocks by 7e-6 .. 3e-5 within 4 blocks, so its bound is wider."""
 
 
-def _session(name: str, **changes) -> Session:
+def _session(name: str, speed: SpeedConfig = EAGER, **changes) -> Session:
     preset = get_preset(name)
     parts = {k: dataclasses.replace(getattr(preset, k), **v) for k, v in changes.items()}
-    return build_session(dataclasses.replace(preset, **parts), WeightPaths(seed=3), CPU, torch.float32)
+    return build_session(dataclasses.replace(preset, **parts), WeightPaths(seed=3), CPU, torch.float32, speed=speed)
 
 
 def _variant(session: Session, **changes) -> Session:
@@ -114,9 +115,20 @@ def _viewers(session: Session) -> list[Stream]:
     ]
 
 
-@pytest.mark.parametrize("name", ["tiny-wan", "demo"])
-def test_streams_in_shared_forwards_equal_each_stream_alone(name):
-    session = _session(name)
+MEMORY_OPTIONS = SpeedConfig(weights="fp8", offload="layers", text_encoder_device="swap")
+"""Every option that makes a preset fit a smaller device (engine/runtime/memory_options.py)."""
+
+
+@pytest.mark.parametrize(
+    "name, speed",
+    [
+        pytest.param("tiny-wan", EAGER, id="tiny-wan"),
+        pytest.param("demo", EAGER, id="demo"),
+        pytest.param("tiny-wan", MEMORY_OPTIONS, id="tiny-wan-fp8-weights-offload-swap"),
+    ],
+)
+def test_streams_in_shared_forwards_equal_each_stream_alone(name, speed):
+    session = _session(name, speed)
     streams = _viewers(session)
     if name == "tiny-wan":  # classifier-free guidance: two samples of the shared batch
         streams.append(Stream(_variant(session, sampling=dict(guidance_scale=3.0)), 4, 3, 15, lambda t: "a square"))
