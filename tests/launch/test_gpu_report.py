@@ -35,7 +35,7 @@ MEASURED = ["fps", "fps_est", "fps_decoded", "first_frame_s", "startup_s", "buil
             "tflops", "mfu", "block_tflop", "analytic_block_tflop", "limit_fps_peak", "limit_fps_700", "attention",
             "linear", "rest", "kv_gib"]  # fmt: skip
 RAN = ["sf-eager", "sf-compiled", "magi-eager", "skyreels-eager", "sf-eager-fp8kv", "ll2-eager", "sf-12gb",
-       "wan14b-32gb"]
+       "wan14b-32gb"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
