@@ -23,7 +23,8 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class WanConfig:
-    """Wan2.1 DiT dimensions (the parameter layout every Wan-based causal checkpoint shares)."""
+    """Wan2.1 DiT dimensions (the parameter layout every Wan-based causal checkpoint shares, and
+    Wan2.2-TI2V-5B's)."""
 
     family: ClassVar[str] = "wan"
     """The model family (engine/families/): how its network is built, loaded, conditioned and counted."""
@@ -170,37 +171,90 @@ VAE_KINDS = ("wan", "patches", "magi")
 
 
 @dataclass(frozen=True, kw_only=True)
+class MagiVaeConfig:
+    """MAGI-1's transformer VAE (`ViTVAE`, released as `ckpt/vae`): a ViT encoder and decoder over
+    4 x 8 x 8 patches, 24 layers each, 1024 wide, 16 heads, 16 latent channels."""
+
+    dim: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    z_dim: int = 16
+    patch_size: int = 8
+    patch_length: int = 4
+    """Spatial and temporal patch: the compression (8x, 4x)."""
+    trained_size: int = 256
+    trained_frames: int = 16
+    """The pixel clip its learned position tables are laid out for; other tiles interpolate them."""
+    scale_factor: float = 0.18215
+    """Latents the DiT sees = encoder mean x scale_factor."""
+    tile_px: int = 256
+    tile_overlap: float = 0.25
+    """Spatial tiles of 256 px overlapping a quarter, blended linearly (the reference's tiling)."""
+    tile_frames: int = 12
+    """Temporal tiles (no overlap): fps // 2 pixel frames at 24 fps, 3 latent frames."""
+
+    def __post_init__(self) -> None:
+        cube = self.patch_size**2 * self.patch_length
+        _require(self.dim % self.num_heads == 0, "MAGI VAE dim must be a multiple of num_heads")
+        _require(self.dim % cube == 0, f"MAGI VAE dim must be a multiple of its patch volume ({cube})")
+        _require(self.tile_px % self.patch_size == 0, "MAGI VAE tile_px must be a multiple of patch_size")
+        _require(self.tile_frames % self.patch_length == 0, "MAGI VAE tile_frames must be whole latent frames")
+
+    @property
+    def tile_latent_frames(self) -> int:
+        return self.tile_frames // self.patch_length
+
+
+@dataclass(frozen=True, kw_only=True)
 class VaeConfig:
     """The latent space: the Wan2.1 VAE (diffusers `AutoencoderKLWan`), or patchified pixels (demo)."""
 
     kind: str = "wan"
-    """wan: the causal 3D VAE (stride 4 x 8 x 8); patches: principal components of p x p pixel
-    patches (engine/demo/pixels.py), one latent frame per video frame; magi: MAGI-1's transformer
-    VAE (stride 4 x 8 x 8, 4 frames per latent frame; not implemented yet: latents only)."""
+    """wan: the causal 3D VAE (Wan2.1: stride 4 x 8 x 8; Wan2.2: 4 x 16 x 16, see `pixel_patch`);
+    patches: principal components of p x p pixel patches (engine/demo/pixels.py), one latent frame
+    per video frame; magi: MAGI-1's transformer VAE (stride 4 x 8 x 8, 4 frames per latent frame;
+    its sizes in `magi`)."""
     patch: int = 4
     """patches: patch size p (z_dim components of the 3 p^2 patch values)."""
     base_dim: int = 96
+    """Encoder width (Wan2.1: 96; Wan2.2: 160)."""
+    decoder_base_dim: int | None = None
+    """Decoder width when it differs from the encoder's (Wan2.2: 256)."""
     z_dim: int = 16
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     temporal_downsample: tuple[bool, ...] = (False, True, True)
+    is_residual: bool = False
+    """Wan2.2: every level adds a parameter-free resampled shortcut around its residual blocks."""
+    pixel_patch: int = 1
+    """Wan2.2: 2. Pixels are folded p x p into channels before the encoder (3 -> 12 channels) and
+    unfolded after the decoder, so the spatial stride is p x 2^(levels - 1) (2 x 8 = 16)."""
     latents_mean: tuple[float, ...] | None = None
     """Per-channel latent statistics; None means 'use the loaded VAE's own config'."""
     latents_std: tuple[float, ...] | None = None
+    magi: MagiVaeConfig = field(default_factory=MagiVaeConfig)
+    """magi: the transformer VAE's dimensions and tiling."""
 
     def __post_init__(self) -> None:
+        _require(self.kind != "magi" or self.magi.z_dim == self.z_dim, "magi VAE: z_dim must equal magi.z_dim")
         _require(
             len(self.temporal_downsample) == len(self.dim_mult) - 1, "temporal_downsample needs len(dim_mult)-1 entries"
         )
         for stats in (self.latents_mean, self.latents_std):
             _require(stats is None or len(stats) == self.z_dim, "latents_mean/std need z_dim entries")
+        _require(self.pixel_patch >= 1, "pixel_patch must be >= 1")
 
     @property
     def spatial_stride(self) -> int:
-        return self.patch if self.kind == "patches" else 2 ** (len(self.dim_mult) - 1)
+        if self.kind == "magi":
+            return self.magi.patch_size
+        return self.patch if self.kind == "patches" else self.pixel_patch * 2 ** (len(self.dim_mult) - 1)
 
     @property
     def temporal_stride(self) -> int:
+        if self.kind == "magi":
+            return self.magi.patch_length
         return 1 if self.kind == "patches" else 2 ** sum(self.temporal_downsample)
 
     def pixel_frames(self, latent_frames: int) -> int:
@@ -210,6 +264,15 @@ class VaeConfig:
         if self.kind == "magi":
             return self.temporal_stride * latent_frames
         return 0 if latent_frames == 0 else 1 + self.temporal_stride * (latent_frames - 1)
+
+    def latent_frames(self, pixel_frames: int) -> int:
+        """Latent frames an encoder makes of `pixel_frames` frames (the inverse of `pixel_frames`,
+        rounded down: frames past the last whole latent frame are not encoded)."""
+        if self.kind == "patches":
+            return pixel_frames
+        if self.kind == "magi":
+            return pixel_frames // self.temporal_stride
+        return 0 if pixel_frames == 0 else 1 + (pixel_frames - 1) // self.temporal_stride
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -490,6 +553,12 @@ class Preset:
         )
         if self.text.tiny is not None:
             _require(self.text.tiny.d_model == self.model.text_dim, "tiny text encoder width must equal text_dim")
+        tile = self.vae.magi.tile_latent_frames
+        _require(
+            self.vae.kind != "magi" or self.stream.frames_per_block % tile == 0,
+            f"MAGI-1's VAE decodes each chunk by itself: {self.stream.frames_per_block}-frame chunks must be "
+            f"whole {tile}-frame temporal tiles",
+        )
         _require(
             self.plan.switch == "next-step" or self.stream.sink_frames == 0,
             "--switch recache reruns the visible window in one forward, which a sink would split: "

@@ -23,14 +23,18 @@ from engine.demo.vocab import VocabEncoder
 from engine.devices import SetupError
 from engine.families import family_of
 from engine.models.checkpoints.lora import LoraMerge, merge_lora
+from engine.models.checkpoints.magi_vae import load_magi_vae
 from engine.models.checkpoints.validate import check_file_dtypes, check_tensors
 from engine.models.magi import MagiModel
 from engine.models.magi_rope import MagiRope
 from engine.models.magi_tokens import SpecialTokens
+from engine.models.magi_vae import MagiVae, random_magi_vae
+from engine.models.magi_vae_tiles import MagiStreamingDecoder
 from engine.models.random_init import SMALL_MODEL_PARAMS
 from engine.models.rope import Rope
 from engine.models.text_encoder import PromptEncoder, TextEncoder
 from engine.models.vae import StreamingDecoder, load_vae, random_vae
+from engine.models.vae_encoder import StreamingEncoder
 from engine.models.wan import WanModel
 from engine.runtime.kv import KVCache
 from engine.weight_paths import WeightPaths, check_paths
@@ -182,29 +186,13 @@ def _umt5_encoder(preset: Preset, weights: WeightPaths, device: torch.device, dt
     return encoder
 
 
-class MissingDecoder:
-    """Stands in for a VAE arcade does not implement yet (MAGI-1's): latents work, decoding says why not."""
-
-    def __init__(self, preset: Preset):
-        self.message = (
-            f"preset {preset.name}: decoding needs MAGI-1's transformer VAE, which arcade does not implement yet; "
-            "the transformer runs (latents, benchmarks) but frames cannot be decoded"
-        )
-
-    def reset(self) -> None:
-        raise SetupError(self.message)
-
-    def decode(self, latents: torch.Tensor):
-        raise SetupError(self.message)
-
-
 def build_decoder(
     preset: Preset, weights: WeightPaths, device: torch.device
-) -> StreamingDecoder | PatchDecoder | MissingDecoder:
+) -> StreamingDecoder | PatchDecoder | MagiStreamingDecoder:
     if preset.vae.kind == "patches":
         return PatchDecoder(build_patch_codec(preset, weights))
     if preset.vae.kind == "magi":
-        return MissingDecoder(preset)
+        return MagiStreamingDecoder(build_magi_vae(preset, weights).to(device))
     path = weights.resolved("vae")
     if path is not None and not weights.random:
         source = path / "vae" if (path / "vae").is_dir() else path  # a pipeline root holds vae/
@@ -216,6 +204,30 @@ def build_decoder(
     else:
         raise SetupError(_no_vae(preset))
     return StreamingDecoder(vae.to(device), preset.vae)
+
+
+def build_magi_vae(preset: Preset, weights: WeightPaths) -> MagiVae:
+    """MAGI-1's transformer VAE: from --vae (or the --base folder holding ckpt/vae), else seeded."""
+    path = weights.resolved("vae")
+    if path is not None and not weights.random:
+        return load_magi_vae(preset.vae.magi, path)
+    if preset.random_init or weights.random:
+        return random_magi_vae(preset.vae.magi, weights.seed)
+    raise SetupError(
+        f"preset {preset.name} needs MAGI-1's VAE: pass --vae DIR (ckpt/vae of sand-ai/MAGI-1, "
+        "holding diffusion_pytorch_model.safetensors) or --base DIR (the folder holding ckpt/)"
+    )
+
+
+def encoders_for(preset: Preset, decoder, device: torch.device):
+    """A maker of one stream's video-in encoder (frames -> normalised latents) from the loaded
+    decoder's weights: the demo's codec, or the Wan VAE's encoder; None for a family without one."""
+    if isinstance(decoder, PatchDecoder):
+        codec = decoder.codec
+        return lambda: lambda frames: codec.encode(frames, device)
+    if isinstance(decoder, StreamingDecoder):
+        return lambda: StreamingEncoder(decoder.vae, preset.vae)
+    return None
 
 
 def build_patch_codec(preset: Preset, weights: WeightPaths) -> PatchCodec:

@@ -17,6 +17,7 @@ engine/runtime/memory_options.py) are chosen here too, once per session, and sai
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -32,6 +33,7 @@ from engine.loading import (
     build_rope,
     build_special_tokens,
     build_text_encoder,
+    encoders_for,
 )
 from engine.plan.sigmas import build_schedule
 from engine.runtime.backends import choose_attention, device_caps
@@ -98,7 +100,10 @@ def build_session(
     decoder = build_decoder(preset, weights, device)
     assembly = Assembly(preset, model, device, topology, sharding, speed)
     assembly.memory = placement
-    return Session(preset, model, prompts, decoder, device, assembly)
+    on_ranks = topology is not None and topology.distributed  # a given start is not yet shared between ranks
+    start_encoder = None if on_ranks else functools.partial(family_of(preset.model).encode_start, preset)
+    encoders = None if on_ranks else encoders_for(preset, decoder, device)  # video in: one process, likewise
+    return Session(preset, model, prompts, decoder, device, assembly, start_encoder, encoders)
 
 
 def ulysses_for(topology: Topology | None, preset: Preset, backend: str = "auto") -> Ulysses | None:

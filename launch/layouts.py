@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from engine.config import Preset
 from launch.presets import get_preset
 from launch.split import LABELS, refusal
-from launch.throughput import DECODE_S, LINKS, Split, preset_forward_s, split_time
+from launch.throughput import LINKS, Split, preset_forward_s, split_time
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def layouts(gpus: int, cascade: bool) -> list[Layout]:
 
 
 def layout_time(preset: Preset, layout: Layout, link, forward_s: float, offset: int = 1, context: str = "joint",
-                decode_s: float = DECODE_S) -> LayoutTime:  # fmt: skip
+                decode_s: float | None = None) -> LayoutTime:  # fmt: skip
     one = split_time(preset, forward_s, layout.split, offset, context, link, decode_s=decode_s)
     held = math.floor(one.fps / preset.stream.fps + 1e-9)
     return LayoutTime(one.fps, one.latency_s, layout.replicas * held)

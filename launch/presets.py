@@ -20,6 +20,7 @@ from engine.config import (
     ConfigError,
     MagiConfig,
     MagiGuidance,
+    MagiVaeConfig,
     PlanConfig,
     Preset,
     SamplingConfig,
@@ -54,6 +55,31 @@ SKYREELS_PLAN = PlanConfig(
     segment_frames=25,
     overlap_frames=5,
     addnoise_condition=20.0,
+)
+
+
+# Wan2.2-TI2V-5B (Wan-AI/Wan2.2-TI2V-5B-Diffusers configs): the Wan2.1 layout at dim 3072 with 48
+# latent channels, and the Wan2.2 VAE (16x spatial, 4x temporal; 2 x 2 pixels folded into 12
+# channels). Latent statistics: the VAE config's latents_mean / latents_std.
+WAN22_5B = WanConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_channels=48, out_channels=48)
+WAN22_LATENTS_MEAN = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+    0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
+    -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+)  # fmt: skip
+WAN22_LATENTS_STD = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+    0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+    0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+)  # fmt: skip
+WAN22_VAE = VaeConfig(
+    base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, pixel_patch=2,
+    latents_mean=WAN22_LATENTS_MEAN, latents_std=WAN22_LATENTS_STD,
+)  # fmt: skip
+TINY_WAN22_VAE = dataclasses.replace(
+    WAN22_VAE, base_dim=8, decoder_base_dim=12, dim_mult=(1, 2, 2, 2), num_res_blocks=1
 )
 
 
@@ -183,6 +209,50 @@ def wan_14b_causal() -> Preset:
     )
 
 
+def wan22_ti2v_5b() -> Preset:
+    """Wan2.2-TI2V-5B as released: one bidirectional 121-frame clip (31 latent frames) at 1280x704,
+    24 fps, UniPC 50 steps at shift 5, CFG 5 (its generate.py defaults): SkyReels-V2's segment plan
+    with every frame at the same step (offset 0) runs exactly that."""
+    return Preset(
+        name="wan2.2-ti2v-5b",
+        description="Wan2.2-TI2V-5B base, 704x1280, one 31-latent-frame clip, UniPC 50 steps, CFG 5",
+        model=WAN22_5B,
+        vae=WAN22_VAE,
+        stream=StreamConfig(height=704, width=1280, frames_per_block=31, window_frames=31, fps=24),
+        sampling=SamplingConfig(timesteps=None, num_steps=50, shift=5.0, solver="unipc", guidance_scale=5.0),
+        plan=PlanConfig(schedule="skyreels", offset=0, attention="bidirectional", compute="window", segment_frames=31),
+    )
+
+
+def longlive2_5b() -> Preset:
+    """LongLive-2.0 on Wan2.2-TI2V-5B (NVlabs/LongLive configs/inference.yaml): 8-frame blocks, a
+    32-frame window whose first 8 frames are the sink (kept at their positions), UniPC 4 steps at
+    shift 5 per block, no CFG; 880 tokens per latent frame at 1280x704."""
+    return Preset(
+        name="longlive2-5b",
+        description="LongLive-2.0 on Wan2.2-TI2V-5B, 704x1280, 8-frame blocks, window 32 incl. 8 sink, 4 UniPC steps",
+        model=WAN22_5B,
+        vae=WAN22_VAE,
+        stream=StreamConfig(height=704, width=1280, frames_per_block=8, window_frames=32, sink_frames=8, fps=24),
+        sampling=SamplingConfig(timesteps=None, num_steps=4, shift=5.0, solver="unipc"),
+    )
+
+
+def tiny_wan22() -> Preset:
+    """LongLive-2.0's recipe on a 2-layer random Wan with 48 latent channels and a narrow Wan2.2
+    VAE (residual levels, 2 x 2 pixel folding, 16x spatial stride): for tests."""
+    return Preset(
+        name="tiny-wan22",
+        description="2-layer random Wan2.2-style model (48 channels, 16x VAE), 64x96, 2-frame blocks, 4 UniPC steps",
+        model=dataclasses.replace(TINY_WAN, in_channels=48, out_channels=48),
+        vae=TINY_WAN22_VAE,
+        text=TINY_TEXT,
+        stream=StreamConfig(height=64, width=96, frames_per_block=2, window_frames=8, sink_frames=2, fps=24),
+        sampling=SamplingConfig(timesteps=None, num_steps=4, shift=5.0, solver="unipc"),
+        random_init=True,
+    )
+
+
 # MAGI-1 (reference §2.1): 6-frame chunks, a window of 4 chunks offset by steps / 4, per-stage KV
 # ranges 5, 4, 3, 2 chunks (1 for the clean chunk), Euler on the t^2 + shift-3 grid.
 MAGI_4_5B = MagiConfig(dim=3072, ffn_dim=12288, num_heads=24, num_layers=34)
@@ -193,7 +263,14 @@ MAGI_24B = MagiConfig(
 MAGI_BASE = MagiGuidance(passes=3)
 MAGI_DISTILL = MagiGuidance(passes=1, nearly_clean_t=0.3)
 MAGI_REACH = (5, 4, 3, 2)
-MAGI_SPECIAL = ("hq", "duration")  # PAD_HQ=1 PAD_DURATION=1, as MAGI-1's run scripts set them
+MAGI_SPECIAL = ("hq", "duration")
+# A one-layer MAGI-1 VAE (same 4 x 8 x 8 patches) with 32-pixel tiles, so 64x64 frames still tile
+# and blend as 720p frames do, and 8-frame temporal tiles: one 2-latent-frame chunk each.
+TINY_MAGI_VAE = VaeConfig(
+    kind="magi", z_dim=4,
+    magi=MagiVaeConfig(dim=256, num_layers=1, num_heads=4, z_dim=4, trained_size=32, trained_frames=8, tile_px=32,
+                       tile_frames=8),
+)  # fmt: skip  # PAD_HQ=1 PAD_DURATION=1, as MAGI-1's run scripts set them
 
 
 def _magi(name: str, model: MagiConfig, steps: int, guidance: MagiGuidance, size: tuple[int, int], what: str) -> Preset:
@@ -257,7 +334,7 @@ def magi_1_tiny() -> Preset:
             freq_dim=32,
             rope_bands=4,
         ),  # fmt: skip
-        vae=TINY_VAE,
+        vae=TINY_MAGI_VAE,
         text=dataclasses.replace(TINY_TEXT, special_tokens=MAGI_SPECIAL),
         stream=StreamConfig(height=64, width=64, frames_per_block=2, window_frames=4, fps=24),
         sampling=SamplingConfig(timesteps=None, num_steps=8, spacing="magi", solver="euler", magi=MAGI_BASE),
@@ -282,6 +359,9 @@ PRESETS: dict[str, Callable[[], Preset]] = {
     "magi-1-24b": magi_1_24b,
     "magi-1-24b-distill": magi_1_24b_distill,
     "magi-1-tiny": magi_1_tiny,
+    "wan2.2-ti2v-5b": wan22_ti2v_5b,
+    "longlive2-5b": longlive2_5b,
+    "tiny-wan22": tiny_wan22,
 }
 
 

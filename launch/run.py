@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import torch
 
-from engine.config import Preset, SpeedConfig
+from engine.config import ConfigError, Preset, SpeedConfig
 from engine.loading import build_decoder
 from engine.plan.timeline import Tick
 from engine.runtime.outputs import Block, RunStats
@@ -61,11 +61,23 @@ class RankRun:
             self.decoder = build_decoder(preset, weights, device)
         self.run: Run | None = None
 
-    def blocks(self, prompt: str | Callable[[Tick], str], *, blocks: int | None, seed: int) -> Iterator[Block]:
+    def blocks(
+        self,
+        prompt: str | Callable[[Tick], str],
+        *,
+        blocks: int | None,
+        seed: int,
+        start: torch.Tensor | None = None,
+        **video_in,
+    ) -> Iterator[Block]:
         """This rank's finished blocks, in order: every block on the sink rank, none elsewhere.
-        `prompt(tick)` is called once per tick on every rank (live streams broadcast controls there)."""
+        `prompt(tick)` is called once per tick on every rank (live streams broadcast controls there).
+        `start`: clean latents the stream starts from (one process only, for now); `video_in`,
+        `strength`: video-to-video on one process (Session.run)."""
+        if video_in and (self.session is None or self.topology.distributed):
+            raise ConfigError("--video-in runs on one process (not under torchrun)")
         if self.session is not None:
-            self.run = self.session.run(prompt, blocks=blocks, seed=seed)
+            self.run = self.session.run(prompt, blocks=blocks, seed=seed, start=start, **video_in)
             return iter(self.run) if self.topology.is_decoder else _share_only(self.run)
         on_tick = prompt if callable(prompt) else (lambda tick: None)
         return decode_rank_plan(self.preset, self.topology, blocks, on_tick=on_tick)
@@ -79,7 +91,12 @@ def check_ranks(preset: Preset, topology: Topology) -> None:
     """Refuse a layout the preset's plan cannot use. A cascade takes any `cascade x sp` (+ decode
     rank); every other plan (sequential, pyramid, skyreels) runs on one sp group whose ranks share
     each forward (+ a decode rank, but for skyreels); the sink rank writes or serves."""
-    if not topology.distributed or preset.plan.schedule == "cascade":
+    if not topology.distributed:
+        return
+    if preset.plan.schedule == "cascade":
+        if topology.cascade_size > 1 and preset.plan.compute != "selective":
+            raise TopologyError("cascade stages hand each other the KV cache, which --compute "
+                                f"{preset.plan.compute} does not build: add --compute selective")  # fmt: skip
         return
     schedule, compute = preset.plan.schedule, topology.compute_ranks
     if topology.cascade_size > 1:

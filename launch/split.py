@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from engine.config import Preset
 from launch.presets import get_preset
 from launch.throughput import (
-    DECODE_S,
     LINKS,
     Link,
     Split,
@@ -66,7 +65,7 @@ def _resolve(preset: Preset | str, link: Link | str) -> tuple[Preset, Link, str]
 
 
 def rank_splits(preset: Preset | str, gpus: int, link: Link | str = "nvlink", *, offset: int = 1,
-                context: str = "joint", forward_s: float | None = None, decode_s: float = DECODE_S,
+                context: str = "joint", forward_s: float | None = None, decode_s: float | None = None,
                 objective: str = "fps", one_stage: bool = False,
                 **options) -> list[tuple[Split, SplitTime]]:  # fmt: skip
     """Runnable splits of exactly `gpus` GPUs, best first. `one_stage`: only cascade 1 x sp (+ decode

@@ -197,6 +197,9 @@ def sessions_preset(args: argparse.Namespace, topology: Topology) -> Preset:
     """The preset as the flags say; a group of several cascade stages without --schedule (or
     --offset) runs the cascade plan at offset 1, as the mission's command means."""
     preset = preset_from_args(args)
+    if preset.plan.compute != "selective":
+        raise ConfigError(f"sessions keep each stream's KV cache, which --compute {preset.plan.compute} does not "
+                          "build: add --compute selective (or --shared-stream for one stream)")  # fmt: skip
     if topology.cascade_size > 1 and args.schedule is None and args.offset is None:
         preset = dataclasses.replace(preset, plan=dataclasses.replace(preset.plan, schedule="cascade", offset=1))
         if topology.rank == SERVING_RANK:

@@ -27,7 +27,10 @@ overstating the loss.
 
 Decoding a block (Wan VAE, 12 frames at 480x832): 40.7 TFLOP, counted with torch's
 FlopCounterMode on the decoder for a steady-state 3-latent-frame block; assumed to run at 35% of
-an H100's 989 TFLOP/s dense bf16 peak: 117 ms. The anchors leave decoding out (Block Cascading
+an H100's 989 TFLOP/s dense bf16 peak: 117 ms. Wan2.2's VAE (2 x 2 pixel folding, a 256-wide
+decoder) costs 530.8 TFLOP for LongLive-2.0's steady 8-latent-frame block (32 frames at
+704x1280), counted the same way: 18.4 MFLOP per decoded pixel against Wan2.1's 8.5, so 1.53 s
+per block. Other sizes scale by decoded pixels (`decode_seconds`). The anchors leave decoding out (Block Cascading
 measures FPS as "time taken to denoise a block"), so it is added here: without a decode rank,
 rank 0 decodes beside its compute and every stage waits for it at the next collective (a decode
 more per block); a decode rank decodes in parallel and limits the rate only when it is slower.
@@ -52,6 +55,8 @@ PUBLISHED = {"self-forcing-1.3b": "16-17 FPS on 1 H100; Block Cascading: 30 FPS 
 PUBLISHED_5_GPUS = {"self-forcing-1.3b": 30.0, "wan-14b-causal": 12.5}  # Block Cascading, FPS on 5 GPUs
 H100_SMS, TILE = 132, 128
 DECODE_S = 40.7e12 / (0.35 * 989e12)  # Wan VAE, one 12-frame block at 480x832 (see above)
+# Decoder FLOPs per decoded pixel, by the VAE's pixel folding: 1 = Wan2.1's VAE, 2 = Wan2.2's (see above)
+DECODE_FLOP_PER_PIXEL = {1: 40.7e12 / (12 * 480 * 832), 2: 530.8e12 / (32 * 704 * 1280)}
 ACT_BYTES, LATENT_BYTES = 2, 4  # bf16 activations, float32 latents
 
 
@@ -107,6 +112,16 @@ class SplitTime:
     """Decoding left out, as Block Cascading measures FPS ("time taken to denoise a block")."""
     ideal_fps: float
     """No communication, perfect 1/N compute."""
+
+
+def decode_seconds(preset: Preset) -> float:
+    """One steady block's decode at 35% of an H100's peak: Wan2.1's or Wan2.2's VAE by decoded
+    pixels; other latent spaces (MAGI-1, the demo's patches) as the Wan2.1 block (DECODE_S)."""
+    per_pixel = DECODE_FLOP_PER_PIXEL.get(preset.vae.pixel_patch) if preset.vae.kind == "wan" else None
+    if per_pixel is None:
+        return DECODE_S
+    frames = preset.vae.temporal_stride * preset.stream.frames_per_block
+    return per_pixel * frames * preset.stream.height * preset.stream.width / (0.35 * 989e12)
 
 
 def block_forward_s(preset_name: str, measured: dict[str, float]) -> float:
@@ -268,8 +283,10 @@ def cascade_tick(preset, forward_s: float, stages: int, sp: int, offset: int, co
 
 
 def split_time(preset, forward_s: float, split: Split, offset: int, context: str, link: Link,
-               *, decode_s: float = DECODE_S, **options) -> SplitTime:  # fmt: skip
-    """A split's steady state. One stage runs the sequential plan; `options` go to cascade_tick."""
+               *, decode_s: float | None = None, **options) -> SplitTime:  # fmt: skip
+    """A split's steady state. One stage runs the sequential plan; `options` go to cascade_tick.
+    `decode_s`: a block's decode (None: the preset's modelled one, `decode_seconds`)."""
+    decode_s = decode_seconds(preset) if decode_s is None else decode_s
     steps = preset.sampling.steps
     offset = offset if split.cascade > 1 else steps + 1
     tick, compute, sp_comm, gather = cascade_tick(preset, forward_s, split.cascade, split.sp, offset, context, link,

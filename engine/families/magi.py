@@ -1,11 +1,13 @@
 """The MAGI-1 family: MAGI-1's DiT (4.5B, 24B; base and distilled), its released weights, its
-caption K/V with special tokens and a learned null caption, its learned rotary bands.
+caption K/V with special tokens and a learned null caption, its learned rotary bands, and how
+given frames become the clean chunks a stream starts from (its transformer VAE's prefix encoding).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engine.config import MagiConfig, Preset
@@ -16,6 +18,7 @@ from engine.models.flops import magi_forward_flops
 from engine.models.magi import CaptionKV, LayerNorm1p, MagiModel, MagiText, initial_bands
 from engine.models.magi_rope import MagiRope
 from engine.models.magi_tokens import SpecialTokens
+from engine.models.magi_vae_tiles import PREFIX_VIDEO_FRAMES, stretch_frames
 from engine.models.random_init import init_random_
 from engine.sampling.magi_guidance import magi_text
 from engine.weight_paths import WeightPaths
@@ -62,6 +65,26 @@ class Magi(Family):
     def kv_commit_from(self, branches: int) -> int | None:
         """With two guidance passes, the null-caption pass writes the clean K/V both passes read."""
         return 1 if branches == 2 else None
+
+    def encode_start(self, preset: Preset, decoder, frames: np.ndarray, latent_frames: int) -> torch.Tensor:
+        """Given frames `[T, H, W, 3]` uint8 (any size; an image: T = 1) -> clean latents
+        `[1, C, P * F, h, w]`: whole chunks, P >= 1, at most `latent_frames`, by MAGI-1's VAE
+        (`decoder`: the session's MagiStreamingDecoder).
+
+        As MAGI-1's v2v: the clip stretched to the stream's size, its first 32 frames, encoded in
+        12-frame tiles; a stream keeps only whole chunks of them (MAGI-1 also holds the 2 latent
+        frames past the last whole chunk fixed at the start of the next chunk; the block plan has no
+        partial blocks). An image, or a clip shorter than a chunk, is held on its first frame to
+        make one chunk (MAGI-1's i2v instead pins the image's single latent frame)."""
+        stream = preset.stream
+        chunk = stream.frames_per_block
+        clip = stretch_frames(np.asarray(frames), stream.height, stream.width)[:PREFIX_VIDEO_FRAMES]
+        stride = preset.vae.temporal_stride
+        chunks = max(1, min(len(clip) // stride, latent_frames) // chunk)
+        needed = chunks * chunk * stride
+        if len(clip) < needed:
+            clip = np.concatenate([np.repeat(clip[:1], needed - len(clip), axis=0), clip])
+        return decoder.encode(clip[:needed]).float()
 
 
 class MagiCaption:

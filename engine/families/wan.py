@@ -1,5 +1,6 @@
 """The Wan family: Wan2.1 DiTs and the models built on their layout (Self-Forcing, CausVid,
-SkyReels-V2, LongLive, the demo model). A variant is a preset, not a family: SkyReels-V2 is a Wan
+SkyReels-V2, LongLive, the demo model), and Wan2.2-TI2V-5B (LongLive-2.0's base: the same layout
+with 48 latent channels). A variant is a preset, not a family: SkyReels-V2 is a Wan
 network with its own plan (engine/plan/skyreels.py).
 """
 
@@ -7,10 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engine.config import Preset, WanConfig
-from engine.families.base import Family, TextEmbedding
+from engine.families.base import Family, TextEmbedding, encode_whole_blocks
 from engine.models.checkpoints.wan import load_weights
 from engine.models.flops import wan_forward_flops
 from engine.models.random_init import init_random_
@@ -51,6 +53,12 @@ class Wan(Family):
     def first_layer(self, model: WanModel, x: torch.Tensor, sigma: torch.Tensor, fps, text, view) -> torch.Tensor:
         _, e6 = model.time_modulation(sigma, fps)
         return model.blocks[0](x, e6, text.keys[0], text.values[0], 0, view)
+
+    def encode_start(self, preset: Preset, decoder, frames: np.ndarray, latent_frames: int) -> torch.Tensor:
+        """Wan's causal VAE (or the demo's patch codec) encodes the clip's last frames in one call;
+        an image is held still for the first block (its first latent frame is the image's own
+        latent, as Self-Forcing's and LongLive's image-to-video take it)."""
+        return encode_whole_blocks(preset, decoder, frames, latent_frames)
 
 
 WAN = Wan()

@@ -5,6 +5,8 @@ convolutions that keep the last frames of every layer in a feature cache, but it
 cache at the end of each call. Here the cache (`_feat_map`) lives in the decoder object across
 calls, so decoding a stream block by block gives exactly the frames of one decode of the whole
 latent video: the first latent frame gives 1 frame, every later one `temporal_stride` (4).
+`encode` goes the other way for a stream that starts from given frames (diffusers' encode, the
+distribution's mode, normalised as the latents the model makes).
 diffusers is imported only when a Wan VAE is built or loaded (the demo's codec needs none of it).
 """
 
@@ -24,6 +26,7 @@ from torch.utils._pytree import tree_leaves
 
 from engine.config import VaeConfig
 from engine.models.checkpoints.wan import CheckpointError, read_safetensors, read_torch
+from engine.models.checkpoints.wan_vae import vae_to_diffusers
 
 if TYPE_CHECKING:  # diffusers loads only with a Wan VAE (a second of import time)
     from diffusers import AutoencoderKLWan
@@ -32,12 +35,20 @@ if TYPE_CHECKING:  # diffusers loads only with a Wan VAE (a second of import tim
 def build_vae(cfg: VaeConfig) -> AutoencoderKLWan:
     from diffusers import AutoencoderKLWan
 
+    pixel_channels = 3 * cfg.pixel_patch**2  # Wan2.2 folds 2 x 2 pixels into channels: 12
     return AutoencoderKLWan(
         base_dim=cfg.base_dim,
+        decoder_base_dim=cfg.decoder_base_dim,
         z_dim=cfg.z_dim,
         dim_mult=list(cfg.dim_mult),
         num_res_blocks=cfg.num_res_blocks,
         temperal_downsample=list(cfg.temporal_downsample),
+        is_residual=cfg.is_residual,
+        in_channels=pixel_channels,
+        out_channels=pixel_channels,
+        patch_size=cfg.pixel_patch if cfg.pixel_patch > 1 else None,
+        scale_factor_spatial=cfg.spatial_stride,
+        scale_factor_temporal=cfg.temporal_stride,
     )
 
 
@@ -48,17 +59,17 @@ def random_vae(cfg: VaeConfig, seed: int) -> AutoencoderKLWan:
 
 
 def load_vae(cfg: VaeConfig, path: str | Path) -> AutoencoderKLWan:
-    """A diffusers `vae/` folder (or pipeline root), or Wan's own `Wan2.1_VAE.pth` / .safetensors."""
+    """A diffusers `vae/` folder (or pipeline root), or Wan's own `Wan2.1_VAE.pth` /
+    `Wan2.2_VAE.pth` / .safetensors."""
     from diffusers import AutoencoderKLWan
-    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
     path = _vae_in_folder(Path(path)) if Path(path).is_dir() else Path(path)
     if path.is_dir():
-        return AutoencoderKLWan.from_pretrained(str(path)).eval()
+        return _same_variant(AutoencoderKLWan.from_pretrained(str(path)).eval(), cfg, path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such VAE file or folder")
     raw = read_safetensors(path) if path.name.endswith(".safetensors") else read_torch(path)
-    state = convert_wan_vae_to_diffusers(raw) if any(k.startswith("decoder.upsamples") for k in raw) else raw
+    state = vae_to_diffusers(raw)
     vae = build_vae(cfg)
     expected = vae.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -73,8 +84,20 @@ def load_vae(cfg: VaeConfig, path: str | Path) -> AutoencoderKLWan:
     return vae.eval()
 
 
+def _same_variant(vae: AutoencoderKLWan, cfg: VaeConfig, path: Path) -> AutoencoderKLWan:
+    """A folder's own config builds the VAE: refuse one of the other Wan generation (a Wan2.1 VAE
+    for a Wan2.2 preset decodes 16 channels, not 48)."""
+    found = (vae.config.z_dim, vae.config.patch_size or 1)
+    if found != (cfg.z_dim, cfg.pixel_patch):
+        raise CheckpointError(
+            f"{path}: a VAE with {found[0]} latent channels and pixel patch {found[1]}; the preset needs "
+            f"{cfg.z_dim} and {cfg.pixel_patch} (Wan2.1 VAEs have 16 and 1, Wan2.2's 48 and 2)"
+        )
+    return vae
+
+
 def _vae_in_folder(folder: Path) -> Path:
-    """A diffusers vae/ folder, a pipeline root holding one, or a Wan repo holding Wan2.1_VAE.pth."""
+    """A diffusers vae/ folder, a pipeline root holding one, or a Wan repo holding Wan2.x_VAE.pth."""
     if (folder / "vae").is_dir():
         folder = folder / "vae"
     config = folder / "config.json"
@@ -84,7 +107,8 @@ def _vae_in_folder(folder: Path) -> Path:
     if len(native) == 1:
         return native[0]
     raise CheckpointError(
-        f"{folder}: no VAE found (expected a diffusers AutoencoderKLWan folder, a vae/ subfolder or one Wan2.1_VAE.pth)"
+        f"{folder}: no VAE found (expected a diffusers AutoencoderKLWan folder, a vae/ subfolder or one "
+        "Wan2.1_VAE.pth / Wan2.2_VAE.pth)"
     )
 
 
@@ -108,6 +132,15 @@ class StreamingDecoder:
         self._frames_seen = 0
 
     @torch.no_grad()
+    def encode(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 frames `[T, H, W, 3]` -> normalised latents `[1, C, 1 + (T - 1) / 4, H / 8, W / 8]`
+        (one encode of the whole clip: its first frame gives the first latent frame alone)."""
+        param = next(self.vae.parameters())
+        pixels = from_uint8(frames).to(param.device, param.dtype)
+        z = self.vae.encode(pixels).latent_dist.mode().float()
+        return (z - self.mean) / self.std
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         param = next(self.vae.parameters())
         z = (latents.float() * self.std + self.mean).to(param.dtype)  # undo the latent normalisation
@@ -120,7 +153,19 @@ class StreamingDecoder:
                 )
             )
             self._frames_seen += 1
-        return torch.cat(frames, dim=2).float().clamp(-1.0, 1.0)
+        out = torch.cat(frames, dim=2)
+        if self.vae.config.patch_size is not None:  # Wan2.2: [B, 12, F, H/2, W/2] -> [B, 3, F, H, W]
+            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+            out = unpatchify(out, patch_size=self.vae.config.patch_size)
+        return out.float().clamp(-1.0, 1.0)
+
+
+def from_uint8(frames: np.ndarray) -> torch.Tensor:
+    """`[T, H, W, 3]` uint8 -> `[1, 3, T, H, W]` float32 in [-1, 1] (x / 127.5 - 1, as diffusers'
+    video processor)."""
+    pixels = torch.from_numpy(np.ascontiguousarray(frames)).float() / 127.5 - 1.0
+    return pixels.permute(3, 0, 1, 2)[None]
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:

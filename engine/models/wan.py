@@ -1,4 +1,6 @@
 """The Wan2.1 DiT, written for block-causal streaming. Pure math: no cache policy, no parallelism.
+Wan2.2-TI2V-5B is the same network at other sizes (48 latent channels); its per-token timesteps
+(the clean image frame at t = 0) are the per-frame ones below.
 
 Parameter names are Wan's own (`blocks.0.self_attn.q.weight`, `blocks.0.norm3.weight`, ...), so
 Self-Forcing / CausVid / LongLive checkpoints load by stripping prefixes; diffusers names are

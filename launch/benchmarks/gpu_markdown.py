@@ -16,7 +16,7 @@ CASCADE_COLUMNS = ["variant", "gpus", "split", "forward_ms", "decode_ms", "fps",
 LIMIT_COLUMNS = ["preset", "plan", "block_tflop", "fps_at_peak", "fps_at_700"]
 KV_COLUMNS = ["preset", "kv_gib_bf16", "kv_gib_fp8"]
 SMALL_CARD_COLUMNS = ["variant", "memory_cap", "options", "fps", "resident_fps", "vs_resident", "fps_model",
-                      "bound", "h2d_gbps", "block_mb", "peak_gib"]  # fmt: skip
+                      "bound", "h2d_gbps", "block_mb", "peak_gib", "note"]  # fmt: skip
 
 
 def cell(value) -> str:

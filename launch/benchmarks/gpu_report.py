@@ -5,12 +5,13 @@
     python -m launch.bench gpu-report --tiny --device cpu   # the same code path on tiny presets
 
 Variants: self-forcing-1.3b eager, compiled, compiled + CUDA graphs and with an fp8 KV cache;
-wan-14b-causal, magi-1-4.5b-distill and skyreels-v2-df-1.3b eager; and two smaller cards, by a
-memory cap: self-forcing-1.3b at 12 GB and wan-14b-causal at 32 GB, with the options that make them
-fit (text encoder on the host, blocks streamed from host memory; for 14B fp8 weights and KV), each
-against its resident variant and the offload model's prediction (launch/throughput.py). Each runs
-in its own process (launch/benchmarks/gpu_variant.py) under a time budget, so a failure (out of
-memory, a compile error) is recorded and the rest go on, and the whole run ends by `--deadline-s`.
+wan-14b-causal, magi-1-4.5b-distill, skyreels-v2-df-1.3b and longlive2-5b (LongLive-2.0 on
+Wan2.2-TI2V-5B, 1280x704) eager; and two smaller cards, by a memory cap: self-forcing-1.3b at
+12 GB and wan-14b-causal at 32 GB, with the options that make them fit (text encoder on the host,
+blocks streamed from host memory; for 14B fp8 weights and KV), each against its resident variant
+and the offload model's prediction (launch/throughput.py). Each runs in its own process
+(launch/benchmarks/gpu_variant.py) under a time budget, so a failure (out of memory, a compile
+error) is recorded and the rest go on, and the whole run ends by `--deadline-s`.
 Per variant: steady-state FPS (denoising; and with decoding), first-frame latency from session
 start and from process start, ms per forward, the profiler's attention / linear split, achieved
 TFLOP/s against the measured matmul peak and the analytic limit (engine/models/flops.py: the FPS if
@@ -54,7 +55,7 @@ CASCADE_GPUS = 5  # Block Cascading's published setting
 COLUMNS = ["variant", "status", "fps", "fps_est", "fps_decoded", "first_frame_s", "startup_s", "forward_ms",
            "attention", "linear", "tflops", "mfu", "limit_fps_peak", "limit_fps_700", "kv_gib", "peak_gib"]  # fmt: skip
 TINY = {"self-forcing-1.3b": "tiny-wan", "wan-14b-causal": "tiny-wan", "skyreels-v2-df-1.3b": "skyreels-v2-df-tiny",
-        "magi-1-4.5b-distill": "magi-1-tiny"}  # fmt: skip
+        "magi-1-4.5b-distill": "magi-1-tiny", "longlive2-5b": "tiny-wan22"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ VARIANTS = (  # the order they run in: when --deadline-s runs out, the last ones
     Variant("wan14b-eager", "wan-14b-causal", budget_s=55),
     Variant("magi-eager", "magi-1-4.5b-distill", budget_s=60),
     Variant("skyreels-eager", "skyreels-v2-df-1.3b", budget_s=60),
+    Variant("ll2-eager", "longlive2-5b", budget_s=60),
     Variant(
         "sf-12gb",
         "self-forcing-1.3b",
@@ -280,6 +282,8 @@ def offload_rows(rows: list[dict]) -> list[dict]:
                                        row.get("h2d_gbps") or HOST_LINKS["pcie5"])  # fmt: skip
             line["bound"] = timing.bound
             line["fps_model"] = resident.get("fps", 0) * resident["forward_ms"] / 1000 / timing.forward_s
+        else:
+            line["note"] = f"no prediction: {variant.resident} measured no forward"
         model.append(line)
     return model
 

@@ -181,7 +181,7 @@ def build(spec: VariantSpec, rec: Recorder) -> Session:
 
 
 class Decoder:
-    """The session's decoder, or None with the reason (MAGI-1's VAE is not implemented)."""
+    """The session's decoder, or None with the reason when its reset says it cannot decode (SetupError)."""
 
     def __init__(self, session: Session):
         self.decoder, self.note = session.decoder, None

@@ -6,9 +6,9 @@ Each multi-rank case is one `torchrun --standalone` launch of tests/support/casc
 outer timeout; the sink rank saves latents, compared here with the one-device executor.
 """
 
+import dataclasses
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -95,14 +95,12 @@ def test_magi_cascade_equals_one_device(tmp_path):
 @pytest.mark.parametrize("kind, cause", [("raise", "rank 1: RuntimeError: injected"), ("exit", "rank 1 (pid"),
                                          ("hang", "rank 1 stopped responding in tick 3")])  # fmt: skip
 def test_a_failing_rank_stops_every_rank_with_its_name(tmp_path, kind, cause):
-    timeout = 8
-    start = time.monotonic()
-    result = _launch(3, tmp_path, "--blocks", "8", "--timeout", str(timeout), "--fault", f"1:3:{kind}", timeout=120)
-    elapsed = time.monotonic() - start
+    # No wall-clock bound: under load three processes take minutes to start. Without the watchdog
+    # the ranks would wait out gloo's 30-minute default and `_launch` would time out instead.
+    result = _launch(3, tmp_path, "--blocks", "8", "--timeout", "8", "--fault", f"1:3:{kind}", timeout=300)
     assert result.returncode != 0
     messages = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert messages and all(cause in m for m in messages), "\n".join(messages) or result.stderr[-2000:]
-    assert elapsed < 60, f"took {elapsed:.0f} s with a {timeout} s timeout"
     leftover = subprocess.run(["pgrep", "-f", str(WORKER)], capture_output=True, text=True).stdout.split()
     assert not leftover, f"processes left behind: {leftover}"
 
@@ -144,6 +142,13 @@ def test_layouts_that_do_not_fit_fail_clearly():
         topology.check_plan(3, 4, 2)
     assert [topology.owner(b) for b in range(7)] == [0, 1, 2, 3, 4, 0, 1]
     assert not Topology.single().distributed and Topology.single().is_decoder
+    from launch.presets import get_preset
+    from launch.run import check_ranks
+
+    skyreels = get_preset("skyreels-v2-df-tiny")  # reruns its window by default: no KV cache to hand on
+    cascade = dataclasses.replace(skyreels, plan=dataclasses.replace(skyreels.plan, schedule="cascade", offset=2))
+    with pytest.raises(TopologyError, match="add --compute selective"):
+        check_ranks(cascade, Topology(ParallelConfig(), 0, 2, 0, None))
 
 
 def test_parallel_auto_picks_a_split_and_says_why(tmp_path):

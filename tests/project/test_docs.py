@@ -27,7 +27,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
-DOC_PAGES = ("serving", "parallel", "caching", "speed", "checkpoints", "demo-model", "correctness", "measured")
+DOC_PAGES = ("serving", "parallel", "caching", "speed", "checkpoints", "demo-model", "correctness", "measured",
+             "pixels", "video-in")  # fmt: skip
 SETUP = ("python3.11 -m venv", ". .venv/bin/activate", "pip install")
 """Quick-start lines not run here: they make and fill the environment this suite already runs in."""
 

@@ -6,6 +6,7 @@ The browser test drives Debian's Chromium (`apt-get install chromium`) with Play
 """
 
 import asyncio
+import io
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from websockets.sync.client import connect
 
 from engine.client import StreamClient
@@ -387,6 +389,7 @@ def test_viewer_pages_get_their_own_sessions_and_share_links_join_them():
             _check_layout(first)
             first.wait_for_function("document.getElementById('s-slack').textContent.endsWith(' s')",
                                     timeout=10000)  # per-session stats are shown  # fmt: skip
+            _check_start_from_file(first)
             link, own = first.get_attribute("#s-share", "href"), first.text_content("#s-share")
             assert link.endswith(f"/?session={own}") and first.url.endswith(f"?session={own}"), (link, first.url)
             joined = browser.new_page()
@@ -408,3 +411,15 @@ def test_viewer_pages_get_their_own_sessions_and_share_links_join_them():
                 assert "server full" in other.text_content("#status"), other.text_content("#status")
         finally:
             browser.close()
+
+
+def _check_start_from_file(page) -> None:
+    """The page's file input restarts its session from an image; a file that is no image or video
+    gets the server's one-line error in the status line."""
+    png = io.BytesIO()
+    Image.fromarray(np.full((48, 80, 3), 120, np.uint8)).save(png, format="PNG")
+    status = "document.getElementById('status').textContent"
+    page.set_input_files("#start-file", files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"hello"}])
+    page.wait_for_function(f"{status}.includes('not an image or video')", timeout=20000)
+    page.set_input_files("#start-file", files=[{"name": "a.png", "mimeType": "image/png", "buffer": png.getvalue()}])
+    page.wait_for_function(f"{status}.includes('started from your file')", timeout=30000)

@@ -5,9 +5,9 @@ Layouts (detected from the path and the keys, not from file names alone):
   `*.safetensors.index.json`; a pipeline root with a `transformer/` folder also works;
 * Wan-native: one `.safetensors` / `.pth` file or shards with an index (Wan-AI repos, Krea's file
   with a `model.` prefix);
-* Self-Forcing-style `.pt` dicts (Self-Forcing, CausVid, LongLive, Rolling Forcing): the weights
-  under `generator_ema` or `generator`, keys prefixed `model.`, EMA keys with
-  `_fsdp_wrapped_module.` segments.
+* Self-Forcing-style `.pt` dicts (Self-Forcing, CausVid, LongLive 1.0 and 2.0, Rolling Forcing): the
+  weights under `generator_ema` or `generator` (LongLive-2.0 also: `model`, or the bare state
+  dict), keys prefixed `model.`, EMA keys with `_fsdp_wrapped_module.` segments.
 
 Every key ends up in Wan-native names (our model's names). Anything that does not fit exactly
 (missing, unexpected, wrong shape, unreadable file, a dtype that is not floating point, NaN/inf
@@ -251,8 +251,11 @@ def _read_index(
 
 
 def _select_generator(data: dict, path: Path, ema: bool | None) -> tuple[dict, str]:
-    """Self-Forcing-style dicts keep weights under generator / generator_ema (and a critic)."""
+    """Self-Forcing-style dicts keep weights under generator / generator_ema (and a critic);
+    LongLive-2.0's loader also accepts them under `model`."""
     if "generator" not in data and "generator_ema" not in data:
+        if isinstance(data.get("model"), dict):  # never a tensor's key: those are "model.<name>"
+            return data["model"], "self-forcing:model"
         return data, "wan"
     if ema is None:
         ema = "generator_ema" in data
