@@ -227,8 +227,12 @@ def _encoder_bytes_of(encoder: torch.nn.Module, dtype: torch.dtype) -> int:
 
 def count_vae(preset: Preset, weights: WeightPaths) -> tuple[int, int, int]:
     """(weights, one stream's decoder state, a block's decode peak above it) of the preset's decoder."""
-    if preset.vae.kind == "magi":
-        return 0, 0, 0  # no decoder yet: latents only
+    if preset.vae.kind == "magi":  # its weights; its decode state and peak are not counted yet
+        from engine.models.magi_vae import MagiVae
+
+        with torch.device("meta"):
+            vae = MagiVae(preset.vae.magi)
+        return sum(_nbytes(t) for t in (*vae.parameters(), *vae.buffers())), 0, 0
     if preset.vae.kind == "patches":
         codec = build_patch_codec(preset, weights)
         return sum(_nbytes(t) for t in vars(codec).values() if isinstance(t, torch.Tensor)), 0, 0
