@@ -19,6 +19,7 @@ import json
 import os
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,7 @@ from engine.serving.lobby import Lobby, Refusal, Watched
 from engine.serving.protocol import (
     MAX_MESSAGE_BYTES,
     PROMETHEUS_TYPE,
+    SIGNALS,
     Control,
     ProtocolError,
     close_reason,
@@ -48,6 +50,7 @@ from engine.serving.protocol import (
     prometheus,
     reply,
 )
+from engine.serving.webrtc import AIORTC, Broadcast, FrameInfo, Peer, SignalError, announce_encoder, choose_encoder
 
 PAGE = Path(__file__).with_name("viewer.html")
 VIEWER_QUEUE = 48  # frames a viewer may fall behind before its oldest ones are dropped
@@ -84,6 +87,9 @@ class Viewer:
     frames: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(VIEWER_QUEUE))
     dropped: int = 0
     session: Watched | None = None
+    peer: Peer | None = None
+    rtc_live: bool = False
+    """Its WebRTC track carries its frames: no JPEG for it until that stops."""
 
 
 class Hub:
@@ -93,9 +99,10 @@ class Hub:
     viewer of a shared stream), taken in turn, so a session with a burst of blocks drops its own
     oldest ones and delays no other session's."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+    def __init__(self, loop: asyncio.AbstractEventLoop, fps: int = 16):
+        self.loop, self.fps = loop, fps
         self.viewers: set[Viewer] = set()
+        self.broadcasts: dict[object, Broadcast] = {}  # audience -> its WebRTC encoders and tracks
         self.encoder_dropped = 0
         self.viewers_dropped = 0  # by every viewer's queue, since the start
         self._pending: dict[object, deque] = {}
@@ -116,7 +123,7 @@ class Hub:
                 self.encoder_dropped += lost
                 if audience is not None:
                     audience.encoder_dropped += lost
-            pending.append((frames, first_index, version, seconds))
+            pending.append((frames, first_index, version, seconds, time.time()))
             self._ready.notify()
 
     def close(self) -> None:
@@ -134,14 +141,35 @@ class Hub:
             return [] if self._closed else taken
 
     def _encode_forever(self) -> None:
+        """JPEG for the audience's viewers without a live WebRTC track; packets for those with one."""
         while taken := self._next():
-            for audience, (frames, first_index, version, seconds) in taken:
+            for audience, (frames, first_index, version, seconds, made_at) in taken:
+                viewers = list(self.viewers if audience is None else audience.viewers)
+                jpeg = any(not viewer.rtc_live for viewer in viewers)
+                broadcast = self.broadcasts.get(audience)
                 for i, frame in enumerate(frames):
-                    message = encode_frame(first_index + i, seconds, version, frame)
-                    self.loop.call_soon_threadsafe(self._fan_out, message, audience)
+                    if jpeg:
+                        message = encode_frame(first_index + i, seconds, version, frame)
+                        self.loop.call_soon_threadsafe(self._fan_out, message, audience)
+                    if broadcast is not None and broadcast.tracks:
+                        info = FrameInfo(first_index + i, version, seconds, made_at)
+                        self.loop.call_soon_threadsafe(broadcast.fan_out, broadcast.encode(frame, info), info)
+
+    def broadcast_for(self, audience) -> Broadcast:
+        """The audience's WebRTC encoders (made on first use; on the event loop)."""
+        if audience not in self.broadcasts:
+            self.broadcasts[audience] = Broadcast(self.fps, choose_encoder())
+        return self.broadcasts[audience]
+
+    def forget_broadcast(self, audience) -> None:
+        broadcast = self.broadcasts.get(audience)
+        if broadcast is not None and not broadcast.tracks:
+            del self.broadcasts[audience]
 
     def _fan_out(self, message: bytes, audience=None) -> None:
         for viewer in self.viewers if audience is None else audience.viewers:
+            if viewer.rtc_live:
+                continue
             if viewer.frames.full():
                 viewer.frames.get_nowait()
                 viewer.dropped += 1
@@ -172,6 +200,10 @@ class StreamServer:
         token: str | None,
         allow_origins: tuple[str, ...] = (),
         ignored_words: Callable[[str], list[str]] = lambda prompt: [],
+        webrtc: bool = True,
+        ice_servers: tuple[dict, ...] = (),
+        fps: int = 16,
+        video_in: Callable[[Viewer], object] = lambda viewer: None,
     ):
         if needs_token(host) and not token:
             raise ValueError(f"binding to {host!r} exposes the stream: pass --token")
@@ -179,8 +211,11 @@ class StreamServer:
         self.stats = stats or (lambda: asdict(Stats(prompt=controls.prompt if controls else "")))
         self.access = AccessPolicy(token, tuple(parse_origin(o) for o in allow_origins))
         self.ignored_words = ignored_words
+        self.webrtc, self.ice_servers, self.video_in = webrtc and AIORTC, list(ice_servers), video_in
+        if self.webrtc:
+            announce_encoder()
         self.loop = asyncio.new_event_loop()
-        self.hub = Hub(self.loop)
+        self.hub = Hub(self.loop, fps)
         self.lobby: Lobby | None = None
         self.ready = threading.Event()
         self.address: tuple[str, int] | None = None
@@ -255,7 +290,16 @@ class StreamServer:
             return _resource(connection, request, json.dumps(self.server_stats()).encode(), "application/json")
         if path == "/metrics":
             return _resource(connection, request, prometheus(self.server_stats()).encode(), PROMETHEUS_TYPE)
+        if path == "/rtc":
+            return _resource(connection, request, json.dumps(self.rtc_settings()).encode(), "application/json")
         return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+
+    def rtc_settings(self) -> dict:
+        """What the page needs before it offers: whether to try WebRTC, and the ICE servers."""
+        if not self.webrtc:
+            why = "this server runs without aiortc" if not AIORTC else "WebRTC is off on this server"
+            return {"webrtc": False, "reason": why}
+        return {"webrtc": True, "ice_servers": self.ice_servers, "codec": choose_encoder().mime}
 
     def server_stats(self) -> dict:
         """Server-wide numbers (/stats as JSON, /metrics in Prometheus' text format)."""
@@ -287,6 +331,7 @@ class StreamServer:
                 self.lobby.viewer_gone(viewer.session, viewer)
             for task in tasks:
                 task.cancel()
+            await self._hang_up(viewer)
 
     async def _admit(self, viewer: Viewer) -> bool:
         """Give the viewer its session (a new one, or the one `?session=` names); else say why and close."""
@@ -340,11 +385,12 @@ class StreamServer:
         hub, watched = self.hub, viewer.session
         if watched is None:
             return reply("stats", **self.stats(), viewers=len(hub.viewers), you_dropped=viewer.dropped,
-                         viewers_dropped=hub.viewers_dropped, encoder_dropped=hub.encoder_dropped)  # fmt: skip
+                         viewers_dropped=hub.viewers_dropped, encoder_dropped=hub.encoder_dropped,
+                         transport=_transport(viewer))  # fmt: skip
         shown = {**watched.summary(), "session": watched.id, "prompt": watched.prompt,
                  "version": watched.stats.get("version", watched.version), "last_switch_s": watched.last_switch_s,
                  "ranks": len(self.lobby.replicas), "you_dropped": viewer.dropped,
-                 "session_dropped": watched.dropped}  # fmt: skip
+                 "session_dropped": watched.dropped, "transport": _transport(viewer)}  # fmt: skip
         return reply("stats", **{"stream_fps": self.lobby.fps, **shown})
 
     async def _receive(self, viewer: Viewer) -> None:
@@ -364,6 +410,8 @@ class StreamServer:
             return reply("error", error=str(err))
         if control.type == "stats":
             return self._stats_message(viewer)
+        if control.type in SIGNALS:
+            return await self._signal(control, viewer)
         if viewer.session is not None:
             return await self._session_answer(control, viewer.session)
         if control.type == "prompt":
@@ -384,6 +432,59 @@ class StreamServer:
             return self._prompt_ack(answer["ok"]["version"], control.text)
         answer = await self.lobby.control(watched, control.type)
         return reply("error", error=answer["error"]) if "error" in answer else reply("ack", of=control.type)
+
+    # -- WebRTC signalling ------------------------------------------------------------------------
+
+    async def _signal(self, control: Control, viewer: Viewer) -> str:
+        """An offer, an ICE candidate or a hangup from this viewer, for its own stream only."""
+        if not self.webrtc:
+            return reply("error", error=f"no WebRTC here ({self.rtc_settings()['reason']}): frames come as JPEG on "
+                                        "this WebSocket")  # fmt: skip
+        own = viewer.session.id if viewer.session is not None else None
+        if control.session is not None and control.session != own:
+            watched = f"session {own!r}" if own else "the shared stream"
+            return reply("error", error=f"an offer for session {control.session[:40]!r} is refused: this connection "
+                                        f"watches {watched}")  # fmt: skip
+        try:
+            if control.type == "offer":
+                return await self._offer(control.text, viewer)
+            if viewer.peer is None:
+                return reply("error", error="no WebRTC connection: send an offer first")
+            if control.type == "ice":
+                await viewer.peer.candidate(control.candidate)
+                return reply("ack", of="ice")
+        except SignalError as err:  # a refused offer ends the connection it made; a bad candidate does not
+            if control.type == "offer":
+                await self._hang_up(viewer)
+            return reply("error", error=str(err))
+        await self._hang_up(viewer)
+        return reply("ack", of="hangup")
+
+    async def _offer(self, sdp: str, viewer: Viewer) -> str:
+        await self._hang_up(viewer)  # a new offer replaces the viewer's connection (e.g. to add its camera)
+        audience = viewer.session
+        send = lambda message: asyncio.ensure_future(_send_quietly(viewer.connection, json.dumps(message)))  # noqa: E731
+        viewer.peer = Peer(self.hub.broadcast_for(audience), self.ice_servers, send,
+                           lambda: self.video_in(viewer), lambda live: setattr(viewer, "rtc_live", live))  # fmt: skip
+        answer, mime = await viewer.peer.answer(sdp)
+        return reply("answer", sdp=answer, codec=mime)
+
+    async def _hang_up(self, viewer: Viewer) -> None:
+        peer, viewer.peer = viewer.peer, None
+        if peer is not None:
+            await peer.close()
+            self.hub.forget_broadcast(viewer.session)
+
+
+def _transport(viewer: Viewer) -> str:
+    return "webrtc" if viewer.rtc_live else "jpeg"
+
+
+async def _send_quietly(connection: ServerConnection, text: str) -> None:
+    try:
+        await connection.send(text)
+    except ConnectionClosed:
+        pass
 
 
 async def _turn_away(connection: ServerConnection, kind: str, fields: dict, code: int = CloseCode.TRY_AGAIN_LATER):
