@@ -73,9 +73,13 @@ class Frame:
     timestamp: float
     prompt_version: int
     jpeg: bytes
+    pixels: np.ndarray | None = None
+    """A frame that came over WebRTC: decoded already (`jpeg` is then empty)."""
 
     def image(self) -> np.ndarray:
         """`[H, W, 3]` uint8."""
+        if self.pixels is not None:
+            return self.pixels
         return np.asarray(Image.open(io.BytesIO(self.jpeg)).convert("RGB"))
 
 

@@ -209,7 +209,7 @@ class RelayTrack(MediaStreamTrack):
         self._queue: asyncio.Queue = asyncio.Queue()
         self._waiting_key = True
         self._origin: int | None = None
-        self._last_pts: int | None = None
+        self._last: tuple[int, FrameInfo] | None = None  # the last frame handed to the sender: (pts, info)
         broadcast.tracks.add(self)
         broadcast.want_keyframe(mime)
 
@@ -230,18 +230,24 @@ class RelayTrack(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         packet, info = await self._queue.get()
+        if self._origin is None and self._learn_origin():  # the first frame's info again, now with its RTP time
+            self.on_frame(self._last[1], self._rtp_of(self._last[0]))
         self.on_frame(info, self._rtp_of(packet.pts))
-        self._last_pts = packet.pts
+        self._last = (packet.pts, info)
         self.sent += 1
         return packet
 
+    def _learn_origin(self) -> bool:
+        """Read the sender's random RTP origin back from its last packet (none until one has gone)."""
+        if self._last is None or self.sender is None:
+            return False
+        last = getattr(self.sender, "_RTCRtpSender__rtp_timestamp", None)
+        if last:
+            self._origin = (last - self._last[0]) % 2**32
+        return self._origin is not None
+
     def _rtp_of(self, pts: int) -> int | None:
-        """The RTP timestamp the page will see for `pts`: the sender's random origin plus pts, the
-        origin read back from the sender's last packet (None until one has gone)."""
-        if self._origin is None and self._last_pts is not None and self.sender is not None:
-            last = getattr(self.sender, "_RTCRtpSender__rtp_timestamp", None)
-            if last:
-                self._origin = (last - self._last_pts) % 2**32
+        """The RTP timestamp the page will see for `pts` (None while the origin is unknown)."""
         return None if self._origin is None else (self._origin + pts) % 2**32
 
     def stop(self) -> None:

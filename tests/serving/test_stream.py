@@ -317,7 +317,7 @@ def test_the_viewer_page_in_chromium(demo_server):
             page = browser.new_page(viewport={"width": 1100, "height": 760})
             failed = []
             page.on("response", lambda r: failed.append(r.url) if r.status >= 400 else None)
-            page.goto(base + "/")
+            page.goto(base + "/?transport=jpeg")  # the fallback; WebRTC: test_the_viewer_page_plays_webrtc_in_chromium
             page.wait_for_function("document.getElementById('s-frames').textContent > 10", timeout=30000)
             first = page.evaluate("document.getElementById('video').toDataURL()")
             page.wait_for_timeout(1500)
@@ -329,6 +329,56 @@ def test_the_viewer_page_in_chromium(demo_server):
             assert not failed, f"requests that failed: {failed}"
         finally:
             browser.close()
+
+
+GRAB = """async (count) => {   // the next `count` frames the video element presents, as RGBA
+  const video = document.getElementById('rtc'), canvas = document.createElement('canvas');
+  canvas.width = video.videoWidth; canvas.height = video.videoHeight;
+  const context = canvas.getContext('2d'), out = [];
+  while (out.length < count) {
+    await new Promise((done) => video.requestVideoFrameCallback(done));
+    context.drawImage(video, 0, 0);
+    out.push(Array.from(context.getImageData(0, 0, canvas.width, canvas.height).data));
+  }
+  return [canvas.height, canvas.width, out];
+}"""
+
+
+def test_the_viewer_page_plays_webrtc_in_chromium(demo_server):
+    """The page negotiates WebRTC on its own, at least 30 frames are presented from the track
+    (requestVideoFrameCallback), the frame on screen names its prompt version, and a switch
+    changes the picture to the new prompt's colour."""
+    assert os.path.exists(CHROMIUM), "the browser test needs Debian's chromium: apt-get install -y chromium"
+    from playwright.sync_api import sync_playwright
+
+    base, _ = demo_server
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 760})
+            page.goto(base + "/")
+            page.wait_for_function("window.arcade.rtcFrames >= 30", timeout=60000)
+            assert page.text_content("#s-transport").startswith("WebRTC ("), page.text_content("#s-transport")
+            assert page.is_hidden("#video") and page.is_visible("#rtc"), "the track plays in place of the canvas"
+            for prompt in ["a red circle moving left", "a blue square moving up"]:
+                _switch_and_look(page, prompt)
+        finally:
+            browser.close()
+
+
+def _switch_and_look(page, prompt: str) -> None:
+    """Switch; once the frame on screen says the new version, a few blocks later the picture has
+    the prompt's colour (by the demo's reader)."""
+    page.fill("#prompt", prompt)
+    page.click("button[type=submit]")
+    page.wait_for_function("document.getElementById('status').textContent.includes('accepted')", timeout=20000)
+    version = re.search(r"prompt (\d+) accepted", page.text_content("#status")).group(1)
+    page.wait_for_function(f"document.getElementById('s-onscreen').textContent === '{version}'", timeout=30000)
+    height, width, frames = page.evaluate(GRAB, 15)
+    video = np.asarray(frames, np.uint8).reshape(len(frames), height, width, 4)[6:, :, :, :3]  # 2 blocks on
+    scores = adherence(video, parse_prompt(prompt))
+    assert scores["color"], (prompt, scores, read_video(video))
 
 
 def _check_layout(page) -> None:
