@@ -20,6 +20,7 @@ python -m launch.bench gpu-report --quick   # GPU: environment + one short varia
 python -m launch.bench coalesce            # k streams' forwards in one call vs k calls (demo, mid-wan)
 python -m launch.bench compile             # --compile: compiled vs eager ms per tick, compile time (demo, mid-wan)
 python -m launch.bench startup             # seconds to --help, to a refused flag, to the demo's first frame
+python -m launch.bench transport --clip original.mp4   # JPEG/WebSocket vs WebRTC: bytes, PSNR, encode, latency
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ BENCHMARKS = {
     "coalesce": "coalesce",
     "compile": "compile",
     "startup": "startup",
+    "transport": "transport",
 }
 """Subcommand -> module of launch/benchmarks/, imported only when its subcommand runs (or for
 --help): some import torch's compiler or the server, seconds that other benchmarks do not need."""

@@ -10,8 +10,9 @@ Rules:
   which its arrival asks for; a keyframe also comes every second.
 * A track never queues without bound: a track RELAY_QUEUE packets behind drops what it holds
   (counted) and waits for the next keyframe, like the JPEG path's viewer queue.
-* The encoder is chosen once per process (`choose_encoder`) and printed: h264_nvenc where the GPU
-  and this PyAV build have it, else libvpx (VP8) in software.
+* The encoder is chosen once per process (`choose_encoder`) and printed: H.264 from h264_nvenc
+  where the GPU and this PyAV build have it, else from libx264 in software. A page that offers no
+  H.264 gets VP8 (libvpx, slower and larger at the same quality on this CPU).
 * Each frame's index and prompt version reach the page in a `frame` message on the WebSocket
   that names the frame's RTP timestamp as the page will see it (`requestVideoFrameCallback`
   metadata). aiortc draws each sender's RTP timestamp origin at random and keeps it private;
@@ -47,9 +48,10 @@ RELAY_QUEUE = 32
 """Packets a viewer's track may fall behind before it drops them and waits for a keyframe."""
 ICE_SERVER = re.compile(r"^(stuns?|turns?):(?:([^:@\s]+):([^@\s]+)@)?([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])"
                         r"(?::(\d{1,5}))?(?:\?transport=(udp|tcp))?$")  # fmt: skip
-SOFTWARE_QUALITY = {"crf": "8", "b": "6M"}
-"""libvpx's constrained quality: the level that matched JPEG quality 85's PSNR or beat it on the
+SOFTWARE_QUALITY = {"crf": "18"}
+"""libx264's constant quality: the level that matched JPEG quality 85's PSNR or beat it on the
 benchmark's clips (python -m launch.bench transport)."""
+VP8_QUALITY = {"crf": "8", "b": "6M"}  # libvpx's constrained quality, likewise
 
 
 class SignalError(ValueError):
@@ -62,9 +64,9 @@ class SignalError(ValueError):
 @dataclass(frozen=True)
 class EncoderChoice:
     codec: str
-    """PyAV's encoder: h264_nvenc or libvpx."""
+    """PyAV's encoder: h264_nvenc or libx264."""
     mime: str
-    """What the peers negotiate: video/H264 or video/VP8."""
+    """What the peers negotiate: video/H264."""
     why: str
 
     def describe(self) -> str:
@@ -73,11 +75,11 @@ class EncoderChoice:
 
 @functools.lru_cache(maxsize=1)
 def choose_encoder() -> EncoderChoice:
-    """NVENC where a frame encodes with it (a GPU with its driver), else VP8 in software."""
+    """NVENC where a frame encodes with it (a GPU with its driver), else libx264 in software."""
     try:
         _encode_one("h264_nvenc")
     except Exception:  # no libcuda, no GPU, a PyAV build without it: all end here
-        return EncoderChoice("libvpx", "video/VP8", "software; h264_nvenc did not open (no NVIDIA GPU or driver)")
+        return EncoderChoice("libx264", "video/H264", "software; h264_nvenc did not open (no NVIDIA GPU or driver)")
     return EncoderChoice("h264_nvenc", "video/H264", "the GPU's encoder")
 
 
@@ -111,20 +113,18 @@ class FrameEncoder:
         context.max_b_frames = 0
         if self.codec == "libvpx":
             context.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0", "error-resilient": "1",
-                               **(self.options or SOFTWARE_QUALITY)}  # fmt: skip
-        elif self.codec == "h264_nvenc":
+                               **(self.options or VP8_QUALITY)}  # fmt: skip
+        elif self.codec == "h264_nvenc":  # constant QP 20: about libx264's crf 18 (not measured here: no GPU)
             context.options = {"preset": "p1", "tune": "ull", "zerolatency": "1", "profile": "baseline",
-                               "rc": "constqp", "qp": "23", **(self.options or {})}  # fmt: skip
-        else:  # libx264 (the benchmark's software H.264)
-            context.options = {"preset": "veryfast", "tune": "zerolatency", "profile": "baseline", "crf": "23",
-                               **(self.options or {})}  # fmt: skip
+                               "rc": "constqp", "qp": "20", **(self.options or {})}  # fmt: skip
+        else:  # libx264; baseline: what every browser's WebRTC decodes (profile-level-id 42e01f)
+            context.options = {"preset": "veryfast", "tune": "zerolatency", "profile": "baseline",
+                               **(self.options or SOFTWARE_QUALITY)}  # fmt: skip
         return context
 
     def encode(self, frame: np.ndarray, index: int, keyframe: bool = False) -> list:
         """Packets for one frame (pts = its time on the RTP clock; usually exactly one packet)."""
         import av
-
-        from engine.serving.video import rgb_to_yuv420p
 
         height, width = frame.shape[:2]
         if height % 2 or width % 2:  # 4:2:0 needs even sizes: the last row or column is repeated
@@ -132,7 +132,7 @@ class FrameEncoder:
             height, width = frame.shape[:2]
         if self.context is None or (self.context.width, self.context.height) != (width, height):
             self.context = self._open(width, height)
-        picture = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")
+        picture = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")  # swscale, BT.601
         picture.pts, picture.time_base = rtp_ticks(index, self.fps), Fraction(1, RTP_CLOCK)
         if keyframe:
             picture.pict_type = av.video.frame.PictureType.I
