@@ -211,6 +211,15 @@ class VaeConfig:
             return self.temporal_stride * latent_frames
         return 0 if latent_frames == 0 else 1 + self.temporal_stride * (latent_frames - 1)
 
+    def latent_frames(self, pixel_frames: int) -> int:
+        """Latent frames an encoder makes of `pixel_frames` frames (the inverse of `pixel_frames`,
+        rounded down: frames past the last whole latent frame are not encoded)."""
+        if self.kind == "patches":
+            return pixel_frames
+        if self.kind == "magi":
+            return pixel_frames // self.temporal_stride
+        return 0 if pixel_frames == 0 else 1 + (pixel_frames - 1) // self.temporal_stride
+
 
 @dataclass(frozen=True, kw_only=True)
 class TinyTextEncoder:

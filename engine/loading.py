@@ -31,6 +31,7 @@ from engine.models.random_init import SMALL_MODEL_PARAMS
 from engine.models.rope import Rope
 from engine.models.text_encoder import PromptEncoder, TextEncoder
 from engine.models.vae import StreamingDecoder, load_vae, random_vae
+from engine.models.vae_encoder import StreamingEncoder
 from engine.models.wan import WanModel
 from engine.runtime.kv import KVCache
 from engine.weight_paths import WeightPaths, check_paths
@@ -219,6 +220,17 @@ def build_decoder(
             f"preset {preset.name} needs VAE weights: pass --vae PATH (folder or Wan2.1_VAE.pth) or --base DIR"
         )
     return StreamingDecoder(vae.to(device), preset.vae)
+
+
+def encoders_for(preset: Preset, decoder, device: torch.device):
+    """A maker of one stream's video-in encoder (frames -> normalised latents) from the loaded
+    decoder's weights: the demo's codec, or the Wan VAE's encoder; None for a family without one."""
+    if isinstance(decoder, PatchDecoder):
+        codec = decoder.codec
+        return lambda: lambda frames: codec.encode(frames, device)
+    if isinstance(decoder, StreamingDecoder):
+        return lambda: StreamingEncoder(decoder.vae, preset.vae)
+    return None
 
 
 def build_patch_codec(preset: Preset, weights: WeightPaths) -> PatchCodec:

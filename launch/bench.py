@@ -21,6 +21,7 @@ python -m launch.bench coalesce            # k streams' forwards in one call vs 
 python -m launch.bench compile             # --compile: compiled vs eager ms per tick, compile time (demo, mid-wan)
 python -m launch.bench startup             # seconds to --help, to a refused flag, to the demo's first frame
 python -m launch.bench transport --clip original.mp4   # JPEG/WebSocket vs WebRTC: bytes, PSNR, encode, latency
+python -m launch.bench v2v                 # video-to-video vs text-to-video: time to first frame, FPS
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ BENCHMARKS = {
     "compile": "compile",
     "startup": "startup",
     "transport": "transport",
+    "v2v": "video_in",
 }
 """Subcommand -> module of launch/benchmarks/, imported only when its subcommand runs (or for
 --help): some import torch's compiler or the server, seconds that other benchmarks do not need."""

@@ -15,6 +15,8 @@ chosen here too, once per session, and said in one line (`Assembly.speed_line`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from cache import make_policy
@@ -28,6 +30,7 @@ from engine.loading import (
     build_rope,
     build_special_tokens,
     build_text_encoder,
+    encoders_for,
 )
 from engine.plan.sigmas import build_schedule
 from engine.plan.timeline import committed_blocks_needed
@@ -75,7 +78,9 @@ def build_session(
     prompts = Prompts(preset, model, build_text_encoder(preset, weights, device, dtype), device, embed)
     decoder = build_decoder(preset, weights, device)
     assembly = Assembly(preset, model, device, topology, sharding or ulysses_for(topology, preset), speed)
-    return Session(preset, model, prompts, decoder, device, assembly)
+    start_encoder = functools.partial(family_of(preset.model).encode_start, preset)
+    encoders = encoders_for(preset, decoder, device)
+    return Session(preset, model, prompts, decoder, device, assembly, start_encoder, encoders)
 
 
 def ulysses_for(topology: Topology | None, preset: Preset, backend: str = "auto") -> Ulysses | None:

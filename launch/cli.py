@@ -37,6 +37,7 @@ from engine.config import (
     SpeedConfig,
 )
 from engine.devices import SetupError, resolve_device
+from engine.media import MediaError
 from engine.models.checkpoints.wan import CheckpointError
 from engine.weight_paths import WeightPaths
 from launch.layouts import choose_layout
@@ -46,7 +47,7 @@ from parallel.topology import ParallelConfig, Topology, TopologyError
 
 DEFAULT_PRESET = "demo"
 """What the entry points run when no --preset is given: the shipped demo model."""
-USER_ERRORS = (SetupError, CheckpointError, ConfigError, TopologyError, OSError)
+USER_ERRORS = (SetupError, CheckpointError, ConfigError, TopologyError, OSError, MediaError)
 """Errors the entry points report as a one-line message (exit code 2), not a traceback."""
 ALIKE_ON_EVERY_RANK = (ConfigError, TopologyError)
 """User errors of the settings, which every rank of a job meets alike: said once, by rank 0."""

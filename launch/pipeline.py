@@ -17,13 +17,26 @@
         if chunk.index == 8:
             break
 
+    clip = (frame for frame in my_frames)                          # uint8 [H, W, 3] each, or a FrameFeed
+    for chunk in pipe.stream("a blue circle moving right", video_in=clip, strength=0.6):
+        ...                                                          # restyled input; prompt-only once it ends
+
 Settings change through calls, not by editing frozen presets; the model is loaded once.
+
+A stream may start from pixels: `image=` (image-to-video) or `video=` (continue a clip), each a
+path, the file's bytes, or uint8 frames `[T, H, W, 3]`. They are checked by content and size
+(engine/media), center-cropped and resized to the preset's size, encoded by the family's VAE and
+committed as the stream's first blocks. The given frames are not part of the output unless
+`include_start=True` (then they come first, as the VAE gives them back):
+
+    video = pipe.generate("a red circle moving left", blocks=6, video="clip.mp4")
+    stream = pipe.stream("a red circle moving left", image="first_frame.png")
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +46,10 @@ import torch
 from cache import SUGGESTED_THRESHOLDS
 from engine.config import CacheConfig, Preset, SpeedConfig
 from engine.devices import resolve_device, resolve_dtype
+from engine.media import MediaError, MediaLimits, load_image, load_video
 from engine.runtime.outputs import RunStats
 from engine.runtime.session import Run, Session
+from engine.runtime.video_in import VideoIn
 from engine.serving.protocol import clean_prompt
 from engine.serving.video import Mp4Writer
 from engine.weight_paths import WeightPaths
@@ -74,13 +89,42 @@ def checked_prompt(prompt: str) -> str:
     return prompt
 
 
+Pixels = str | Path | bytes | np.ndarray
+"""An image or clip: a path, the file's bytes, or uint8 frames `[T, H, W, 3]`."""
+
+
+def given_frames(image: Pixels | None, video: Pixels | None, limits: MediaLimits | None = None) -> np.ndarray | None:
+    """The uint8 frames `[T, H, W, 3]` a stream starts from, checked (MediaError, one line)."""
+    if image is not None and video is not None:
+        raise MediaError("give an image or a video to start from, not both")
+    source = image if image is not None else video
+    if source is None:
+        return None
+    if isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or source.ndim not in (3, 4) or source.shape[-1] != 3:
+            raise MediaError(f"frames must be uint8 [H, W, 3] or [T, H, W, 3], got {source.dtype} {source.shape}")
+        frames = source[None] if source.ndim == 3 else source
+        return frames[:1] if image is not None else frames
+    return (load_image(source, limits) if image is not None else load_video(source, limits)).frames
+
+
+def start_latents(session: Session, image: Pixels | None, video: Pixels | None) -> torch.Tensor | None:
+    frames = given_frames(image, video)
+    return None if frames is None else session.encode_start(frames)
+
+
 class Stream:
     """An endless stream; iterate for chunks, `set_prompt` to switch while it runs."""
 
-    def __init__(self, session: Session, prompt: str, seed: int):
+    def __init__(self, session: Session, prompt: str, seed: int, start: torch.Tensor | None = None, **video_in):
         self.prompt = checked_prompt(prompt)
-        self._run: Run = session.run(lambda tick: self.prompt, blocks=None, seed=seed)
+        self._run: Run = session.run(lambda tick: self.prompt, blocks=None, seed=seed, start=start, **video_in)
         self._frames = self._run.frames()
+
+    @property
+    def video_in(self) -> VideoIn | None:
+        """The input part of a video-in stream (blocks taken from it, whether it has ended)."""
+        return getattr(self._run, "video_in", None)
 
     def set_prompt(self, prompt: str) -> None:
         """In-flight blocks take it at their next step (or, with the recache switch, at the next block)."""
@@ -162,12 +206,44 @@ class StreamingPipeline:
         return self.set_plan(schedule="cascade", offset=offset, context=context)
 
     @torch.no_grad()
-    def generate(self, prompt: str, *, blocks: int, seed: int = 0) -> Video:
-        """A finite video of `blocks` blocks (on a cascade, the frames arrive on the sink rank)."""
-        run = self.session.run(checked_prompt(prompt), blocks=blocks, seed=seed)
-        parts = [frames for _, frames in run.frames()]
+    def generate(
+        self,
+        prompt: str,
+        *,
+        blocks: int,
+        seed: int = 0,
+        image: Pixels | None = None,
+        video: Pixels | None = None,
+        include_start: bool = False,
+        video_in: Iterable | None = None,
+        strength: float = 0.6,
+    ) -> Video:
+        """A finite video of `blocks` new blocks (on a cascade, the frames arrive on the sink rank),
+        from noise or from a given `image` / `video` (see the module's docstring). `video_in`:
+        uint8 `[H, W, 3]` frames each block starts from, noised to `strength` (video-to-video)."""
+        start = start_latents(self.session, image, video)
+        v2v = {} if video_in is None else {"video_in": video_in, "strength": strength}
+        run = self.session.run(checked_prompt(prompt), blocks=blocks, seed=seed, start=start, **v2v)
+        parts = [frames for _, frames in run.frames(include_start=include_start)]
         frames = np.concatenate(parts) if parts else np.zeros((0, 0, 0, 3), np.uint8)
         return Video(frames, self.preset.stream.fps, run.stats)
 
-    def stream(self, prompt: str, *, seed: int = 0) -> Stream:
-        return Stream(self.session, prompt, seed)
+    def stream(
+        self,
+        prompt: str,
+        *,
+        seed: int = 0,
+        image: Pixels | None = None,
+        video: Pixels | None = None,
+        video_in: Iterable | None = None,
+        strength: float = 0.6,
+        wait_s: float | None = None,
+    ) -> Stream:
+        """An endless stream, from noise or from a given `image` / `video` (never re-emitted).
+        With `video_in` (an iterator of uint8 `[H, W, 3]` frames or a FrameFeed) each block starts
+        from the input's next frames noised to `strength` in (0, 1], and once the input ends the
+        stream goes on from the prompt. A feed waits `wait_s` for a block's frames before holding
+        the last picture (None: as long as it takes)."""
+        start = start_latents(self.session, image, video)
+        v2v = {} if video_in is None else {"video_in": video_in, "strength": strength, "wait_s": wait_s}
+        return Stream(self.session, prompt, seed, start, **v2v)

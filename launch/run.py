@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import torch
 
-from engine.config import Preset, SpeedConfig
+from engine.config import ConfigError, Preset, SpeedConfig
 from engine.loading import build_decoder
 from engine.plan.timeline import Tick
 from engine.runtime.outputs import Block, RunStats
@@ -60,11 +60,23 @@ class RankRun:
             self.decoder = build_decoder(preset, weights, device)
         self.run: Run | None = None
 
-    def blocks(self, prompt: str | Callable[[Tick], str], *, blocks: int | None, seed: int) -> Iterator[Block]:
+    def blocks(
+        self,
+        prompt: str | Callable[[Tick], str],
+        *,
+        blocks: int | None,
+        seed: int,
+        start: torch.Tensor | None = None,
+        **video_in,
+    ) -> Iterator[Block]:
         """This rank's finished blocks, in order: every block on the sink rank, none elsewhere.
-        `prompt(tick)` is called once per tick on every rank (live streams broadcast controls there)."""
+        `prompt(tick)` is called once per tick on every rank (live streams broadcast controls there).
+        `start`: clean latents the stream starts from (one process only, for now); `video_in`,
+        `strength`: video-to-video on one process (Session.run)."""
+        if video_in and (self.session is None or self.topology.distributed):
+            raise ConfigError("--video-in runs on one process (not under torchrun)")
         if self.session is not None:
-            self.run = self.session.run(prompt, blocks=blocks, seed=seed)
+            self.run = self.session.run(prompt, blocks=blocks, seed=seed, start=start, **video_in)
             return iter(self.run) if self.topology.is_decoder else _share_only(self.run)
         on_tick = prompt if callable(prompt) else (lambda tick: None)
         return decode_rank_plan(self.preset, self.topology, blocks, on_tick=on_tick)

@@ -124,5 +124,10 @@ class PatchDecoder:
         """Nothing to forget: every latent frame decodes on its own."""
 
     @torch.no_grad()
+    def encode(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 frames `[T, H, W, 3]` -> latents `[1, k, T, H/p, W/p]` (a stream's given start)."""
+        return self.codec.encode(frames, self.codec.basis.device)
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.codec.decode(latents)

@@ -1,6 +1,7 @@
 """What a model family is: one object that says how its network is built, seeded, loaded,
-conditioned on text, placed in time and space (rotary tables), counted (FLOPs) and probed by
-feature caching. Everything else in arcade asks the preset's family (`family_of`) instead of
+conditioned on text, placed in time and space (rotary tables), counted (FLOPs), probed by
+feature caching, and how given frames (an image, a clip) become the clean blocks a stream starts
+from (`encode_start`). Everything else in arcade asks the preset's family (`family_of`) instead of
 testing the family's name.
 
 A family's own module subclasses `Family`; engine/families/__init__.py registers it in one line.
@@ -11,9 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from engine.config import ModelConfig, Preset
+from engine.config import ModelConfig, Preset, VaeConfig
+from engine.devices import SetupError
+from engine.media import fit_frames
 from engine.models.magi_tokens import SpecialTokens
 from engine.weight_paths import WeightPaths
 
@@ -69,3 +73,34 @@ class Family:
     def first_layer(self, model, x: torch.Tensor, sigma: torch.Tensor, fps, text, view) -> torch.Tensor:
         """Layer 0's output on embedded tokens `x` `[B, N, dim]` with its real context `view`."""
         raise NotImplementedError(f"{self.name} models offer no first-layer signal")
+
+    def encode_start(self, preset: Preset, decoder, frames: np.ndarray, latent_frames: int) -> torch.Tensor:
+        """Given frames `[T, H, W, 3]` uint8 (any size) -> the clean latents `[1, C, P * F, h, w]`
+        a stream starts from: a whole number P >= 1 of blocks of F frames, at most `latent_frames`,
+        encoded by the family's own VAE (`decoder`, the session's). An image is a clip of one frame."""
+        raise SetupError(f"{self.name} streams cannot start from given frames yet (an image or a clip)")
+
+
+def start_pixels(vae: VaeConfig, frames: np.ndarray, frames_per_block: int, latent_frames: int) -> np.ndarray:
+    """The clip's last frames that encode to whole blocks: as many blocks as the clip holds, at
+    most `latent_frames` latent frames, at least one block. A clip shorter than one block (an
+    image) is held on its first frame at the front, so the block starts still and ends on the
+    clip's last frame; with a causal VAE the first latent frame is then the first frame's own."""
+    held = vae.latent_frames(len(frames))
+    blocks = max(1, min(held, latent_frames) // frames_per_block)
+    needed = vae.pixel_frames(blocks * frames_per_block)  # pixel frames of those latents
+    if len(frames) >= needed:
+        return frames[len(frames) - needed :]
+    return np.concatenate([np.repeat(frames[:1], needed - len(frames), axis=0), frames])
+
+
+def encode_whole_blocks(preset: Preset, decoder, frames: np.ndarray, latent_frames: int) -> torch.Tensor:
+    """`Family.encode_start` for a VAE with `encode(uint8 frames)` (Wan's, the demo's codec):
+    frames fitted to the stream's size (engine.media.fit_frames), cut or held to whole blocks."""
+    stream = preset.stream
+    fitted = fit_frames(frames, stream.height, stream.width)
+    latents = decoder.encode(start_pixels(preset.vae, fitted, stream.frames_per_block, latent_frames))
+    if latents.shape[2] % stream.frames_per_block:  # a VAE whose frame arithmetic differs from VaeConfig's
+        made, block = latents.shape[2], stream.frames_per_block
+        raise SetupError(f"{made} encoded latent frames are not whole {block}-frame blocks")
+    return latents.float()

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engine.config import Preset, WanConfig
-from engine.families.base import Family, TextEmbedding
+from engine.families.base import Family, TextEmbedding, encode_whole_blocks
 from engine.models.checkpoints.wan import load_weights
 from engine.models.flops import wan_forward_flops
 from engine.models.random_init import init_random_
@@ -51,6 +52,12 @@ class Wan(Family):
     def first_layer(self, model: WanModel, x: torch.Tensor, sigma: torch.Tensor, fps, text, view) -> torch.Tensor:
         _, e6 = model.time_modulation(sigma, fps)
         return model.blocks[0](x, e6, text.keys[0], text.values[0], 0, view)
+
+    def encode_start(self, preset: Preset, decoder, frames: np.ndarray, latent_frames: int) -> torch.Tensor:
+        """Wan's causal VAE (or the demo's patch codec) encodes the clip's last frames in one call;
+        an image is held still for the first block (its first latent frame is the image's own
+        latent, as Self-Forcing's and LongLive's image-to-video take it)."""
+        return encode_whole_blocks(preset, decoder, frames, latent_frames)
 
 
 WAN = Wan()

@@ -5,6 +5,8 @@ convolutions that keep the last frames of every layer in a feature cache, but it
 cache at the end of each call. Here the cache (`_feat_map`) lives in the decoder object across
 calls, so decoding a stream block by block gives exactly the frames of one decode of the whole
 latent video: the first latent frame gives 1 frame, every later one `temporal_stride` (4).
+`encode` goes the other way for a stream that starts from given frames (diffusers' encode, the
+distribution's mode, normalised as the latents the model makes).
 diffusers is imported only when a Wan VAE is built or loaded (the demo's codec needs none of it).
 """
 
@@ -103,6 +105,15 @@ class StreamingDecoder:
         self._frames_seen = 0
 
     @torch.no_grad()
+    def encode(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 frames `[T, H, W, 3]` -> normalised latents `[1, C, 1 + (T - 1) / 4, H / 8, W / 8]`
+        (one encode of the whole clip: its first frame gives the first latent frame alone)."""
+        param = next(self.vae.parameters())
+        pixels = from_uint8(frames).to(param.device, param.dtype)
+        z = self.vae.encode(pixels).latent_dist.mode().float()
+        return (z - self.mean) / self.std
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         param = next(self.vae.parameters())
         z = (latents.float() * self.std + self.mean).to(param.dtype)  # undo the latent normalisation
@@ -116,6 +127,13 @@ class StreamingDecoder:
             )
             self._frames_seen += 1
         return torch.cat(frames, dim=2).float().clamp(-1.0, 1.0)
+
+
+def from_uint8(frames: np.ndarray) -> torch.Tensor:
+    """`[T, H, W, 3]` uint8 -> `[1, 3, T, H, W]` float32 in [-1, 1] (x / 127.5 - 1, as diffusers'
+    video processor)."""
+    pixels = torch.from_numpy(np.ascontiguousarray(frames)).float() / 127.5 - 1.0
+    return pixels.permute(3, 0, 1, 2)[None]
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:

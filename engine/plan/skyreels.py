@@ -30,20 +30,25 @@ class Segment:
 
 
 def plan_segments(
-    total_frames: int, segment_frames: int | None, overlap_frames: int, block_frames: int
+    total_frames: int, segment_frames: int | None, overlap_frames: int, block_frames: int, given_frames: int = 0
 ) -> list[Segment]:
-    """The segments of a `total_frames` video (latent frames)."""
+    """The segments of a `total_frames` video (latent frames), whose first `given_frames` are a
+    given clip's encoded end (video-to-video: the first segment's clean prefix, as diffusers'
+    `SkyReelsV2DiffusionForcingVideoToVideoPipeline` counts them in its `num_frames`)."""
     segment_frames = segment_frames or total_frames
-    for name, value in (("total", total_frames), ("segment", segment_frames), ("overlap", overlap_frames)):
+    sizes = {"total": total_frames, "segment": segment_frames, "overlap": overlap_frames, "given": given_frames}
+    for name, value in sizes.items():
         if value % block_frames:
             raise ConfigError(f"{name} latent frames ({value}) must be a whole number of {block_frames}-frame blocks")
+    if not 0 <= given_frames < min(total_frames, segment_frames):
+        raise ConfigError(f"a given start of {given_frames} latent frames leaves no new frame in its segment")
     if total_frames <= segment_frames:
-        return [Segment(0, 0, total_frames, 0, 0)]
+        return [Segment(0, 0, total_frames, given_frames, given_frames)]
     if not 0 < overlap_frames < segment_frames:
         raise ConfigError(
             f"overlap ({overlap_frames}) must lie in (0, segment frames {segment_frames}) for long videos"
         )
-    segments, done = [Segment(0, 0, segment_frames, 0, 0)], segment_frames
+    segments, done = [Segment(0, 0, segment_frames, given_frames, given_frames)], segment_frames
     while done < total_frames:
         frames = min(total_frames - done + overlap_frames, segment_frames)
         segments.append(Segment(len(segments), done - overlap_frames, frames, overlap_frames, overlap_frames))

@@ -14,14 +14,21 @@ know a block's last step without asking the plan. Commits stay in block order: a
 earlier than its plan allows (after the previous commit in a sequential plan, `offset` ticks after
 the previous start in a pyramid) and late enough that its commit follows its predecessor's. With
 one schedule throughout it yields exactly `sequential` / `pyramid` (tests/plan/test_steps.py).
+
+Video in (video-to-video) uses the same plan: `from_strength(schedule, S)` is the schedule of a
+block that starts from an input block noised to sigma S (the plan's steps below S run, the first
+of them from S), and `Adjustable(..., choose=)` asks, as each block may start, which schedule it
+takes: the strength schedule while input frames last, the plan's own after (engine/runtime/video_in.py).
+`num_blocks` makes the plan finite: no block starts past it, and it ends once the last commits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from engine.config import ConfigError, SamplingConfig
-from engine.plan.sigmas import Schedule, build_schedule
+from engine.plan.sigmas import TRAIN_TIMESTEPS, Schedule, build_schedule
 from engine.plan.timeline import Tick, make_work
 
 
@@ -47,16 +54,44 @@ def fewer_steps(sampling: SamplingConfig, steps: int) -> Schedule:
     return build_schedule(dataclasses.replace(sampling, timesteps=subset(sampling.timesteps, steps)))
 
 
+def from_strength(schedule: Schedule, strength: float) -> Schedule:
+    """The steps of a block that starts from clean latents noised to sigma `strength` in (0, 1]:
+    a first step from `strength` (the network told 1000 * strength), then the schedule's own steps
+    below it. At or above the schedule's first sigma it is `schedule` itself (text-to-video)."""
+    if not 0.0 < strength <= 1.0:
+        raise ConfigError(f"strength must lie in (0, 1], got {strength}")
+    if strength >= schedule.sigmas[0]:
+        return schedule
+    below = [i for i in range(schedule.steps) if schedule.sigmas[i] < strength]
+    sigmas = (strength, *(schedule.sigmas[i] for i in below), 0.0)
+    model_t = (TRAIN_TIMESTEPS * strength, *(schedule.model_t[i] for i in below))
+    return dataclasses.replace(schedule, sigmas=sigmas, model_t=model_t)
+
+
 class Adjustable:
     """An endless plan (offset None: sequential) whose blocks may take different step counts."""
 
-    def __init__(self, schedule: Schedule, offset: int | None, window_blocks: int | None = None):
+    def __init__(
+        self,
+        schedule: Schedule,
+        offset: int | None,
+        window_blocks: int | None = None,
+        pre_ready: int = 0,
+        *,
+        num_blocks: int | None = None,
+        choose: Callable[[int], Schedule | None] | None = None,
+    ):
+        """`choose(b)`: block b's schedule, asked (maybe more than once) while b waits to start;
+        None (or its answer None): `schedule`, as `set_schedule` last set it. `num_blocks`
+        counts the `pre_ready` ones."""
         if offset is not None and offset <= 0:
             raise ValueError("an endless pyramid needs offset > 0")
         self.schedule, self.offset, self.window_blocks = schedule, offset, window_blocks
-        self.flight: list[tuple[int, int, Schedule]] = []
-        """(block, start tick, schedule) of the blocks started and not yet committed, in order."""
-        self.next_block, self.tick = 0, 0
+        self.num_blocks, self.choose = num_blocks, choose
+        self.flight: list[tuple[int, int, Schedule]] = [(b, -schedule.steps, schedule) for b in range(pre_ready)]
+        """(block, start tick, schedule) of the blocks started and not yet committed, in order
+        (`pre_ready` clean start blocks: as if started S ticks ago, so they commit at tick 0)."""
+        self.next_block, self.tick = pre_ready, 0
         self.earliest = 0
         """The plan's own earliest start of the next block (before the commit-order rule)."""
         self.last_commit = -1
@@ -70,19 +105,27 @@ class Adjustable:
 
     def __next__(self) -> Tick:
         tick = self.tick
-        if tick >= self.earliest and tick + self.schedule.steps > self.last_commit:
-            self._start(tick)
+        if self.num_blocks is None or self.next_block < self.num_blocks:
+            if tick >= self.earliest and tick + self._upcoming().steps > self.last_commit:
+                self._start(tick)
+        if not self.flight:
+            raise StopIteration  # only a finite plan runs out
         work = [make_work(schedule, block, tick - start) for block, start, schedule in self.flight]
-        if self.flight and work[0].commit:
-            self.flight.pop(0)
+        while self.flight and tick - self.flight[0][1] == self.flight[0][2].steps:
+            self.flight.pop(0)  # committing this tick (a given start's blocks all at tick 0)
         end = work[-1].block + 1
         begin = 0 if self.window_blocks is None else max(0, end - self.window_blocks)
         self.tick += 1
         return Tick(tick, tuple(work), (begin, end))
 
+    def _upcoming(self) -> Schedule:
+        chosen = None if self.choose is None else self.choose(self.next_block)
+        return self.schedule if chosen is None else chosen
+
     def _start(self, tick: int) -> None:
-        steps = self.schedule.steps
-        self.flight.append((self.next_block, tick, self.schedule))
+        schedule = self._upcoming()
+        steps = schedule.steps
+        self.flight.append((self.next_block, tick, schedule))
         self.next_block += 1
         self.last_commit = tick + steps
         self.earliest = tick + steps + 1 if self.offset is None else tick + self.offset

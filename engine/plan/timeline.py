@@ -112,16 +112,18 @@ def pyramid(
 
 
 def sequential(
-    schedule: Schedule, *, num_blocks: int | None = None, window_blocks: int | None = None
+    schedule: Schedule, *, num_blocks: int | None = None, window_blocks: int | None = None, pre_ready: int = 0
 ) -> Iterator[Tick]:
-    """Self-Forcing's loop: each block runs all its steps and its commit before the next starts."""
-    return pyramid(schedule, offset=schedule.steps + 1, num_blocks=num_blocks, window_blocks=window_blocks)
+    """Self-Forcing's loop: each block runs all its steps and its commit before the next starts
+    (clean prefix blocks commit at tick 0, beside the first new block's first step)."""
+    steps = schedule.steps + 1
+    return pyramid(schedule, offset=steps, num_blocks=num_blocks, window_blocks=window_blocks, pre_ready=pre_ready)
 
 
 def blocks_per_tick(schedule: Schedule, offset: int | None, num_blocks: int | None, prefix_blocks: int = 0) -> int:
     """Most blocks one forward can hold under a plan: sizes the KV cache's scratch."""
-    if offset is None:  # sequential
-        return 1
+    if offset is None:  # sequential: the prefix's commits beside the first block's first step
+        return prefix_blocks + 1 if prefix_blocks else 1
     if offset == 0:
         if num_blocks is None:
             raise ConfigError("a synchronous plan (offset 0) needs a finite number of blocks")

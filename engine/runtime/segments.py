@@ -20,9 +20,11 @@ def run_segments(
     offset: int,
     block_frames: int,
     initial: Callable[[int], torch.Tensor] | None = None,
+    history: dict[int, torch.Tensor] | None = None,
 ) -> Iterator[Block]:
-    """Run each segment's matrix plan; yield new blocks with absolute indices, in order."""
-    history: dict[int, torch.Tensor] = {}  # absolute block -> clean latents (only the overlap is kept)
+    """Run each segment's matrix plan; yield new blocks with absolute indices, in order.
+    `history`: clean latents of given first blocks (the first segment's prefix)."""
+    history = dict(history or {})  # absolute block -> clean latents (only the overlap is kept)
     for segment in segments:
         executor = make_executor(segment)
         first_block = segment.first_frame // block_frames

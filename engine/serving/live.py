@@ -179,8 +179,10 @@ class LiveStream:
 
 # -- many sessions: one manager, driven by one thread ----------------------------------------------
 
-SESSION_OPS = ("open", "join", "set_prompt", "pause", "resume", "viewer_left", "viewer_returned", "close")
-"""What the server may ask of a session manager (engine/serving/sessions.py); nothing else is called."""
+SESSION_OPS = ("open", "join", "set_prompt", "pause", "resume", "viewer_left", "viewer_returned", "close",
+               "start_from", "video_in")  # fmt: skip
+"""What the server may ask of a session manager (engine/serving/sessions.py); nothing else is called.
+`video_in` hands over a live source object: only a replica in the serving process takes it."""
 
 
 class SessionHost(Protocol):
@@ -269,7 +271,7 @@ class SessionDesk:
         return blocks, {s: [self.versions.get(s, 0)] * len(v) for s, v in blocks.items()}
 
     def _answer(self, request: Request) -> dict:
-        if request.op not in SESSION_OPS:
+        if request.op not in SESSION_OPS or not hasattr(self.manager, request.op):
             return {"error": f"unknown operation {request.op!r}"}
         try:
             answer = plain(getattr(self.manager, request.op)(*request.args))

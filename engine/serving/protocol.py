@@ -33,6 +33,18 @@ when not null, is the frame rate the viewer would get if admitted now anyway: it
 connecting again with `/ws?accept=1` (and its ticket). A session that ends (its replica failed,
 no viewer for longer than the grace period) sends {"type": "ended", "reason": ...} and closes.
 Server-wide stats: `GET /stats` (JSON) and `GET /metrics` (Prometheus text format, `prometheus`).
+
+Start from pixels (sessions only): one binary message, UPLOAD_MAGIC (b"ARCU") followed by an
+image or clip file of at most MAX_UPLOAD_BYTES, restarts the viewer's session from it (its frames
+become the stream's first blocks, engine/serving/sessions.py `start_from`). The type is read from
+the content, never a name; the answer is {"type": "ack", "of": "start", "blocks": N} or one
+{"type": "error", ...} to that viewer only (too large, another type, corrupt, a shared stream).
+
+Video in from a clip (sessions only): one binary message, VIDEO_IN_MAGIC (b"ARCV"), the strength
+as a float32 little-endian in (0, 1], then a clip file under the same limits and checks as an
+upload. From its next block the viewer's session restyles the clip under its prompt (each block
+starts from the clip's next frames noised to the strength), then goes on from the prompt once the
+clip ends. The answer is {"type": "ack", "of": "video_in", "frames": N, "strength": S} or one error.
 """
 
 from __future__ import annotations
@@ -44,6 +56,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from engine.media import MediaError, sniff
 
 MAGIC = b"ARC1"
 HEADER = struct.Struct("<4sIdI")  # magic, frame index, timestamp, prompt version
@@ -226,3 +240,48 @@ def _number(value: object) -> float | None:
 
 def _metric(name: str) -> str:
     return "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+
+
+# -- start from pixels: an uploaded image or clip ------------------------------------------------
+
+UPLOAD_MAGIC = b"ARCU"
+MAX_UPLOAD_BYTES = 4 * 2**20
+"""An upload's file (4 MiB): a photo, or a few seconds of video; frames past engine/media's limits
+are refused too."""
+
+
+def is_upload(message: str | bytes) -> bool:
+    return isinstance(message, bytes) and message[:4] == UPLOAD_MAGIC
+
+
+VIDEO_IN_MAGIC = b"ARCV"
+VIDEO_IN_HEADER = struct.Struct("<4sf")  # magic, strength
+
+
+def is_video_in(message: str | bytes) -> bool:
+    return isinstance(message, bytes) and message[:4] == VIDEO_IN_MAGIC
+
+
+def video_in_upload(message: bytes, limit: int = MAX_UPLOAD_BYTES) -> tuple[float, bytes]:
+    """(strength, clip file) of a video-in message, checked as an upload; else ProtocolError."""
+    if len(message) < VIDEO_IN_HEADER.size:
+        raise ProtocolError("a video-in upload is b'ARCV', a float32 strength, then the clip")
+    _, strength = VIDEO_IN_HEADER.unpack_from(message)
+    if not 0.0 < strength <= 1.0:  # NaN fails too
+        raise ProtocolError(f"video-in strength must lie in (0, 1], got {strength:g}")
+    return strength, upload_file(UPLOAD_MAGIC + message[VIDEO_IN_HEADER.size :], limit)
+
+
+def upload_file(message: bytes, limit: int = MAX_UPLOAD_BYTES) -> bytes:
+    """The file an upload message carries, if its size and first bytes are acceptable; else
+    ProtocolError (one line). Decoding is left to engine/media."""
+    data = message[len(UPLOAD_MAGIC) :]
+    if not data:
+        raise ProtocolError("an upload needs a file after its 4-byte header")
+    if len(data) > limit:
+        raise ProtocolError(f"upload of {len(data) / 2**20:.1f} MiB is over the limit of {limit / 2**20:.1f} MiB")
+    try:
+        sniff(data)
+    except MediaError as err:
+        raise ProtocolError(f"upload: {err}") from None
+    return data

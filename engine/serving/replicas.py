@@ -174,6 +174,13 @@ class RemoteReplica(Replica):
         super().__init__(index, name or f"replica {index} (rank {rank})")
         self.channel = channel
 
+    def submit(self, op: str, *args) -> Future:
+        if op == "video_in":  # a live source is an object of this process: it cannot travel
+            future: Future = Future()
+            future.set_result({"error": f"{self.name} runs on another rank: video in needs a replica in this process"})
+            return future
+        return super().submit(op, *args)
+
     def exchange(self, requests: list[Request]) -> Cycle:
         self.channel.send(encode({"requests": [[r.ticket, r.op, list(r.args)] for r in requests]}))
         header, blobs = decode(self.channel.recv())

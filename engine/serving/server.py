@@ -14,6 +14,7 @@ only requests that name the server by an address or localhost are answered (DNS 
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import json
 import os
@@ -34,21 +35,28 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
+from engine.media import MediaError, MediaLimits, load_media
 from engine.serving.access import AccessPolicy, parse_origin
 from engine.serving.controls import Controls
 from engine.serving.live import Stats
 from engine.serving.lobby import Lobby, Refusal, Watched
 from engine.serving.protocol import (
     MAX_MESSAGE_BYTES,
+    MAX_UPLOAD_BYTES,
     PROMETHEUS_TYPE,
     SIGNALS,
+    UPLOAD_MAGIC,
     Control,
     ProtocolError,
     close_reason,
     encode_frame,
+    is_upload,
+    is_video_in,
     parse_control,
     prometheus,
     reply,
+    upload_file,
+    video_in_upload,
 )
 from engine.serving.webrtc import AIORTC, Broadcast, FrameInfo, Peer, SignalError, announce_encoder, choose_encoder
 
@@ -217,6 +225,8 @@ class StreamServer:
         self.loop = asyncio.new_event_loop()
         self.hub = Hub(self.loop, fps)
         self.lobby: Lobby | None = None
+        self.media_limits = MediaLimits(max_bytes=MAX_UPLOAD_BYTES)
+        """What an upload may be (sessions only): its file's bytes, frame size and frames."""
         self.ready = threading.Event()
         self.address: tuple[str, int] | None = None
         self._error: BaseException | None = None
@@ -266,12 +276,19 @@ class StreamServer:
     async def _serve(self) -> None:
         self._stop = self.loop.create_future()
         async with serve(
-            self._handle, self.host, self.port, process_request=self._route, max_size=CLOSE_ABOVE_BYTES,
+            self._handle, self.host, self.port, process_request=self._route, max_size=self._max_message_bytes(),
             compression=None, close_timeout=CLOSE_TIMEOUT_S,
         ) as server:  # fmt: skip
             self.address = server.sockets[0].getsockname()[:2]
             self.ready.set()
             await self._stop
+
+    def _max_message_bytes(self) -> int:
+        """Over this a message closes the connection (1009). Sessions take uploads: up to twice
+        their limit still gets a one-line error (a shared stream keeps CLOSE_ABOVE_BYTES)."""
+        if self.lobby is None:
+            return CLOSE_ABOVE_BYTES
+        return max(CLOSE_ABOVE_BYTES, 2 * (self.media_limits.max_bytes + len(UPLOAD_MAGIC)))
 
     # -- HTTP ----------------------------------------------------------------------------------
 
@@ -404,6 +421,10 @@ class StreamServer:
             pass
 
     async def _answer(self, message: str | bytes, viewer: Viewer) -> str:
+        if is_upload(message):
+            return await self._upload_answer(message, viewer)
+        if is_video_in(message):
+            return await self._video_in_answer(message, viewer)
         try:
             control = parse_control(message)
         except ProtocolError as err:
@@ -418,6 +439,36 @@ class StreamServer:
             return self._prompt_ack(self.controls.request_prompt(control.text), control.text)
         self.controls.set_paused(control.type == "pause")
         return reply("ack", of=control.type)
+
+    async def _upload_answer(self, message: bytes, viewer: Viewer) -> str:
+        """Restart the viewer's own session from an uploaded image or clip (protocol.py's upload):
+        checked here, off the event loop, before any replica sees it; errors go to this viewer."""
+        if viewer.session is None:
+            return reply("error", error="a shared stream cannot start from an upload (each viewer's session can)")
+        try:
+            data = upload_file(message, self.media_limits.max_bytes)
+            await asyncio.to_thread(load_media, data, self.media_limits)
+        except (ProtocolError, MediaError) as err:
+            return reply("error", error=str(err))
+        answer = await self.lobby.control(viewer.session, "start_from", base64.b64encode(data).decode("ascii"))
+        return reply("error", error=answer["error"]) if "error" in answer else reply("ack", of="start", **answer["ok"])
+
+    async def _video_in_answer(self, message: bytes, viewer: Viewer) -> str:
+        """The viewer's session restyles an uploaded clip (protocol.py's video-in message): checked
+        and decoded here, off the event loop, within the upload limits; errors go to this viewer."""
+        if viewer.session is None:
+            return reply("error", error="a shared stream cannot take video in (each viewer's session can)")
+        try:
+            strength, data = video_in_upload(message, self.media_limits.max_bytes)
+            media = await asyncio.to_thread(load_media, data, self.media_limits)
+        except (ProtocolError, MediaError) as err:
+            return reply("error", error=str(err))
+        if media.is_image:
+            return reply("error", error="video in takes a clip, not an image (an image starts a stream: b'ARCU')")
+        answer = await self.lobby.control(viewer.session, "video_in", iter(media.frames), strength)
+        if "error" in answer:
+            return reply("error", error=answer["error"])
+        return reply("ack", of="video_in", frames=len(media.frames), strength=round(strength, 4))
 
     def _prompt_ack(self, version: int, text: str) -> str:
         """The ack of an accepted prompt: its version, the text as accepted, the words the model ignores."""

@@ -23,6 +23,12 @@ part per round, or fewer denoising steps for a few-step model, set on its plan
 (engine/plan/steps.py: blocks that start from then on take that many steps). Steps change only
 for a session on one process (its executor places every block locally).
 
+Video in: `video_in(id, source, strength)` plugs a source (a `FrameFeed` a camera pushes into, or
+any iterator of uint8 `[H, W, 3]` frames) into a running session: from its next block on, each
+block starts from the source's newest frames noised to `strength` (engine/runtime/video_in.py);
+the round never waits for a feed (a stalled one holds its last picture), and once the source ends
+the session goes on from its prompt. `video_in(id, None)` unplugs it. Sessions on one process only.
+
 Admission: a viewer beyond what the measured speed keeps at the floor's fidelity is refused with
 the frame rate it would get if admitted all the same (`Refused.offer_fps`, every session sharing
 the rounds); `open(..., accept=True)` takes it. A refusal without an offer is the last resort
@@ -41,6 +47,7 @@ goes to the group's other ranks, which step their share of the same sessions in 
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 import secrets
@@ -52,6 +59,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.config import CacheConfig, ConfigError
+from engine.devices import SetupError
+from engine.media import MediaLimits, load_media
 from engine.models.vae import to_uint8
 from engine.plan.sigmas import Schedule
 from engine.plan.steps import Adjustable, fewer_steps, step_choices
@@ -60,6 +69,7 @@ from engine.runtime.coalesce import step_together
 from engine.runtime.executor import Executor
 from engine.runtime.placement import Local
 from engine.runtime.session import Session
+from engine.runtime.video_in import InputSlot
 from engine.sampling.noise import NoiseSource
 from engine.serving.group import Outbox
 from engine.serving.scheduler import (
@@ -161,6 +171,8 @@ class Live:
     """(time, frames) of recent blocks, for its FPS."""
     prompt_log: list = field(default_factory=list)
     """(tick index, prompt) of every prompt it ran under, first at tick 0."""
+    slot: InputSlot | None = None
+    """Where video in plugs in (None on a rank group: sessions there take none)."""
 
     @property
     def wants_ticks(self) -> bool:
@@ -174,8 +186,10 @@ class SessionManager:
         limits: Limits,
         clock: Callable[[], float] = time.monotonic,
         outbox: Outbox | None = None,
+        media_limits: MediaLimits | None = None,
     ):
-        """`outbox`: on a rank group's leader, where the group's other ranks hear of every round."""
+        """`outbox`: on a rank group's leader, where the group's other ranks hear of every round.
+        `media_limits`: what `start_from` accepts (engine/media's defaults)."""
         plan = session.preset.plan
         if plan.schedule == "skyreels":
             raise ConfigError("sessions run endless plans (sequential, pyramid): the skyreels schedule is finite")
@@ -185,6 +199,7 @@ class SessionManager:
             # threshold 0 is exactly no caching; the scheduler raises it per session and round
             session = session.reconfigured(dataclasses.replace(session.preset, cache=CacheConfig(policy="flowcache")))
         self.session, self.limits, self.clock, self.outbox = session, limits, clock, outbox
+        self.media_limits = media_limits or MediaLimits()
         self.schedules: dict[int, Schedule] = {
             rung.steps: fewer_steps(session.preset.sampling, rung.steps) for rung in limits.levels if rung.steps
         }  # fmt: skip
@@ -278,29 +293,42 @@ class SessionManager:
         return admission(running=running, kv_in_use=self.kv_bytes, kv_per_session=self.kv_per_session,
                          capacity=capacity, limits=self.limits)  # fmt: skip
 
-    def _executor(self, seed: int) -> Executor:
-        executor = self.session.executors(NoiseSource(seed), blocks_in_forward=self.in_forward)
-        executor.start()
+    def _executor(self, seed: int, prefix: dict | None = None) -> Executor:
+        in_forward = max(self.in_forward, len(prefix or ()) + 1)  # a start's commits beside the first block
+        executor = self.session.executors(NoiseSource(seed), blocks_in_forward=in_forward)
+        executor.start(prefix=prefix)
         return executor
 
-    def _plan(self):
-        """The session's endless plan: one whose step count can change when the ladder has step rungs."""
-        if not self.schedules:
-            return self.session.plan(None)
+    def _plan(self, pre_ready: int = 0, slot: InputSlot | None = None):
+        """The session's endless plan: one whose step count can change when the ladder has step
+        rungs, and whose blocks' schedules a video-in slot chooses."""
+        if not self.schedules and slot is None:
+            return self.session.plan(None, pre_ready=pre_ready)
         plan, stream = self.session.preset.plan, self.session.preset.stream
         offset = None if plan.schedule == "sequential" else plan.offset
-        return Adjustable(self.session.schedule, offset, stream.window_frames // stream.frames_per_block)
+        window = stream.window_frames // stream.frames_per_block
+        return Adjustable(self.session.schedule, offset, window, pre_ready, choose=slot and slot.schedule_for)
 
     def new_stream(self, seed: int) -> tuple[Executor, object]:
         """A session's executor and endless plan (the leader's and its followers' alike)."""
         return self._executor(seed), self._plan()
 
+    def _slotted_stream(self, seed: int, prefix: dict | None = None) -> tuple[Executor, object, InputSlot | None]:
+        """`new_stream` (after a given start's `prefix` blocks), with a slot for video in when the
+        manager runs on one process."""
+        executor = self._executor(seed, prefix)
+        if self.outbox is not None:
+            return executor, self._plan(len(prefix or ())), None
+        slot = InputSlot(executor)
+        executor.start(initial=slot.initial, prefix=prefix)
+        return executor, self._plan(len(prefix or ()), slot), slot
+
     def _start(self, prompt: str, seed: int, now: float) -> Live:
-        executor, ticks = self.new_stream(seed)
+        executor, ticks, slot = self._slotted_stream(seed)
         decoder = copy.copy(self.session.decoder)  # shares the weights; its own causal state
         decoder.reset()
         live = Live(secrets.token_urlsafe(6), seed, prompt, self.session.prompts.conditioning(prompt),
-                    executor, decoder, ticks, next(ticks), Playout(self.fps), now)  # fmt: skip
+                    executor, decoder, ticks, next(ticks), Playout(self.fps), now, slot=slot)  # fmt: skip
         live.prompt_log.append((0, prompt))
         self._tell("open", live.id, seed, prompt)
         return live
@@ -338,6 +366,43 @@ class SessionManager:
         self._tell("prompt", sid, prompt)
         del live.prompt_log[1:-PROMPT_LOG]
         return live.version
+
+    def video_in(self, sid: str, source, strength: float = 0.6) -> dict:
+        """Plug `source` (a FrameFeed, or an iterator of uint8 `[H, W, 3]` frames; None unplugs)
+        into the session: blocks that start from now on take its frames, noised to `strength`."""
+        live = self._get(sid)
+        if live.slot is None:
+            raise ConfigError("video in runs on sessions of one process, not on a rank group")
+        video = None if source is None else self.session.video_input(source, strength, live.executor.noise, 0.0)
+        live.slot.video = video
+        return {"strength": None if video is None else video.strength}
+
+    def start_from(self, sid: str, upload: str) -> dict:
+        """Restart the session's stream from an uploaded image or clip (`upload`: the file's bytes
+        in base64, checked by engine/media): its frames, encoded by the family's VAE, become the
+        stream's first blocks and the session goes on from them under its prompt and seed. The
+        viewer's video goes on (its frame count too); what came before is dropped."""
+        live = self._get(sid)
+        if self.outbox is not None:
+            raise SessionError("a session on a rank group cannot start from an upload yet; use one-process replicas")
+        if live.state == "suspended":
+            raise SessionError("the session is suspended: resume it before starting it from an upload")
+        try:
+            data = base64.b64decode(upload, validate=True)
+        except (ValueError, TypeError) as err:
+            raise SessionError("an upload must be base64 text") from err
+        try:
+            start = self.session.encode_start(load_media(data, self.media_limits).frames)
+        except SetupError as err:  # a family without an encoder for given frames (yet)
+            raise SessionError(str(err)) from None
+        prefix = self.session.start_blocks(start)
+        live.executor, live.ticks, live.slot = self._slotted_stream(live.seed, prefix)  # video in unplugged
+        live.next_tick = next(live.ticks)
+        self.set_steps(live.ticks, self.limits.levels[live.rung].steps)
+        live.decoder.reset()
+        live.decoder.decode(start)  # a causal decoder goes on from the given frames
+        live.prompt_log = [(0, live.prompt)]
+        return {"blocks": len(prefix), "latent_frames": int(start.shape[2])}
 
     def pause(self, sid: str) -> None:
         live = self._get(sid)
@@ -543,6 +608,7 @@ class SessionManager:
             "fps": round(_rate(live.recent, now), 2), "frames": live.frames,
             "first_frame_s": None if playout.first_at is None else round(playout.first_at - live.opened_at, 3),
             "most_waited_rounds": live.most_waited,
+            "video_in": None if live.slot is None or live.slot.video is None else live.slot.video.stats(),
         }  # fmt: skip
 
     def server_stats(self) -> dict:

@@ -5,14 +5,17 @@ pytest tests/models/test_skyreels.py
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (
     AutoencoderKLWan,
     SkyReelsV2DiffusionForcingPipeline,
+    SkyReelsV2DiffusionForcingVideoToVideoPipeline,
     SkyReelsV2Transformer3DModel,
     UniPCMultistepScheduler,
 )
+from PIL import Image
 from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from engine.config import ConfigError, PlanConfig
@@ -20,6 +23,7 @@ from engine.models.attention import LocalView
 from engine.models.checkpoints.wan import CheckpointError, load_weights
 from engine.models.rope import Rope
 from engine.models.text_encoder import TextEncoder
+from engine.models.vae import StreamingDecoder
 from engine.models.wan import WanModel
 from engine.plan.skyreels import plan_segments
 from engine.weight_paths import WeightPaths
@@ -116,16 +120,20 @@ def test_released_layouts_load(reference, tmp_path):
         _ours(native)
 
 
-def _run_diffusers(pipe, latent_frames, ar_step, block, segment=None, overlap=None):
-    """Latents from diffusers' pipeline. Its `latents=` argument is broken in diffusers 0.42
-    (prepare_latents returns one tensor where four values are unpacked), so the noise comes from
-    a seeded generator that we replay on our side."""
+def _run_diffusers(pipe, latent_frames, ar_step, block, segment=None, overlap=None, video=None):
+    """Latents from diffusers' pipeline (its video-to-video pipeline when given `video`). Its
+    `latents=` argument is broken in diffusers 0.42 (prepare_latents returns one tensor where four
+    values are unpacked), so the noise comes from a seeded generator that we replay on our side."""
     kwargs = {}
     if segment is not None:
         kwargs = dict(base_num_frames=(segment - 1) * 4 + 1, overlap_history=(overlap - 1) * 4 + 1)
+    if video is not None:
+        pipe = SkyReelsV2DiffusionForcingVideoToVideoPipeline(**pipe.components)
+        pipe.set_progress_bar_config(disable=True)
+        kwargs["video"] = [Image.fromarray(frame) for frame in video]
     pipe.transformer.register_to_config(num_frame_per_block=1)
     return pipe(
-        PROMPT,
+        prompt=PROMPT,
         negative_prompt="",
         height=64,
         width=64,
@@ -142,10 +150,10 @@ def _run_diffusers(pipe, latent_frames, ar_step, block, segment=None, overlap=No
     ).frames
 
 
-def _replayed_noise(latent_frames, frames_per_block, segment=None, overlap=None) -> dict:
+def _replayed_noise(latent_frames, frames_per_block, segment=None, overlap=None, given=0) -> dict:
     """Block -> starting noise, drawn in the order diffusers draws it (one tensor per segment)."""
     generator = torch.Generator().manual_seed(1)
-    segments = plan_segments(latent_frames, segment, overlap or 0, frames_per_block)
+    segments = plan_segments(latent_frames, segment, overlap or 0, frames_per_block, given)
     noise = {}
     for seg in segments:
         draw = torch.randn(1, 4, seg.frames, 8, 8, generator=generator)
@@ -156,7 +164,7 @@ def _replayed_noise(latent_frames, frames_per_block, segment=None, overlap=None)
     return noise
 
 
-def _run_ours(pipe, folder, latent_frames, ar_step, block, compute, segment=None, overlap=None):
+def _session(pipe, folder, ar_step, block, compute, segment=None, overlap=None):
     frames_per_block = block or 1
     preset = dataclasses.replace(
         TINY_SKYREELS,
@@ -171,8 +179,15 @@ def _run_ours(pipe, folder, latent_frames, ar_step, block, compute, segment=None
             overlap_frames=overlap or 0,
         ),
     )
-    pipeline = build_session(preset, WeightPaths(checkpoint=folder), torch.device("cpu"), torch.float32)
-    pipeline.prompts.encoder = TextEncoder(pipe.tokenizer, pipe.text_encoder, TEXT_LEN, "cpu")
+    session = build_session(preset, WeightPaths(checkpoint=folder), torch.device("cpu"), torch.float32)
+    session.prompts.encoder = TextEncoder(pipe.tokenizer, pipe.text_encoder, TEXT_LEN, "cpu")
+    session.decoder = StreamingDecoder(pipe.vae, TINY_SKYREELS.vae)
+    return session
+
+
+def _run_ours(pipe, folder, latent_frames, ar_step, block, compute, segment=None, overlap=None):
+    frames_per_block = block or 1
+    pipeline = _session(pipe, folder, ar_step, block, compute, segment, overlap)
     noise = _replayed_noise(latent_frames, frames_per_block, segment, overlap)
     blocks = pipeline.run(PROMPT, blocks=latent_frames // frames_per_block, seed=0, initial=noise.__getitem__)
     return torch.cat([b.latents for b in blocks], dim=2)
@@ -195,6 +210,33 @@ def test_generation_matches_diffusers_pipeline(reference, case):
     expected = _run_diffusers(pipe, frames, ar_step, block, segment, overlap)
     actual = _run_ours(pipe, folder, frames, ar_step, block, compute, segment, overlap)
     assert_close(actual, expected, 1e-5, f"latents, {case}")
+
+
+VIDEO_TO_VIDEO = [
+    # (new latent frames, ar_step, causal_block_size, compute, segment, overlap): the given clip's
+    # last (overlap - 1) * 4 + 1 frames encoded to `overlap` latents, the first segment's prefix
+    (6, 2, 2, "window", 8, 2),  # one segment: prefix + 6 new frames
+    (10, 1, 2, "selective", 8, 2),  # two segments, through the KV cache
+]
+
+
+@pytest.mark.parametrize("case", VIDEO_TO_VIDEO, ids=lambda c: "-".join(str(v) for v in c))
+def test_video_continuation_matches_diffusers_video_to_video(reference, case):
+    """A given clip's end, encoded by the Wan VAE and kept clean, as diffusers'
+    SkyReelsV2DiffusionForcingVideoToVideoPipeline does; its latents include the prefix, ours
+    are the new frames only."""
+    new, ar_step, block, compute, segment, overlap = case
+    pipe, folder = reference
+    clip = np.random.default_rng(2).integers(0, 256, (11, 64, 64, 3), dtype=np.uint8)
+    expected = _run_diffusers(pipe, overlap + new, ar_step, block, segment, overlap, video=clip)
+    session = _session(pipe, folder, ar_step, block, compute, segment, overlap)
+    start = session.encode_start(clip)
+    assert start.shape[2] == overlap
+    assert_close(start, expected[:, :, :overlap], 1e-5, "the encoded prefix")
+    noise = _replayed_noise(overlap + new, block, segment, overlap, given=overlap)
+    blocks = session.run(PROMPT, blocks=new // block, seed=0, initial=noise.__getitem__, start=start)
+    actual = torch.cat([b.latents for b in blocks], dim=2)
+    assert_close(actual, expected[:, :, overlap:], 1e-5, f"continuation latents, {case}")
 
 
 def test_segments_follow_diffusers_arithmetic():

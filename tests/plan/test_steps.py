@@ -38,13 +38,15 @@ def test_subsets_keep_the_first_and_last_trained_timesteps():
 
 
 @pytest.mark.parametrize("offset", [None, 1, 2, 3])
-def test_one_schedule_throughout_is_the_plain_plan(offset):
+@pytest.mark.parametrize("pre_ready", [0, 2])
+def test_one_schedule_throughout_is_the_plain_plan(offset, pre_ready):
+    """... with or without a given start (its blocks only commit, at tick 0)."""
     schedule = build_schedule(SamplingConfig())
     if offset is None:
-        plain = sequential(schedule, window_blocks=3)
+        plain = sequential(schedule, window_blocks=3, pre_ready=pre_ready)
     else:
-        plain = pyramid(schedule, offset=offset, window_blocks=3)
-    got = list(itertools.islice(Adjustable(schedule, offset, 3), 40))
+        plain = pyramid(schedule, offset=offset, window_blocks=3, pre_ready=pre_ready)
+    got = list(itertools.islice(Adjustable(schedule, offset, 3, pre_ready=pre_ready), 40))
     assert got == list(itertools.islice(plain, 40))
 
 

@@ -23,6 +23,7 @@ RANKS = [
     ("engine.devices", 0),
     ("engine.footprint", 0),
     ("engine.weight_paths", 0),
+    ("engine.media", 0),  # images and clips read and checked, live frame feeds (numpy, Pillow, PyAV only)
     ("engine.models", 1),  # networks, checkpoint readers, text encoder, VAE: pure math and files
     ("engine.plan", 2),  # which block gets which denoising step, when
     ("engine.sampling", 3),  # noise, solvers, guidance

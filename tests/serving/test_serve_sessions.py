@@ -223,6 +223,105 @@ def test_bad_messages_and_a_stalled_viewer_leave_other_sessions_alone():
         asyncio.run(run(server, server.address[1]))
 
 
+def test_hostile_uploads_get_one_line_errors_and_a_good_one_restarts_only_its_session():
+    """Too large, another type, corrupt, a bomb's header: an error to that viewer only, nothing
+    reaches a manager; an image of another resolution is passed on; past twice the limit the
+    connection closes (1009); the other session streams throughout."""
+    import base64
+    import io
+    import zlib
+
+    from PIL import Image
+
+    from engine.serving.protocol import MAX_UPLOAD_BYTES, UPLOAD_MAGIC
+
+    image = io.BytesIO()
+    Image.fromarray(np.full((30, 50, 3), 90, np.uint8)).save(image, format="PNG")
+    png = image.getvalue()
+    bomb = bytearray(png)  # a header that claims 20000 x 20000 pixels, its checksum made right
+    bomb[16:24] = (20000).to_bytes(4, "big") * 2
+    bomb[29:33] = zlib.crc32(bytes(bomb[12:29])).to_bytes(4, "big")
+    hostile = {
+        "over the limit": b"\x00" * (MAX_UPLOAD_BYTES + 10),
+        "not an image or video": b"#!/bin/sh\nrm -rf /\n",
+        "corrupt PNG": png[:50],
+        "pixels; scale it down": bytes(bomb),
+        "needs a file": b"",
+    }
+
+    async def run(server, manager):
+        a, b = await Viewer.open(url(server)), await Viewer.open(url(server))
+        await b.read(2)
+        for says, data in hostile.items():
+            await a.ws.send(UPLOAD_MAGIC + data)
+            await a.read(reply=True)
+            assert a.replies[-1]["type"] == "error" and says in a.replies[-1]["error"], (says, a.replies[-1])
+        assert manager.uploads == [], "nothing hostile reached a manager"
+        await a.ws.send(UPLOAD_MAGIC + png)
+        await a.read(reply=True)
+        assert a.replies[-1] == {"type": "ack", "of": "start", "blocks": 1}
+        assert manager.uploads == [(manager_id(manager, 1), base64.b64encode(png).decode())]
+        with pytest.raises(ConnectionClosed) as closed:
+            await a.ws.send(UPLOAD_MAGIC + b"\x00" * (2 * MAX_UPLOAD_BYTES + 64))
+            await a.read(reply=True, seconds=10)
+        assert closed.value.rcvd.code == 1009
+        before = len(b.frames)
+        await b.read(3)
+        assert len(b.frames) >= before + 3, "the other session streamed on"
+        await b.close()
+
+    manager = FakeManager(size=16, fps=48)
+    with serving(manager) as server:
+        asyncio.run(run(server, manager))
+
+
+def test_a_clip_uploaded_for_video_in_reaches_only_its_session_and_bad_ones_get_one_line(tmp_path):
+    """b"ARCV" + float32 strength + clip: a bad strength, an image, a non-video are refused to that
+    viewer alone and reach no manager; a clip reaches its session's `video_in` decoded, with its
+    strength."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    from engine.serving.protocol import VIDEO_IN_MAGIC
+    from engine.serving.video import Mp4Writer
+
+    with Mp4Writer(tmp_path / "clip.mp4", fps=16, width=16, height=16) as writer:
+        writer.write(np.stack([np.full((16, 16, 3), 40 * i, np.uint8) for i in range(6)]))
+    clip = (tmp_path / "clip.mp4").read_bytes()
+    image = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image, format="PNG")
+    refused = {
+        "strength must lie in (0, 1], got 1.5": struct.pack("<f", 1.5) + clip,
+        "a clip, not an image": struct.pack("<f", 0.5) + image.getvalue(),
+        "not an image or video": struct.pack("<f", 0.5) + b"#!/bin/sh\n",
+        "float32 strength": b"\x00",
+    }
+
+    async def run(server, manager):
+        a = await Viewer.open(url(server))
+        for says, body in refused.items():
+            await a.ws.send(VIDEO_IN_MAGIC + body)
+            await a.read(reply=True)
+            assert a.replies[-1]["type"] == "error" and says in a.replies[-1]["error"], (says, a.replies[-1])
+        assert manager.video_ins == [], "nothing refused reached a manager"
+        await a.ws.send(VIDEO_IN_MAGIC + struct.pack("<f", 0.5) + clip)
+        await a.read(reply=True)
+        assert a.replies[-1] == {"type": "ack", "of": "video_in", "frames": 6, "strength": 0.5}
+        ((sid, frames, strength),) = manager.video_ins
+        assert sid == manager_id(manager, 1) and strength == 0.5 and len(frames) == 6 and frames[0].shape == (16, 16, 3)
+        await a.close()
+
+    manager = FakeManager(size=16, fps=48)
+    with serving(manager) as server:
+        asyncio.run(run(server, manager))
+
+
+def manager_id(manager: FakeManager, number: int) -> str:
+    return f"{manager.name}{number}"
+
+
 def _stalled_viewer(port: int, session: str) -> socket.socket:
     """A raw WebSocket handshake into `session`, then never a read."""
     sock = socket.socket()

@@ -209,6 +209,13 @@ def test_binary_and_pickled_control_messages_are_refused_and_never_run(open_serv
     assert not marker.exists(), "the pickle ran"
 
 
+def test_a_shared_stream_refuses_uploads_in_one_line(open_server):
+    server, controls = open_server
+    with connect(f"ws://127.0.0.1:{_port(server)}/ws", max_size=2**24) as ws:
+        ws.send(b"ARCU\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+        assert "shared stream cannot start from an upload" in _reply(ws)["error"]
+
+
 def test_text_that_is_not_utf8_closes_the_connection(open_server):
     """RFC 6455: invalid UTF-8 in a text message fails the connection (1007); the server lives on."""
     server, _ = open_server

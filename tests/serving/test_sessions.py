@@ -320,3 +320,33 @@ def test_tickets_nobody_comes_back_for_expire_within_seconds(session):
     assert again.queue_position == 1, f"the lone viewer still waits behind {again.queue_position - 1} tickets"
     mgr.close(next(iter(mgr.sessions)))
     assert isinstance(mgr.open(RED, 3, ticket=again.ticket), Opened)
+
+
+def test_a_session_restarts_from_an_upload_and_others_go_on(session):
+    """`start_from`: an uploaded image becomes the session's first blocks (as a solo run started
+    from it); a hostile upload is refused in one line and changes nothing; other sessions go on."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from engine.media import MediaError
+
+    image = np.zeros((80, 120, 3), np.uint8)  # another resolution: center-cropped and resized
+    image[30:50, 50:70] = (220, 40, 40)
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format="PNG")
+    mgr = manager(session)
+    moved, calm = mgr.open(RED, seed=3).id, mgr.open(BLUE, seed=4).id
+    frames = collect(mgr, 4)
+    hostile = {"not an image or video": b"plain text", "corrupt PNG": png.getvalue()[:60]}
+    for says, upload in [("base64", "%%%")] + [(k, base64.b64encode(v).decode()) for k, v in hostile.items()]:
+        with pytest.raises((MediaError, SessionError), match=says):
+            mgr.start_from(moved, upload)
+    assert mgr.start_from(moved, base64.b64encode(png.getvalue()).decode()) == {"blocks": 1, "latent_frames": 3}
+    before = len(frames.get(moved, []))
+    frames = collect(mgr, 16, frames)
+    assert_frames_equal(frames[calm], solo(session, BLUE, 4, seed=4), "the other session")
+    start = session.encode_start(image[None])
+    after = [f for _, f in session.run(RED, blocks=2, seed=3, start=start).frames()]
+    assert_frames_equal(frames[moved][before:], after, "the restarted session = a solo run from the image")

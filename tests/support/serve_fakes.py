@@ -51,6 +51,8 @@ class FakeManager:
         self.sessions: dict[str, FakeSession] = {}
         self.rounds, self.refused, self._ids, self._boom = 0, 0, 0, False
         self.tickets: list = []
+        self.uploads: list = []
+        self.video_ins: list = []
 
     def open(self, prompt: str, seed: int, ticket: str | None = None, accept: bool = False):
         self.tickets.append(ticket)
@@ -94,6 +96,18 @@ class FakeManager:
 
     def close(self, session_id):
         self.sessions.pop(session_id, None)
+
+    def start_from(self, session_id, upload: str):
+        """Records the upload (base64 text, as the server sends it); the session goes on."""
+        self._get(session_id)
+        self.uploads.append((session_id, upload))
+        return {"blocks": 1}
+
+    def video_in(self, session_id, source, strength: float = 0.6):
+        """Records (session, frames, strength) of a clip to restyle; the session goes on."""
+        self._get(session_id)
+        self.video_ins.append((session_id, list(source), strength))
+        return {"strength": strength}
 
     def explode(self):
         self._boom = True
