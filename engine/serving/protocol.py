@@ -119,6 +119,8 @@ class Control:
     """An ICE candidate: {"candidate": "candidate:...", "sdpMid": ..., "sdpMLineIndex": ...}."""
     session: str | None = None
     """The session an offer is for (it must be the viewer's own)."""
+    strength: float | None = None
+    """An offer that sends a camera: how far its frames are noised, in (0, 1] (None: the default)."""
 
 
 def parse_control(message: str | bytes) -> Control:
@@ -158,7 +160,11 @@ def _signal(kind: str, data: dict) -> Control:
     if kind == "offer":
         if not isinstance(data.get("sdp"), str) or not data["sdp"].startswith("v=0"):
             raise ProtocolError('an offer needs "sdp": the session description of the page (it starts with v=0)')
-        return Control("offer", data["sdp"], session=session)
+        strength = data.get("strength")
+        if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))
+                                     or not 0.0 < strength <= 1.0):  # fmt: skip
+            raise ProtocolError('an offer\'s "strength" (for its camera) must be a number in (0, 1]')
+        return Control("offer", data["sdp"], session=session, strength=strength)
     if kind == "ice":
         candidate = data.get("candidate")
         if candidate is not None and not (isinstance(candidate, dict) and isinstance(candidate.get("candidate"), str)):

@@ -36,6 +36,7 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from engine.media import MediaError, MediaLimits, load_media
+from engine.media.feed import FrameFeed
 from engine.serving.access import AccessPolicy, parse_origin
 from engine.serving.controls import Controls
 from engine.serving.live import Stats
@@ -61,6 +62,8 @@ from engine.serving.protocol import (
 from engine.serving.webrtc import AIORTC, Broadcast, FrameInfo, Peer, SignalError, announce_encoder, choose_encoder
 
 PAGE = Path(__file__).with_name("viewer.html")
+CAMERA_QUEUE = 8  # camera frames waiting for the engine before the oldest is dropped
+CAMERA_STRENGTH = 0.6  # how far a camera's frames are noised when the offer does not say
 VIEWER_QUEUE = 48  # frames a viewer may fall behind before its oldest ones are dropped
 VIEWER_SEND_BUFFER = 128 * 1024
 """Kernel send buffer per viewer (Linux doubles it). Left to autotuning it grows to tcp_wmem's
@@ -211,7 +214,7 @@ class StreamServer:
         webrtc: bool = True,
         ice_servers: tuple[dict, ...] = (),
         fps: int = 16,
-        video_in: Callable[[Viewer], object] = lambda viewer: None,
+        video_in: Callable | None = None,
     ):
         if needs_token(host) and not token:
             raise ValueError(f"binding to {host!r} exposes the stream: pass --token")
@@ -219,7 +222,9 @@ class StreamServer:
         self.stats = stats or (lambda: asdict(Stats(prompt=controls.prompt if controls else "")))
         self.access = AccessPolicy(token, tuple(parse_origin(o) for o in allow_origins))
         self.ignored_words = ignored_words
-        self.webrtc, self.ice_servers, self.video_in = webrtc and AIORTC, list(ice_servers), video_in
+        self.webrtc, self.ice_servers = webrtc and AIORTC, list(ice_servers)
+        self.video_in = video_in or self._camera_feed
+        """`video_in(viewer, strength)` -> the input a viewer's camera pushes into (may be awaited)."""
         if self.webrtc:
             announce_encoder()
         self.loop = asyncio.new_event_loop()
@@ -498,7 +503,7 @@ class StreamServer:
                                         f"watches {watched}")  # fmt: skip
         try:
             if control.type == "offer":
-                return await self._offer(control.text, viewer)
+                return await self._offer(control, viewer)
             if viewer.peer is None:
                 return reply("error", error="no WebRTC connection: send an offer first")
             if control.type == "ice":
@@ -511,14 +516,25 @@ class StreamServer:
         await self._hang_up(viewer)
         return reply("ack", of="hangup")
 
-    async def _offer(self, sdp: str, viewer: Viewer) -> str:
+    async def _offer(self, control: Control, viewer: Viewer) -> str:
         await self._hang_up(viewer)  # a new offer replaces the viewer's connection (e.g. to add its camera)
-        audience = viewer.session
+        audience, strength = viewer.session, control.strength or CAMERA_STRENGTH
         send = lambda message: asyncio.ensure_future(_send_quietly(viewer.connection, json.dumps(message)))  # noqa: E731
-        viewer.peer = Peer(self.hub.broadcast_for(audience), self.ice_servers, send,
-                           lambda: self.video_in(viewer), lambda live: setattr(viewer, "rtc_live", live))  # fmt: skip
-        answer, mime = await viewer.peer.answer(sdp)
+        camera = lambda: self.video_in(viewer, strength)  # noqa: E731
+        viewer.peer = Peer(self.hub.broadcast_for(audience), self.ice_servers, send, camera,
+                           lambda live: setattr(viewer, "rtc_live", live))  # fmt: skip
+        answer, mime = await viewer.peer.answer(control.text)
         return reply("answer", sdp=answer, codec=mime)
+
+    async def _camera_feed(self, viewer: Viewer, strength: float):
+        """The viewer's session takes its camera from now on (a bounded feed, oldest frames dropped)."""
+        if viewer.session is None:
+            raise SignalError("a shared stream takes no camera (each viewer's session can): its track is ignored")
+        feed = FrameFeed(capacity=CAMERA_QUEUE)
+        answer = await self.lobby.control(viewer.session, "video_in", feed, strength)
+        if "error" in answer:
+            raise SignalError(f"the camera is not taken: {answer['error']}")
+        return feed
 
     async def _hang_up(self, viewer: Viewer) -> None:
         peer, viewer.peer = viewer.peer, None

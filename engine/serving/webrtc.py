@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import re
 import sys
 import time
@@ -286,6 +287,7 @@ class Peer:
         self.track: RelayTrack | None = None
         self.live = False
         self._camera: asyncio.Task | None = None
+        self._answered = asyncio.Event()  # a camera is taken (and said so) after the answer has gone
         self.pc.on("connectionstatechange", self._state_changed)
         self.pc.on("track", self._incoming)
 
@@ -305,6 +307,7 @@ class Peer:
             await self.pc.setLocalDescription(await self.pc.createAnswer())
         except Exception as err:
             raise SignalError(f"cannot answer this offer: {_first_line(err)}") from None
+        asyncio.get_running_loop().call_soon(self._answered.set)  # after the caller sends the answer
         return self.pc.localDescription.sdp, mime
 
     def _codec(self, transceiver) -> str:
@@ -351,11 +354,19 @@ class Peer:
         if track.kind != "video":
             self.send({"type": "error", "error": f"only a video track (a camera) is taken, not {track.kind}"})
             return
-        feed = self.feed()
-        if feed is None:
-            self.send({"type": "error", "error": "this stream takes no video input: it runs from its prompt"})
+        self._camera = asyncio.ensure_future(self._take_camera(track))
+
+    async def _take_camera(self, track) -> None:
+        """Plug the camera into the viewer's stream; a refusal is one line to the viewer."""
+        await self._answered.wait()
+        try:
+            feed = self.feed()
+            feed = await feed if inspect.isawaitable(feed) else feed
+        except SignalError as err:
+            self.send({"type": "error", "error": str(err)})
             return
-        self._camera = asyncio.ensure_future(_pump(track, feed))
+        self.send({"type": "ack", "of": "camera"})
+        await _pump(track, feed)
 
     async def close(self) -> None:
         if self._camera is not None:

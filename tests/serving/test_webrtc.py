@@ -166,7 +166,7 @@ class Feed:
 
 def test_a_camera_track_reaches_the_stream_input_and_its_end_closes_it_and_jpeg_is_the_fallback():
     feed = Feed()
-    with running_server(video_in=lambda viewer: feed) as (server, _):
+    with running_server(video_in=lambda viewer, strength: feed) as (server, _):
         asyncio.run(_send_camera(ws(server), feed))
     assert feed.frames and feed.frames[0].shape == (48, 80, 3) and feed.frames[0][..., 2].mean() > 150
     assert feed.closed, "a camera that stops ends the input"
