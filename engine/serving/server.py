@@ -504,7 +504,7 @@ class StreamServer:
         try:
             if control.type == "offer":
                 return await self._offer(control, viewer)
-            if viewer.peer is None:
+            if viewer.peer is None and control.type == "ice":
                 return reply("error", error="no WebRTC connection: send an offer first")
             if control.type == "ice":
                 await viewer.peer.candidate(control.candidate)
