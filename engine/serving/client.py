@@ -3,11 +3,11 @@
     python -m engine.client --url ws://127.0.0.1:8000/ws --prompt "a red circle moving left" \\
         --switch-after 5 --prompt2 "a blue square moving up" --seconds 10 --save out.mp4
     python -m engine.client --session ID --seconds 10      # watch (and steer) someone's session
-    python -m engine.client --transport jpeg                # JPEG over the WebSocket, never WebRTC
+    python -m engine.client --transport webrtc              # the H.264 track, as the page gets it
 
-Frames come over WebRTC where aiortc is installed and the server offers it (`--transport auto`,
-the default), else as JPEG over the WebSocket; either way each `Frame` has its index, timestamp
-and prompt version (engine/serving/rtc_client.py receives the track).
+Frames come as JPEG over the WebSocket (the default), or over WebRTC with `--transport webrtc`
+(or `auto`: WebRTC where aiortc is installed and it connects); either way each `Frame` has its
+index, timestamp and prompt version (engine/serving/rtc_client.py receives the track).
 
 Python:
 
@@ -71,11 +71,12 @@ class StreamClient:
     @classmethod
     def connect(
         cls, url: str, token: str | None = None, session: str | None = None, accept: bool = False,
-        transport: str = "auto",
+        transport: str = "jpeg",
     ) -> _Connecting:  # fmt: skip
         """`session`: join (or come back to) that session instead of opening one. `accept`: take a
         lower frame rate when that is all the server offers. Raises Refused when it has no room.
-        `transport`: auto (WebRTC where it connects, else JPEG), webrtc (fail without it), jpeg."""
+        `transport`: jpeg (the default: exact frames, nothing to decode), webrtc (fail without it),
+        auto (WebRTC where it connects, else JPEG)."""
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         query = {k: v for k, v in (("token", token), ("session", session), ("accept", "1" if accept else None)) if v}
@@ -142,7 +143,7 @@ class StreamClient:
 
 
 class _Connecting:
-    def __init__(self, url: str, transport: str = "auto"):
+    def __init__(self, url: str, transport: str = "jpeg"):
         self.url, self.transport = url, transport
 
     async def __aenter__(self) -> StreamClient:
@@ -226,9 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="take the lower frame rate a full server offers (default: refuse it and exit)",
     )
-    parser.add_argument("--transport", choices=TRANSPORTS, default="auto",
-                        help="auto: WebRTC where aiortc is installed and it connects, else JPEG over the WebSocket; "
-                        "webrtc: fail without it; jpeg: never WebRTC (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--transport", choices=TRANSPORTS, default="jpeg",
+                        help="jpeg: frames as JPEG over the WebSocket; webrtc: the H.264 track (aiortc), failing "
+                        "without it; auto: WebRTC where it connects, else JPEG (default: %(default)s)")  # fmt: skip
     parser.add_argument("--save", type=Path, help="write the frames received to this MP4 (default: save nothing)")
     parser.add_argument("--fps", type=int, default=16, help="frame rate of the saved MP4 (default: %(default)s)")
     return parser

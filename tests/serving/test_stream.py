@@ -333,10 +333,10 @@ def test_the_viewer_page_in_chromium(demo_server):
 
 GRAB = """async (count) => {   // the next `count` frames the video element presents, as RGBA
   const video = document.getElementById('rtc'), canvas = document.createElement('canvas');
-  canvas.width = video.videoWidth; canvas.height = video.videoHeight;
   const context = canvas.getContext('2d'), out = [];
   while (out.length < count) {
-    await new Promise((done) => video.requestVideoFrameCallback(done));
+    const meta = await new Promise((done) => video.requestVideoFrameCallback((now, meta) => done(meta)));
+    canvas.width = meta.width; canvas.height = meta.height;
     context.drawImage(video, 0, 0);
     out.push(Array.from(context.getImageData(0, 0, canvas.width, canvas.height).data));
   }
@@ -374,6 +374,8 @@ def test_webrtc_both_ways_in_chromium(tmp_path):
             page.click("#camera")
             page.wait_for_function("document.getElementById('status').textContent.includes('camera is in')",
                                    timeout=30000)  # fmt: skip
+            page.wait_for_function("document.getElementById('s-transport').textContent.includes('camera in')",
+                                   timeout=30000)  # the new connection's track plays  # fmt: skip
             reading = read_video(_grab(page, 24)[9:])  # from the third block after the camera came in
             assert (reading.color, reading.motion) == ("blue", "right"), reading
         finally:
@@ -412,7 +414,8 @@ def _switch_and_look(page, prompt: str):
 
 def _check_layout(page) -> None:
     """At 1100x760 the video, the prompt box and every stats row are on screen without scrolling."""
-    for selector in ["#video", "#prompt", "#stats"]:
+    shown = "#rtc" if page.is_visible("#rtc") else "#video"  # the WebRTC track, or the JPEG canvas
+    for selector in [shown, "#prompt", "#stats"]:
         box = page.locator(selector).bounding_box()
         assert box["x"] + box["width"] <= 1100 and box["y"] + box["height"] <= 760, (selector, box)
 
