@@ -369,14 +369,14 @@ def test_webrtc_both_ways_in_chromium(tmp_path):
             page.wait_for_function("window.arcade.rtcFrames >= 30", timeout=60000)
             assert page.text_content("#s-transport").startswith("WebRTC ("), page.text_content("#s-transport")
             assert page.is_hidden("#video") and page.is_visible("#rtc"), "the track plays in place of the canvas"
-            assert _switch_and_look(page, FIRST).color == "red"
+            assert read_video(_grab(page, 9)).color == "red", "the session's first prompt: " + FIRST
             assert _switch_and_look(page, "a blue circle").color == "blue"
             page.click("#camera")
             page.wait_for_function("document.getElementById('status').textContent.includes('camera is in')",
                                    timeout=30000)  # fmt: skip
             page.wait_for_function("document.getElementById('s-transport').textContent.includes('camera in')",
                                    timeout=30000)  # the new connection's track plays  # fmt: skip
-            reading = read_video(_grab(page, 24)[9:])  # from the third block after the camera came in
+            reading = read_video(_grab(page, 18)[9:])  # from the fourth block after the camera came in
             assert (reading.color, reading.motion) == ("blue", "right"), reading
         finally:
             browser.close()
@@ -409,7 +409,7 @@ def _switch_and_look(page, prompt: str):
     page.wait_for_function("document.getElementById('status').textContent.includes('accepted')", timeout=20000)
     version = re.search(r"prompt (\d+) accepted", page.text_content("#status")).group(1)
     page.wait_for_function(f"document.getElementById('s-onscreen').textContent === '{version}'", timeout=30000)
-    return read_video(_grab(page, 15)[6:])
+    return read_video(_grab(page, 12)[6:])
 
 
 def _check_layout(page) -> None:
