@@ -36,7 +36,6 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from engine.media import MediaError, MediaLimits, load_media
-from engine.media.feed import FrameFeed
 from engine.serving.access import AccessPolicy, parse_origin
 from engine.serving.controls import Controls
 from engine.serving.live import Stats
@@ -59,11 +58,10 @@ from engine.serving.protocol import (
     upload_file,
     video_in_upload,
 )
-from engine.serving.webrtc import AIORTC, Broadcast, FrameInfo, Peer, SignalError, announce_encoder, choose_encoder
+from engine.serving.signalling import Signalling
+from engine.serving.webrtc import AIORTC, Broadcast, FrameInfo, Peer, announce_encoder, choose_encoder
 
 PAGE = Path(__file__).with_name("viewer.html")
-CAMERA_QUEUE = 8  # camera frames waiting for the engine before the oldest is dropped
-CAMERA_STRENGTH = 0.6  # how far a camera's frames are noised when the offer does not say
 VIEWER_QUEUE = 48  # frames a viewer may fall behind before its oldest ones are dropped
 VIEWER_SEND_BUFFER = 128 * 1024
 """Kernel send buffer per viewer (Linux doubles it). Left to autotuning it grows to tcp_wmem's
@@ -222,13 +220,11 @@ class StreamServer:
         self.stats = stats or (lambda: asdict(Stats(prompt=controls.prompt if controls else "")))
         self.access = AccessPolicy(token, tuple(parse_origin(o) for o in allow_origins))
         self.ignored_words = ignored_words
-        self.webrtc, self.ice_servers = webrtc and AIORTC, list(ice_servers)
-        self.video_in = video_in or self._camera_feed
-        """`video_in(viewer, strength)` -> the input a viewer's camera pushes into (may be awaited)."""
-        if self.webrtc:
+        if webrtc and AIORTC:
             announce_encoder()
         self.loop = asyncio.new_event_loop()
         self.hub = Hub(self.loop, fps)
+        self.rtc = Signalling(self.hub, webrtc and AIORTC, list(ice_servers), lambda: self.lobby, video_in)
         self.lobby: Lobby | None = None
         self.media_limits = MediaLimits(max_bytes=MAX_UPLOAD_BYTES)
         """What an upload may be (sessions only): its file's bytes, frame size and frames."""
@@ -313,15 +309,8 @@ class StreamServer:
         if path == "/metrics":
             return _resource(connection, request, prometheus(self.server_stats()).encode(), PROMETHEUS_TYPE)
         if path == "/rtc":
-            return _resource(connection, request, json.dumps(self.rtc_settings()).encode(), "application/json")
+            return _resource(connection, request, json.dumps(self.rtc.settings()).encode(), "application/json")
         return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
-
-    def rtc_settings(self) -> dict:
-        """What the page needs before it offers: whether to try WebRTC, and the ICE servers."""
-        if not self.webrtc:
-            why = "this server runs without aiortc" if not AIORTC else "WebRTC is off on this server"
-            return {"webrtc": False, "reason": why}
-        return {"webrtc": True, "ice_servers": self.ice_servers, "codec": choose_encoder().mime}
 
     def server_stats(self) -> dict:
         """Server-wide numbers (/stats as JSON, /metrics in Prometheus' text format)."""
@@ -353,7 +342,7 @@ class StreamServer:
                 self.lobby.viewer_gone(viewer.session, viewer)
             for task in tasks:
                 task.cancel()
-            await self._hang_up(viewer)
+            await self.rtc.hang_up(viewer)
 
     async def _admit(self, viewer: Viewer) -> bool:
         """Give the viewer its session (a new one, or the one `?session=` names); else say why and close."""
@@ -437,7 +426,7 @@ class StreamServer:
         if control.type == "stats":
             return self._stats_message(viewer)
         if control.type in SIGNALS:
-            return await self._signal(control, viewer)
+            return await self.rtc.answer(control, viewer)
         if viewer.session is not None:
             return await self._session_answer(control, viewer.session)
         if control.type == "prompt":
@@ -489,69 +478,9 @@ class StreamServer:
         answer = await self.lobby.control(watched, control.type)
         return reply("error", error=answer["error"]) if "error" in answer else reply("ack", of=control.type)
 
-    # -- WebRTC signalling ------------------------------------------------------------------------
-
-    async def _signal(self, control: Control, viewer: Viewer) -> str:
-        """An offer, an ICE candidate or a hangup from this viewer, for its own stream only."""
-        if not self.webrtc:
-            return reply("error", error=f"no WebRTC here ({self.rtc_settings()['reason']}): frames come as JPEG on "
-                                        "this WebSocket")  # fmt: skip
-        own = viewer.session.id if viewer.session is not None else None
-        if control.session is not None and control.session != own:
-            watched = f"session {own!r}" if own else "the shared stream"
-            return reply("error", error=f"an offer for session {control.session[:40]!r} is refused: this connection "
-                                        f"watches {watched}")  # fmt: skip
-        try:
-            if control.type == "offer":
-                return await self._offer(control, viewer)
-            if viewer.peer is None and control.type == "ice":
-                return reply("error", error="no WebRTC connection: send an offer first")
-            if control.type == "ice":
-                await viewer.peer.candidate(control.candidate)
-                return reply("ack", of="ice")
-        except SignalError as err:  # a refused offer ends the connection it made; a bad candidate does not
-            if control.type == "offer":
-                await self._hang_up(viewer)
-            return reply("error", error=str(err))
-        await self._hang_up(viewer)
-        return reply("ack", of="hangup")
-
-    async def _offer(self, control: Control, viewer: Viewer) -> str:
-        await self._hang_up(viewer)  # a new offer replaces the viewer's connection (e.g. to add its camera)
-        audience, strength = viewer.session, control.strength or CAMERA_STRENGTH
-        send = lambda message: asyncio.ensure_future(_send_quietly(viewer.connection, json.dumps(message)))  # noqa: E731
-        camera = lambda: self.video_in(viewer, strength)  # noqa: E731
-        viewer.peer = Peer(self.hub.broadcast_for(audience), self.ice_servers, send, camera,
-                           lambda live: setattr(viewer, "rtc_live", live))  # fmt: skip
-        answer, mime = await viewer.peer.answer(control.text)
-        return reply("answer", sdp=answer, codec=mime)
-
-    async def _camera_feed(self, viewer: Viewer, strength: float):
-        """The viewer's session takes its camera from now on (a bounded feed, oldest frames dropped)."""
-        if viewer.session is None:
-            raise SignalError("a shared stream takes no camera (each viewer's session can): its track is ignored")
-        feed = FrameFeed(capacity=CAMERA_QUEUE)
-        answer = await self.lobby.control(viewer.session, "video_in", feed, strength)
-        if "error" in answer:
-            raise SignalError(f"the camera is not taken: {answer['error']}")
-        return feed
-
-    async def _hang_up(self, viewer: Viewer) -> None:
-        peer, viewer.peer = viewer.peer, None
-        if peer is not None:
-            await peer.close()
-            self.hub.forget_broadcast(viewer.session)
-
 
 def _transport(viewer: Viewer) -> str:
     return "webrtc" if viewer.rtc_live else "jpeg"
-
-
-async def _send_quietly(connection: ServerConnection, text: str) -> None:
-    try:
-        await connection.send(text)
-    except ConnectionClosed:
-        pass
 
 
 async def _turn_away(connection: ServerConnection, kind: str, fields: dict, code: int = CloseCode.TRY_AGAIN_LATER):
