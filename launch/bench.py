@@ -20,6 +20,7 @@ python -m launch.bench gpu-report --quick   # GPU: environment + one short varia
 python -m launch.bench coalesce            # k streams' forwards in one call vs k calls (demo, mid-wan)
 python -m launch.bench compile             # --compile: compiled vs eager ms per tick, compile time (demo, mid-wan)
 python -m launch.bench startup             # seconds to --help, to a refused flag, to the demo's first frame
+python -m launch.bench transport --clip original.mp4   # JPEG/WebSocket vs WebRTC: bytes, PSNR, encode, latency
 python -m launch.bench v2v                 # video-to-video vs text-to-video: time to first frame, FPS
 python -m launch.bench text-encoder        # umT5-XXL encode on this CPU (--text-encoder-device cpu), 1 and all threads
 python -m launch.bench weights             # fp8 weights: fidelity on the demo (PSNR), bytes of the presets' blocks
@@ -53,6 +54,7 @@ BENCHMARKS = {
     "coalesce": "coalesce",
     "compile": "compile",
     "startup": "startup",
+    "transport": "transport",
     "v2v": "video_in",
     "text-encoder": "text_encoder",
     "weights": "weights",

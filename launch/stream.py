@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-origin", type=flags.origin, action="append", default=[], metavar="ORIGIN",
                         help="also accept viewers' WebSockets from pages of this origin, e.g. https://stream.example "
                         "(repeatable; * for any; default: only the server's own page)")  # fmt: skip
+    parser.add_argument("--webrtc", action=argparse.BooleanOptionalAction, default=True,
+                        help="offer viewers the video over WebRTC (VP8 or H.264; JPEG over the WebSocket where that "
+                        "fails or aiortc is missing); --no-webrtc: JPEG only (default: on)")  # fmt: skip
+    parser.add_argument("--ice-server", type=flags.ice_server, action="append", default=[], metavar="URL",
+                        help="a STUN or TURN server for viewers beyond loopback and LAN: stun:HOST[:PORT] or "
+                        "turn:USER:PASS@HOST[:PORT] (repeatable; default: none)")  # fmt: skip
     parser.add_argument("--record", type=Path, help="also write the shared stream to this MP4 (default: none)")
     parser.add_argument("--no-pace", dest="pace", action="store_false", default=None,
                         help="shared stream unpaced (default: paced to the fps)")  # fmt: skip
@@ -289,7 +295,8 @@ def _server_options(args: argparse.Namespace, preset: Preset) -> dict:
     text = preset.text  # a vocabulary model's ack lists the words it will ignore
     ignored = (lambda p: ignored_words(p, text.vocab, text.text_len)) if text.vocab else (lambda p: [])
     return {"host": args.host, "port": args.port, "token": args.token, "allow_origins": tuple(args.allow_origin),
-            "ignored_words": ignored}  # fmt: skip
+            "ignored_words": ignored, "webrtc": args.webrtc, "ice_servers": tuple(args.ice_server),
+            "fps": preset.stream.fps}  # fmt: skip
 
 
 def serve_sessions(args: argparse.Namespace, topology: Topology, make_manager: Callable | None = None) -> None:

@@ -56,7 +56,7 @@ MULTIRANK = {
 }  # fmt: skip
 
 BROWSER = {
-    "test_stream": {"test_the_viewer_page_in_chromium",
+    "test_stream": {"test_the_viewer_page_in_chromium", "test_webrtc_both_ways_in_chromium",
                     "test_viewer_pages_get_their_own_sessions_and_share_links_join_them"},
 }  # fmt: skip
 

@@ -3,6 +3,11 @@
     python -m engine.client --url ws://127.0.0.1:8000/ws --prompt "a red circle moving left" \\
         --switch-after 5 --prompt2 "a blue square moving up" --seconds 10 --save out.mp4
     python -m engine.client --session ID --seconds 10      # watch (and steer) someone's session
+    python -m engine.client --transport webrtc              # the H.264 track, as the page gets it
+
+Frames come as JPEG over the WebSocket (the default), or over WebRTC with `--transport webrtc`
+(or `auto`: WebRTC where aiortc is installed and it connects); either way each `Frame` has its
+index, timestamp and prompt version (engine/serving/rtc_client.py receives the track).
 
 Python:
 
@@ -29,6 +34,7 @@ from websockets.exceptions import ConnectionClosed, WebSocketException
 from engine.argparsing import OneLineParser
 from engine.serving import flags
 from engine.serving.protocol import Frame, decode_frame
+from engine.serving.rtc_client import TRANSPORTS, RtcReceiver
 from engine.serving.video import Mp4Writer
 
 MAX_FRAME_BYTES = 8 * 2**20
@@ -57,15 +63,24 @@ class StreamClient:
         self._replies: asyncio.Queue = asyncio.Queue()
         self._frames: asyncio.Queue = asyncio.Queue()
         self._reader = asyncio.create_task(self._read())
+        self.rtc: RtcReceiver | None = None
+        self.transport = "jpeg"
+        """How frames arrive: "webrtc" once its track delivers, else "jpeg"."""
+        self._last_index = -1
 
     @classmethod
     def connect(
-        cls, url: str, token: str | None = None, session: str | None = None, accept: bool = False
-    ) -> _Connecting:
+        cls, url: str, token: str | None = None, session: str | None = None, accept: bool = False,
+        transport: str = "jpeg",
+    ) -> _Connecting:  # fmt: skip
         """`session`: join (or come back to) that session instead of opening one. `accept`: take a
-        lower frame rate when that is all the server offers. Raises Refused when it has no room."""
+        lower frame rate when that is all the server offers. Raises Refused when it has no room.
+        `transport`: jpeg (the default: exact frames, nothing to decode), webrtc (fail without it),
+        auto (WebRTC where it connects, else JPEG)."""
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         query = {k: v for k, v in (("token", token), ("session", session), ("accept", "1" if accept else None)) if v}
-        return _Connecting(url + (f"?{urlencode(query)}" if query else ""))
+        return _Connecting(url + (f"?{urlencode(query)}" if query else ""), transport)
 
     async def _read(self) -> None:
         if self._first is not None:
@@ -76,10 +91,13 @@ class StreamClient:
 
     async def _take(self, message: str | bytes) -> None:
         if isinstance(message, bytes):
-            await self._frames.put(decode_frame(message))
+            await self.deliver(decode_frame(message))
             return
         data = json.loads(message)
-        if data.get("type") == "stats":
+        if data.get("type") in ("frame", "webrtc"):
+            if self.rtc is not None:
+                self.rtc.note(data)
+        elif data.get("type") == "stats":
             self.stats = data
         elif data.get("type") == "session":
             self.session = data
@@ -87,6 +105,12 @@ class StreamClient:
             self.ended = data
         else:
             await self._replies.put(data)
+
+    async def deliver(self, frame: Frame) -> None:
+        """A frame from either path, in order: one the other path already gave is dropped."""
+        if frame.index > self._last_index:
+            self._last_index = frame.index
+            await self._frames.put(frame)
 
     async def request(self, message: dict | str) -> dict:
         """Send a control message (a dict, or raw text) and return the server's reply."""
@@ -113,12 +137,14 @@ class StreamClient:
 
     async def close(self) -> None:
         self._reader.cancel()
+        if self.rtc is not None:
+            await self.rtc.close()
         await self.connection.close()
 
 
 class _Connecting:
-    def __init__(self, url: str):
-        self.url = url
+    def __init__(self, url: str, transport: str = "jpeg"):
+        self.url, self.transport = url, transport
 
     async def __aenter__(self) -> StreamClient:
         connection = await connect(self.url, max_size=MAX_FRAME_BYTES)
@@ -133,6 +159,8 @@ class _Connecting:
         self.client = StreamClient(connection, first)
         if greeting.get("type") == "session":  # known before the first await of the caller
             self.client.session = greeting
+        if self.transport != "jpeg":
+            await RtcReceiver.start(self.client, required=self.transport == "webrtc")
         return self.client
 
     async def __aexit__(self, *exc) -> None:
@@ -146,7 +174,8 @@ async def watch(args: argparse.Namespace) -> dict:
     versions, sent, seen, frames, writer, first_frame_s = {}, {}, {}, 0, None, None
     switched = not args.prompt2
     start = time.monotonic()
-    async with StreamClient.connect(args.url, args.token, args.session, args.accept_lower_fps) as client:
+    connecting = StreamClient.connect(args.url, args.token, args.session, args.accept_lower_fps, args.transport)
+    async with connecting as client:
         if args.prompt:
             sent_at = time.monotonic()
             version = await client.set_prompt(args.prompt)
@@ -165,12 +194,12 @@ async def watch(args: argparse.Namespace) -> dict:
                 writer = writer or Mp4Writer(args.save, fps=args.fps, width=image.shape[1], height=image.shape[0])
                 writer.write(image[None])
             frames += 1
-        stats, session, ended = client.stats, client.session, client.ended
+        stats, session, ended, transport = client.stats, client.session, client.ended, client.transport
     if writer:
         writer.close()
     return {"frames": frames, "seconds": time.monotonic() - start, "versions": versions, "first_frame_s": first_frame_s,
             "switch_s": seen, "server": stats, "session": session and session["id"],
-            "ended": ended and ended["reason"]}  # fmt: skip
+            "ended": ended and ended["reason"], "transport": transport}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -198,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="take the lower frame rate a full server offers (default: refuse it and exit)",
     )
+    parser.add_argument("--transport", choices=TRANSPORTS, default="jpeg",
+                        help="jpeg: frames as JPEG over the WebSocket; webrtc: the H.264 track (aiortc), failing "
+                        "without it; auto: WebRTC where it connects, else JPEG (default: %(default)s)")  # fmt: skip
     parser.add_argument("--save", type=Path, help="write the frames received to this MP4 (default: save nothing)")
     parser.add_argument("--fps", type=int, default=16, help="frame rate of the saved MP4 (default: %(default)s)")
     return parser
@@ -217,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if result["session"]:
         print(f"session {result['session']} (others join it with --session {result['session']})")
-    print(f"received {result['frames']} frames in {result['seconds']:.1f} s; prompts {result['versions']}")
+    print(f"received {result['frames']} frames in {result['seconds']:.1f} s over {result['transport']}; "
+          f"prompts {result['versions']}")  # fmt: skip
     if result["first_frame_s"] is not None:
         print(f"first frame {result['first_frame_s']:.2f} s after connecting")
     for version, seconds in result["switch_s"].items():

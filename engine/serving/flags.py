@@ -36,6 +36,16 @@ def origin(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def ice_server(text: str) -> dict:
+    """A STUN or TURN server for WebRTC: stun:HOST[:PORT] or turn:USER:PASS@HOST[:PORT]."""
+    from engine.serving.webrtc import parse_ice_server
+
+    try:
+        return parse_ice_server(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def mebibytes(text: str) -> int:
     """A memory size in MiB, at least 1."""
     return _positive(text, int, "a whole number of MiB")

@@ -244,8 +244,9 @@ class Lobby:
     async def _ask(self, watched: Watched, future, route: bool = False) -> dict:
         if route:  # routed on the replica's thread as the answer lands, before that pass's frames
             future.add_done_callback(lambda f: self._route(watched, f))
-        try:
-            return await asyncio.wrap_future(future)
+        try:  # shielded: a caller cancelled while waiting (its viewer hung up) must not cancel the
+            # replica's future, which the replica's thread then could not fill (InvalidStateError kills it)
+            return await asyncio.shield(asyncio.wrap_future(future))
         except ReplicaDown as err:
             return {"error": str(err)}
 

@@ -62,12 +62,16 @@ from engine.media import MediaError, sniff
 MAGIC = b"ARC1"
 HEADER = struct.Struct("<4sIdI")  # magic, frame index, timestamp, prompt version
 MAX_MESSAGE_BYTES = 4096
+MAX_OFFER_BYTES = 32 * 1024
+"""A WebRTC offer's message may be this long (a browser's SDP runs to several KiB)."""
 MAX_CLOSE_REASON_BYTES = 123
 """A WebSocket close frame's reason: 125 bytes of payload less the 2-byte code (RFC 6455 5.5)."""
 MAX_PROMPT_BYTES = 2000
 """A prompt's limit in UTF-8 bytes (2000 ASCII characters, or 500 emoji): what ranks exchange."""
 JPEG_QUALITY = 85
-CONTROL_TYPES = ("prompt", "pause", "resume", "stats")
+CONTROL_TYPES = ("prompt", "pause", "resume", "stats", "offer", "ice", "hangup")
+SIGNALS = ("offer", "ice", "hangup")
+"""WebRTC signalling (engine/serving/webrtc.py); the rest steer the stream."""
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 METRIC_LISTS = {"replicas": "replica", "per_session": "session"}
 """Lists of records in the server's stats -> the label that tells their metrics apart."""
@@ -83,9 +87,13 @@ class Frame:
     timestamp: float
     prompt_version: int
     jpeg: bytes
+    pixels: np.ndarray | None = None
+    """A frame that came over WebRTC: decoded already (`jpeg` is then empty)."""
 
     def image(self) -> np.ndarray:
         """`[H, W, 3]` uint8."""
+        if self.pixels is not None:
+            return self.pixels
         return np.asarray(Image.open(io.BytesIO(self.jpeg)).convert("RGB"))
 
 
@@ -106,26 +114,63 @@ def decode_frame(message: bytes) -> Frame:
 class Control:
     type: str
     text: str | None = None
+    """A prompt's text; an offer's SDP."""
+    candidate: dict | None = None
+    """An ICE candidate: {"candidate": "candidate:...", "sdpMid": ..., "sdpMLineIndex": ...}."""
+    session: str | None = None
+    """The session an offer is for (it must be the viewer's own)."""
+    strength: float | None = None
+    """An offer that sends a camera: how far its frames are noised, in (0, 1] (None: the default)."""
 
 
 def parse_control(message: str | bytes) -> Control:
     """Validate one control message (a text message's str); raise ProtocolError with what is wrong."""
     if not isinstance(message, str):
         raise ProtocolError("control messages are JSON text messages, not binary")
-    if _utf8_size(message) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message longer than {MAX_MESSAGE_BYTES} bytes")
+    size = _utf8_size(message)
+    if size > MAX_OFFER_BYTES:
+        raise ProtocolError(f"message longer than {MAX_MESSAGE_BYTES} bytes (an offer: {MAX_OFFER_BYTES})")
     try:
         data = json.loads(message)
     except (ValueError, RecursionError) as err:
-        raise ProtocolError("message is not JSON") from err
+        raise ProtocolError(_too_long(size) or "message is not JSON") from err
+    if size > MAX_MESSAGE_BYTES and not (isinstance(data, dict) and data.get("type") == "offer"):
+        raise ProtocolError(_too_long(size))
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise ProtocolError('message must be a JSON object with a string "type"')
     kind = data["type"]
     if kind not in CONTROL_TYPES:
         raise ProtocolError(f"unknown message type {kind[:40]!r}; known: {', '.join(CONTROL_TYPES)}")
+    if kind in SIGNALS:
+        return _signal(kind, data)
     if kind != "prompt":
         return Control(kind)
     return Control("prompt", clean_prompt(data.get("text")))
+
+
+def _too_long(size: int) -> str | None:
+    return f"message longer than {MAX_MESSAGE_BYTES} bytes" if size > MAX_MESSAGE_BYTES else None
+
+
+def _signal(kind: str, data: dict) -> Control:
+    """An offer {"sdp": ..., "session": optional}, an ICE candidate {"candidate": {...} or null}, a hangup."""
+    session = data.get("session")
+    if session is not None and not isinstance(session, str):
+        raise ProtocolError('"session" must be a string')
+    if kind == "offer":
+        if not isinstance(data.get("sdp"), str) or not data["sdp"].startswith("v=0"):
+            raise ProtocolError('an offer needs "sdp": the session description of the page (it starts with v=0)')
+        strength = data.get("strength")
+        if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))
+                                     or not 0.0 < strength <= 1.0):  # fmt: skip
+            raise ProtocolError('an offer\'s "strength" (for its camera) must be a number in (0, 1]')
+        return Control("offer", data["sdp"], session=session, strength=strength)
+    if kind == "ice":
+        candidate = data.get("candidate")
+        if candidate is not None and not (isinstance(candidate, dict) and isinstance(candidate.get("candidate"), str)):
+            raise ProtocolError('an ice message needs "candidate": {"candidate": "candidate:...", ...} or null')
+        return Control("ice", candidate=candidate, session=session)
+    return Control("hangup", session=session)
 
 
 def clean_prompt(text: object) -> str:

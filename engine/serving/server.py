@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,7 @@ from engine.serving.protocol import (
     MAX_MESSAGE_BYTES,
     MAX_UPLOAD_BYTES,
     PROMETHEUS_TYPE,
+    SIGNALS,
     UPLOAD_MAGIC,
     Control,
     ProtocolError,
@@ -56,6 +58,8 @@ from engine.serving.protocol import (
     upload_file,
     video_in_upload,
 )
+from engine.serving.signalling import Signalling
+from engine.serving.webrtc import AIORTC, Broadcast, FrameInfo, Peer, announce_encoder, choose_encoder
 
 PAGE = Path(__file__).with_name("viewer.html")
 VIEWER_QUEUE = 48  # frames a viewer may fall behind before its oldest ones are dropped
@@ -92,6 +96,9 @@ class Viewer:
     frames: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(VIEWER_QUEUE))
     dropped: int = 0
     session: Watched | None = None
+    peer: Peer | None = None
+    rtc_live: bool = False
+    """Its WebRTC track carries its frames: no JPEG for it until that stops."""
 
 
 class Hub:
@@ -101,9 +108,10 @@ class Hub:
     viewer of a shared stream), taken in turn, so a session with a burst of blocks drops its own
     oldest ones and delays no other session's."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+    def __init__(self, loop: asyncio.AbstractEventLoop, fps: int = 16):
+        self.loop, self.fps = loop, fps
         self.viewers: set[Viewer] = set()
+        self.broadcasts: dict[object, Broadcast] = {}  # audience -> its WebRTC encoders and tracks
         self.encoder_dropped = 0
         self.viewers_dropped = 0  # by every viewer's queue, since the start
         self._pending: dict[object, deque] = {}
@@ -124,7 +132,7 @@ class Hub:
                 self.encoder_dropped += lost
                 if audience is not None:
                     audience.encoder_dropped += lost
-            pending.append((frames, first_index, version, seconds))
+            pending.append((frames, first_index, version, seconds, time.time()))
             self._ready.notify()
 
     def close(self) -> None:
@@ -142,14 +150,35 @@ class Hub:
             return [] if self._closed else taken
 
     def _encode_forever(self) -> None:
+        """JPEG for the audience's viewers without a live WebRTC track; packets for those with one."""
         while taken := self._next():
-            for audience, (frames, first_index, version, seconds) in taken:
+            for audience, (frames, first_index, version, seconds, made_at) in taken:
+                viewers = list(self.viewers if audience is None else audience.viewers)
+                jpeg = any(not viewer.rtc_live for viewer in viewers)
+                broadcast = self.broadcasts.get(audience)
                 for i, frame in enumerate(frames):
-                    message = encode_frame(first_index + i, seconds, version, frame)
-                    self.loop.call_soon_threadsafe(self._fan_out, message, audience)
+                    if jpeg:
+                        message = encode_frame(first_index + i, seconds, version, frame)
+                        self.loop.call_soon_threadsafe(self._fan_out, message, audience)
+                    if broadcast is not None and broadcast.tracks:
+                        info = FrameInfo(first_index + i, version, seconds, made_at)
+                        self.loop.call_soon_threadsafe(broadcast.fan_out, broadcast.encode(frame, info), info)
+
+    def broadcast_for(self, audience) -> Broadcast:
+        """The audience's WebRTC encoders (made on first use; on the event loop)."""
+        if audience not in self.broadcasts:
+            self.broadcasts[audience] = Broadcast(self.fps, choose_encoder())
+        return self.broadcasts[audience]
+
+    def forget_broadcast(self, audience) -> None:
+        broadcast = self.broadcasts.get(audience)
+        if broadcast is not None and not broadcast.tracks:
+            del self.broadcasts[audience]
 
     def _fan_out(self, message: bytes, audience=None) -> None:
         for viewer in self.viewers if audience is None else audience.viewers:
+            if viewer.rtc_live:
+                continue
             if viewer.frames.full():
                 viewer.frames.get_nowait()
                 viewer.dropped += 1
@@ -180,6 +209,10 @@ class StreamServer:
         token: str | None,
         allow_origins: tuple[str, ...] = (),
         ignored_words: Callable[[str], list[str]] = lambda prompt: [],
+        webrtc: bool = True,
+        ice_servers: tuple[dict, ...] = (),
+        fps: int = 16,
+        video_in: Callable | None = None,
     ):
         if needs_token(host) and not token:
             raise ValueError(f"binding to {host!r} exposes the stream: pass --token")
@@ -187,8 +220,11 @@ class StreamServer:
         self.stats = stats or (lambda: asdict(Stats(prompt=controls.prompt if controls else "")))
         self.access = AccessPolicy(token, tuple(parse_origin(o) for o in allow_origins))
         self.ignored_words = ignored_words
+        if webrtc and AIORTC:
+            announce_encoder()
         self.loop = asyncio.new_event_loop()
-        self.hub = Hub(self.loop)
+        self.hub = Hub(self.loop, fps)
+        self.rtc = Signalling(self.hub, webrtc and AIORTC, list(ice_servers), lambda: self.lobby, video_in)
         self.lobby: Lobby | None = None
         self.media_limits = MediaLimits(max_bytes=MAX_UPLOAD_BYTES)
         """What an upload may be (sessions only): its file's bytes, frame size and frames."""
@@ -272,6 +308,8 @@ class StreamServer:
             return _resource(connection, request, json.dumps(self.server_stats()).encode(), "application/json")
         if path == "/metrics":
             return _resource(connection, request, prometheus(self.server_stats()).encode(), PROMETHEUS_TYPE)
+        if path == "/rtc":
+            return _resource(connection, request, json.dumps(self.rtc.settings()).encode(), "application/json")
         return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
 
     def server_stats(self) -> dict:
@@ -304,6 +342,7 @@ class StreamServer:
                 self.lobby.viewer_gone(viewer.session, viewer)
             for task in tasks:
                 task.cancel()
+            await self.rtc.hang_up(viewer)
 
     async def _admit(self, viewer: Viewer) -> bool:
         """Give the viewer its session (a new one, or the one `?session=` names); else say why and close."""
@@ -357,11 +396,12 @@ class StreamServer:
         hub, watched = self.hub, viewer.session
         if watched is None:
             return reply("stats", **self.stats(), viewers=len(hub.viewers), you_dropped=viewer.dropped,
-                         viewers_dropped=hub.viewers_dropped, encoder_dropped=hub.encoder_dropped)  # fmt: skip
+                         viewers_dropped=hub.viewers_dropped, encoder_dropped=hub.encoder_dropped,
+                         transport=_transport(viewer))  # fmt: skip
         shown = {**watched.summary(), "session": watched.id, "prompt": watched.prompt,
                  "version": watched.stats.get("version", watched.version), "last_switch_s": watched.last_switch_s,
                  "ranks": len(self.lobby.replicas), "you_dropped": viewer.dropped,
-                 "session_dropped": watched.dropped}  # fmt: skip
+                 "session_dropped": watched.dropped, "transport": _transport(viewer)}  # fmt: skip
         return reply("stats", **{"stream_fps": self.lobby.fps, **shown})
 
     async def _receive(self, viewer: Viewer) -> None:
@@ -385,6 +425,8 @@ class StreamServer:
             return reply("error", error=str(err))
         if control.type == "stats":
             return self._stats_message(viewer)
+        if control.type in SIGNALS:
+            return await self.rtc.answer(control, viewer)
         if viewer.session is not None:
             return await self._session_answer(control, viewer.session)
         if control.type == "prompt":
@@ -435,6 +477,10 @@ class StreamServer:
             return self._prompt_ack(answer["ok"]["version"], control.text)
         answer = await self.lobby.control(watched, control.type)
         return reply("error", error=answer["error"]) if "error" in answer else reply("ack", of=control.type)
+
+
+def _transport(viewer: Viewer) -> str:
+    return "webrtc" if viewer.rtc_live else "jpeg"
 
 
 async def _turn_away(connection: ServerConnection, kind: str, fields: dict, code: int = CloseCode.TRY_AGAIN_LATER):

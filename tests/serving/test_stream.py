@@ -319,7 +319,7 @@ def test_the_viewer_page_in_chromium(demo_server):
             page = browser.new_page(viewport={"width": 1100, "height": 760})
             failed = []
             page.on("response", lambda r: failed.append(r.url) if r.status >= 400 else None)
-            page.goto(base + "/")
+            page.goto(base + "/?transport=jpeg")  # the fallback; WebRTC: test_the_viewer_page_plays_webrtc_in_chromium
             page.wait_for_function("document.getElementById('s-frames').textContent > 10", timeout=30000)
             first = page.evaluate("document.getElementById('video').toDataURL()")
             page.wait_for_timeout(1500)
@@ -333,9 +333,92 @@ def test_the_viewer_page_in_chromium(demo_server):
             browser.close()
 
 
+GRAB = """async (count) => {   // the next `count` frames the video element presents, as RGBA
+  const video = document.getElementById('rtc'), canvas = document.createElement('canvas');
+  const context = canvas.getContext('2d'), out = [];
+  while (out.length < count) {
+    const meta = await new Promise((done) => video.requestVideoFrameCallback((now, meta) => done(meta)));
+    canvas.width = meta.width; canvas.height = meta.height;
+    context.drawImage(video, 0, 0);
+    out.push(Array.from(context.getImageData(0, 0, canvas.width, canvas.height).data));
+  }
+  return [canvas.height, canvas.width, out];
+}"""
+
+
+def test_webrtc_both_ways_in_chromium(tmp_path):
+    """Sessions on the demo model. The page negotiates WebRTC on its own and at least 30 frames
+    are presented from the track (requestVideoFrameCallback); the frame on screen names its prompt
+    version, and a switch changes the picture to the new prompt's colour. Then Chromium's fake
+    camera, fed a red circle moving right, goes up the same connection under "a blue circle": the
+    picture is a blue object moving right (the demo's readers)."""
+    assert os.path.exists(CHROMIUM), "the browser test needs Debian's chromium: apt-get install -y chromium"
+    from playwright.sync_api import sync_playwright
+
+    from engine.demo import scenes
+
+    red = scenes.parse_prompt("a red circle moving right")
+    # 64 frames at 2 px a frame round the 64 px torus twice: the fake camera's loop has no jump
+    clip = scenes.make_clip(np.random.default_rng(1), frames=64, description=red).frames
+    camera = _write_y4m(tmp_path / "camera.y4m", clip)
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+            f"--use-file-for-fake-video-capture={camera}"]  # fmt: skip
+    with server("--preset", "demo") as (base, _), sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 760})
+            page.goto(base + "/")
+            page.wait_for_function("window.arcade.rtcFrames >= 30", timeout=60000)
+            assert page.text_content("#s-transport").startswith("WebRTC ("), page.text_content("#s-transport")
+            assert page.is_hidden("#video") and page.is_visible("#rtc"), "the track plays in place of the canvas"
+            assert read_video(_grab(page, 9)).color == "red", "the session's first prompt: " + FIRST
+            assert _switch_and_look(page, "a blue circle").color == "blue"
+            page.click("#camera")
+            page.wait_for_function("document.getElementById('status').textContent.includes('camera is in')",
+                                   timeout=30000)  # fmt: skip
+            page.wait_for_function("document.getElementById('s-transport').textContent.includes('camera in')",
+                                   timeout=30000)  # the new connection's track plays  # fmt: skip
+            reading = read_video(_grab(page, 36)[18:])  # from the seventh block on: its blocks in flight done
+            assert (reading.color, reading.motion) == ("blue", "right"), reading
+        finally:
+            browser.close()
+
+
+def _write_y4m(path, frames: np.ndarray):
+    """A Y4M file (what Chromium's fake camera reads) of `[N, H, W, 3]` uint8 frames."""
+    from engine.serving.video import rgb_to_yuv420p
+
+    height, width = frames.shape[1:3]
+    with open(path, "wb") as out:
+        out.write(f"YUV4MPEG2 W{width} H{height} F16:1 Ip A1:1 C420\n".encode())
+        for frame in frames:
+            out.write(b"FRAME\n" + rgb_to_yuv420p(frame).tobytes())
+    return path
+
+
+def _grab(page, count: int) -> np.ndarray:
+    """The next `count` frames the page presents from its track, `[count, H, W, 3]` uint8."""
+    height, width, frames = page.evaluate(GRAB, count)
+    return np.asarray(frames, np.uint8).reshape(len(frames), height, width, 4)[..., :3]
+
+
+def _switch_and_look(page, prompt: str):
+    """Switch; once the frame on screen says the new version, read the picture from the third
+    block on (the demo's reader)."""
+    page.evaluate("setStatus('')")
+    page.fill("#prompt", prompt)
+    page.click("button[type=submit]")
+    page.wait_for_function("document.getElementById('status').textContent.includes('accepted')", timeout=20000)
+    version = re.search(r"prompt (\d+) accepted", page.text_content("#status")).group(1)
+    page.wait_for_function(f"document.getElementById('s-onscreen').textContent === '{version}'", timeout=30000)
+    return read_video(_grab(page, 12)[6:])
+
+
 def _check_layout(page) -> None:
     """At 1100x760 the video, the prompt box and every stats row are on screen without scrolling."""
-    for selector in ["#video", "#prompt", "#stats"]:
+    shown = "#rtc" if page.is_visible("#rtc") else "#video"  # the WebRTC track, or the JPEG canvas
+    for selector in [shown, "#prompt", "#stats"]:
         box = page.locator(selector).bounding_box()
         assert box["x"] + box["width"] <= 1100 and box["y"] + box["height"] <= 760, (selector, box)
 
