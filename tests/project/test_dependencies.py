@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 IMPORT_NAMES = {"pillow": "PIL"}
 """Distributions imported under another name."""
 WITHOUT_IMPORT = {
-    "accelerate": "kept for the planned big-model placement on any GPU (diffusers uses it when present)",
+    "accelerate": "diffusers' from_pretrained loads with it (low_cpu_mem_usage); its offload hooks lack prefetch",
     "sentencepiece": "transformers' T5/umT5 tokenizers load with it (--text-encoder folders)",
 }
 
