@@ -97,7 +97,7 @@ def build_session(
     if speed.text_encoder_device == "swap":
         encoder.swap_to(device)
     prompts = Prompts(preset, model, encoder, device, embed)
-    decoder = build_decoder(preset, weights, device)
+    decoder = build_decoder(preset, weights, device, getattr(torch, speed.vae_dtype))
     assembly = Assembly(preset, model, device, topology, sharding, speed)
     assembly.memory = placement
     on_ranks = topology is not None and topology.distributed  # a given start is not yet shared between ranks
