@@ -603,6 +603,7 @@ ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn")
 TEXT_ENCODER_DEVICES = ("model", "cpu", "swap")
 WEIGHT_STORAGES = ("native", "fp8")
 OFFLOAD_MODES = ("none", "layers")
+VAE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -628,6 +629,10 @@ class SpeedConfig:
     offload: str = "none"
     """none (every block resident on the device) or layers (the transformer blocks kept in host memory,
     block i+1 copied to the device while block i computes; the same math as resident)."""
+    vae_dtype: str = "float32"
+    """The VAE's weights and decode (and video-in encode): float32, or bfloat16 (half the weights,
+    the causal cache and the decode peak; frames differ by rounding). The Wan VAE and MAGI-1's
+    honour it; the demo's patch codec (a few kilobytes, one matmul) stays float32."""
 
     def __post_init__(self) -> None:
         _require(self.compile in COMPILE_MODES, f"compile must be one of {COMPILE_MODES}")
@@ -639,6 +644,7 @@ class SpeedConfig:
         )
         _require(self.weights in WEIGHT_STORAGES, f"weights must be one of {WEIGHT_STORAGES}")
         _require(self.offload in OFFLOAD_MODES, f"offload must be one of {OFFLOAD_MODES}")
+        _require(self.vae_dtype in VAE_DTYPES, f"vae_dtype must be one of {VAE_DTYPES}")
         _require(
             self.offload == "none" or self.compile == "off",
             "--offload layers rebinds each block's weights as it streams, which a compiled forward would "

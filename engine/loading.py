@@ -33,7 +33,7 @@ from engine.models.magi_vae_tiles import MagiStreamingDecoder
 from engine.models.random_init import SMALL_MODEL_PARAMS
 from engine.models.rope import Rope
 from engine.models.text_encoder import PromptEncoder, TextEncoder
-from engine.models.vae import StreamingDecoder, load_vae, random_vae
+from engine.models.vae import StreamingDecoder, load_vae, place_vae, random_vae
 from engine.models.vae_encoder import StreamingEncoder
 from engine.models.wan import WanModel
 from engine.runtime.kv import KVCache
@@ -187,12 +187,14 @@ def _umt5_encoder(preset: Preset, weights: WeightPaths, device: torch.device, dt
 
 
 def build_decoder(
-    preset: Preset, weights: WeightPaths, device: torch.device
+    preset: Preset, weights: WeightPaths, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> StreamingDecoder | PatchDecoder | MagiStreamingDecoder:
+    """The preset's decoder on `device`, its weights and decode at `dtype` (--vae-dtype; the demo's
+    patch codec, a few kilobytes, stays float32: halving it would free nothing worth a rounding)."""
     if preset.vae.kind == "patches":
         return PatchDecoder(build_patch_codec(preset, weights))
     if preset.vae.kind == "magi":
-        return MagiStreamingDecoder(build_magi_vae(preset, weights).to(device))
+        return MagiStreamingDecoder(build_magi_vae(preset, weights).to(device, dtype))
     path = weights.resolved("vae")
     if path is not None and not weights.random:
         source = path / "vae" if (path / "vae").is_dir() else path  # a pipeline root holds vae/
@@ -203,7 +205,7 @@ def build_decoder(
         vae = random_vae(preset.vae, weights.seed)
     else:
         raise SetupError(_no_vae(preset))
-    return StreamingDecoder(vae.to(device), preset.vae)
+    return StreamingDecoder(place_vae(vae, device, dtype), preset.vae)
 
 
 def build_magi_vae(preset: Preset, weights: WeightPaths) -> MagiVae:

@@ -97,7 +97,9 @@ def build_session(
     if speed.text_encoder_device == "swap":
         encoder.swap_to(device)
     prompts = Prompts(preset, model, encoder, device, embed)
-    decoder = build_decoder(preset, weights, device)
+    decoder = build_decoder(preset, weights, device, getattr(torch, speed.vae_dtype))
+    if speed.vae_dtype != "float32":  # the demo's codec (kilobytes) ignores it: said, not hidden
+        placement.vae = "float32 (the demo's patch codec)" if preset.vae.kind == "patches" else speed.vae_dtype
     assembly = Assembly(preset, model, device, topology, sharding, speed)
     assembly.memory = placement
     on_ranks = topology is not None and topology.distributed  # a given start is not yet shared between ranks

@@ -34,6 +34,7 @@ from engine.config import (
     SOLVERS,
     SWITCHES,
     TEXT_ENCODER_DEVICES,
+    VAE_DTYPES,
     WEIGHT_STORAGES,
     ConfigError,
     Preset,
@@ -460,6 +461,14 @@ FLAGS: tuple[Flag, ...] = (
         "computes (the same output as resident)",
         ("--offload", "layers"),
         choices=OFFLOAD_MODES,
+    ),
+    Flag(
+        "--vae-dtype",
+        "speed.vae_dtype",
+        "the VAE's weights and decode: float32, or bfloat16 (half its memory; frames differ by rounding; "
+        "the demo's patch codec stays float32)",
+        ("--vae-dtype", "bfloat16"),
+        choices=VAE_DTYPES,
     ),
     # this process
     Flag(

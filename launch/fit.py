@@ -20,8 +20,8 @@ from engine.weight_paths import WeightPaths
 from launch.memory import GIB, Counts, MemoryPlan, Options, cheapest, count
 
 SIZES_GIB = (12, 16, 24, 32, 48, 80)
-LEGEND = ("as is: no option needed; te-swap / te-cpu: --text-encoder-device swap / cpu; kv8: --kv-cache fp8; "
-          "w8: --weights fp8; off: --offload layers")  # fmt: skip
+LEGEND = ("as is: no option needed; te-swap / te-cpu: --text-encoder-device swap / cpu; vae16: --vae-dtype "
+          "bfloat16; kv8: --kv-cache fp8; w8: --weights fp8; off: --offload layers")  # fmt: skip
 
 
 def gpu_counts(preset: Preset) -> Counts:

@@ -3,8 +3,9 @@
 Counted on the meta device from the code that builds each part, so the plan cannot drift from
 what loads: the transformer (`new_model` + `cast`, bytes per dtype, blocks apart from the rest),
 the text encoder (`encoder_on_meta`: the folder's config, the random one, or umT5-XXL / T5-XXL
-when no files are given), the VAE and its decoder's causal cache (`decode_on_meta`: the decoder run
-on meta tensors), the KV cache (`stream_kv_cache`, the executor's own sizing, bf16 or fp8).
+when no files are given), the VAE and its decoder's causal cache at float32 and bfloat16
+(`decode_on_meta`: the decoder run on meta tensors), the KV cache (`stream_kv_cache`, the
+executor's own sizing, bf16 or fp8).
 Estimated, by formula (they are not tensors anyone keeps):
 
     activations = tokens x (8 dim + s (5 dim + 2 ffn))     one layer live: no autograd keeps the
@@ -18,13 +19,15 @@ Estimated, by formula (they are not tensors anyone keeps):
 
 The options, cheapest to speed first (the search takes the cheapest set that fits):
     1 --text-encoder-device swap   nothing per frame; a prompt switch copies the encoder over
-    2 --text-encoder-device cpu    nothing per frame; a prompt switch encodes on the CPU (seconds)
-    3 --kv-cache fp8               a dequantise per layer read; fidelity measured (docs/speed.md)
-    4 --weights fp8                a dequantise per Linear; block Linear weights e4m3 + float32 scales
-    5 --offload layers             blocks in pinned host memory, one streamed ahead: PCIe-bound
-A set's cost is the sum of 1, 2, 4, 8, 16 for its options: any set without offload is cheaper than
-any with it, and so on down the list. On a CPU the host is the device: moving parts to it saves
-nothing, so only the fp8 options are searched.
+    2 --vae-dtype bfloat16         nothing per frame on a GPU; frames differ by rounding (docs/speed.md)
+    3 --text-encoder-device cpu    nothing per frame; a prompt switch encodes on the CPU (seconds)
+    4 --kv-cache fp8               a dequantise per layer read; fidelity measured (docs/speed.md)
+    5 --weights fp8                a dequantise per Linear; block Linear weights e4m3 + float32 scales
+    6 --offload layers             blocks in pinned host memory, one streamed ahead: PCIe-bound
+A set's cost is the sum of 1, 2, 4, 8, 16, 32 for its options: any set without offload is cheaper
+than any with it, and so on down the list. On a CPU the host is the device: moving parts to it
+saves nothing, so only the fp8 options are searched (a bfloat16 VAE is left out there too: hosts
+without bf16 units convert, several times slower than float32).
 """
 
 from __future__ import annotations
@@ -57,11 +60,12 @@ CHOICES = {
     "kv_cache": ("model", "fp8"),
     "weights": ("native", "fp8"),
     "offload": ("none", "layers"),
+    "vae": ("float32", "bfloat16"),
 }
-COSTS = {("text_encoder", "swap"): 1, ("text_encoder", "cpu"): 2, ("kv_cache", "fp8"): 4, ("weights", "fp8"): 8,
-         ("offload", "layers"): 16}  # fmt: skip
+COSTS = {("text_encoder", "swap"): 1, ("vae", "bfloat16"): 2, ("text_encoder", "cpu"): 4, ("kv_cache", "fp8"): 8,
+         ("weights", "fp8"): 16, ("offload", "layers"): 32}  # fmt: skip
 FLAGS = {"text_encoder": "--text-encoder-device", "kv_cache": "--kv-cache", "weights": "--weights",
-         "offload": "--offload"}  # fmt: skip
+         "offload": "--offload", "vae": "--vae-dtype"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class Options:
     kv_cache: str = "model"
     weights: str = "native"
     offload: str = "none"
+    vae: str = "float32"
 
     @property
     def cost(self) -> int:
@@ -83,9 +88,10 @@ class Options:
         return " ".join(changed)
 
     def short(self) -> str:
-        """For tables: 'as is', or e.g. 'te-cpu kv8 w8 off'."""
-        names = {"swap": "te-swap", "cpu": "te-cpu", "fp8": "", "layers": "off"}
+        """For tables: 'as is', or e.g. 'te-cpu vae16 kv8 w8 off'."""
+        names = {"swap": "te-swap", "cpu": "te-cpu"}
         parts = [names[self.text_encoder]] if self.text_encoder != "model" else []
+        parts += ["vae16"] if self.vae == "bfloat16" else []
         parts += ["kv8"] if self.kv_cache == "fp8" else []
         parts += ["w8"] if self.weights == "fp8" else []
         parts += ["off"] if self.offload == "layers" else []
@@ -95,7 +101,7 @@ class Options:
 def options_of(*configs) -> Options:
     """The options set on the run's configs (the speed and weight configs carry them)."""
     fields = {"text_encoder": "text_encoder_device", "kv_cache": "kv_cache", "weights": "weights",
-              "offload": "offload"}  # fmt: skip
+              "offload": "offload", "vae": "vae_dtype"}  # fmt: skip
     found = {}
     for name, attr in fields.items():
         for config in configs:
@@ -110,7 +116,7 @@ def all_options(device_type: str) -> list[Options]:
     names = list(CHOICES)
     sets = [Options(**dict(zip(names, values))) for values in itertools.product(*CHOICES.values())]
     if device_type == "cpu":
-        sets = [s for s in sets if s.text_encoder == "model" and s.offload == "none"]
+        sets = [s for s in sets if s.text_encoder == "model" and s.offload == "none" and s.vae == "float32"]
     return sorted(sets, key=lambda s: s.cost)
 
 
@@ -225,20 +231,21 @@ def _encoder_bytes_of(encoder: torch.nn.Module, dtype: torch.dtype) -> int:
     return total + sum(_nbytes(b) for b in encoder.buffers())
 
 
-def count_vae(preset: Preset, weights: WeightPaths) -> tuple[int, int, int]:
-    """(weights, one stream's decoder state, a block's decode peak above it) of the preset's decoder."""
+def count_vae(preset: Preset, weights: WeightPaths, dtype: torch.dtype = torch.float32) -> tuple[int, int, int]:
+    """(weights, one stream's decoder state, a block's decode peak above it) of the preset's decoder
+    as `build_decoder` makes it at `dtype` (--vae-dtype; the demo's codec stays float32)."""
     if preset.vae.kind == "magi":  # its weights; its decode state and peak are not counted yet
         from engine.models.magi_vae import MagiVae
 
         with torch.device("meta"):
-            vae = MagiVae(preset.vae.magi)
+            vae = MagiVae(preset.vae.magi).to(dtype)
         return sum(_nbytes(t) for t in (*vae.parameters(), *vae.buffers())), 0, 0
     if preset.vae.kind == "patches":
         codec = build_patch_codec(preset, weights)
         return sum(_nbytes(t) for t in vars(codec).values() if isinstance(t, torch.Tensor)), 0, 0
     from engine.models.vae import decode_on_meta
 
-    return decode_on_meta(preset.vae, preset.latent_shape(preset.stream.frames_per_block))
+    return decode_on_meta(preset.vae, preset.latent_shape(preset.stream.frames_per_block), dtype)
 
 
 @dataclass(frozen=True)
@@ -251,9 +258,10 @@ class Counts:
     transformer: Transformer
     text_encoder: int
     text_encoder_name: str
-    vae: int
-    decode_state: int
-    decode_peak: int
+    vae: dict[str, int]
+    """The VAE's weights, per --vae-dtype (as `decode_state` and `decode_peak`)."""
+    decode_state: dict[str, int]
+    decode_peak: dict[str, int]
     kv: dict[str, int]
     prompt_kv: int
     activations: int
@@ -268,13 +276,14 @@ def count(preset: Preset, weights: WeightPaths, dtype: torch.dtype, device_type:
     schedule = build_schedule(preset.sampling)
     branches = make_guidance(preset, schedule).branches
     transformer = count_transformer(preset, dtype)
-    vae, state, peak = count_vae(preset, weights)
+    vae = {name: count_vae(preset, weights, getattr(torch, name)) for name in CHOICES["vae"]}
     text, text_name = count_text_encoder(preset, weights, dtype)
     tokens = branches * frames_in_forward(preset, schedule) * preset.tokens_per_frame
     random = weights.random or (preset.random_init and weights.resolved("transformer", preset) is None)
     return Counts(
         preset=preset.name, device_type=device_type, dtype=dtype, transformer=transformer,
-        text_encoder=text, text_encoder_name=text_name, vae=vae, decode_state=state, decode_peak=peak,
+        text_encoder=text, text_encoder_name=text_name, vae={n: v[0] for n, v in vae.items()},
+        decode_state={n: v[1] for n, v in vae.items()}, decode_peak={n: v[2] for n, v in vae.items()},
         kv=_kv(preset, schedule, dtype, head_shards), prompt_kv=_prompt_kv(preset, dtype, branches),
         activations=_activations(preset, dtype, tokens // head_shards), tokens=tokens,
         random_draw=transformer.params * 4 if random and transformer.params >= SMALL_MODEL_PARAMS else 0,
@@ -331,16 +340,16 @@ class MemoryPlan:
             Part("transformer", t.device_bytes(o), t.host_bytes(o), _weights_note(weights, o)),
             Part("text encoder", text_device, c.text_encoder - text_device,
                  f"{c.text_encoder_name}{'' if o.text_encoder == 'model' else ', ' + o.text_encoder}"),
-            Part("VAE", c.vae, 0, "float32"),
+            Part("VAE", c.vae[o.vae], 0, o.vae),
             Part("KV cache", c.kv[o.kv_cache], 0, "fp8" if o.kv_cache == "fp8" else _name(c.dtype)),
-            Part("stream state", c.decode_state + c.prompt_kv, 0, "decoder cache + prompt K/V"),
+            Part("stream state", c.decode_state[o.vae] + c.prompt_kv, 0, "decoder cache + prompt K/V"),
             Part("activations", self.activations, 0, f"largest tick: {c.tokens:,} tokens"),
             Part("workspace", c.workspace),
         ]  # fmt: skip
 
     @property
     def activations(self) -> int:
-        return max(self.counts.activations, self.counts.decode_peak)
+        return max(self.counts.activations, self.counts.decode_peak[self.options.vae])
 
     @property
     def phases(self) -> dict[str, int]:
@@ -369,7 +378,7 @@ class MemoryPlan:
     def per_session(self) -> int:
         """What one more stream adds: its KV cache and its state (decoder cache, prompt K/V)."""
         c = self.counts
-        return c.kv[self.options.kv_cache] + c.decode_state + c.prompt_kv
+        return c.kv[self.options.kv_cache] + c.decode_state[self.options.vae] + c.prompt_kv
 
     def sessions(self, batch: int = 1) -> int:
         """Streams that fit `budget` beside the model, `batch` of them coalesced in one forward."""

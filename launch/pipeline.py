@@ -166,18 +166,20 @@ class StreamingPipeline:
         weights: str = "native",
         offload: str = "none",
         text_encoder_device: str = "model",
+        vae_dtype: str = "float32",
     ) -> StreamingPipeline:
         """Load a preset (`python -m launch.presets` lists them) with its weights: the shipped ones
         for the demo, a checkpoint (+ a Wan2.1 diffusers `base` for text encoder and VAE) for real
         models, or seeded random weights. Under torchrun pass the topology of `parallel.runtime.launched`.
         Speed (the same math): `compile` off | default | graphs (CUDA), `kv_cache` model | fp8,
         `attention` auto | math | flash | efficient | cudnn (see `speed_line`). Memory: `weights`
-        native | fp8, `offload` none | layers, `text_encoder_device` model | cpu | swap."""
+        native | fp8, `offload` none | layers, `text_encoder_device` model | cpu | swap, `vae_dtype`
+        float32 | bfloat16."""
         paths = {"checkpoint": checkpoint, "base": base, "text_encoder": text_encoder, "vae": vae, "lora": lora}
         files = WeightPaths(**{k: Path(v) for k, v in paths.items() if v is not None}, random=random_weights)
         torch_device = resolve_device(device)
         speed = SpeedConfig(compile=compile, kv_cache=kv_cache, attention=attention, weights=weights,
-                            offload=offload, text_encoder_device=text_encoder_device)  # fmt: skip
+                            offload=offload, text_encoder_device=text_encoder_device, vae_dtype=vae_dtype)  # fmt: skip
         dtype_ = resolve_dtype(dtype, torch_device)
         return cls(build_session(get_preset(name), files, torch_device, dtype_, topology, speed=speed))
 

@@ -58,7 +58,7 @@ class RankRun:
                 print(_sp_line(preset, topology), file=sys.stderr)
             self.decoder = self.session.decoder
         else:
-            self.decoder = build_decoder(preset, weights, device)
+            self.decoder = build_decoder(preset, weights, device, getattr(torch, speed.vae_dtype))
         self.run: Run | None = None
 
     def blocks(

@@ -58,6 +58,12 @@ def random_vae(cfg: VaeConfig, seed: int) -> AutoencoderKLWan:
         return build_vae(cfg).eval()
 
 
+def place_vae(vae: AutoencoderKLWan, device: torch.device | str, dtype: torch.dtype) -> AutoencoderKLWan:
+    """The VAE on `device` with every weight at `dtype` (--vae-dtype). torch's own `to`: diffusers'
+    warns of modules to keep in float32 on any dtype cast, and AutoencoderKLWan names none."""
+    return torch.nn.Module.to(vae, device, dtype)
+
+
 def load_vae(cfg: VaeConfig, path: str | Path) -> AutoencoderKLWan:
     """A diffusers `vae/` folder (or pipeline root), or Wan's own `Wan2.1_VAE.pth` /
     `Wan2.2_VAE.pth` / .safetensors."""
@@ -201,15 +207,18 @@ class LiveBytes(TorchDispatchMode):
 
 
 @functools.lru_cache(maxsize=16)
-def decode_on_meta(cfg: VaeConfig, block_shape: tuple[int, ...]) -> tuple[int, int, int]:
+def decode_on_meta(
+    cfg: VaeConfig, block_shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> tuple[int, int, int]:
     """(weight bytes, decoder state bytes, decode peak bytes) of a `StreamingDecoder` decoding
-    latent blocks of `block_shape` `[B, C, F, h, w]`: the Wan VAE built and run on the meta device
+    latent blocks of `block_shape` `[B, C, F, h, w]` with its weights at `dtype` (--vae-dtype: the
+    cache and activations follow the weights): the Wan VAE built and run on the meta device
     (shapes only, no memory). The state is the causal-convolution cache a stream keeps between
     blocks, after two blocks (its steady size); the peak is what the second block's decode makes
     on top of it (activations, the new cache, the frames). Kept per shape: meta kernels run through
     Python, seconds for the full-size decoder."""
     with torch.device("meta"):
-        vae = build_vae(cfg).eval()
+        vae = place_vae(build_vae(cfg).eval(), "meta", dtype)
     weights = sum(t.numel() * t.element_size() for t in (*vae.parameters(), *vae.buffers()))
     stats = dataclasses.replace(cfg, latents_mean=(0.0,) * cfg.z_dim, latents_std=(1.0,) * cfg.z_dim)
     decoder = StreamingDecoder(vae, stats)

@@ -33,6 +33,8 @@ class MemoryPlacement:
     """native, or which fp8 implementation ran."""
     streamed: StreamedBlocks | None = None
     text_encoder: str = "model"
+    vae: str = "float32"
+    """--vae-dtype as the decoder took it (said only when not float32)."""
 
     @property
     def line(self) -> str:
@@ -41,6 +43,7 @@ class MemoryPlacement:
             blocks = len(self.streamed) - self.streamed.resident
             parts.append(f"offload: {blocks} of {len(self.streamed)} blocks streamed from host memory")
         parts.append(f"text encoder: {self.text_encoder}")
+        parts += [f"VAE: {self.vae}"] if self.vae != "float32" else []
         return "; ".join(parts)
 
 

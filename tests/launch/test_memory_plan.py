@@ -13,7 +13,7 @@ import torch
 from engine.config import SpeedConfig
 from engine.devices import SetupError
 from engine.footprint import GIB, parse_bytes, size
-from engine.loading import new_model
+from engine.loading import build_decoder, new_model
 from engine.sampling.noise import NoiseSource
 from engine.serving.scheduler import Limits
 from engine.serving.sessions import Opened, Refused, SessionManager
@@ -40,15 +40,19 @@ def test_the_plan_counts_what_a_session_allocates(name):
     decoder = session.decoder
     assert counts.transformer.total == tensor_bytes(session.model)
     assert counts.text_encoder == tensor_bytes(session.prompts.encoder.encoder)
-    assert counts.vae == tensor_bytes(decoder.vae) + decoder.mean.nbytes + decoder.std.nbytes
+    assert counts.vae["float32"] == tensor_bytes(decoder.vae) + decoder.mean.nbytes + decoder.std.nbytes
     executor = session.executors(NoiseSource(0), blocks_in_forward=1)  # a sequential plan: one block per forward
     assert counts.kv["model"] == executor.cache.nbytes > 0  # the cache the executor allocated
     fp8 = Assembly(preset, session.model, CPU, speed=SpeedConfig(kv_cache="fp8"))(NoiseSource(0), blocks_in_forward=1)
     assert counts.kv["fp8"] == fp8.cache.nbytes  # scales and a working buffer: fp8 wins at real sizes only
     if name == "tiny-wan":  # the decoder's causal cache after two blocks (decoding mid-wan's takes too long)
         assert len(list(session.run("a red circle moving left", blocks=2, seed=0).frames())) == 2
-        assert counts.decode_state == sum(t.nbytes for t in decoder._feat_map if isinstance(t, torch.Tensor)) > 0
+        state = sum(t.nbytes for t in decoder._feat_map if isinstance(t, torch.Tensor))
+        assert counts.decode_state["float32"] == state > 0
         check_the_options_as_built(preset, counts)
+        bf16 = build_decoder(preset, WeightPaths(), CPU, torch.bfloat16)  # --vae-dtype bfloat16: built, not run
+        assert counts.vae["bfloat16"] == tensor_bytes(bf16.vae) + bf16.mean.nbytes + bf16.std.nbytes
+        assert 2 * counts.decode_state["bfloat16"] == state  # the cache is made at the weights' dtype
 
 
 def check_the_options_as_built(preset, counts):
@@ -81,7 +85,9 @@ def test_the_real_size_plans_equal_their_meta_counts():
     assert counts.text_encoder == 2 * 5_680_910_336  # umT5-XXL's parameters at bfloat16
     plan = cheapest(counts, 32 * GIB)  # the target: a 32 GB card
     assert plan is not None and plan.needed <= 32 * GIB and plan.options.offload == "layers", plan
-    assert cheapest(counts, 24 * GIB) is None and MemoryPlan(counts, Options(), 80 * GIB).fits
+    assert cheapest(counts, 16 * GIB) is None and MemoryPlan(counts, Options(), 80 * GIB).fits
+    small = cheapest(gpu_counts(presets.get_preset("self-forcing-1.3b")), 12 * GIB)  # the target: a 12 GB card
+    assert small is not None and small.options.vae == "bfloat16" and small.options.offload == "none", small
 
 
 def test_an_impossible_gpu_memory_is_refused_in_one_line(capsys, tmp_path, monkeypatch):
