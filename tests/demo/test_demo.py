@@ -241,3 +241,21 @@ def test_a_weights_folder_resolves_like_the_shipped_bundle():
     folder = bundled_weights_dir("demo")
     for part in ("transformer", "text_encoder", "vae"):
         assert WeightPaths.bundle(folder).resolved(part) == WeightPaths().resolved(part, DEMO)
+
+
+def test_the_shipped_weights_continue_a_given_clip():
+    """`launch.bench adherence --continuation`: a 2-block clip's latents are the stream's clean
+    context, so the next block shows the clip's shape where the clip leaves it (a stream that
+    ignored its context would start near the centre), in the clip's color and motion."""
+    from engine.demo.reading import read_frame
+    from launch.benchmarks.adherence import _continue_clip
+
+    session = build_session(DEMO, WeightPaths(), torch.device("cpu"), torch.float32)
+    desc = Description("red", "circle", "right")
+    truth = make_clip(np.random.default_rng(11), frames=12, description=desc)  # 2 blocks given, 2 to make
+    assert np.abs(truth.centers[6] - 32).max() > 10, "the clip's shape is far from where streams start"
+    video = _continue_clip(session, truth.frames[:6], desc.prompt, blocks=2, seed=0)
+    assert video.shape == (6, 64, 64, 3)
+    center = read_frame(video[0]).center
+    assert center is not None and np.abs(center - truth.centers[6]).max() < 3, (center, truth.centers[6])
+    assert adherence(video, desc)["color"] and adherence(video, desc)["motion"]

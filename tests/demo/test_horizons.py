@@ -54,3 +54,20 @@ def test_the_soak_summary_leaves_out_the_warmup():
     assert abs(summary["fps_spread"] - 2 / 19) < 1e-9
     assert summary["cpu_fps_mean"] == 40.0 and summary["cpu_fps_spread"] == 0.0
     assert abs(summary["fps_change"] - 2 / 19) < 1e-9 and summary["cpu_fps_change"] == 0.0
+
+
+def test_a_second_copy_of_the_object_is_a_split():
+    """Ground truth shows one copy (a shape crossing an edge stays one blob on the torus); the
+    same shape drawn twice is two copies; a blob of another color is not a copy."""
+    from engine.demo.scenes import render
+    from engine.eval.objects import copies, split_share
+
+    desc = Description("yellow", "triangle", "up")
+    clip = make_clip(np.random.default_rng(2), frames=12, description=desc)
+    assert split_share(clip.frames, "yellow") == 0.0
+    assert copies(render(desc, (32.0, 1.0), 9.0, 0, 64), "yellow") == 1, "wrapped over the top edge: one blob"
+    one, other = render(desc, (16.0, 20.0), 9.0, 0, 64), render(desc, (48.0, 44.0), 9.0, 0, 64)
+    twice = np.maximum(one, other)
+    assert copies(twice, "yellow") == 2 and split_share(np.stack([twice, one]), "yellow") == 0.5
+    cyan = render(Description("cyan", "circle", "up"), (48.0, 44.0), 9.0, 0, 64)
+    assert copies(np.maximum(one, cyan), "yellow") == 1
