@@ -7,9 +7,9 @@
 Variants: self-forcing-1.3b eager, compiled, compiled + CUDA graphs and with an fp8 KV cache;
 wan-14b-causal, magi-1-4.5b-distill, skyreels-v2-df-1.3b and longlive2-5b (LongLive-2.0 on
 Wan2.2-TI2V-5B, 1280x704) eager; and two smaller cards, by a memory cap: self-forcing-1.3b at
-12 GB and wan-14b-causal at 32 GB, with the options that make them fit (text encoder on the host,
-blocks streamed from host memory; for 14B fp8 weights and KV), each against its resident variant
-and the offload model's prediction (launch/throughput.py). Each runs in its own process
+12 GB (text encoder on the host, bf16 VAE, fp8 KV, blocks streamed from host memory) and wan-14b-causal
+at 32 GB (text encoder on the host, blocks streamed from host memory, fp8 weights and KV), each
+against its resident variant and the offload model's prediction (launch/throughput.py). Each runs in its own process
 (launch/benchmarks/gpu_variant.py) under a time budget, so a failure (out of memory, a compile
 error) is recorded and the rest go on, and the whole run ends by `--deadline-s`.
 Per variant: steady-state FPS (denoising; and with decoding), first-frame latency from session
@@ -69,6 +69,7 @@ class Variant:
     weights: str = "native"
     offload: str = "none"
     text_encoder_device: str = "model"
+    vae_dtype: str = "float32"
     memory_gb: float | None = None
     """A smaller card: the process may use this many GB (10^9 bytes) of the device, through
     torch.cuda.set_per_process_memory_fraction (not applied off CUDA)."""
@@ -86,12 +87,14 @@ VARIANTS = (  # the order they run in: when --deadline-s runs out, the last ones
     Variant("magi-eager", "magi-1-4.5b-distill", budget_s=60),
     Variant("skyreels-eager", "skyreels-v2-df-1.3b", budget_s=60),
     Variant("ll2-eager", "longlive2-5b", budget_s=60),
-    Variant(
+    Variant(  # fits 12 GiB by the memory plan (launch.presets --fit), streaming the blocks to measure offload
         "sf-12gb",
         "self-forcing-1.3b",
         budget_s=60,
+        kv_cache="fp8",
         offload="layers",
         text_encoder_device="cpu",
+        vae_dtype="bfloat16",
         memory_gb=12,
         resident="sf-eager",
     ),
@@ -156,7 +159,8 @@ def spec_for(variant: Variant, args: argparse.Namespace, budget_s: float) -> Var
     quick = args.quick
     return VariantSpec(
         name=variant.name, preset=preset, compile=variant.compile, kv_cache=variant.kv_cache, weights=variant.weights,
-        offload=variant.offload, text_encoder_device=variant.text_encoder_device, memory_gb=variant.memory_gb,
+        offload=variant.offload, text_encoder_device=variant.text_encoder_device, vae_dtype=variant.vae_dtype,
+        memory_gb=variant.memory_gb,
         device=args.device,
         dtype=args.dtype, warmup=1 if quick else warmup_blocks(preset), blocks=min(args.blocks, 2) if quick else
         args.blocks, profile=not quick, budget_s=budget_s, inject_failure=args.inject_failure == variant.name,
@@ -269,8 +273,8 @@ def offload_rows(rows: list[dict]) -> list[dict]:
         row, resident = by_name.get(variant.name), by_name.get(variant.resident or "")
         if row is None or variant.memory_gb is None:
             continue
-        options = [f"--{k.replace('_', '-')} {getattr(variant, k)}" for k in ("text_encoder_device", "weights",
-                   "offload", "kv_cache") if getattr(variant, k) != getattr(Variant("", ""), k)]  # fmt: skip
+        options = [f"--{k.replace('_', '-')} {getattr(variant, k)}" for k in ("text_encoder_device", "vae_dtype",
+                   "weights", "offload", "kv_cache") if getattr(variant, k) != getattr(Variant("", ""), k)]  # fmt: skip
         line = {"variant": variant.name, "memory_cap": row.get("memory_cap"), "options": " ".join(options),
                 "fps": row.get("fps"), "peak_gib": row.get("peak_gib"), "h2d_gbps": row.get("h2d_gbps"),
                 "block_mb": row.get("block_mb")}  # fmt: skip

@@ -46,7 +46,7 @@ from launch.threads import configure_threads
 
 PROMPT = "a red circle moving left"
 GIB = 2**30
-MEMORY_DEFAULTS = {"weights": "native", "offload": "none", "text_encoder_device": "model"}
+MEMORY_DEFAULTS = {"weights": "native", "offload": "none", "text_encoder_device": "model", "vae_dtype": "float32"}
 MEMORY_OPTIONS = tuple(MEMORY_DEFAULTS)
 
 
@@ -61,6 +61,7 @@ class VariantSpec:
     weights: str = "native"
     offload: str = "none"
     text_encoder_device: str = "model"
+    vae_dtype: str = "float32"
     memory_gb: float | None = None
     """Cap the device memory this process may use (CUDA: set_per_process_memory_fraction)."""
     device: str = "auto"
@@ -89,7 +90,8 @@ class Recorder:
     def __init__(self, path: Path, spec: VariantSpec):
         self.path, self.row = path, {"name": spec.name, "preset": spec.preset, "compile": spec.compile,
                                      "kv_cache": spec.kv_cache, "weights": spec.weights, "offload": spec.offload,
-                                     "text_encoder_device": spec.text_encoder_device, "status": "started"}  # fmt: skip
+                                     "text_encoder_device": spec.text_encoder_device, "vae_dtype": spec.vae_dtype,
+                                     "status": "started"}  # fmt: skip
 
     def update(self, **fields) -> None:
         self.row |= fields

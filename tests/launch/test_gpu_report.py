@@ -97,6 +97,7 @@ def test_smaller_cards_stream_their_blocks_and_meet_the_offload_model(report):
     assert model["wan14b-32gb"]["note"] == "no prediction: wan14b-eager measured no forward"  # the injected failure
     assert "--weights fp8 --offload layers --kv-cache fp8" in model["wan14b-32gb"]["options"]
     assert rows["wan14b-32gb"]["block_mb"] < rows["sf-12gb"]["block_mb"]  # the same tiny model, fp8 blocks
+    assert "--vae-dtype bfloat16" in model["sf-12gb"]["options"], model["sf-12gb"]  # what makes 1.3B fit 12 GiB
     assert "## Smaller cards" in report[1]
 
 
