@@ -156,6 +156,7 @@ class StreamingPipeline:
         text_encoder: str | Path | None = None,
         vae: str | Path | None = None,
         lora: str | Path | None = None,
+        special_tokens: str | Path | None = None,
         random_weights: bool = False,
         device: str = "auto",
         dtype: str = "auto",
@@ -169,13 +170,15 @@ class StreamingPipeline:
         vae_dtype: str = "float32",
     ) -> StreamingPipeline:
         """Load a preset (`python -m launch.presets` lists them) with its weights: the shipped ones
-        for the demo, a checkpoint (+ a Wan2.1 diffusers `base` for text encoder and VAE) for real
-        models, or seeded random weights. Under torchrun pass the topology of `parallel.runtime.launched`.
+        for the demo, a checkpoint (+ a Wan2.1 diffusers `base` for text encoder and VAE; MAGI-1:
+        `special_tokens`, its special_tokens.npz) for real models, or seeded random weights. Under
+        torchrun pass the topology of `parallel.runtime.launched`.
         Speed (the same math): `compile` off | default | graphs (CUDA), `kv_cache` model | fp8,
         `attention` auto | math | flash | efficient | cudnn (see `speed_line`). Memory: `weights`
         native | fp8, `offload` none | layers, `text_encoder_device` model | cpu | swap, `vae_dtype`
         float32 | bfloat16."""
-        paths = {"checkpoint": checkpoint, "base": base, "text_encoder": text_encoder, "vae": vae, "lora": lora}
+        paths = {"checkpoint": checkpoint, "base": base, "text_encoder": text_encoder, "vae": vae, "lora": lora,
+                 "special_tokens": special_tokens}  # fmt: skip
         files = WeightPaths(**{k: Path(v) for k, v in paths.items() if v is not None}, random=random_weights)
         torch_device = resolve_device(device)
         speed = SpeedConfig(compile=compile, kv_cache=kv_cache, attention=attention, weights=weights,
