@@ -41,8 +41,13 @@ READ_REPEATS = 20
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-presets", nargs="+", default=["self-forcing-1.3b", "wan-14b-causal"],
                         help="presets whose cache memory is counted (their own resolution, bf16 vs fp8)")  # fmt: skip
+    add_fidelity_arguments(parser, per="storage")
+
+
+def add_fidelity_arguments(parser: argparse.ArgumentParser, per: str) -> None:
+    """The fidelity half's flags, shared with the fp8-weights bench (launch/benchmarks/weights.py)."""
     parser.add_argument("--preset", default="demo", help="model whose decoded frames measure fidelity")
-    parser.add_argument("--prompts", type=int, default=4, help="videos per storage (prompts of the adherence set)")
+    parser.add_argument("--prompts", type=int, default=4, help=f"videos per {per} (prompts of the adherence set)")
     parser.add_argument("--blocks", type=int, default=20, help="blocks per video")
     parser.add_argument("--tiny-blocks", type=int, default=20, help="blocks of the tiny-wan latent comparison")
     parser.add_argument("--seed", type=int, default=0, help="first video's seed")

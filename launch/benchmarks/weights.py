@@ -29,7 +29,7 @@ from engine.runtime.fp8_weights import blocks_bytes
 from engine.weight_paths import WeightPaths
 from launch.benchmarks.adherence import eval_prompts
 from launch.benchmarks.common import session_for
-from launch.benchmarks.kv import _fidelity_row, _videos
+from launch.benchmarks.kv import _fidelity_row, _videos, add_fidelity_arguments
 from launch.presets import get_preset
 
 COLUMNS = ["what", "preset", "weights", "gib", "vs_native", "psnr_db", "ssim", "max_diff", "rel_rms", "seconds"]
@@ -39,12 +39,7 @@ GIB = 2**30
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-presets", nargs="+", default=["self-forcing-1.3b", "wan-14b-causal"],
                         help="presets whose transformer bytes are counted (bf16 vs fp8 blocks)")  # fmt: skip
-    parser.add_argument("--preset", default="demo", help="model whose decoded frames measure fidelity")
-    parser.add_argument("--prompts", type=int, default=4, help="videos per setting (prompts of the adherence set)")
-    parser.add_argument("--blocks", type=int, default=20, help="blocks per video")
-    parser.add_argument("--tiny-blocks", type=int, default=20, help="blocks of the tiny-wan latent comparison")
-    parser.add_argument("--seed", type=int, default=0, help="first video's seed")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    add_fidelity_arguments(parser, per="setting")
 
 
 def memory_rows(names: list[str]) -> list[dict]:
