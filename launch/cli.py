@@ -165,6 +165,20 @@ def _memory_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _timesteps(text: str) -> tuple[float, ...]:
+    """ "1000,750,500,250" -> (1000.0, 750.0, 500.0, 250.0): a Self-Forcing-style step ladder."""
+    example = "e.g. 1000,750,500,250"
+    try:
+        steps = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"give comma-separated numbers in (0, 1000], {example}; got {text!r}"
+        ) from None
+    if not all(0 < t <= 1000 for t in steps) or list(steps) != sorted(set(steps), reverse=True):
+        raise argparse.ArgumentTypeError(f"steps must decrease and lie in (0, 1000], {example}; got {text!r}")
+    return steps
+
+
 _SEQ = ("--schedule", "pyramid", "--offset", "1")
 FLAGS: tuple[Flag, ...] = (
     # plan
@@ -252,6 +266,13 @@ FLAGS: tuple[Flag, ...] = (
         "number of evenly spaced flow steps (replaces explicit timesteps)",
         ("--steps", "8"),
         type=int,
+    ),
+    Flag(
+        "--timesteps",
+        "sampling.timesteps",
+        "explicit steps in 0-1000, comma-separated, warped by the shift (replaces --steps and the preset's)",
+        ("--timesteps", "1000,750,500,250,100"),
+        type=_timesteps,
     ),
     Flag("--shift", "sampling.shift", "flow shift", ("--shift", "3"), type=float),
     Flag("--solver", "sampling.solver", "the per-block solver", ("--solver", "euler"), choices=SOLVERS),
@@ -598,8 +619,12 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
     refusing flags that would change nothing in the resulting settings."""
     preset = get_preset(args.preset)
     sampling = _given(args, "sampling")
+    if "num_steps" in sampling and "timesteps" in sampling:
+        raise ConfigError("--steps and --timesteps both set the sampler's steps: give one")
     if "num_steps" in sampling:
         sampling["timesteps"] = None
+    elif "timesteps" in sampling:
+        sampling["num_steps"] = None
     cache = _given(args, "cache")
     if cache.get("policy", "none") != "none" and "threshold" not in cache:
         cache["threshold"] = SUGGESTED_THRESHOLDS[cache["policy"]]

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{**values, "grid": tuple(values["grid"])})
+    cfg = TrainConfig(**{name: tuple(v) if isinstance(v, list) else v for name, v in values.items()})  # nargs: lists
     device = resolve_device(args.device)
     trainer = Trainer(get_preset("demo"), cfg, device, args.init)
     note = {"init": None if args.init is None else args.init.as_posix(),

@@ -196,12 +196,37 @@ def sample_block(model: WanModel, text, pool: RolloutPool, sigmas: tuple[float, 
     return x, inputs, commit.recorded
 
 
+@torch.no_grad()
+def refined(model: WanModel, text, view: RolloutView, x: torch.Tensor, sigma: torch.Tensor, ladder, generator):
+    """What the model's own many-step sampler makes of each stream's block x `[B, C, F, h, w]` at
+    level sigma `[B]`: x0 prediction, then re-noise and predict again at each level of `ladder`
+    (descending, ending at 0) below sigma, as inference does with that ladder.
+
+    A target for the few-step sampler's x0 prediction (distillation from its own long sampler):
+    it keeps what x already commits to, such as where the shape is, and is sharp there, where the
+    ground truth, when x has drifted from it, can only be matched on average (a blur, or two copies)."""
+    levels, current = torch.tensor(ladder, device=x.device), sigma.clone()
+    B, F = x.shape[0], x.shape[2]
+    x0 = x - sigma[:, None, None, None, None] * model(x, current[:, None].expand(B, F).contiguous(), text, view).float()
+    while True:
+        following = torch.where(levels[None, :] < current[:, None], levels[None, :], 0.0).max(dim=1).values  # [B]
+        if not bool((following > 0).any()):
+            return x0
+        f5 = following[:, None, None, None, None]
+        x = (1 - f5) * x0 + f5 * torch.randn(x0.shape, generator=generator).to(x0.device)
+        again = x - f5 * model(x, following[:, None].expand(B, F).contiguous(), text, view).float()
+        x0 = torch.where(f5 > 0, again, x0)  # streams past the ladder's end keep theirs
+        current = following
+
+
 def rollout_loss(model: WanModel, text, pool: RolloutPool, truth: torch.Tensor, inputs: list, weights: torch.Tensor,
-                 sigmas: tuple[float, ...], generator, colors: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                 sigmas: tuple[float, ...], generator, colors: torch.Tensor | None = None,
+                 teacher: tuple[tuple[float, ...], float] | None = None) -> torch.Tensor:  # fmt: skip
     """Weighted flow MSE of each stream's block against the ground truth `truth` `[B, C, F, h, w]`,
     at one of the sampler's levels per stream; the input is the noised truth or, with the pool's
     `own_input` share, the sampler's own input at that level. weights: `[B, F, h, w]`; `colors`:
-    the color term of `engine.demo.training.flow_error`."""
+    the color term of `engine.demo.training.flow_error`. With `teacher` (ladder, share), that share
+    of the streams is trained toward what `refined` makes of its input instead of the truth."""
     B, _, F = truth.shape[:3]
     device = truth.device
     levels = torch.randint(len(inputs), (B,), generator=generator)
@@ -211,6 +236,10 @@ def rollout_loss(model: WanModel, text, pool: RolloutPool, truth: torch.Tensor, 
     s5 = s[:, None, None, None, None]
     sampled = torch.stack(inputs)[levels.to(device), torch.arange(B, device=device)]
     x = torch.where(own[:, None, None, None, None], sampled, (1 - s5) * truth + s5 * noise)
+    if teacher is not None:
+        ladder, share = teacher
+        distil = (torch.rand(B, generator=generator) < share).to(device)[:, None, None, None, None]
+        truth = torch.where(distil, refined(model, text, pool.view(), x, s, ladder, generator), truth)
     flow = model(x, s[:, None].expand(B, F).contiguous(), text, pool.view())
     error = flow_error(flow, (x - truth) / s5, colors)  # [B, F, h, w]
     return (error * weights).sum() / weights.sum()

@@ -10,6 +10,7 @@ after any step and resumed from its checkpoint continues bit for bit as if it ha
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -65,6 +66,8 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 
 class Trainer:
     def __init__(self, preset: Preset, cfg: TrainConfig, device: torch.device, init: Path | None = None):
+        if cfg.timesteps:  # train for another sampler than the preset's
+            preset = dataclasses.replace(preset, sampling=dataclasses.replace(preset.sampling, timesteps=cfg.timesteps))
         self.preset, self.cfg, self.device = preset, cfg, device
         if init is None:
             self.codec = fit_codec(preset, cfg)
@@ -80,6 +83,10 @@ class Trainer:
         self.block = preset.stream.frames_per_block
         self.sigmas = build_schedule(preset.sampling).sigmas  # the sampler's levels, ending at 0
         self.grid = cfg.grid or self.sigmas[:-1]
+        self.teacher = None  # (sigmas ending at 0, share): rollout targets from the model's own long sampler
+        if cfg.teacher_share and cfg.teacher_timesteps:
+            ladder = build_schedule(dataclasses.replace(preset.sampling, timesteps=cfg.teacher_timesteps)).sigmas
+            self.teacher = (tuple(ladder), cfg.teacher_share)
         self.step = 0
         self.seconds = 0.0
         self.losses: dict[str, list[float]] = {"total": [], "diffusion_forcing": [], "rollout": []}
@@ -134,7 +141,8 @@ class Trainer:
         with torch.no_grad():
             x0, inputs, recorded = sample_block(model, self._text(prompts), pool, self.sigmas, self.generator, shape)
         text = self._text(prompts)
-        loss = rollout_loss(self.model, text, pool, latents, inputs, weights, self.sigmas, self.generator, self.colors)
+        loss = rollout_loss(self.model, text, pool, latents, inputs, weights, self.sigmas, self.generator, self.colors,
+                            self.teacher)  # fmt: skip
         return loss, (x0, recorded, after)
 
     def _commit_rollout(self, pending: tuple) -> None:

@@ -72,6 +72,9 @@ class TrainConfig:
     switch_weight: float = _option(0.0, "extra loss weight on the 2 blocks from a prompt switch on (0: none)")
     pyramid_share: float = _option(0.0, "share of diffusion-forcing clips noised as a pyramid plan's joint forward")
     prefix_blocks: int = _option(1, "ground-truth blocks a rollout stream that does not start itself begins with")
+    timesteps: tuple[float, ...] = _option((), "sampling steps (0-1000) of rollouts and grid (empty: the preset's)")
+    teacher_timesteps: tuple[float, ...] = _option((), "a many-step sampler (0-1000) that teaches the few-step one")
+    teacher_share: float = _option(0.0, "share of rollout blocks trained toward that sampler's output, not the truth")
 
 
 def fit_codec(preset: Preset, cfg: TrainConfig) -> PatchCodec:

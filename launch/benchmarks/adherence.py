@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.config import SOLVERS
 from engine.demo.scenes import COLORS, MOTIONS, SHAPES, Description, make_clip
 from engine.devices import resolve_device
 from engine.eval.adherence import adherence, blocks_to_follow
@@ -86,16 +87,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timesteps", type=float, nargs="+", default=None, help="sampling steps (0-1000) instead of the preset's"
     )
+    parser.add_argument("--solver", choices=SOLVERS, default=None, help="the per-block solver instead of the preset's")
 
 
-def _session(name: str, plan: str, device, weights: Path | None, timesteps: list[float] | None = None) -> Session:
-    preset = get_preset(name)
+def _session(args, plan: str, device) -> Session:
+    preset = get_preset(args.preset)
     schedule, _, offset = plan.partition(":")
     plan_cfg = dataclasses.replace(preset.plan, schedule=schedule, offset=int(offset) if offset else None)
     preset = dataclasses.replace(preset, plan=plan_cfg)
-    if timesteps:
-        preset = dataclasses.replace(preset, sampling=dataclasses.replace(preset.sampling, timesteps=tuple(timesteps)))
-    paths = WeightPaths() if weights is None else WeightPaths.bundle(weights)
+    sampling = {"timesteps": tuple(args.timesteps)} if args.timesteps else {}
+    sampling |= {"solver": args.solver} if args.solver else {}
+    preset = dataclasses.replace(preset, sampling=dataclasses.replace(preset.sampling, **sampling))
+    paths = WeightPaths() if args.weights is None else WeightPaths.bundle(args.weights)
     return session_for(preset, device, paths)
 
 
@@ -115,7 +118,7 @@ def _switch_video(session: Session, before: str, after: str, switch_block: int, 
 
 
 def _evaluate_plan(args, plan: str, device) -> dict:
-    session = _session(args.preset, plan, device, args.weights, args.timesteps)
+    session = _session(args, plan, device)
     frames_per_block = session.preset.stream.frames_per_block
     scores, splits, frames, seconds = [], [], 0, 0.0
     for i, desc in enumerate(eval_prompts(args.prompts)):
@@ -149,7 +152,7 @@ def _evaluate_plan(args, plan: str, device) -> dict:
 
 def _evaluate_horizons(args, plan: str, device) -> list[dict]:
     """One video per prompt, as long as the last horizon; one row per horizon."""
-    session = _session(args.preset, plan, device, args.weights, args.timesteps)
+    session = _session(args, plan, device)
     stream = session.preset.stream
     horizons = [parse_horizon(h) for h in args.horizons]
     baseline_frames = max(1, round(args.baseline_seconds * stream.fps))
@@ -193,7 +196,7 @@ def _continue_clip(session: Session, clip: np.ndarray, prompt: str, blocks: int,
 def _evaluate_continuation(args, plan: str, device) -> dict:
     """`--continuation` clips of the generator's scenes (anywhere in view, every description in
     turn), each continued for `--blocks` blocks and read for its color, shape and motion."""
-    session = _session(args.preset, plan, device, args.weights, args.timesteps)
+    session = _session(args, plan, device)
     block, size = session.preset.stream.frames_per_block, session.preset.stream.height
     scores, splits = [], []
     for i, desc in enumerate(eval_prompts(args.continuation)):
@@ -217,16 +220,16 @@ def run(args: argparse.Namespace):
         rows = [_evaluate_continuation(args, plan, device) for plan in args.plans]
         settings = {k: getattr(args, k) for k in ("preset", "continuation", "clip_blocks", "blocks", "seed")}
         settings["weights"] = "shipped" if args.weights is None else args.weights.as_posix()
-        settings["timesteps"] = args.timesteps
+        settings["timesteps"], settings["solver"] = args.timesteps, args.solver
         return rows, CONTINUATION_COLUMNS, settings
     if args.horizons:
         rows = [row for plan in args.plans for row in _evaluate_horizons(args, plan, device)]
         settings = {k: getattr(args, k) for k in ("preset", "prompts", "horizons", "baseline_seconds", "seed")}
         settings["weights"] = "shipped" if args.weights is None else args.weights.as_posix()
-        settings["timesteps"] = args.timesteps
+        settings["timesteps"], settings["solver"] = args.timesteps, args.solver
         return rows, HORIZON_COLUMNS, settings
     rows = [_evaluate_plan(args, plan, device) for plan in args.plans]
     settings = {k: getattr(args, k) for k in ("preset", "prompts", "blocks", "switches", "switch_block", "seed")}
     settings["weights"] = "shipped" if args.weights is None else args.weights.as_posix()
-    settings["timesteps"] = args.timesteps
+    settings["timesteps"], settings["solver"] = args.timesteps, args.solver
     return rows, COLUMNS, settings

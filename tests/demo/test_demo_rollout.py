@@ -11,7 +11,7 @@ import torch
 
 from engine.demo.continuation import read_background, reanchor, render_block, start_scene
 from engine.demo.pixels import PatchCodec
-from engine.demo.rollout import RolloutView
+from engine.demo.rollout import RolloutView, refined
 from engine.demo.scenes import make_clip
 from engine.demo.trainer import Trainer
 from engine.demo.training import TrainConfig, color_readout, flow_error, pyramid_sigmas, switch_boost
@@ -27,6 +27,8 @@ TINY = dataclasses.replace(
 TINY_CFG = TrainConfig(steps=4, batch=1, warmup=1, codec_clips=4, bf16=False, rollout_streams=3,
                        rollout_min_blocks=1, rollout_max_blocks=2, rollout_switch=0.5)  # fmt: skip
 STAGE4_CFG = dataclasses.replace(TINY_CFG, color_weight=2.0, switch_weight=3.0, prefix_blocks=2, pyramid_share=0.5)
+TEACHER_CFG = dataclasses.replace(TINY_CFG, timesteps=(1000.0, 750.0, 500.0, 250.0, 100.0),
+                                  teacher_timesteps=(1000.0, 500.0, 250.0, 100.0, 20.0), teacher_share=0.5)  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -83,6 +85,31 @@ def test_the_rollout_view_equals_a_block_causal_forward_over_the_window():
     torch.testing.assert_close(alone, whole[:, :, 6:], atol=1e-5, rtol=1e-4)
 
 
+def test_the_teacher_is_the_long_sampler_run_on_the_trained_input():
+    """`refined`: a stream at the ladder's lowest level gets the one-jump x0 prediction; one at
+    sigma 1 gets x0 prediction, re-noise and predict again at every level of the ladder, exactly
+    as the sampler would with that ladder; the trainer's own ladder is the teacher steps' warp."""
+    trainer = Trainer(TINY, TEACHER_CFG, torch.device("cpu"))
+    assert trainer.sigmas[:-1] == pytest.approx([1.0, 0.9375, 5 / 6, 0.625, 0.3571428], rel=1e-5)
+    ladder, share = trainer.teacher
+    assert share == 0.5 and ladder[-1] == 0 and len(ladder) == 6
+    model, pool = trainer.model.eval(), trainer.pool
+    x = torch.randn(3, 16, 3, 8, 8)  # [B, C, F, h, w]: a block of each of the 3 streams (32x32 video)
+    sigma = torch.tensor([ladder[-2], 1.0, 0.5])
+    with torch.no_grad():
+        text = trainer._text(["a red circle moving left"] * 3)
+        got = refined(model, text, pool.view(), x, sigma, ladder, torch.Generator().manual_seed(5))
+        generator, B = torch.Generator().manual_seed(5), 3  # every level for all: stream 1 goes through them all
+        x0 = x - sigma[:, None, None, None, None] * model(x, sigma[:, None].expand(B, 3), text, pool.view())
+        assert torch.equal(got[0], x0[0]), "at the lowest level the teacher is the one-jump prediction"
+        for level in ladder[1:-1]:
+            noisy = (1 - level) * x0 + level * torch.randn(x0.shape, generator=generator)
+            x0 = noisy - level * model(noisy, torch.full((B, 3), level), text, pool.view())
+    difference = (got[1] - x0[1]).abs()
+    assert torch.allclose(got[1], x0[1], atol=1e-6), f"max {difference.max():.3g}, mean {difference.mean():.3g}"
+    assert not torch.allclose(got[1], got[0], atol=1e-3)
+
+
 def _trained(steps: int, resume_after: int | None, tmp_path, cfg=TINY_CFG) -> Trainer:
     trainer = Trainer(TINY, cfg, torch.device("cpu"))
     for _ in range(steps if resume_after is None else resume_after):
@@ -96,7 +123,7 @@ def _trained(steps: int, resume_after: int | None, tmp_path, cfg=TINY_CFG) -> Tr
     return trainer
 
 
-@pytest.mark.parametrize("cfg", [TINY_CFG, STAGE4_CFG], ids=["stage3", "color-switch-prefix"])
+@pytest.mark.parametrize("cfg", [TINY_CFG, STAGE4_CFG, TEACHER_CFG], ids=["stage3", "color-switch-prefix", "teacher"])
 def test_training_resumes_bit_for_bit(tmp_path, cfg):
     straight = _trained(4, None, tmp_path, cfg)
     resumed = _trained(4, 2, tmp_path, cfg)
