@@ -10,6 +10,7 @@ after any step and resumed from its checkpoint continues bit for bit as if it ha
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import asdict
@@ -20,7 +21,7 @@ import torch
 
 from engine.config import Preset
 from engine.demo.pixels import PatchCodec
-from engine.demo.rollout import RolloutConfig, RolloutPool, RolloutView, rollout_loss, sample_block
+from engine.demo.rollout import RolloutConfig, RolloutPool, RolloutView, refined, rollout_loss, sample_block
 from engine.demo.training import (
     EMA,
     TrainConfig,
@@ -83,10 +84,12 @@ class Trainer:
         self.block = preset.stream.frames_per_block
         self.sigmas = build_schedule(preset.sampling).sigmas  # the sampler's levels, ending at 0
         self.grid = cfg.grid or self.sigmas[:-1]
-        self.teacher = None  # (sigmas ending at 0, share): rollout targets from the model's own long sampler
+        self.teacher = None  # (model, words, sigmas ending at 0): rollout targets from the EMA weights' long sampler
         if cfg.teacher_share and cfg.teacher_timesteps:
             ladder = build_schedule(dataclasses.replace(preset.sampling, timesteps=cfg.teacher_timesteps)).sigmas
-            self.teacher = (tuple(ladder), cfg.teacher_share)
+            model, module = (copy.deepcopy(m).eval().requires_grad_(False) for m in (self.model, self.words.module))
+            words = VocabEncoder(self.words.vocab, self.words.text_len, module, device)
+            self.teacher = (model, words, tuple(ladder))
         self.step = 0
         self.seconds = 0.0
         self.losses: dict[str, list[float]] = {"total": [], "diffusion_forcing": [], "rollout": []}
@@ -141,9 +144,21 @@ class Trainer:
         with torch.no_grad():
             x0, inputs, recorded = sample_block(model, self._text(prompts), pool, self.sigmas, self.generator, shape)
         text = self._text(prompts)
+        teach = None if self.teacher is None else (self._teacher(prompts), self.cfg.teacher_share)
         loss = rollout_loss(self.model, text, pool, latents, inputs, weights, self.sigmas, self.generator, self.colors,
-                            self.teacher)  # fmt: skip
+                            teach)  # fmt: skip
         return loss, (x0, recorded, after)
+
+    @torch.no_grad()
+    def _teacher(self, prompts: list[str]):
+        """x -> x0 by the long sampler of the EMA weights (a mean teacher: with the trained weights
+        as their own teacher, targets chased predictions and the run diverged within 40 steps).
+        It reads the streams' context K/V, which the trained weights committed."""
+        model, words, ladder = self.teacher
+        for param, shadow in zip([*model.parameters(), *words.module.parameters()], self.ema.shadow):
+            param.copy_(shadow)
+        text = model.embed_text(words.states(prompts))
+        return lambda x, sigma: refined(model, text, self.pool.view(), x, sigma, ladder, self.generator)
 
     def _commit_rollout(self, pending: tuple) -> None:
         x0, recorded, after = pending

@@ -91,8 +91,8 @@ def test_the_teacher_is_the_long_sampler_run_on_the_trained_input():
     as the sampler would with that ladder; the trainer's own ladder is the teacher steps' warp."""
     trainer = Trainer(TINY, TEACHER_CFG, torch.device("cpu"))
     assert trainer.sigmas[:-1] == pytest.approx([1.0, 0.9375, 5 / 6, 0.625, 0.3571428], rel=1e-5)
-    ladder, share = trainer.teacher
-    assert share == 0.5 and ladder[-1] == 0 and len(ladder) == 6
+    _, _, ladder = trainer.teacher
+    assert ladder[-1] == 0 and len(ladder) == 6
     model, pool = trainer.model.eval(), trainer.pool
     x = torch.randn(3, 16, 3, 8, 8)  # [B, C, F, h, w]: a block of each of the 3 streams (32x32 video)
     sigma = torch.tensor([ladder[-2], 1.0, 0.5])
@@ -108,6 +108,16 @@ def test_the_teacher_is_the_long_sampler_run_on_the_trained_input():
     difference = (got[1] - x0[1]).abs()
     assert torch.allclose(got[1], x0[1], atol=1e-6), f"max {difference.max():.3g}, mean {difference.mean():.3g}"
     assert not torch.allclose(got[1], got[0], atol=1e-3)
+
+
+def test_the_teacher_runs_the_averaged_weights():
+    """A mean teacher: after training steps the teacher holds the EMA weights, not the trained ones."""
+    trainer = _trained(2, None, None, TEACHER_CFG)
+    trainer._teacher(["a red circle moving left"] * 3)
+    teacher, words, _ = trainer.teacher
+    taught = [*teacher.parameters(), *words.module.parameters()]
+    assert all(torch.equal(p, shadow) for p, shadow in zip(taught, trainer.ema.shadow))
+    assert not all(torch.equal(p, trained) for p, trained in zip(taught, trainer.params))
 
 
 def _trained(steps: int, resume_after: int | None, tmp_path, cfg=TINY_CFG) -> Trainer:
