@@ -151,12 +151,13 @@ class Trainer:
 
     @torch.no_grad()
     def _teacher(self, prompts: list[str]):
-        """x -> x0 by the long sampler of the EMA weights (a mean teacher: with the trained weights
-        as their own teacher, targets chased predictions and the run diverged within 40 steps).
-        It reads the streams' context K/V, which the trained weights committed."""
+        """x -> x0 by the long sampler of a mean teacher: a moving average of the trained weights at
+        the EMA's decay from the first step (the saved EMA warms up, so early on it is the trained
+        weights, and with those as their own teacher the targets chased the predictions and a run
+        diverged within 40 steps). It reads the streams' context K/V, which the trained weights committed."""
         model, words, ladder = self.teacher
-        for param, shadow in zip([*model.parameters(), *words.module.parameters()], self.ema.shadow):
-            param.copy_(shadow)
+        for param, trained in zip([*model.parameters(), *words.module.parameters()], self.params):
+            param.lerp_(trained.detach(), 1 - self.cfg.ema)
         text = model.embed_text(words.states(prompts))
         return lambda x, sigma: refined(model, text, self.pool.view(), x, sigma, ladder, self.generator)
 
@@ -210,6 +211,7 @@ class Trainer:
             "torch": self.generator.get_state(),
             "torch_global": torch.get_rng_state(),
             "pool": None if self.pool is None else self.pool.state_dict(),
+            "teacher": None if self.teacher is None else [m.state_dict() for m in self._teacher_modules()],
             "codec": {k: getattr(self.codec, k) for k in ("patch_mean", "basis", "latent_mean", "latent_std")},
         }
 
@@ -232,6 +234,12 @@ class Trainer:
         if self.pool is not None:
             self.pool.codec = self.codec
             self.pool.load_state_dict(state["pool"])
+        if self.teacher is not None:
+            for module, saved in zip(self._teacher_modules(), state["teacher"]):
+                module.load_state_dict(saved)
+
+    def _teacher_modules(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        return self.teacher[0], self.teacher[1].module
 
     def save(self, path: Path) -> None:
         """Write the state atomically (a stopped write leaves the previous checkpoint intact)."""

@@ -110,14 +110,19 @@ def test_the_teacher_is_the_long_sampler_run_on_the_trained_input():
     assert not torch.allclose(got[1], got[0], atol=1e-3)
 
 
-def test_the_teacher_runs_the_averaged_weights():
-    """A mean teacher: after training steps the teacher holds the EMA weights, not the trained ones."""
-    trainer = _trained(2, None, None, TEACHER_CFG)
-    trainer._teacher(["a red circle moving left"] * 3)
+def test_the_teacher_is_a_moving_average_of_the_trained_weights():
+    """A mean teacher: each rollout step moves it 1 - ema of the way to the trained weights, from
+    the first step on (no warm-up: it lags the trained weights)."""
+    cfg = dataclasses.replace(TEACHER_CFG, ema=0.75)
+    trainer = Trainer(TINY, cfg, torch.device("cpu"))
     teacher, words, _ = trainer.teacher
     taught = [*teacher.parameters(), *words.module.parameters()]
-    assert all(torch.equal(p, shadow) for p, shadow in zip(taught, trainer.ema.shadow))
-    assert not all(torch.equal(p, trained) for p, trained in zip(taught, trainer.params))
+    trainer.train_step()  # moves the teacher once, then trains
+    before, trained = [p.clone() for p in taught], [p.detach().clone() for p in trainer.params]
+    assert not all(torch.equal(p, new) for p, new in zip(before, trained)), "the teacher lags the trained weights"
+    trainer._teacher(["a red circle moving left"] * 3)
+    for p, old, new in zip(taught, before, trained):
+        torch.testing.assert_close(p, old + 0.25 * (new - old))
 
 
 def _trained(steps: int, resume_after: int | None, tmp_path, cfg=TINY_CFG) -> Trainer:
