@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         elif kind is tuple:
             parser.add_argument(flag, type=float, nargs="+", default=f.default, help=text)
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=text)
+            parser.add_argument(flag, type=kind, default=f.default, help=text, choices=f.metadata["choices"])
     parser.add_argument("--out", type=Path, default=Path("out/demo-train"), help="folder for weights and checkpoints")
     parser.add_argument("--init", type=Path, default=None, help="start from the weights and codec in this folder")
     parser.add_argument("--resume", action="store_true", help="go on from OUT/checkpoint.pt if it exists")

@@ -225,8 +225,9 @@ def rollout_loss(model: WanModel, text, pool: RolloutPool, truth: torch.Tensor, 
     """Weighted flow MSE of each stream's block against the ground truth `truth` `[B, C, F, h, w]`,
     at one of the sampler's levels per stream; the input is the noised truth or, with the pool's
     `own_input` share, the sampler's own input at that level. weights: `[B, F, h, w]`; `colors`:
-    the color term of `engine.demo.training.flow_error`. With `teacher` (teach, share), that share
-    of the streams is trained toward `teach(x, sigma)` (`refined` by a teacher) instead of the truth."""
+    the color term of `engine.demo.training.flow_error`. With `teacher` (teach, share, where), that
+    share of the streams is trained toward `teach(x, sigma)` (`refined` by a teacher) instead of the
+    truth, on the latent pixels `where` `[B, 1, F, h, w]` holds (the truth elsewhere)."""
     B, _, F = truth.shape[:3]
     device = truth.device
     levels = torch.randint(len(inputs), (B,), generator=generator)
@@ -237,9 +238,9 @@ def rollout_loss(model: WanModel, text, pool: RolloutPool, truth: torch.Tensor, 
     sampled = torch.stack(inputs)[levels.to(device), torch.arange(B, device=device)]
     x = torch.where(own[:, None, None, None, None], sampled, (1 - s5) * truth + s5 * noise)
     if teacher is not None:
-        teach, share = teacher
+        teach, share, where = teacher
         distil = (torch.rand(B, generator=generator) < share).to(device)[:, None, None, None, None]
-        truth = torch.where(distil, teach(x, s), truth)
+        truth = torch.where(distil & where, teach(x, s), truth)
     flow = model(x, s[:, None].expand(B, F).contiguous(), text, pool.view())
     error = flow_error(flow, (x - truth) / s5, colors)  # [B, F, h, w]
     return (error * weights).sum() / weights.sum()

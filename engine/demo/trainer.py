@@ -144,7 +144,13 @@ class Trainer:
         with torch.no_grad():
             x0, inputs, recorded = sample_block(model, self._text(prompts), pool, self.sigmas, self.generator, shape)
         text = self._text(prompts)
-        teach = None if self.teacher is None else (self._teacher(prompts), self.cfg.teacher_share)
+        teach = None
+        if self.teacher is not None:  # where: [B, 1, F, h, w], the latent pixels the teacher's output is the target of
+            near = (
+                shape_weights(frames, self.codec.patch, 1.0)[:, 1:] > 1 if self.cfg.teacher_region == "shape" else None
+            )
+            where = torch.ones_like(weights, dtype=torch.bool) if near is None else near.to(self.device)
+            teach = (self._teacher(prompts), self.cfg.teacher_share, where[:, None])
         loss = rollout_loss(self.model, text, pool, latents, inputs, weights, self.sigmas, self.generator, self.colors,
                             teach)  # fmt: skip
         return loss, (x0, recorded, after)

@@ -38,9 +38,9 @@ from engine.models.rope import Rope
 from engine.models.wan import WanModel
 
 
-def _option(default, help: str):
-    """A config field with the help text its command-line flag shows."""
-    return field(default=default, metadata={"help": help})
+def _option(default, help: str, choices: tuple | None = None):
+    """A config field with the help text (and the choices) its command-line flag shows."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +75,11 @@ class TrainConfig:
     timesteps: tuple[float, ...] = _option((), "sampling steps (0-1000) of rollouts and grid (empty: the preset's)")
     teacher_timesteps: tuple[float, ...] = _option((), "a many-step sampler (0-1000) that teaches the few-step one")
     teacher_share: float = _option(0.0, "share of rollout blocks trained toward that sampler's output, not the truth")
+    teacher_region: str = _option(
+        "all",
+        "where the teacher's output is the target: all, or near the shape (the truth elsewhere)",
+        ("all", "shape"),
+    )
 
 
 def fit_codec(preset: Preset, cfg: TrainConfig) -> PatchCodec:

@@ -138,7 +138,11 @@ def _trained(steps: int, resume_after: int | None, tmp_path, cfg=TINY_CFG) -> Tr
     return trainer
 
 
-@pytest.mark.parametrize("cfg", [TINY_CFG, STAGE4_CFG, TEACHER_CFG], ids=["stage3", "color-switch-prefix", "teacher"])
+@pytest.mark.parametrize(
+    "cfg",
+    [TINY_CFG, STAGE4_CFG, TEACHER_CFG, dataclasses.replace(TEACHER_CFG, teacher_region="shape")],
+    ids=["stage3", "color-switch-prefix", "teacher", "teacher-on-the-shape"],
+)
 def test_training_resumes_bit_for_bit(tmp_path, cfg):
     straight = _trained(4, None, tmp_path, cfg)
     resumed = _trained(4, 2, tmp_path, cfg)
