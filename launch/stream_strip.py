@@ -18,7 +18,7 @@ from PIL import Image
 
 from engine.argparsing import OneLineParser
 from engine.weight_paths import WeightPaths
-from launch.benchmarks.common import generate_video, session_for
+from launch.build import build_session
 from launch.presets import get_preset
 
 GAP = 4  # pixels between frames, after upscaling
@@ -44,8 +44,9 @@ def stream_row(folder: Path, prompt: str, seed: int, seconds: list[float]) -> li
     preset = get_preset("demo")
     fps, block = preset.stream.fps, preset.stream.frames_per_block
     wanted = [round(s * fps) for s in seconds]
-    session = session_for(preset, torch.device("cpu"), WeightPaths.bundle(folder))
-    frames, _, _ = generate_video(session, prompt, blocks=max(wanted) // block + 1, seed=seed)
+    session = build_session(preset, WeightPaths.bundle(folder), torch.device("cpu"), torch.float32)
+    run = session.run(prompt, blocks=max(wanted) // block + 1, seed=seed)
+    frames = np.concatenate([f for _, f in run.frames()])  # [N, H, W, 3] uint8
     return [frames[i] for i in wanted]
 
 
