@@ -382,9 +382,22 @@ def test_webrtc_both_ways_in_chromium(tmp_path):
                                    timeout=30000)  # the new connection's track plays  # fmt: skip
             reading = read_video(_grab(page, 48)[18:])  # 30 frames from the seventh block on: in-flight blocks done
             colors = Counter(frame.color for frame in reading.frames)
-            assert (reading.color, reading.motion) == ("blue", "right"), (reading.color, reading.motion, colors)
+            assert reading.color == "blue", (reading.color, colors)
+            step = _mean_step([frame.center for frame in reading.frames], size=64)
+            assert step[0] > 0.5 and abs(step[1]) < 0.5, (step, reading.motion)  # rightward, as the camera moves
         finally:
             browser.close()
+
+
+def _mean_step(centers: list, size: int, glitch: float = 8.0) -> np.ndarray:
+    """The mean (dx, dy) from one frame's object to the next, torus-aware, leaving out jumps over
+    `glitch` pixels (a frame whose object reads in two places). On a loaded machine frames repeat
+    or skip (the camera queue drops its oldest frames): that changes the mean's size, not its
+    direction, where it can make the motion reader see a bounce."""
+    seen = [c for c in centers if c is not None]
+    steps = [(b - a + size / 2) % size - size / 2 for a, b in zip(seen, seen[1:])]
+    steps = [d for d in steps if np.abs(d).max() <= glitch]
+    return np.mean(np.array(steps), axis=0) if steps else np.zeros(2)
 
 
 def _write_y4m(path, frames: np.ndarray):
