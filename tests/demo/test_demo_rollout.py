@@ -11,7 +11,7 @@ import torch
 
 from engine.demo.continuation import read_background, reanchor, render_block, start_scene
 from engine.demo.pixels import PatchCodec
-from engine.demo.rollout import RolloutView, refined
+from engine.demo.rollout import RolloutView, refined, rollout_loss
 from engine.demo.scenes import make_clip
 from engine.demo.trainer import Trainer
 from engine.demo.training import TrainConfig, color_readout, flow_error, pyramid_sigmas, switch_boost
@@ -108,6 +108,26 @@ def test_the_teacher_is_the_long_sampler_run_on_the_trained_input():
     difference = (got[1] - x0[1]).abs()
     assert torch.allclose(got[1], x0[1], atol=1e-6), f"max {difference.max():.3g}, mean {difference.mean():.3g}"
     assert not torch.allclose(got[1], got[0], atol=1e-3)
+
+
+def test_the_teachers_target_holds_only_where_it_is_asked_to():
+    """rollout_loss with a teacher: pixels outside `where` keep the ground truth as their target
+    (the loss equals the teacher-free one exactly), pixels inside take the teacher's."""
+    trainer = Trainer(TINY, TEACHER_CFG, torch.device("cpu"))
+    model, pool = trainer.model.eval(), trainer.pool
+    truth = torch.randn(3, 16, 3, 8, 8)  # [B, C, F, h, w]
+    inputs, weights = [torch.randn_like(truth) for _ in trainer.sigmas[:-1]], torch.ones(3, 3, 8, 8)
+    far_off = (lambda x, sigma: truth + 100.0, 1.0)  # a teacher whose target is far from the truth
+
+    def loss(teacher):
+        with torch.no_grad():
+            text = trainer._text(["a red circle moving left"] * 3)
+            return rollout_loss(model, text, pool, truth, inputs, weights, trainer.sigmas,
+                                torch.Generator().manual_seed(3), None, teacher)  # fmt: skip
+
+    nowhere, everywhere = torch.zeros(3, 1, 3, 8, 8, dtype=torch.bool), torch.ones(3, 1, 3, 8, 8, dtype=torch.bool)
+    assert torch.equal(loss((*far_off, nowhere)), loss(None))
+    assert loss((*far_off, everywhere)) > 100 * loss(None)
 
 
 def test_the_teacher_is_a_moving_average_of_the_trained_weights():
