@@ -146,10 +146,10 @@ class Trainer:
         text = self._text(prompts)
         teach = None
         if self.teacher is not None:  # where: [B, 1, F, h, w], the latent pixels the teacher's output is the target of
-            near = (
-                shape_weights(frames, self.codec.patch, 1.0)[:, 1:] > 1 if self.cfg.teacher_region == "shape" else None
-            )
-            where = torch.ones_like(weights, dtype=torch.bool) if near is None else near.to(self.device)
+            if self.cfg.teacher_region == "shape":  # near the shape; the background keeps the truth
+                where = (shape_weights(frames, self.codec.patch, 1.0)[:, 1:] > 1).to(self.device)
+            else:
+                where = torch.ones_like(weights, dtype=torch.bool)
             teach = (self._teacher(prompts), self.cfg.teacher_share, where[:, None])
         loss = rollout_loss(self.model, text, pool, latents, inputs, weights, self.sigmas, self.generator, self.colors,
                             teach)  # fmt: skip
