@@ -9,6 +9,12 @@ Training on the model's own rollouts, from the shipped weights (resumable: run i
 python -m launch.train_demo --init engine/weights/demo --rollout-streams 8 --batch 8 --lr 3e-4 --warmup 20 \
     --out out/demo-train
 
+The shipped weights' last stage, distilling a 16-step sampler near the shape (the model card says why; OUT
+folders of earlier stages as --init):
+python -m launch.train_demo --init out/demo-stage3 --rollout-streams 8 --batch 8 --lr 2e-4 --warmup 20 --ema 0.995 \
+    --steps 1200 --stop-at 452 --no-bf16 --seed 6 --teacher-timesteps 1000 900 800 700 600 500 400 300 250 200 150 \
+    100 70 40 20 10 --teacher-share 1 --teacher-region shape --out out/demo-stage7
+
 Every --checkpoint-minutes the whole training state goes to OUT/checkpoint.pt and the EMA weights
 to OUT/step-NNNNN/ (a folder `launch.bench adherence --weights` takes). --resume goes on from
 OUT/checkpoint.pt exactly (same weights, optimizer, EMA, random states and rollout streams).
@@ -58,6 +64,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--checkpoint-minutes", type=float, default=10.0, help="minutes between checkpoints (0: only at the end)"
     )
     parser.add_argument("--log-every", type=int, default=10, help="steps between progress lines")
+    parser.add_argument(
+        "--stop-at", type=int, default=0, help="stop after this step and write its weights; the learning rate still "
+        "follows the --steps schedule (0: run all --steps)"
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return parser.parse_args(argv)
@@ -105,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer.load(args.out / CHECKPOINT)
         print(f"resumed at step {trainer.step} from {args.out / CHECKPOINT}", flush=True)
     last_save = time.monotonic()
-    while trainer.step < cfg.steps:
+    end = min(args.stop_at, cfg.steps) if args.stop_at > 0 else cfg.steps
+    while trainer.step < end:
         values = trainer.train_step()
         if trainer.step % args.log_every == 0:
             means = {k: float(np.mean(v[-args.log_every :])) for k, v in trainer.losses.items() if v}
@@ -118,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"checkpoint at step {trainer.step}", flush=True)
     trainer.save(args.out / CHECKPOINT)
     save_weights(args.out, trainer, note)
-    print(f"trained {trainer.step} steps in {trainer.seconds / 60:.1f} min; wrote {args.out}")
+    print(f"trained {trainer.step} of {cfg.steps} steps in {trainer.seconds / 60:.1f} min; wrote {args.out}")
     return 0
 
 

@@ -4,6 +4,7 @@ pytest tests/demo/test_demo_rollout.py
 """
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -238,3 +239,16 @@ def test_pyramid_clips_hold_the_context_a_pyramid_forward_holds():
     assert (blocks[:, 1] > 0).any() and (blocks[:, 0] == 0).any(), "partly denoised and committed context both occur"
     kept = pyramid_sigmas(torch.full((64, 9), 0.6), levels, 3, 0.0, torch.Generator().manual_seed(0))
     assert torch.equal(kept, torch.full((64, 9), 0.6))
+
+
+def test_stop_at_ends_a_run_early_on_its_full_schedule(tmp_path):
+    """--stop-at N writes step N's weights of a --steps run (so a card can name a mid-run checkpoint exactly)."""
+    from launch.train_demo import main
+
+    argv = ["--steps", "6", "--stop-at", "2", "--batch", "2", "--codec-clips", "8", "--checkpoint-minutes", "0",
+            "--threads", "1", "--no-bf16", "--log-every", "1", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert record["step"] == 2 and record["config"]["steps"] == 6
+    assert "--stop-at 2" in record["command"]
+    assert (tmp_path / "transformer.safetensors").exists()
