@@ -57,20 +57,20 @@ class Rung(NamedTuple):
 # Cache thresholds:
 #   python -m launch.bench cache --plans self-forcing --policies flowcache \
 #       --thresholds 0 1.25 1.5 1.75 2 2.5 3 4 --prompts 8 --blocks 8
-# 0 -> inf (identical), 1.25 -> inf (nothing skipped), 1.5 / 1.75 / 2 / 2.5 -> 28.2 dB (a quarter of
-# the block-steps skipped: one of the two middle steps), 3 / 4 -> 23.7 dB (both middle steps).
+# 0 -> inf (identical), 1.25 -> inf (nothing skipped), 1.5 / 1.75 / 2 / 2.5 -> 27.0 dB (a quarter of
+# the block-steps skipped: one of the two middle steps), 3 / 4 -> 23.9 dB (both middle steps).
 # A degraded chunk alone loses less than a whole video degraded throughout (errors compound).
-DEMO_LADDER: tuple[tuple[float, float, float], ...] = ((0.0, math.inf, 0.0), (2.0, 28.2, 0.25), (4.0, 23.7, 0.5))
+DEMO_LADDER: tuple[tuple[float, float, float], ...] = ((0.0, math.inf, 0.0), (2.0, 27.0, 0.25), (4.0, 23.9, 0.5))
 # Fewer denoising steps (engine/plan/steps.py: the first S' - 1 trained timesteps and the last),
 # whole videos against the same videos at 4 steps (24 prompts x 8 blocks):
 #   python -m launch.bench steps --prompts 24 --blocks 8
-# 3 steps (1000, 750, 250) -> 27.0 dB, 2 (1000, 250) -> 24.1 dB, 1 (1000) -> 21.7 dB. Adherence
-# (color / shape / motion read back, all three): 4 steps 0.75 / 0.58 / 0.92, 0.42; 3 steps
-# 0.75 / 0.46 / 0.92, 0.38; 2 steps 0.75 / 0.46 / 0.92, 0.29; 1 step 0.67 / 0.42 / 0.92, 0.29.
+# 3 steps (1000, 750, 250) -> 26.6 dB, 2 (1000, 250) -> 23.6 dB, 1 (1000) -> 21.4 dB. Adherence
+# (color / shape / motion read back, all three): 4 steps 0.96 / 0.58 / 0.92, 0.50; 3 steps
+# 0.96 / 0.71 / 1.00, 0.67; 2 steps 0.96 / 0.54 / 1.00, 0.50; 1 step 0.67 / 0.50 / 0.92, 0.29.
 # A block takes S' + 1 forwards: 2 steps serve 5/3 as many sessions as 4. Unlike a cache threshold,
 # whose skips depend on the content, fewer steps always save what they promise.
-DEMO_STEPS: tuple[Rung, ...] = (Rung(0.0, math.inf, 0.0), Rung(0.0, 27.0, 0.0, steps=3), Rung(0.0, 24.1, 0.0, steps=2),
-                                Rung(0.0, 21.7, 0.0, steps=1))  # fmt: skip
+DEMO_STEPS: tuple[Rung, ...] = (Rung(0.0, math.inf, 0.0), Rung(0.0, 26.6, 0.0, steps=3), Rung(0.0, 23.6, 0.0, steps=2),
+                                Rung(0.0, 21.4, 0.0, steps=1))  # fmt: skip
 DEFAULT_FLOOR_DB = 23.0
 """The demo down to 2 steps: color and motion read back as at 4 steps, shape less often (above)."""
 LADDERS = {"demo": DEMO_STEPS}

@@ -180,24 +180,25 @@ def test_training_steps_reduce_the_loss():
 
 def test_the_shipped_weights_follow_their_prompts():
     """The committed weights load through the same path as real checkpoints and generate video
-    whose color and motion match the prompt far more often than chance (1/8 and 1/9). (Shape
-    is only a little above chance for the shipped model: see its model card.)"""
+    whose color and motion match the prompt far more often than chance (1/8 and 1/9), and shape
+    above chance (1/3). They read 8/8, 8/8 and 4/8 here; each bound leaves one video of margin
+    (the model card has the 36-prompt numbers)."""
     pipeline = build_session(DEMO, WeightPaths(), torch.device("cpu"), torch.float32)
     scores = []
     for i, desc in enumerate(eval_prompts(8)):  # every color once
         video = np.concatenate([frames for _, frames in pipeline.run(desc.prompt, blocks=4, seed=i).frames()])
         assert video.shape == (DEMO.pixel_frames(4), 64, 64, 3)
         scores.append(adherence(video, desc))
-    color, motion = (np.mean([s[key] for s in scores]) for key in ("color", "motion"))
-    assert color >= 0.75 and motion >= 0.5, scores
+    color, shape, motion = (np.mean([s[key] for s in scores]) for key in ("color", "shape", "motion"))
+    assert color >= 0.875 and motion >= 0.875 and shape >= 0.375, scores
 
 
 def test_the_shipped_weights_stay_good_for_sixty_blocks():
     """Long horizon (the model was trained on its own rollouts so that it does not drift): over
     blocks 50-60 (seconds 9.4-11.3) of a 60-block stream the object is still there in every
-    frame, the background keeps the brightness of the first seconds (within 8 of 255), and color
-    and motion still follow the prompt. The horizon table in docs/demo-model.md (`launch.bench adherence
-    --horizons`) measures the same to block 320."""
+    frame, the background keeps the brightness of the first seconds (within 5 of 255; the shipped
+    weights drift by at most 3.9 here), and color and motion still follow the prompt. The horizon
+    table in docs/demo-model.md (`launch.bench adherence --horizons`) measures the same to block 320."""
     pipeline = build_session(DEMO, WeightPaths(), torch.device("cpu"), torch.float32)
     per_video = []
     for i, desc in enumerate(eval_prompts(8)[:4]):
@@ -205,7 +206,7 @@ def test_the_shipped_weights_stay_good_for_sixty_blocks():
         baseline = float(background_brightness(video[:30]).mean())
         block = video.shape[0] // 60
         per_video.append(horizon_scores(video[50 * block :], desc, baseline))
-    assert all(v["present"] >= 0.95 and abs(v["drift"]) <= 8 for v in per_video), per_video
+    assert all(v["present"] >= 0.99 and abs(v["drift"]) <= 5 for v in per_video), per_video
     assert np.mean([v["color"] for v in per_video]) >= 0.75, per_video
     assert np.mean([v["motion"] for v in per_video]) >= 0.75, per_video
 
