@@ -106,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{name: tuple(v) if isinstance(v, list) else v for name, v in values.items()})  # nargs: lists
+    values = {name: tuple(v) if isinstance(v, list) else v for name, v in values.items()}  # nargs gave lists
+    try:
+        cfg = TrainConfig(**values)
+    except ValueError as error:
+        print(f"error: {error} (see python -m launch.train_demo --help)", file=sys.stderr)
+        return 2
     device = resolve_device(args.device)
     trainer = Trainer(get_preset("demo"), cfg, device, args.init)
     note = {"init": None if args.init is None else args.init.as_posix(),

@@ -81,6 +81,20 @@ class TrainConfig:
         ("all", "shape"),
     )
 
+    def __post_init__(self):
+        """Refuse values that would train silently wrong, in one line naming the flag and its range."""
+        shares = ("clean_share", "grid_share", "switch_share", "start_share", "own_start", "own_input",
+                  "rollout_switch", "pyramid_share", "teacher_share")  # fmt: skip
+        for name in shares:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} is a share: give a value from 0 to 1")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError("--ema is a decay: give a value from 0 up to (not including) 1")
+        if self.steps < 1 or self.batch < 0 or self.rollout_streams < 0:
+            raise ValueError("--steps must be at least 1, --batch and --rollout-streams at least 0")
+        if self.teacher_share and not self.teacher_timesteps:
+            raise ValueError("--teacher-share needs a teacher: give --teacher-timesteps too")
+
 
 def fit_codec(preset: Preset, cfg: TrainConfig) -> PatchCodec:
     """The latent space: PCA of pixel patches over `codec_clips` clips of their own seed."""

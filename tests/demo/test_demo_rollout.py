@@ -252,3 +252,21 @@ def test_stop_at_ends_a_run_early_on_its_full_schedule(tmp_path):
     assert record["step"] == 2 and record["config"]["steps"] == 6
     assert "--stop-at 2" in record["command"]
     assert (tmp_path / "transformer.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--teacher-share", "1.5", "--teacher-timesteps", "1000", "500"], "--teacher-share is a share"),
+        (["--teacher-share", "1"], "--teacher-share needs a teacher"),
+        (["--own-input", "-0.1"], "--own-input is a share"),
+        (["--ema", "1"], "--ema is a decay"),
+    ],
+)
+def test_out_of_range_training_flags_are_one_line_errors(flags, said, tmp_path, capsys):
+    from launch.train_demo import main
+
+    assert main([*flags, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert said in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not any(tmp_path.iterdir()), "nothing trained or written"
