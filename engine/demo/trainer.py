@@ -32,8 +32,9 @@ from engine.demo.training import (
     fit_codec,
     learning_rate,
     make_batch,
+    near_shape,
     pyramid_sigmas,
-    shape_weights,
+    shape_weights_from,
 )
 from engine.demo.vocab import VocabEncoder
 from engine.models.checkpoints.wan import load_weights
@@ -138,7 +139,8 @@ class Trainer:
         truth, before, prompts, after = pool.targets(self.rng)
         latents = self.codec.encode(truth, self.device)  # [B, C, F, h, w]
         frames = np.concatenate([before[:, None], truth], axis=1)  # the frame before shows where it was
-        weights = shape_weights(frames, self.codec.patch, self.cfg.shape_weight)[:, 1:]
+        near = near_shape(frames, self.codec.patch)[:, 1:]  # [B, F, h, w]
+        weights = shape_weights_from(near, self.cfg.shape_weight)
         weights = (weights * pool.switch_boost(self.cfg.switch_weight)[:, None, None, None]).to(self.device)
         shape, model = tuple(latents.shape), self.model
         with torch.no_grad():
@@ -147,7 +149,7 @@ class Trainer:
         teach = None
         if self.teacher is not None:  # where: [B, 1, F, h, w], the latent pixels the teacher's output is the target of
             if self.cfg.teacher_region == "shape":  # near the shape; the background keeps the truth
-                where = (shape_weights(frames, self.codec.patch, 1.0)[:, 1:] > 1).to(self.device)
+                where = near.to(self.device)
             else:
                 where = torch.ones_like(weights, dtype=torch.bool)
             teach = (self._teacher(prompts), self.cfg.teacher_share, where[:, None])

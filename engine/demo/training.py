@@ -174,15 +174,25 @@ def flow_error(flow: torch.Tensor, target: torch.Tensor, colors: torch.Tensor | 
     return error
 
 
-def shape_weights(frames: np.ndarray, patch: int, extra: float) -> torch.Tensor:
-    """`[B, F, H/patch, W/patch]`: 1 + `extra` on latent pixels within one latent pixel of the
-    shape in this frame or the one before (where it goes and where it was), 1 elsewhere."""
+def near_shape(frames: np.ndarray, patch: int) -> torch.Tensor:
+    """`[B, F, H/patch, W/patch]` bool: the latent pixels within one latent pixel of the shape in
+    this frame or the one before (where it goes and where it was)."""
     shape = foreground(frames, SHAPE_DISTANCE)  # frames [B, F, H, W, 3] -> [B, F, H, W]
     mask = torch.from_numpy(shape).float()
     mask = torch.maximum(mask, torch.cat([mask[:, :1], mask[:, :-1]], dim=1))
     mask = torch.nn.functional.max_pool2d(mask.flatten(0, 1), patch)  # [B F, h, w]
     mask = torch.nn.functional.max_pool2d(mask, 3, stride=1, padding=1).view(*shape.shape[:2], *mask.shape[-2:])
-    return 1.0 + extra * mask
+    return mask > 0
+
+
+def shape_weights(frames: np.ndarray, patch: int, extra: float) -> torch.Tensor:
+    """`[B, F, H/patch, W/patch]`: 1 + `extra` on the latent pixels `near_shape`, 1 elsewhere."""
+    return shape_weights_from(near_shape(frames, patch), extra)
+
+
+def shape_weights_from(near: torch.Tensor, extra: float) -> torch.Tensor:
+    """1 + `extra` where the bool mask `near` is set, 1 elsewhere (same shape, float)."""
+    return 1.0 + extra * near.float()
 
 
 def context_first(sigma: torch.Tensor, mid_stream: torch.Tensor, block_frames: int) -> torch.Tensor:
