@@ -31,11 +31,16 @@ class Reading:
     frames: list[FrameReading]
 
 
+def torus_steps(centers: list[np.ndarray], size: int) -> np.ndarray:
+    """`[n - 1, 2]`: each displacement from one center to the next, the short way round the torus."""
+    return np.array([(b - a + size / 2) % size - size / 2 for a, b in zip(centers, centers[1:])]).reshape(-1, 2)
+
+
 def read_motion(centers: list[np.ndarray], size: int) -> str | None:
     """Compass direction of the mean velocity, or bouncing if a velocity component flips sign."""
     if len(centers) < 2:
         return None
-    steps = np.array([(b - a + size / 2) % size - size / 2 for a, b in zip(centers, centers[1:])])  # [n, 2]
+    steps = torus_steps(centers, size)
     if _reflects(steps):
         return "bouncing"
     mean = steps.mean(axis=0)

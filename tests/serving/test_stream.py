@@ -27,7 +27,7 @@ from websockets.sync.client import connect
 
 from engine.client import StreamClient
 from engine.demo.scenes import parse_prompt
-from engine.eval.adherence import adherence, read_video
+from engine.eval.adherence import adherence, read_video, torus_steps
 from engine.serving.client import build_parser, watch
 from engine.serving.protocol import MAX_MESSAGE_BYTES, MAX_PROMPT_BYTES, ProtocolError, decode_frame, parse_control
 from engine.serving.server import VIEWER_QUEUE, needs_token
@@ -396,10 +396,9 @@ def _mean_step(centers: list, size: int, glitch: float = 8.0) -> np.ndarray:
     `glitch` pixels (a frame whose object reads in two places). On a loaded machine frames repeat
     or skip (the camera queue drops its oldest frames): that changes the mean's size, not its
     direction, where it can make the motion reader see a bounce."""
-    seen = [c for c in centers if c is not None]
-    steps = [(b - a + size / 2) % size - size / 2 for a, b in zip(seen, seen[1:])]
-    steps = [d for d in steps if np.abs(d).max() <= glitch]
-    return np.mean(np.array(steps), axis=0) if steps else np.zeros(2)
+    steps = torus_steps([c for c in centers if c is not None], size)
+    steps = steps[np.abs(steps).max(axis=1) <= glitch]
+    return steps.mean(axis=0) if len(steps) else np.zeros(2)
 
 
 def _write_y4m(path, frames: np.ndarray):
