@@ -12,8 +12,8 @@ python -m launch.train_demo --init engine/weights/demo --rollout-streams 8 --bat
 The shipped weights' last stage, distilling a 16-step sampler near the shape (the model card says why; OUT
 folders of earlier stages as --init):
 python -m launch.train_demo --init out/demo-stage3 --rollout-streams 8 --batch 8 --lr 2e-4 --warmup 20 --ema 0.995 \
-    --steps 1200 --stop-at 452 --no-bf16 --seed 6 --teacher-timesteps 1000 900 800 700 600 500 400 300 250 200 150 \
-    100 70 40 20 10 --teacher-share 1 --teacher-region shape --out out/demo-stage7
+    --steps 1200 --stop-at 452 --threads 1 --no-bf16 --seed 6 --teacher-timesteps 1000 900 800 700 600 500 400 300 \
+    250 200 150 100 70 40 20 10 --teacher-share 1 --teacher-region shape --out out/demo-stage7
 
 Every --checkpoint-minutes the whole training state goes to OUT/checkpoint.pt and the EMA weights
 to OUT/step-NNNNN/ (a folder `launch.bench adherence --weights` takes). --resume goes on from
@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     values = {name: tuple(v) if isinstance(v, list) else v for name, v in values.items()}  # nargs gave lists
     try:
         cfg = TrainConfig(**values)
+        if args.stop_at < 0:
+            raise ValueError("--stop-at is a step: give 0 (run all --steps) or a positive step")
     except ValueError as error:
         print(f"error: {error} (see python -m launch.train_demo --help)", file=sys.stderr)
         return 2

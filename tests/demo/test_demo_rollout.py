@@ -261,6 +261,7 @@ def test_stop_at_ends_a_run_early_on_its_full_schedule(tmp_path):
         (["--teacher-share", "1"], "--teacher-share needs a teacher"),
         (["--own-input", "-0.1"], "--own-input is a share"),
         (["--ema", "1"], "--ema is a decay"),
+        (["--stop-at", "-5"], "--stop-at is a step"),
     ],
 )
 def test_out_of_range_training_flags_are_one_line_errors(flags, said, tmp_path, capsys):
