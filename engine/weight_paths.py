@@ -36,6 +36,9 @@ class WeightPaths:
     @classmethod
     def bundle(cls, folder: Path) -> WeightPaths:
         """Every part from one folder laid out like the shipped weights (`BUNDLED_FILES`)."""
+        if not folder.is_dir():
+            files = ", ".join(BUNDLED_FILES.values())
+            raise SetupError(f"weights folder {folder}: no such folder (give one that holds {files})")
         parts = {"checkpoint": "transformer", "text_encoder": "text_encoder", "vae": "vae"}
         return cls(**{arg: folder / BUNDLED_FILES[part] for arg, part in parts.items()})
 

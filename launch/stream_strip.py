@@ -19,6 +19,7 @@ from PIL import Image
 from engine.argparsing import OneLineParser
 from engine.weight_paths import WeightPaths
 from launch.build import build_session
+from launch.cli import USER_ERRORS
 from launch.presets import get_preset
 
 GAP = 4  # pixels between frames, after upscaling
@@ -63,7 +64,11 @@ def strip(rows: list[list[np.ndarray]], scale: int) -> Image.Image:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rows = [stream_row(folder, args.prompt, args.seed, args.seconds) for folder in args.weights]
+    try:
+        rows = [stream_row(folder, args.prompt, args.seed, args.seconds) for folder in args.weights]
+    except USER_ERRORS as err:  # a wrong folder or a malformed file is one line, as in generate
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     strip(rows, args.scale).save(args.out)
     print(f"wrote {args.out}: {len(rows)} rows x {len(args.seconds)} frames")
